@@ -1,0 +1,759 @@
+"""The job spec: YAML in, a validated and expanded ``Job`` out.
+
+Every problem becomes a ``FieldError`` that names the field, what was expected and what
+came, so a user who mistypes a spec reads that instead of a traceback. Structure is
+checked by the pydantic models; what needs all params at once (same names, one type per
+name, no duplicates) and param files are checked while expanding.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import itertools
+import json
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.json as pa_json
+import pyarrow.parquet as pa_parquet
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictInt,
+    StringConstraints,
+    Tag,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from tidegate import simreturn
+
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$"  # targets and outputs: directory names
+PARAM_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"  # becomes the Parquet column param_<name>
+CALLABLE_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
+PARAM_FILE_SUFFIXES = (".csv", ".parquet", ".jsonl")
+
+Scalar = bool | int | float | str
+
+# A param named "id" would be stored as the column param_id, which is tidegate's own.
+_RESERVED_PARAM_NAMES = frozenset({"id"})
+_INT64 = 2**63
+_PATTERN_TEXT = {
+    ID_PATTERN: "an id of 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit",
+    NAME_PATTERN: "a name of 1-64 letters, digits, '_' or '-', not starting with a digit or '-'",
+    PARAM_NAME_PATTERN: "a parameter name of letters, digits and '_', not starting with a digit",
+    CALLABLE_PATTERN: "a callable reference 'module:function'",
+}
+
+
+# --- errors ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FieldError:
+    """One problem in a spec: which field, what was allowed, what arrived."""
+
+    field: str
+    expected: str
+    got: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: expected {self.expected}, got {self.got}"
+
+
+class SpecError(Exception):
+    """The job spec is not valid."""
+
+    _SHOWN = 20  # a param file with 10,000 bad rows should not print 10,000 lines
+
+    def __init__(self, errors: Iterable[FieldError] = (), source: str = "job spec") -> None:
+        self.errors = list(errors)
+        self.source = source
+        super().__init__(self.errors, source)
+
+    def __str__(self) -> str:
+        if not self.errors:
+            return f"{self.source}: {self.__doc__}"
+        head = f"{self.source}: {self.errors[0]}"
+        if len(self.errors) == 1:
+            return head
+        lines = [f"{head} (and {len(self.errors) - 1} more)"]
+        lines += [f"  - {e}" for e in self.errors[: self._SHOWN]]
+        if len(self.errors) > self._SHOWN:
+            lines.append(f"  ... and {len(self.errors) - self._SHOWN} more")
+        return "\n".join(lines)
+
+
+def _invalid(field: str, expected: str, got: str | None = None) -> PydanticCustomError:
+    """An error raised inside a model validator; ``field`` is relative to the model's
+    location, ``got`` defaults to the input pydantic reports."""
+    ctx = {"field": field, "expected": expected}
+    if got is not None:
+        ctx["got"] = got
+    return PydanticCustomError("tidegate", "{field}: expected {expected}", ctx)
+
+
+def _show(value: Any, typed: bool = False) -> str:
+    """What arrived, as the user wrote it (YAML spelling for null and booleans)."""
+    if value is None:
+        return "null"
+    text = ("true" if value else "false") if isinstance(value, bool) else repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    if not typed:
+        return text
+    kind = {dict: "mapping", list: "list"}.get(type(value), type(value).__name__)
+    return f"{text} ({kind})"
+
+
+# --- the models --------------------------------------------------------------------------
+
+
+def _check_param_name(name: str) -> str:
+    if name in _RESERVED_PARAM_NAMES:
+        raise _invalid(
+            "", "a parameter name other than 'id' (tidegate writes param_id)", repr(name)
+        )
+    return name
+
+
+def _value_problem(value: Any) -> str | None:
+    """What a param value should have been, or None when it is fine."""
+    if isinstance(value, bool | str):
+        return None
+    if isinstance(value, int):
+        return None if -_INT64 <= value < _INT64 else "an integer that fits in 64 bits"
+    if isinstance(value, float):
+        return None if math.isfinite(value) else "a finite number"
+    return "a bool, int, float or string value"
+
+
+def _check_value(value: Any) -> Any:
+    problem = _value_problem(value)
+    if problem is not None:
+        raise _invalid("", problem)
+    return value
+
+
+ParamName = Annotated[
+    str, StringConstraints(pattern=PARAM_NAME_PATTERN), AfterValidator(_check_param_name)
+]
+ParamValue = Annotated[
+    Any,
+    AfterValidator(_check_value),
+    WithJsonSchema({"type": ["boolean", "integer", "number", "string"]}),
+]
+CallableRef = Annotated[str, StringConstraints(pattern=CALLABLE_PATTERN)]
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+
+# outputs is a keyword or a list; the tags pick the branch so that an error reports that
+# branch only, and _field_error drops them from the location.
+_KEYWORD, _NAMES = "<keyword>", "<names>"
+_UNION_TAGS = frozenset({_KEYWORD, _NAMES})
+Outputs = Annotated[
+    Annotated[Literal["all", "none"], Tag(_KEYWORD)]
+    | Annotated[list[Name], Field(min_length=1), Tag(_NAMES)],
+    Discriminator(
+        lambda v: _KEYWORD if isinstance(v, str) else _NAMES if isinstance(v, list) else None,
+        custom_error_type="tidegate",
+        custom_error_message="expected {expected}",
+        custom_error_context={"field": "", "expected": "'all', 'none' or a list of names"},
+    ),
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BatchSpec(_Strict):
+    """How many params may be in flight: pinned, or chosen by the controller in [min, max]."""
+
+    size: StrictInt | None = Field(None, ge=1, description="pin B; null lets the controller choose")
+    min: StrictInt = Field(1, ge=1, description="the smallest B the controller may choose")
+    max: StrictInt = Field(10000, ge=1, description="the largest B the controller may choose")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BatchSpec:
+        if self.max < self.min:
+            raise _invalid("max", f"an integer >= batch.min ({self.min})", str(self.max))
+        if self.size is not None and not self.min <= self.size <= self.max:
+            raise _invalid(
+                "size",
+                f"null or an integer in [min, max] = [{self.min}, {self.max}]",
+                str(self.size),
+            )
+        return self
+
+
+class TargetSpec(_Strict):
+    name: Name = Field(description=_PATTERN_TEXT[NAME_PATTERN])
+    function: CallableRef = Field(description="a callable reference 'module:function'")
+
+
+class ParametersSpec(_Strict):
+    """Exactly one of: a grid (cartesian product), inline values, or a file of rows."""
+
+    grid: dict[ParamName, Annotated[list[ParamValue], Field(min_length=1)]] | None = Field(
+        None, min_length=1, description="name -> list of values; the cartesian product"
+    )
+    values: list[Annotated[dict[ParamName, ParamValue], Field(min_length=1)]] | None = Field(
+        None, min_length=1, description="a list of parameter sets"
+    )
+    file: str | None = Field(
+        None, description="a .csv, .parquet or .jsonl file relative to the spec, one row a param"
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ParametersSpec:
+        given = [k for k in ("grid", "values", "file") if getattr(self, k) is not None]
+        if len(given) != 1:
+            got = " and ".join(given) if given else "none of them"
+            raise _invalid("", "exactly one of grid, values or file", got)
+        if self.file is not None and Path(self.file).suffix.lower() not in PARAM_FILE_SUFFIXES:
+            raise _invalid("file", "a .csv, .parquet or .jsonl file", repr(self.file))
+        return self
+
+
+class JobSpec(_Strict):
+    job_id: Annotated[str, StringConstraints(pattern=ID_PATTERN)] | None = Field(
+        None, description="derived from the spec when absent"
+    )
+    model: CallableRef = Field(description="the model as a callable reference 'module:function'")
+    code_paths: list[str] = Field(
+        default_factory=lambda: ["."], description="directories put on sys.path"
+    )
+    parameters: ParametersSpec = Field(description="a mapping with one of grid, values or file")
+    replicates: StrictInt = Field(1, ge=1)
+    seed: StrictInt = Field(0, ge=0)
+    targets: list[TargetSpec] = Field(default_factory=list)
+    outputs: Outputs = Field("all", description="the model outputs to store: all, none or names")
+    output: Annotated[str, StringConstraints(min_length=1)] | None = Field(
+        None, description="the job's output directory, relative to the spec file"
+    )
+    batch: BatchSpec = Field(default_factory=BatchSpec)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> JobSpec:
+        targets = [t.name for t in self.targets]
+        dup = _first_duplicate(targets)
+        if dup is not None:
+            i, j = dup
+            raise _invalid(
+                f"targets[{j}].name",
+                "a unique target name",
+                f"{targets[j]!r}, already the name of targets[{i}]",
+            )
+        if isinstance(self.outputs, list):
+            dup = _first_duplicate(self.outputs)
+            if dup is not None:
+                i, j = dup
+                raise _invalid(
+                    f"outputs[{j}]",
+                    "unique output names",
+                    f"{self.outputs[j]!r}, already outputs[{i}]",
+                )
+        return self
+
+
+def _first_duplicate(items: Sequence[Any]) -> tuple[int, int] | None:
+    seen: dict[Any, int] = {}
+    for j, item in enumerate(items):
+        if item in seen:
+            return seen[item], j
+        seen[item] = j
+    return None
+
+
+def spec_json_schema() -> dict[str, Any]:
+    return JobSpec.model_json_schema()
+
+
+# --- pydantic errors -> FieldErrors -----------------------------------------------------------
+
+_MODELS_AT: dict[tuple[str, ...], type[BaseModel]] = {
+    (): JobSpec,
+    ("batch",): BatchSpec,
+    ("parameters",): ParametersSpec,
+    ("targets", "[]"): TargetSpec,
+}
+_TYPE_TEXT = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "string_type": "a string",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+}
+_COMPARISONS = {
+    "greater_than_equal": (">=", "ge"),
+    "greater_than": (">", "gt"),
+    "less_than_equal": ("<=", "le"),
+    "less_than": ("<", "lt"),
+}
+
+
+def _path(loc: Sequence[str | int], sub: str = "") -> str:
+    """("targets", 1, "function") -> "targets[1].function"; odd dict keys are quoted."""
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif re.fullmatch(r"[A-Za-z_][\w-]*", part):
+            text += f".{part}" if text else part
+        else:
+            text += f"[{part!r}]"
+    if sub and text and not sub.startswith("["):
+        return f"{text}.{sub}"
+    return text + sub
+
+
+def _model_at(loc: Sequence[str | int]) -> type[BaseModel] | None:
+    return _MODELS_AT.get(tuple("[]" if isinstance(p, int) else p for p in loc))
+
+
+def _expected(kind: str, ctx: Mapping[str, Any], msg: str, value: Any) -> str:
+    if kind in _TYPE_TEXT:
+        return _TYPE_TEXT[kind]
+    if kind in _COMPARISONS:
+        op, key = _COMPARISONS[kind]
+        number = "an integer" if isinstance(value, int) else "a number"
+        return f"{number} {op} {ctx[key]}"
+    if kind == "literal_error":
+        return str(ctx["expected"])
+    if kind == "string_pattern_mismatch":
+        return _PATTERN_TEXT.get(ctx["pattern"], f"a string matching {ctx['pattern']}")
+    if kind == "too_short":
+        what = "mapping" if ctx.get("field_type") == "Dictionary" else "list"
+        n = ctx.get("min_length", 1)
+        return f"a non-empty {what}" if n == 1 else f"a {what} of at least {n} items"
+    if kind == "too_long":
+        return f"at most {ctx.get('max_length')} items"
+    if kind == "string_too_short":
+        return "a non-empty string"
+    return msg.removeprefix("Input should be ")
+
+
+def _field_error(error: Mapping[str, Any]) -> FieldError:
+    loc = [p for p in error["loc"] if p not in _UNION_TAGS]
+    if loc and loc[-1] == "[key]":  # a dict key failed: name the key itself
+        loc.pop()
+    kind, value, ctx = error["type"], error.get("input"), error.get("ctx") or {}
+    if kind == "tidegate":
+        got = ctx["got"] if "got" in ctx else _show(value, typed=True)
+        return FieldError(_path(loc, ctx["field"]), ctx["expected"], got)
+    field = _path(loc)
+    if kind in ("missing", "extra_forbidden"):
+        model = _model_at(loc[:-1])
+        known = list(model.model_fields) if model else []
+        if kind == "missing":
+            info = model.model_fields.get(str(loc[-1])) if model else None
+            return FieldError(field, (info and info.description) or "a value", "nothing")
+        got = "an unknown field"
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        if close:
+            got += f" (did you mean {close[0]!r}?)"
+        return FieldError(field, f"one of the known fields ({', '.join(known)})", got)
+    typed = kind.endswith(("_type", "_parsing"))
+    return FieldError(field, _expected(kind, ctx, error["msg"], value), _show(value, typed))
+
+
+def _field_errors(exc: ValidationError) -> list[FieldError]:
+    return [_field_error(e) for e in exc.errors(include_url=False)]
+
+
+# --- YAML -------------------------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice, which PyYAML otherwise settles silently
+    in favour of the last one (`replicates: 3` ... `replicates: 1`)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue
+            key = self.construct_object(key_node)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"found duplicate key {key!r} (first on line {seen[key]})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str, source: str = "job spec") -> Any:
+    """The YAML document in ``text``; a syntax error becomes a SpecError."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        got = str(getattr(exc, "problem", None) or exc)
+        if mark is not None:
+            got += f" at line {mark.line + 1}, column {mark.column + 1}"
+        raise SpecError([FieldError("<yaml>", "valid YAML", got)], source) from None
+
+
+# --- params -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    param_id: str
+    values: dict[str, Scalar]  # in Job.param_names order
+
+
+def param_id_of(values: Mapping[str, Scalar]) -> str:
+    """Stable id of a parameter set: 1 and 1.0 differ, key order does not matter."""
+    # json writes floats with repr, the shortest spelling that round-trips.
+    text = json.dumps(dict(values), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def replicate_seed(job_seed: int, param_id: str, replicate: int) -> int:
+    digest = hashlib.sha256(f"{job_seed}:{param_id}:{replicate}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+@dataclass(frozen=True)
+class _Expanded:
+    names: list[str]
+    types: dict[str, str]
+    rows: list[dict[str, Scalar]]
+
+
+_GROUP_TEXT = {"bool": "true or false", "number": "a number", "str": "a string"}
+
+
+def _kind(value: Scalar) -> str:
+    return "bool" if isinstance(value, bool) else type(value).__name__
+
+
+def _group(value: Scalar) -> str:
+    kind = _kind(value)
+    return "number" if kind in ("int", "float") else kind
+
+
+def _unify(column: list[tuple[str, Scalar]], errors: list[FieldError]) -> tuple[str, list[Scalar]]:
+    """One type for a name's values: ints become floats next to floats; anything else mixed
+    is an error at each value whose type differs from the first one's."""
+    kinds = {_kind(v) for _, v in column}
+    if kinds == {"int", "float"}:
+        return "float", [float(v) for _, v in column]
+    if len(kinds) > 1:
+        first_field, first = column[0]
+        expected = f"{_GROUP_TEXT[_group(first)]} (the type in {first_field})"
+        errors += [
+            FieldError(f, expected, _show(v, typed=True))
+            for f, v in column
+            if _group(v) != _group(first)
+        ]
+    return kinds.pop(), [v for _, v in column]
+
+
+def _expand_grid(grid: Mapping[str, list[Scalar]]) -> _Expanded:
+    names, types, columns, errors = list(grid), {}, [], []
+    for name, values in grid.items():
+        fields = [f"parameters.grid.{name}[{j}]" for j in range(len(values))]
+        types[name], column = _unify(list(zip(fields, values, strict=True)), errors)
+        dup = _first_duplicate(column)
+        if dup is not None:
+            i, j = dup
+            errors.append(
+                FieldError(
+                    fields[j],
+                    "unique values (each makes distinct parameter sets)",
+                    f"a duplicate of {fields[i]} ({_show(column[i])})",
+                )
+            )
+        columns.append(column)
+    if errors:
+        raise SpecError(errors)
+    rows = [dict(zip(names, combo, strict=True)) for combo in itertools.product(*columns)]
+    return _Expanded(names, types, rows)
+
+
+def _expand_rows(rows: list[tuple[str, Mapping[str, Any]]]) -> _Expanded:
+    """Params given one by one (inline values or file rows), labelled for messages."""
+    first_label, first = rows[0]
+    names = list(first)
+    errors = [
+        FieldError(label, f"the names of {first_label} ({', '.join(names)})", ", ".join(row))
+        for label, row in rows[1:]
+        if set(row) != set(names)
+    ]
+    errors += [
+        FieldError(f"{label}.{n}", problem, _show(v, typed=True))
+        for label, row in rows
+        for n, v in row.items()
+        if (problem := _value_problem(v)) is not None
+    ]
+    if errors:
+        raise SpecError(errors)
+    types, columns = {}, []
+    for n in names:
+        types[n], column = _unify([(f"{label}.{n}", row[n]) for label, row in rows], errors)
+        columns.append(column)
+    if errors:
+        raise SpecError(errors)
+    keys = list(zip(*columns, strict=True))
+    dup = _first_duplicate(keys)
+    if dup is not None:
+        i, j = dup
+        raise SpecError(
+            [FieldError(rows[j][0], "unique parameter sets", f"a duplicate of {rows[i][0]}")]
+        )
+    return _Expanded(names, types, [dict(zip(names, k, strict=True)) for k in keys])
+
+
+_READERS: dict[str, Callable[[Path], pa.Table]] = {
+    ".csv": pa_csv.read_csv,
+    ".parquet": pa_parquet.read_table,
+    ".jsonl": pa_json.read_json,
+}
+
+
+def _read_param_file(name: str, base_dir: Path) -> pa.Table:
+    path = (base_dir / name).resolve()
+    field = "parameters.file"
+    if not path.is_file():
+        raise SpecError([FieldError(field, "an existing file", f"{name!r} (no file {path})")])
+    if path.stat().st_size == 0:  # pyarrow calls an empty file invalid; it has no rows
+        raise SpecError([FieldError(field, "at least one row", f"no rows in {path}")])
+    try:
+        table = _READERS[path.suffix.lower()](path)
+    except (pa.ArrowException, OSError) as exc:
+        raise SpecError(
+            [FieldError(field, f"a readable {path.suffix} file", f"{path}: {exc}")]
+        ) from None
+    if table.num_rows == 0:
+        raise SpecError([FieldError(field, "at least one row", f"no rows in {path}")])
+    return table
+
+
+def _file_columns(table: pa.Table) -> list[FieldError]:
+    errors = []
+    names = table.column_names
+    for n in names:
+        if not re.fullmatch(PARAM_NAME_PATTERN, n) or n in _RESERVED_PARAM_NAMES:
+            expected = (
+                f"columns named like parameters ({_PATTERN_TEXT[PARAM_NAME_PATTERN]}, not id)"
+            )
+            errors.append(FieldError("parameters.file", expected, f"a column {n!r}"))
+    if len(set(names)) != len(names):
+        errors.append(FieldError("parameters.file", "distinct column names", ", ".join(names)))
+    for n, t in zip(names, table.schema.types, strict=True):
+        if not (
+            pa.types.is_boolean(t)
+            or pa.types.is_integer(t)
+            or pa.types.is_floating(t)
+            or pa.types.is_string(t)
+            or pa.types.is_large_string(t)
+        ):
+            errors.append(
+                FieldError(
+                    "parameters.file",
+                    "columns of bool, integer, float or string values",
+                    f"column {n!r} of type {t}",
+                )
+            )
+    return errors
+
+
+def _expand_file(name: str, base_dir: Path) -> _Expanded:
+    table = _read_param_file(name, base_dir)
+    table = table.cast(
+        pa.schema(  # dictionary-encoded columns (pandas categoricals)
+            [
+                f.with_type(f.type.value_type) if pa.types.is_dictionary(f.type) else f
+                for f in table.schema
+            ]
+        )
+    )
+    errors = _file_columns(table)
+    if errors:
+        raise SpecError(errors)
+    return _expand_rows(
+        [(f"parameters.file[row {i}]", row) for i, row in enumerate(table.to_pylist())]
+    )
+
+
+def _expand(parameters: ParametersSpec, base_dir: Path) -> _Expanded:
+    if parameters.grid is not None:
+        return _expand_grid(parameters.grid)
+    if parameters.values is not None:
+        return _expand_rows(
+            [(f"parameters.values[{i}]", row) for i, row in enumerate(parameters.values)]
+        )
+    assert parameters.file is not None  # ParametersSpec guarantees exactly one form
+    return _expand_file(parameters.file, base_dir)
+
+
+# --- the job ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """A validated, expanded, path-resolved spec."""
+
+    spec: JobSpec
+    source: str
+    base_dir: Path
+    job_id: str
+    params: list[Param]
+    param_names: list[str]
+    param_types: dict[str, str]
+    code_paths: list[Path]
+    output_dir: Path
+    fingerprint: str
+
+    def seeds(self, param_id: str) -> list[int]:
+        return [replicate_seed(self.spec.seed, param_id, r) for r in range(self.spec.replicates)]
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.params) * (self.spec.replicates + len(self.spec.targets))
+
+    def identity(self) -> dict[str, Any]:
+        return _identity(self.spec, self.params, self.param_names)
+
+
+def _identity(spec: JobSpec, params: list[Param], names: list[str]) -> dict[str, Any]:
+    """What makes two runs the same job. Not job_id, code_paths, output or batch: B may
+    change between runs of one job and its output can move."""
+    return {
+        "model": spec.model,
+        "param_ids": [p.param_id for p in params],
+        "param_names": list(names),
+        "replicates": spec.replicates,
+        "seed": spec.seed,
+        "targets": [{"name": t.name, "function": t.function} for t in spec.targets],
+        "outputs": spec.outputs,
+    }
+
+
+def _fingerprint(identity: Mapping[str, Any]) -> str:
+    text = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _derived_job_id(model: str, fingerprint: str) -> str:
+    stem = model.partition(":")[0].rsplit(".", 1)[-1]
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "-", stem).lstrip("_.-")[:55] or "job"
+    return f"{stem}-{fingerprint[:8]}"
+
+
+def job_from_dict(
+    data: Any,
+    *,
+    base_dir: Path,
+    source: str = "job spec",
+    output: str | Path | None = None,
+    output_root: Path | None = None,
+) -> Job:
+    """Validate and expand a spec already parsed; relative paths are taken from base_dir."""
+    if not isinstance(data, dict):
+        got = "nothing (an empty document)" if data is None else _show(data, typed=True)
+        raise SpecError([FieldError("<top level>", "a mapping of spec fields", got)], source)
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(_field_errors(exc), source) from None
+    base_dir = Path(base_dir).resolve()
+    try:
+        expanded = _expand(spec.parameters, base_dir)
+    except SpecError as exc:
+        raise SpecError(exc.errors, source) from None
+    params = [Param(param_id_of(values), values) for values in expanded.rows]
+    fingerprint = _fingerprint(_identity(spec, params, expanded.names))
+    job_id = spec.job_id or _derived_job_id(spec.model, fingerprint)
+    if output is not None:
+        output_dir = Path(output).resolve()
+    elif spec.output is not None:
+        output_dir = (base_dir / spec.output).resolve()
+    else:
+        output_dir = (Path(output_root or base_dir / "results") / job_id).resolve()
+    return Job(
+        spec=spec,
+        source=source,
+        base_dir=base_dir,
+        job_id=job_id,
+        params=params,
+        param_names=expanded.names,
+        param_types=expanded.types,
+        code_paths=[(base_dir / p).resolve() for p in spec.code_paths],
+        output_dir=output_dir,
+        fingerprint=fingerprint,
+    )
+
+
+def load_job(
+    path: str | Path, *, output: str | Path | None = None, output_root: Path | None = None
+) -> Job:
+    """Read the YAML spec at ``path``; its relative paths are relative to its directory."""
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise SpecError(
+            [FieldError("<file>", "a readable YAML file", f"{source!r} ({reason})")], source
+        ) from None
+    return job_from_dict(
+        parse_yaml(text, source),
+        base_dir=path.parent,
+        source=source,
+        output=output,
+        output_root=output_root,
+    )
+
+
+def check_callables(job: Job) -> None:
+    """Import the model and every target the way a worker will, so that a typo fails at
+    submit time rather than on the cluster."""
+    errors = [
+        FieldError(f"code_paths[{i}]", "an existing directory", f"{raw!r} (no such path: {path})")
+        for i, (raw, path) in enumerate(zip(job.spec.code_paths, job.code_paths, strict=True))
+        if not path.exists()
+    ]
+    simreturn.add_code_paths([str(p) for p in job.code_paths])
+    refs = [("model", job.spec.model)]
+    refs += [(f"targets[{i}].function", t.function) for i, t in enumerate(job.spec.targets)]
+    for field, ref in refs:
+        try:
+            simreturn.import_callable(ref)
+        except Exception as exc:  # anything the user's module raises on import
+            errors.append(
+                FieldError(
+                    field,
+                    "an importable callable 'module:function'",
+                    f"{ref!r} ({type(exc).__name__}: {exc})",
+                )
+            )
+    if errors:
+        raise SpecError(errors, job.source)
