@@ -1,0 +1,322 @@
+"""SimReturn and TargetResult: what sim and agg tasks hand back, and how a model's
+return value becomes Arrow IPC bytes on the worker.
+
+Everything here runs on Dask workers as well as in tidegate, so it imports pyarrow and
+the standard library only; the model's own table types (pandas, polars) are converted by
+duck typing, never imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+# Columns tidegate adds to every model output table; a model may not return them.
+RESERVED_OUTPUT_COLUMNS = ("param_id", "replicate", "seed")
+
+_callables: dict[str, Callable[..., Any]] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class TaskError:
+    """An exception raised by a model or a target, kept as plain strings so that no
+    traceback object (and the frames it pins) ever travels or lingers."""
+
+    type: str
+    message: str
+    traceback: str = ""
+
+    @classmethod
+    def from_exception(cls, exc: BaseException) -> TaskError:
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        return cls(type(exc).__name__, str(exc), tb)
+
+    def __str__(self) -> str:
+        return f"{self.type}: {self.message}" if self.message else self.type
+
+
+@dataclass(frozen=True, slots=True)
+class SimReturn:
+    """The outputs of one replicate of one param: named tables as Arrow IPC bytes."""
+
+    param_id: str
+    replicate: int
+    seed: int
+    outputs: Mapping[str, bytes] = field(default_factory=dict)
+    error: TaskError | None = None
+    run_seconds: float = 0.0
+    # Growth of the worker process's RSS across the call: the working memory the
+    # simulation needed on top of what the worker already held.
+    rss_delta_bytes: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def nbytes(self) -> int:
+        """Exact size of the outputs: the sum of their Arrow IPC byte lengths."""
+        return sum(len(b) for b in self.outputs.values())
+
+    def __sizeof__(self) -> int:
+        # dask.sizeof falls back to sys.getsizeof, which calls this: the scheduler's
+        # nbytes (and so its managed-memory accounting) is then exact.
+        return self.nbytes + 256
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.outputs)
+
+    def table(self, name: str) -> pa.Table:
+        """The output table ``name``, decoded from its Arrow IPC bytes."""
+        try:
+            data = self.outputs[name]
+        except KeyError:
+            known = ", ".join(sorted(self.outputs)) or "none"
+            raise KeyError(
+                f"SimReturn of param {self.param_id} replicate {self.replicate} has no "
+                f"output {name!r} (outputs: {known})"
+            ) from None
+        return ipc_to_table(data)
+
+    def summary(self) -> ReplicateSummary:
+        return ReplicateSummary(
+            self.replicate, self.seed, self.nbytes, self.run_seconds, self.rss_delta_bytes,
+            self.error,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicateSummary:
+    """What tidegate needs to know of a replicate when its tables stay on the cluster."""
+
+    replicate: int
+    seed: int
+    nbytes: int
+    run_seconds: float
+    rss_delta_bytes: int
+    error: TaskError | None
+
+
+@dataclass(frozen=True, slots=True)
+class TargetResult:
+    """The result of one agg task: a target's loss for one param, or why there is none.
+
+    ``replicates`` summarises the SimReturns the target saw, so tidegate learns their
+    sizes and errors without the tables ever leaving the cluster.
+    """
+
+    param_id: str
+    target: str | None
+    loss: float | None
+    diagnostics: Mapping[str, Any]
+    error: TaskError | None
+    replicates: tuple[ReplicateSummary, ...]
+    run_seconds: float = 0.0
+
+    def __sizeof__(self) -> int:
+        return 512 + 64 * len(self.replicates) + len(json.dumps(self.diagnostics, default=str))
+
+
+# --- conversions -----------------------------------------------------------------
+
+
+def to_arrow(name: str, value: Any) -> pa.Table:
+    """Turn one model output into a pyarrow.Table.
+
+    Accepts a pyarrow Table or RecordBatch, anything with ``to_arrow()`` (polars), a
+    pandas DataFrame (duck-typed on ``to_records``/``columns``), or a mapping of
+    equal-length columns.
+    """
+    if isinstance(value, pa.Table):
+        table = value
+    elif isinstance(value, pa.RecordBatch):
+        table = pa.Table.from_batches([value])
+    elif hasattr(value, "to_arrow") and callable(value.to_arrow):
+        table = value.to_arrow()
+    elif type(value).__module__.startswith("pandas") and hasattr(value, "columns"):
+        table = pa.Table.from_pandas(value, preserve_index=False)
+    elif isinstance(value, Mapping):
+        lengths = {k: _length(v) for k, v in value.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(
+                f"output {name!r}: columns must have equal lengths, got "
+                + ", ".join(f"{k}={n}" for k, n in lengths.items())
+            )
+        table = pa.table(dict(value))
+    else:
+        raise TypeError(
+            f"output {name!r}: expected a pyarrow Table, a pandas or polars DataFrame or "
+            f"a dict of equal-length columns, got {type(value).__name__}"
+        )
+    clash = [c for c in table.column_names if c in RESERVED_OUTPUT_COLUMNS]
+    if clash:
+        raise ValueError(
+            f"output {name!r}: column names {clash} are reserved for tidegate "
+            f"(it adds {', '.join(RESERVED_OUTPUT_COLUMNS)} itself)"
+        )
+    return table.replace_schema_metadata(None)
+
+
+def _length(column: Any) -> int:
+    try:
+        return len(column)
+    except TypeError:
+        raise TypeError(
+            f"a column must be a sequence or array, got {type(column).__name__}"
+        ) from None
+
+
+def table_to_ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def ipc_to_table(data: bytes) -> pa.Table:
+    with pa.ipc.open_stream(pa.py_buffer(data)) as reader:
+        return reader.read_all()
+
+
+def outputs_to_ipc(value: Any) -> dict[str, bytes]:
+    if not isinstance(value, Mapping):
+        raise TypeError(
+            "a model must return a mapping of output name -> table, got "
+            f"{type(value).__name__}"
+        )
+    out: dict[str, bytes] = {}
+    for name, table in value.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"output names must be non-empty strings, got {name!r}")
+        out[name] = table_to_ipc(to_arrow(name, table))
+    return out
+
+
+# --- importing user callables ------------------------------------------------------
+
+
+def add_code_paths(paths: Sequence[str]) -> None:
+    """Put ``paths`` at the front of sys.path (once each)."""
+    for p in reversed(list(paths)):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+
+
+def import_callable(ref: str) -> Callable[..., Any]:
+    """Import ``module:function`` (cached per process)."""
+    fn = _callables.get(ref)
+    if fn is not None:
+        return fn
+    module_name, _, attr = ref.partition(":")
+    module = importlib.import_module(module_name)
+    obj: Any = module
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"{ref} is a {type(obj).__name__}, not a callable")
+    _callables[ref] = obj
+    return obj
+
+
+# --- the functions Dask runs ---------------------------------------------------------
+
+
+def _rss() -> int:
+    try:
+        import psutil
+
+        return int(psutil.Process(os.getpid()).memory_info().rss)
+    except Exception:  # psutil missing on a worker: report no working memory
+        return 0
+
+
+def run_sim(
+    model: str, params: Mapping[str, Any], param_id: str, replicate: int, seed: int
+) -> SimReturn:
+    """Run one replicate: call the model, convert its tables to IPC bytes.
+
+    Any exception from the model (or from converting what it returned) becomes the
+    SimReturn's error: the param is recorded as failed and the job goes on.
+    """
+    start = time.perf_counter()
+    rss_before = _rss()
+    try:
+        fn = import_callable(model)
+        outputs = outputs_to_ipc(fn(dict(params), seed))
+        error = None
+    except Exception as exc:
+        outputs, error = {}, TaskError.from_exception(exc)
+    rss_after = _rss()
+    return SimReturn(
+        param_id=param_id,
+        replicate=replicate,
+        seed=seed,
+        outputs=outputs,
+        error=error,
+        run_seconds=time.perf_counter() - start,
+        rss_delta_bytes=max(0, rss_after - rss_before),
+    )
+
+
+def run_target(
+    function: str | None, target: str | None, param_id: str, *returns: SimReturn
+) -> TargetResult:
+    """Evaluate one target on all SimReturns of a param.
+
+    With ``function`` None this only summarises the replicates (used when neither model
+    outputs nor targets need the tables to leave the cluster).
+    """
+    summaries = tuple(r.summary() for r in returns)
+    failed = next((r for r in returns if r.error is not None), None)
+    if function is None or failed is not None:
+        error = None
+        if failed is not None and function is not None:
+            error = TaskError(
+                "ReplicateFailed",
+                f"replicate {failed.replicate} failed, target not evaluated: {failed.error}",
+            )
+        return TargetResult(param_id, target, None, {}, error, summaries)
+    start = time.perf_counter()
+    try:
+        loss, diagnostics = _loss_of(import_callable(function)(list(returns)))
+        error = None
+    except Exception as exc:
+        loss, diagnostics, error = None, {}, TaskError.from_exception(exc)
+    return TargetResult(
+        param_id, target, loss, diagnostics, error, summaries, time.perf_counter() - start
+    )
+
+
+def _loss_of(value: Any) -> tuple[float, dict[str, Any]]:
+    diagnostics: dict[str, Any] = {}
+    if isinstance(value, Mapping):
+        if "loss" not in value:
+            raise ValueError(
+                f"a target must return a float or {{'loss': float, 'diagnostics': {{...}}}}, "
+                f"got a mapping with keys {sorted(value)}"
+            )
+        diagnostics = dict(value.get("diagnostics") or {})
+        value = value["loss"]
+    try:
+        loss = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"a target's loss must be a number, got {type(value).__name__} {value!r}"
+        ) from None
+    if math.isnan(loss):
+        raise ValueError("a target's loss must be a number, got NaN")
+    # Diagnostics are stored as JSON text; fail here, on the worker, where the error
+    # is attributed to this param, rather than at write time.
+    json.dumps(diagnostics, default=str)
+    return loss, diagnostics
