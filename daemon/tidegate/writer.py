@@ -1,0 +1,239 @@
+"""Parquet parts: buffer completed params, write each dataset's part durably, and the
+job manifest.
+
+Durability order for a part: write every file under a dot-prefixed temporary name,
+fsync it, rename it into place, fsync the directories; only then does the caller record
+the part in the ledger. A crash before the ledger commit leaves files the ledger does
+not know; :func:`remove_unrecorded` deletes them on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tidegate.simreturn import SimReturn, TargetResult, TaskError
+
+MANIFEST = "manifest.json"
+LEDGER = "_ledger.sqlite"
+DATASET_DIRS = ("params", "model_outputs", "targets")
+PART_RE = re.compile(r"^part-(\d{6,})\.parquet$")
+_TMP_PREFIX = ".part-"
+
+_ARROW_TYPES = {"bool": pa.bool_(), "int": pa.int64(), "float": pa.float64(), "str": pa.string()}
+
+
+def part_name(part: int) -> str:
+    return f"part-{part:06d}.parquet"
+
+
+@dataclass(frozen=True, slots=True)
+class WrittenPart:
+    part: int
+    files: list[str]  # relative to the job output
+    nbytes: int
+    statuses: list[tuple[str, str]]  # (param_id, "ok" | "failed")
+
+
+@dataclass(slots=True)
+class _Buffer:
+    param_rows: list[dict[str, Any]] = field(default_factory=list)
+    outputs: dict[str, list[pa.Table]] = field(default_factory=dict)
+    targets: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    nbytes: int = 0
+
+
+class PartWriter:
+    """Collects completed params and writes them as one part per flush."""
+
+    def __init__(
+        self,
+        root: Path,
+        param_names: Sequence[str],
+        param_types: Mapping[str, str],
+        outputs: str | Sequence[str],
+        targets: Sequence[str],
+    ):
+        self.root = root
+        self._param_names = list(param_names)
+        self._outputs = outputs
+        self._targets = list(targets)
+        self._params_schema = pa.schema(
+            [pa.field("param_id", pa.string(), nullable=False)]
+            + [pa.field(f"param_{n}", _ARROW_TYPES[param_types[n]]) for n in self._param_names]
+            + [
+                pa.field("seeds", pa.list_(pa.int64())),
+                pa.field("status", pa.string(), nullable=False),
+                pa.field("error_type", pa.string()),
+                pa.field("error", pa.string()),
+                pa.field("traceback", pa.string()),
+            ]
+        )
+        self._buf = _Buffer()
+
+    @property
+    def pending_params(self) -> int:
+        return len(self._buf.param_rows)
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._buf.nbytes
+
+    def wants_output(self, name: str) -> bool:
+        return self._outputs == "all" or (self._outputs != "none" and name in self._outputs)
+
+    @property
+    def wants_outputs(self) -> bool:
+        return self._outputs != "none"
+
+    def add(
+        self,
+        param_id: str,
+        values: Mapping[str, Any],
+        seeds: Sequence[int],
+        error: TaskError | None,
+        sims: Iterable[SimReturn],
+        targets: Iterable[TargetResult],
+    ) -> None:
+        """Buffer one completed param: its row, its model outputs and its target rows."""
+        row: dict[str, Any] = {"param_id": param_id}
+        for name in self._param_names:
+            row[f"param_{name}"] = values[name]
+        row["seeds"] = list(seeds)
+        row["status"] = "ok" if error is None else "failed"
+        row["error_type"] = error.type if error else None
+        row["error"] = str(error) if error else None
+        row["traceback"] = (error.traceback or None) if error else None
+        self._buf.param_rows.append(row)
+        for sim in sims:
+            if sim.error is None:
+                self._add_sim(sim)
+        for result in targets:
+            if result.error is None and result.target is not None:
+                self._buf.targets.setdefault(result.target, []).append(
+                    {
+                        "param_id": param_id,
+                        "loss": result.loss,
+                        "n_replicates": len(result.replicates),
+                        "diagnostics": json.dumps(result.diagnostics, sort_keys=True, default=str),
+                    }
+                )
+
+    def _add_sim(self, sim: SimReturn) -> None:
+        for name in sim.outputs:
+            if not self.wants_output(name):
+                continue
+            table = sim.table(name)
+            n = table.num_rows
+            table = (
+                table.add_column(0, "seed", pa.array([sim.seed] * n, pa.int64()))
+                .add_column(0, "replicate", pa.array([sim.replicate] * n, pa.int32()))
+                .add_column(0, "param_id", pa.array([sim.param_id] * n, pa.string()))
+            )
+            self._buf.outputs.setdefault(name, []).append(table)
+            self._buf.nbytes += table.nbytes
+
+    def write_part(self, part: int) -> WrittenPart:
+        """Write every buffered dataset as part ``part`` and clear the buffer."""
+        buf, self._buf = self._buf, _Buffer()
+        name = part_name(part)
+        tables: dict[str, pa.Table] = {
+            f"params/{name}": pa.Table.from_pylist(buf.param_rows, schema=self._params_schema)
+        }
+        for output, chunks in buf.outputs.items():
+            tables[f"model_outputs/{output}/{name}"] = pa.concat_tables(
+                chunks, promote_options="permissive"
+            )
+        for target, rows in buf.targets.items():
+            tables[f"targets/{target}/{name}"] = pa.Table.from_pylist(rows, schema=_TARGET_SCHEMA)
+        nbytes = 0
+        dirs: set[Path] = set()
+        for rel, table in tables.items():
+            path = self.root / rel
+            nbytes += _write_durably(table, path)
+            dirs.add(path.parent)
+        for d in dirs:
+            _fsync(d, os.O_RDONLY | os.O_DIRECTORY)
+        statuses = [(r["param_id"], r["status"]) for r in buf.param_rows]
+        return WrittenPart(part, sorted(tables), nbytes, statuses)
+
+
+_TARGET_SCHEMA = pa.schema(
+    [
+        pa.field("param_id", pa.string(), nullable=False),
+        pa.field("loss", pa.float64()),
+        pa.field("n_replicates", pa.int32()),
+        pa.field("diagnostics", pa.string()),
+    ]
+)
+
+
+def _write_durably(table: pa.Table, path: Path) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(_TMP_PREFIX + path.name.removeprefix("part-") + ".tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    _fsync(tmp)
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
+def _fsync(path: Path, flags: int = os.O_RDONLY) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_unrecorded(root: Path, recorded: set[str]) -> list[str]:
+    """Delete part files (and temporaries) under ``root`` that the ledger does not name.
+
+    Returns the relative paths removed.
+    """
+    removed: list[str] = []
+    for top in DATASET_DIRS:
+        base = root / top
+        if not base.is_dir():
+            continue
+        for path in base.rglob("*"):
+            if not path.is_file():
+                continue
+            rel = path.relative_to(root).as_posix()
+            is_tmp = path.name.startswith(_TMP_PREFIX) and path.name.endswith(".tmp")
+            if is_tmp or (PART_RE.match(path.name) and rel not in recorded):
+                path.unlink()
+                removed.append(rel)
+    return sorted(removed)
+
+
+def discard_output(root: Path) -> None:
+    """Remove everything tidegate writes in a job output (for --restart)."""
+    for top in DATASET_DIRS:
+        shutil.rmtree(root / top, ignore_errors=True)
+    for name in (MANIFEST, LEDGER, LEDGER + "-wal", LEDGER + "-shm"):
+        (root / name).unlink(missing_ok=True)
+
+
+def write_manifest(root: Path, manifest: Mapping[str, Any]) -> None:
+    """Replace manifest.json atomically."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+    _fsync(tmp)
+    os.replace(tmp, root / MANIFEST)
+
+
+def read_manifest(root: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((root / MANIFEST).read_text())
+    except FileNotFoundError:
+        return None
