@@ -1,0 +1,290 @@
+"""``tidegate run | validate | schema``.
+
+Exit codes: 0 every param ok; 1 finished with failed params, or the job failed;
+2 bad input; 3 cluster unreachable or failed to start; 130 interrupted (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tidegate import __version__
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CLUSTER, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+log = logging.getLogger("tidegate")
+
+
+class UsageError(Exception):
+    """Bad input on the command line."""
+
+
+def _positive_int(flag: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{flag}: expected a whole number >= 1, got {text!r}"
+            ) from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{flag}: expected a whole number >= 1, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(flag: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{flag}: expected a number > 0, got {text!r}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tidegate",
+        description="Run simulation parameter sweeps on Dask in a bounded, memory-aware window.",
+    )
+    parser.add_argument("--version", action="version", version=f"tidegate {__version__}")
+    parser.add_argument(
+        "--log-level", default=os.environ.get("TIDEGATE_LOG_LEVEL", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level (default INFO)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a job spec to completion (resumes if interrupted)")
+    run.add_argument("spec", type=Path, help="job spec (YAML)")
+    run.add_argument("--scheduler", metavar="ADDRESS",
+                     help="an existing Dask scheduler, e.g. tcp://10.0.0.5:8786 "
+                     "(default: start an embedded LocalCluster)")
+    run.add_argument("--workers", type=_positive_int("--workers"), metavar="N",
+                     help="embedded cluster: worker processes (default: one per core)")
+    run.add_argument("--threads-per-worker", type=_positive_int("--threads-per-worker"),
+                     metavar="N", help="embedded cluster: threads per worker")
+    run.add_argument("--memory-limit", metavar="SIZE",
+                     help="embedded cluster: memory limit per worker, e.g. 2GiB (default: "
+                     "the machine's memory divided among the workers)")
+    run.add_argument("--output", type=Path, metavar="DIR",
+                     help="job output directory (default: the spec's `output`)")
+    run.add_argument("--batch-size", type=_positive_int("--batch-size"), metavar="N",
+                     help="pin B, the params in flight (default: the spec's batch.size, "
+                     "else automatic)")
+    run.add_argument("--restart", action="store_true",
+                     help="discard earlier output of this job and start again")
+    run.add_argument("--flush-params", type=_positive_int("--flush-params"), default=1000,
+                     metavar="N", help="write a part every N completed params (default 1000)")
+    run.add_argument("--flush-seconds", type=_positive_float("--flush-seconds"), default=10.0,
+                     metavar="S", help="... or every S seconds (default 10)")
+    run.add_argument("--json", action="store_true",
+                     help="print the final summary as one JSON object on stdout")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
+
+    validate = sub.add_parser("validate", help="check a job spec and import its callables")
+    validate.add_argument("spec", type=Path, help="job spec (YAML)")
+    validate.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    sub.add_parser("schema", help="print the JSON Schema of the job spec")
+    return parser
+
+
+class _ActionDefault(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "action"):
+            record.action = "-"
+        return True
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_ActionDefault())
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s action=%(action)s %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def quiet_dask_logs() -> None:
+    """Dask's INFO lines (worker start/stop, plugin registration) drown ours. Called
+    after distributed is imported, since importing it configures its loggers."""
+    level = max(logging.WARNING, logging.getLogger().level)
+    for name in ("distributed", "dask"):
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        logger.handlers.clear()
+        logger.propagate = True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse prints its own message and exits 2
+        return int(exc.code or 0)
+    setup_logging(args.log_level)
+    handlers = {"run": cmd_run, "validate": cmd_validate, "schema": cmd_schema}
+    from tidegate.spec import SpecError
+    from tidegate.store import LedgerMismatch
+
+    try:
+        return handlers[args.command](args)
+    except (SpecError, LedgerMismatch, UsageError) as exc:
+        print(f"tidegate: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from tidegate.spec import spec_json_schema
+
+    print(json.dumps(spec_json_schema(), indent=2))
+    return EXIT_OK
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from tidegate.spec import check_callables, load_job
+
+    job = load_job(args.spec)
+    check_callables(job)
+    info = {
+        "job_id": job.job_id,
+        "params": len(job.params),
+        "replicates": job.spec.replicates,
+        "targets": len(job.spec.targets),
+        "tasks": job.n_tasks,
+        "output": str(job.output_dir),
+    }
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(
+            f"{args.spec}: ok\n"
+            f"  job_id   {job.job_id}\n"
+            f"  params   {len(job.params)} x {job.spec.replicates} replicates, "
+            f"{len(job.spec.targets)} targets\n"
+            f"  tasks    {job.n_tasks}\n"
+            f"  output   {job.output_dir}"
+        )
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from tidegate.cluster import ClusterOptions, parse_memory_limit
+    from tidegate.runner import RunOptions
+    from tidegate.spec import check_callables, load_job
+
+    if args.scheduler and any(
+        v is not None for v in (args.workers, args.threads_per_worker, args.memory_limit)
+    ):
+        raise UsageError(
+            "--workers, --threads-per-worker and --memory-limit size the embedded cluster; "
+            "they cannot be combined with --scheduler"
+        )
+    memory_limit = None
+    if args.memory_limit is not None:
+        try:
+            memory_limit = parse_memory_limit(args.memory_limit, field="--memory-limit")
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    job = load_job(args.spec, output=args.output)
+    check_callables(job)
+    options = RunOptions(
+        batch_size=args.batch_size,
+        restart=args.restart,
+        flush_params=args.flush_params,
+        flush_seconds=args.flush_seconds,
+    )
+    cluster_options = ClusterOptions(
+        address=args.scheduler,
+        workers=args.workers,
+        threads_per_worker=args.threads_per_worker,
+        memory_limit=memory_limit,
+    )
+    return asyncio.run(_run(job, cluster_options, options, args))
+
+
+async def _run(job: Any, cluster_options: Any, options: Any, args: argparse.Namespace) -> int:
+    from tidegate.cluster import ClusterError, open_cluster
+    from tidegate.progress import LogLines, TerminalBar
+    from tidegate.runner import Runner
+
+    quiet_dask_logs()
+    try:
+        cluster = await open_cluster(cluster_options)
+    except ClusterError as exc:
+        print(f"tidegate: error: {exc}", file=sys.stderr)
+        return EXIT_CLUSTER
+    progress: Any = None
+    if not args.no_progress:
+        progress = TerminalBar() if sys.stderr.isatty() else LogLines()
+    runner = Runner(job, cluster, options, progress=progress)
+    restore = _install_stop_handlers(runner)
+    try:
+        summary = await runner.run()
+    except ClusterError as exc:
+        print(f"tidegate: error: {exc}", file=sys.stderr)
+        return EXIT_CLUSTER
+    finally:
+        if progress is not None:
+            progress.clear()
+        restore()
+        await cluster.close()
+    if args.json:
+        print(json.dumps(summary.as_dict()))
+    else:
+        _print_summary(summary)
+    return summary.exit_code
+
+
+def _install_stop_handlers(runner: Any):
+    """First SIGINT/SIGTERM: stop admitting, flush what completed, exit 130. Second: now."""
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if runner.stopping:
+            # Committed parts are safe; the buffered ones a rerun recomputes.
+            os._exit(EXIT_INTERRUPTED)
+        log.warning(
+            "%s: stopping; completed params are flushed, a rerun resumes (again to quit now)",
+            signal.Signals(signum).name, extra={"action": "stop_requested"},
+        )
+        runner.stop()
+
+    signums = (signal.SIGINT, signal.SIGTERM)
+    for s in signums:
+        loop.add_signal_handler(s, on_signal, s)
+
+    def restore() -> None:
+        for s in signums:
+            loop.remove_signal_handler(s)
+
+    return restore
+
+
+def _print_summary(s: Any) -> None:
+    lines = [
+        f"job {s.job_id}: {s.state} in {s.wall_seconds:.1f} s",
+        f"  params   {s.ok} ok, {s.failed} failed of {s.total} ({s.resumed} from earlier runs)",
+        f"  batch    B {s.batch_min}..{s.batch_max}, final {s.batch_final}",
+        f"  workers  {s.worker_restarts} lost, {s.oom_events} OOM events",
+        f"  output   {s.output} ({s.parts} parts)",
+    ]
+    for e in s.errors[:5]:
+        lines.append(f"  failed   {e['param_id']}: {e['error'].splitlines()[0][:200]}")
+    print("\n".join(lines), file=sys.stderr)

@@ -1,0 +1,93 @@
+"""Shared helpers: run the real CLI in a subprocess, write job specs, read outputs back."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pyarrow.dataset as ds
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SIR_DIR = REPO / "examples" / "sir"
+
+
+def tidegate(
+    *args: str | Path, timeout: float = 300, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m tidegate ARGS`` to completion, capturing its output."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        [sys.executable, "-m", "tidegate", *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env, check=False,
+    )
+
+
+def start_tidegate(*args: str | Path, cwd: Path | None = None) -> subprocess.Popen[str]:
+    """Start ``python -m tidegate ARGS`` in its own session (so a test can kill the
+    whole process group: tidegate and its LocalCluster's worker processes)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "tidegate", *map(str, args)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env,
+        start_new_session=True,
+    )
+
+
+def write_spec(path: Path, spec: Mapping[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(dict(spec), sort_keys=False))
+    return path
+
+
+def synthetic_spec(n: int, **overrides: Any) -> dict[str, Any]:
+    """A spec over the packaged synthetic workload: ``n`` params, 2 replicates, 1 target."""
+    spec: dict[str, Any] = {
+        "job_id": "synthetic",
+        "model": "tidegate.workloads:synthetic",
+        "parameters": {"values": [{"k": i, "output_bytes": 1024} for i in range(n)]},
+        "replicates": 2,
+        "seed": 7,
+        "targets": [{"name": "score", "function": "tidegate.workloads:synthetic_loss"}],
+        "output": "out",
+    }
+    spec.update(overrides)
+    return spec
+
+
+def read_dataset(path: Path) -> list[dict[str, Any]]:
+    """A dataset's rows, sorted, read with pyarrow alone (no tidegate code)."""
+    table = ds.dataset(path, format="parquet").to_table()
+    keys = [c for c in ("param_id", "replicate", "day") if c in table.column_names]
+    return sorted(table.to_pylist(), key=lambda r: (*tuple(str(r[k]) for k in keys), str(r)))
+
+
+@pytest.fixture
+def sir_dir() -> Path:
+    return SIR_DIR
+
+
+def wait_for_part(proc: subprocess.Popen[str], out: Path, timeout: float = 120) -> bool:
+    """Wait until ``out`` has a committed params part, or the process ends first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if list((out / "params").glob("part-*.parquet")):
+            return True
+        try:
+            proc.wait(timeout=0.05)
+            return False
+        except subprocess.TimeoutExpired:
+            continue
+    raise TimeoutError(f"no part appeared in {out} within {timeout} s")
+
+
+def wait_quietly(proc: subprocess.Popen[str], seconds: float) -> None:
+    """Let ``proc`` run for up to ``seconds`` (returns early if it ends)."""
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=seconds)

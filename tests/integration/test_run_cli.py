@@ -1,0 +1,216 @@
+"""`tidegate run` end to end: real LocalCluster worker processes, real Parquet, real SQLite."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import (
+    read_dataset,
+    start_tidegate,
+    synthetic_spec,
+    tidegate,
+    wait_for_part,
+    wait_quietly,
+    write_spec,
+)
+
+
+def _summary(proc) -> dict:
+    assert proc.stdout.strip(), proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _ledger_ids(out: Path) -> list[str]:
+    with sqlite3.connect(out / "_ledger.sqlite") as db:
+        return [r[0] for r in db.execute("SELECT param_id FROM params")]
+
+
+def _assert_exactly_once(out: Path, n_params: int) -> None:
+    ids = [r["param_id"] for r in read_dataset(out / "params")]
+    assert len(ids) == n_params
+    assert len(set(ids)) == n_params
+    assert sorted(ids) == sorted(_ledger_ids(out))
+
+
+def test_sir_example_end_to_end(tmp_path: Path, sir_dir: Path) -> None:
+    """The SIR example runs to completion and every dataset has its rows and schema."""
+    out = tmp_path / "sir"
+    proc = tidegate("run", sir_dir / "job.yaml", "--output", out, "--json", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    summary = _summary(proc)
+    for key in ("job_id", "state", "params", "batch_size", "oom_events", "worker_restarts",
+                "wall_seconds", "output"):
+        assert key in summary
+    assert summary["state"] == "succeeded"
+    n = summary["params"]["total"]
+    assert n >= 100
+    assert summary["params"] == {"total": n, "ok": n, "failed": 0, "resumed": 0}
+    assert summary["batch_size"]["min"] <= summary["batch_size"]["final"]
+
+    params = pq.read_table(out / "params")
+    assert params.num_rows == n
+    assert {"param_id", "param_beta", "param_gamma", "seeds", "status", "error"} <= set(
+        params.column_names
+    )
+    assert set(params.column("status").to_pylist()) == {"ok"}
+    assert all(len(s) == 3 for s in params.column("seeds").to_pylist())
+
+    for target in ("incidence", "peak"):
+        t = pq.read_table(out / "targets" / target)
+        assert t.num_rows == n
+        assert t.column_names == ["param_id", "loss", "n_replicates", "diagnostics"]
+        assert set(t.column("n_replicates").to_pylist()) == {3}
+        assert set(t.column("param_id").to_pylist()) == set(params.column("param_id").to_pylist())
+
+    incidence = ds.dataset(out / "model_outputs" / "incidence").to_table()
+    assert incidence.column_names[:3] == ["param_id", "replicate", "seed"]
+    pairs = set(zip(incidence.column("param_id").to_pylist(),
+                    incidence.column("replicate").to_pylist(), strict=True))
+    assert len(pairs) == n * 3
+    summary_rows = ds.dataset(out / "model_outputs" / "summary").to_table()
+    assert summary_rows.num_rows == n * 3
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["state"] == "succeeded"
+    assert manifest["counts"]["ok"] == n
+    _assert_exactly_once(out, n)
+
+
+def test_failing_params_are_recorded_and_exit_1(tmp_path: Path) -> None:
+    """Params whose model raises are written as failed with their error; the rest are ok."""
+    values = [{"k": i, "fail": "bad k" if i % 4 == 0 else ""} for i in range(12)]
+    spec = write_spec(tmp_path / "job.yaml",
+                      synthetic_spec(12, parameters={"values": values}))
+    proc = tidegate("run", spec, "--json", "--no-progress")
+    assert proc.returncode == 1, proc.stderr
+    summary = _summary(proc)
+    assert summary["state"] == "succeeded"
+    assert summary["params"]["failed"] == 3 and summary["params"]["ok"] == 9
+    rows = read_dataset(tmp_path / "out" / "params")
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert sorted(r["param_k"] for r in failed) == [0, 4, 8]
+    for r in failed:
+        assert r["error_type"] == "RuntimeError"
+        assert "bad k" in r["error"]
+        assert "Traceback" in r["traceback"]
+    assert all(r["error"] is None for r in rows if r["status"] == "ok")
+    # Targets are written for the ok params only.
+    scored = {r["param_id"] for r in read_dataset(tmp_path / "out" / "targets" / "score")}
+    assert scored == {r["param_id"] for r in rows if r["status"] == "ok"}
+
+
+def _kill_spec(tmp_path: Path, name: str) -> Path:
+    values = [{"k": i, "output_bytes": 4096, "run_seconds": 0.04} for i in range(48)]
+    spec = synthetic_spec(48, parameters={"values": values}, output=name)
+    return write_spec(tmp_path / f"{name}.yaml", spec)
+
+
+def _dump(out: Path) -> dict[str, list[dict]]:
+    return {
+        "params": read_dataset(out / "params"),
+        "data": read_dataset(out / "model_outputs" / "data"),
+        "score": read_dataset(out / "targets" / "score"),
+    }
+
+
+def test_sigkill_then_resume_equals_clean_run(tmp_path: Path) -> None:
+    """kill -9 of tidegate and its cluster at a random point, then a rerun: every param
+    exactly once and the output equal, row for row, to an uninterrupted run."""
+    clean = tidegate("run", _kill_spec(tmp_path, "clean"), "--json", "--no-progress")
+    assert clean.returncode == 0, clean.stderr
+    expected = _dump(tmp_path / "clean")
+
+    spec = _kill_spec(tmp_path, "killed")
+    out = tmp_path / "killed"
+    rng = random.Random()
+    for _ in range(2):
+        proc = start_tidegate("run", spec, "--flush-params", "3", "--no-progress")
+        try:
+            # Once the run is producing parts, kill it at a random moment.
+            if wait_for_part(proc, out):
+                wait_quietly(proc, rng.uniform(0.0, 1.5))
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    resumed = tidegate("run", spec, "--json", "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    summary = _summary(resumed)
+    assert summary["params"]["ok"] == 48
+    _assert_exactly_once(out, 48)
+    assert _dump(out) == expected
+
+
+def test_ctrl_c_flushes_and_rerun_resumes(tmp_path: Path) -> None:
+    """SIGINT to the process group: exit 130 with completed params committed; a rerun
+    finishes the rest without redoing them."""
+    values = [{"k": i, "run_seconds": 0.1} for i in range(40)]
+    spec = write_spec(tmp_path / "job.yaml", synthetic_spec(40, parameters={"values": values}))
+    out = tmp_path / "out"
+    proc = start_tidegate("run", spec, "--flush-params", "2", "--batch-size", "2",
+                          "--no-progress")
+    assert wait_for_part(proc, out), proc.communicate()[1]
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err, err
+    committed = len(_ledger_ids(out))
+    assert 0 < committed < 40
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["state"] == "interrupted"
+    rerun = tidegate("run", spec, "--json", "--no-progress")
+    assert rerun.returncode == 0, rerun.stderr
+    assert _summary(rerun)["params"]["resumed"] == committed
+    _assert_exactly_once(out, 40)
+
+
+def test_changed_spec_is_refused_unless_restart(tmp_path: Path) -> None:
+    """Another spec pointed at the same output is refused with exit 2; --restart redoes it."""
+    spec = write_spec(tmp_path / "job.yaml", synthetic_spec(4))
+    assert tidegate("run", spec, "--no-progress").returncode == 0
+    write_spec(tmp_path / "job.yaml", synthetic_spec(4, seed=8))
+    refused = tidegate("run", spec, "--no-progress")
+    assert refused.returncode == 2
+    assert "seed" in refused.stderr and "--restart" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    again = tidegate("run", spec, "--restart", "--json", "--no-progress")
+    assert again.returncode == 0, again.stderr
+    assert _summary(again)["params"]["resumed"] == 0
+    _assert_exactly_once(tmp_path / "out", 4)
+
+
+def test_unreachable_scheduler_exits_3(tmp_path: Path) -> None:
+    """A scheduler address nobody listens on gives exit 3 and a message, no traceback."""
+    spec = write_spec(tmp_path / "job.yaml", synthetic_spec(2))
+    proc = tidegate("run", spec, "--scheduler", "tcp://127.0.0.1:9", "--no-progress")
+    assert proc.returncode == 3
+    assert "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "params").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--batch-size", "0"], "--batch-size: expected a whole number >= 1, got 0"),
+        (["--memory-limit", "lots"], "--memory-limit: expected a size"),
+        (["--workers", "two"], "--workers: expected a whole number >= 1, got 'two'"),
+        (["--scheduler", "tcp://127.0.0.1:9", "--workers", "2"], "cannot be combined"),
+    ],
+)
+def test_bad_flags_exit_2(tmp_path: Path, args: list[str], needle: str) -> None:
+    """Bad command-line values name the flag, what was expected and what came."""
+    spec = write_spec(tmp_path / "job.yaml", synthetic_spec(2))
+    proc = tidegate("run", spec, *args)
+    assert proc.returncode == 2
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr

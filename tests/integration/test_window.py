@@ -1,0 +1,64 @@
+"""The window, measured on the scheduler itself: a real LocalCluster in this process with
+a scheduler plugin that records how many tasks the scheduler holds."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from distributed import LocalCluster
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+from tests.conftest import read_dataset, synthetic_spec, write_spec
+from tidegate.cluster import ClusterOptions, open_cluster
+from tidegate.runner import Runner, RunOptions
+from tidegate.spec import load_job
+
+
+class PeakTasks(SchedulerPlugin):
+    """Records the most tasks the scheduler ever held at once."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self.scheduler = None
+
+    async def start(self, scheduler) -> None:
+        self.scheduler = scheduler
+
+    def transition(self, key, start, finish, *args, **kwargs) -> None:
+        self.peak = max(self.peak, len(self.scheduler.tasks))
+
+
+async def _run_with_peak(spec: Path, batch_size: int | None) -> tuple[int, object]:
+    cluster = await open_cluster(ClusterOptions(workers=2, threads_per_worker=1))
+    try:
+        assert isinstance(cluster.local, LocalCluster)
+        plugin = PeakTasks()
+        scheduler = cluster.local.scheduler
+        await scheduler.register_scheduler_plugin(plugin, name="peak", idempotent=False)
+        runner = Runner(load_job(spec), cluster,
+                        RunOptions(batch_size=batch_size, flush_params=50))
+        summary = await runner.run()
+        return plugin.peak, summary
+    finally:
+        await cluster.close()
+
+
+def test_scheduler_task_count_bounded_by_window(tmp_path: Path) -> None:
+    """Peak tasks on the scheduler stay within B x (R + T) on a job 40x that size."""
+    spec = write_spec(tmp_path / "job.yaml", synthetic_spec(200))
+    peak, summary = asyncio.run(_run_with_peak(spec, batch_size=5))
+    assert summary.ok == 200
+    window = 5 * (2 + 1)
+    assert 2 + 1 <= peak <= window
+    assert summary.peak_inflight_tasks <= window
+    assert len(read_dataset(tmp_path / "out" / "params")) == 200
+
+
+def test_unpinned_window_is_twice_the_threads(tmp_path: Path) -> None:
+    """Without a pinned size, B is about two params per thread (2 threads, R=2 -> 2)."""
+    spec = write_spec(tmp_path / "job.yaml", synthetic_spec(30))
+    peak, summary = asyncio.run(_run_with_peak(spec, batch_size=None))
+    assert summary.batch_final == 2
+    assert peak <= 2 * 3
+    assert summary.ok == 30
