@@ -62,3 +62,44 @@ def test_unpinned_window_is_twice_the_threads(tmp_path: Path) -> None:
     assert summary.batch_final == 2
     assert peak <= 2 * 3
     assert summary.ok == 30
+
+
+async def _run_recording_gathers(spec: Path) -> tuple[list[str], object]:
+    cluster = await open_cluster(ClusterOptions(workers=2, threads_per_worker=1))
+    gathered: list[str] = []
+    real_gather = cluster.gather
+
+    async def recording_gather(futures):
+        results = await real_gather(futures)
+        gathered.extend(type(r).__name__ for r in results)
+        return results
+
+    cluster.gather = recording_gather  # type: ignore[method-assign]
+    try:
+        summary = await Runner(load_job(spec), cluster, RunOptions()).run()
+        return gathered, summary
+    finally:
+        await cluster.close()
+
+
+def test_outputs_none_keeps_tables_on_the_cluster(tmp_path: Path) -> None:
+    """With outputs: none, only target results travel to tidegate, never a SimReturn."""
+    spec = write_spec(tmp_path / "job.yaml", synthetic_spec(12, outputs="none"))
+    gathered, summary = asyncio.run(_run_recording_gathers(spec))
+    assert summary.ok == 12
+    assert gathered == ["TargetResult"] * 12
+    assert not (tmp_path / "out" / "model_outputs").exists()
+    assert len(read_dataset(tmp_path / "out" / "targets" / "score")) == 12
+
+
+def test_outputs_none_without_targets_summarises_on_the_cluster(tmp_path: Path) -> None:
+    """No targets and outputs: none: one small summary per param comes back, and a
+    replicate's failure still reaches the params dataset."""
+    values = [{"k": i, "fail": "x" if i == 3 else ""} for i in range(6)]
+    spec = write_spec(tmp_path / "job.yaml", synthetic_spec(
+        6, outputs="none", targets=[], parameters={"values": values}))
+    gathered, summary = asyncio.run(_run_recording_gathers(spec))
+    assert (summary.ok, summary.failed) == (5, 1)
+    assert gathered == ["TargetResult"] * 6
+    failed = [r for r in read_dataset(tmp_path / "out" / "params") if r["status"] == "failed"]
+    assert [r["param_k"] for r in failed] == [3]
