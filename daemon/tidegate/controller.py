@@ -1,0 +1,386 @@
+"""The batch-size policy: how many params to keep in flight, chosen from measurements.
+
+Pure on purpose (STYLE.md 1): stdlib only, no clock (``now`` is an argument), no I/O and
+no randomness, so the same calls give the same decisions and every rule is testable
+without Dask. The runner carries out each ``Decision``; metrics record it.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+# decide() calls (about one a second) over which a worker's unmanaged memory keeps its
+# minimum: long enough to see past the working memory of the tasks running right now.
+UNMANAGED_WINDOW = 30
+# Shortest run time Little's law uses, so a 0 s measurement cannot divide by zero.
+MIN_RUN_S = 1e-4
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_counts(obj: object, **minimums: int) -> None:
+    for name, lowest in minimums.items():
+        value = getattr(obj, name)
+        if not (_is_int(value) and value >= lowest):
+            raise ValueError(f"{name} must be an int >= {lowest}, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerConfig:
+    min_size: int = 1
+    max_size: int = 10000
+    memory_fraction: float = 0.5
+    high_water: float = 0.75
+    low_water: float = 0.55
+    saturation: float = 2.0
+    cooldown_s: float = 30.0
+    backoff: float = 0.5
+    growth_steps: int = 8
+    quantile: float = 0.95
+    oom_margin_bytes: int = 16 * 2**20
+    oom_bump: float = 1.2
+    initial_size: int | None = None
+    pinned: int | None = None
+
+    def __post_init__(self) -> None:
+        # In field order, so a rule may rely on the fields checked before it.
+        for name, allowed, ok in self._rules():
+            value = getattr(self, name)
+            if not ok(value):
+                raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+    def _rules(self) -> tuple[tuple[str, str, Callable[[Any], bool]], ...]:
+        lo, hi = self.min_size, self.max_size
+        real = _is_real
+        count = _is_int
+
+        def size(v: Any) -> bool:
+            return v is None or (count(v) and lo <= v <= hi)
+
+        return (
+            ("min_size", "an int >= 1", lambda v: count(v) and v >= 1),
+            ("max_size", f"an int >= min_size ({lo})", lambda v: count(v) and v >= lo),
+            ("memory_fraction", "in (0, 1]", lambda v: real(v) and 0 < v <= 1),
+            ("high_water", "in (0, 1]", lambda v: real(v) and 0 < v <= 1),
+            ("low_water", f"in (0, high_water={self.high_water})",
+             lambda v: real(v) and 0 < v < self.high_water),
+            ("saturation", ">= 1", lambda v: real(v) and v >= 1),
+            ("cooldown_s", ">= 0", lambda v: real(v) and v >= 0),
+            ("backoff", "in [0.1, 0.9]", lambda v: real(v) and 0.1 <= v <= 0.9),
+            ("growth_steps", "an int >= 1", lambda v: count(v) and v >= 1),
+            ("quantile", "in (0.5, 1]", lambda v: real(v) and 0.5 < v <= 1),
+            ("oom_margin_bytes", "an int >= 0", lambda v: count(v) and v >= 0),
+            ("oom_bump", "in [1, 4]", lambda v: real(v) and 1 <= v <= 4),
+            ("initial_size", f"None or an int in [{lo}, {hi}]", size),
+            ("pinned", f"None or an int in [{lo}, {hi}]", size),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerMemory:
+    address: str
+    nthreads: int
+    memory_limit: int  # bytes; 0 = no limit, so this worker imposes no memory ceiling
+    used: int  # process RSS
+    managed: int  # bytes of results Dask holds on it
+    paused: bool = False
+
+    def __post_init__(self) -> None:
+        _check_counts(self, nthreads=1, memory_limit=0, used=0, managed=0)
+
+    def pressed(self, high_water: float) -> bool:
+        limited = self.memory_limit > 0
+        return self.paused or (limited and self.used / self.memory_limit >= high_water)
+
+    def calm(self, low_water: float) -> bool:
+        return not self.paused and (
+            self.memory_limit == 0 or self.used / self.memory_limit < low_water
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    now: float  # seconds, monotonic, supplied by the caller
+    workers: tuple[WorkerMemory, ...]
+    inflight: int
+    pending: int  # params not yet admitted (0 at the tail of a job)
+    replicates: int
+    targets: int
+
+    def __post_init__(self) -> None:
+        _check_counts(self, inflight=0, pending=0, replicates=1, targets=0)
+
+
+class Action(StrEnum):
+    GROW = "grow"
+    SHRINK = "shrink"
+    HOLD = "hold"
+    BACKOFF = "backoff"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    batch_size: int
+    target: int
+    # None while unknown (no sizes yet) or unbounded (no worker has a limit, nothing costs)
+    memory_ceiling: int | None
+    useful_ceiling: int | None  # None while unknown (no run times yet)
+    budget_bytes: int
+    cost_bytes: int  # effective bytes of one param in flight (after any OOM bump); 0 unknown
+    admit: bool  # False under memory pressure: the runner stops admitting
+    action: Action
+    reason: str
+
+
+def params_fitting(
+    budget: int, threads: int, cost: int, work_mem: int, replicates: int
+) -> int | None:
+    """How many params fit one worker's budget; None if unbounded (nothing costs memory).
+
+    n params in flight hold n * cost of results plus min(threads, n * R) running tasks of
+    work_mem each. That grows with n, so the answer is the largest n that fits, and it
+    never falls as the budget rises (the two-case formula, "all threads busy" when the
+    budget covers threads * work_mem, undercounts when n * R < threads).
+    """
+    if budget >= threads * work_mem:
+        if cost == 0:
+            return None
+        saturated = (budget - threads * work_mem) // cost
+        if saturated * replicates >= threads:
+            return saturated
+    # Fewer tasks than threads run: each param's R tasks at once, each with its work_mem.
+    return min(budget // (replicates * work_mem + cost), threads // replicates)
+
+
+def memory_ceiling(
+    budgets_threads: Sequence[tuple[int, int]],
+    cost: int,
+    work_mem: int,
+    replicates: int,
+    *,
+    total_threads: int | None = None,
+) -> int | None:
+    """The params the cluster holds in its memory budget; None if no worker bounds it.
+
+    A worker with t_w threads receives t_w / total_threads of the params, so the fullest
+    worker sets the ceiling: one full worker is not hidden by empty ones. total_threads
+    defaults to the threads listed; pass it to count workers that have no limit.
+    """
+    total = sum(t for _, t in budgets_threads) if total_threads is None else total_threads
+    ceilings = []
+    for budget, threads in budgets_threads:
+        fits = params_fitting(budget, threads, cost, work_mem, replicates)
+        if fits is not None:
+            ceilings.append(fits * total // threads)
+    return min(ceilings, default=None)
+
+
+def useful_ceiling(
+    threads: int, run: float, latency: float, saturation: float, replicates: int
+) -> int:
+    """Params that keep every thread busy with some queue (Little's law)."""
+    run = max(run, MIN_RUN_S)
+    return math.ceil(threads * (run + latency) / run * saturation / replicates)
+
+
+def _quantile(values: Iterable[int], q: float) -> int:
+    ordered = sorted(values)  # nearest rank: a sample that was seen, no interpolation
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+@dataclass(frozen=True, slots=True)
+class _Estimate:
+    target: int
+    memory_ceiling: int | None
+    useful_ceiling: int | None
+    budget_bytes: int
+    cost_bytes: int
+
+
+class Controller:
+    """Chooses B, the number of params in flight, from the runner's measurements."""
+
+    def __init__(self, config: ControllerConfig | None = None, *, window: int = 256) -> None:
+        if not (_is_int(window) and window >= 1):
+            raise ValueError(f"window must be an int >= 1, got {window!r}")
+        self.config = config or ControllerConfig()
+        self._sim_bytes: deque[int] = deque(maxlen=window)
+        self._run_s: deque[float] = deque(maxlen=window)
+        self._work_bytes: deque[int] = deque(maxlen=window)
+        self._agg_bytes: deque[int] = deque(maxlen=window)
+        self._latency_s: deque[float] = deque(maxlen=window)
+        self._unmanaged: dict[str, deque[int]] = {}
+        self._last: Observation | None = None
+        self._batch: int | None = None
+        self._oom_events = 0
+        self._last_oom: float | None = None
+
+    # --- learning ---------------------------------------------------------------------
+
+    def observe_sim(self, nbytes: int, run_seconds: float, rss_delta_bytes: int) -> None:
+        self._sim_bytes.append(max(0, nbytes))
+        if math.isfinite(run_seconds) and run_seconds >= 0:
+            self._run_s.append(run_seconds)
+        # RSS can fall during a task (the allocator returns memory): that is no working memory.
+        self._work_bytes.append(max(0, rss_delta_bytes))
+
+    def observe_agg(self, nbytes: int) -> None:
+        self._agg_bytes.append(max(0, nbytes))
+
+    def observe_latency(self, seconds: float) -> None:
+        # Scheduler and worker clocks differ a little, so the difference can dip below 0.
+        if math.isfinite(seconds):
+            self._latency_s.append(max(0.0, seconds))
+
+    # --- state ------------------------------------------------------------------------
+
+    @property
+    def batch_size(self) -> int:
+        if self.config.pinned is not None:
+            return self.config.pinned
+        return self._start_size(self._last) if self._batch is None else self._batch
+
+    @property
+    def oom_events(self) -> int:
+        return self._oom_events
+
+    @property
+    def sample_counts(self) -> dict[str, int]:
+        """Samples held per ring buffer; each is at most ``window``."""
+        buffers = (self._sim_bytes, self._run_s, self._work_bytes, self._agg_bytes, self._latency_s)
+        names = ("sim_bytes", "run_seconds", "work_bytes", "agg_bytes", "latency_seconds")
+        return {name: len(buf) for name, buf in zip(names, buffers, strict=True)}
+
+    # --- decisions --------------------------------------------------------------------
+
+    def observe_oom(self, now: float) -> Decision:
+        """Back off at once: repeated kills keep shrinking; growth waits out the cooldown."""
+        b = self._started(self._last)
+        self._oom_events += 1
+        # A late-reported event must not shorten the cooldown of a newer one.
+        self._last_oom = now if self._last_oom is None else max(self._last_oom, now)
+        est = self._estimate()
+        if self.config.pinned is not None:
+            return self._emit(self.config.pinned, est, Action.HOLD, "pinned")
+        new = self._clamp(min(est.target, math.floor(b * self.config.backoff)))
+        admit = not any(w.pressed(self.config.high_water) for w in self._workers())
+        reason = f"OOM event #{self._oom_events}: {b} -> {new}"
+        return self._emit(new, est, Action.BACKOFF, reason, admit=admit)
+
+    def decide(self, obs: Observation) -> Decision:
+        self._remember(obs)
+        b = self._started(obs)
+        est = self._estimate()
+        if self.config.pinned is not None:
+            return self._emit(self.config.pinned, est, Action.HOLD, "pinned")
+        return self._choose(b, obs, est)
+
+    def _choose(self, b: int, obs: Observation, est: _Estimate) -> Decision:
+        cfg, target = self.config, est.target
+        hot = next((w for w in obs.workers if w.pressed(cfg.high_water)), None)
+        if hot is not None:
+            new = self._clamp(min(target, b - max(1, b // 8)))
+            why = "paused" if hot.paused else f"at {hot.used / hot.memory_limit:.0%} of its limit"
+            reason = f"pressure: {hot.address} {why}: {b} -> {new}"
+            return self._emit(new, est, Action.SHRINK, reason, admit=False)
+        if target < b:
+            return self._emit(target, est, Action.SHRINK, f"ceiling: {b} -> {target}")
+        if not self._sim_bytes:
+            return self._emit(b, est, Action.HOLD, "slow start: growth waits for result sizes")
+        if self._last_oom is not None and obs.now < self._last_oom + cfg.cooldown_s:
+            left = self._last_oom + cfg.cooldown_s - obs.now
+            return self._emit(b, est, Action.HOLD, f"cooldown: {left:.1f} s left after OOM")
+        warm = next((w for w in obs.workers if not w.calm(cfg.low_water)), None)
+        if warm is not None:
+            return self._emit(b, est, Action.HOLD, f"memory: {warm.address} above low water")
+        if obs.inflight < b or obs.pending == 0:
+            return self._emit(b, est, Action.HOLD, f"window not full: {obs.inflight} of {b}")
+        if target > b:
+            new = min(target, b + math.ceil(target / cfg.growth_steps))
+            reason = f"headroom: {b} -> {new} toward target {target}"
+            return self._emit(new, est, Action.GROW, reason)
+        return self._emit(b, est, Action.HOLD, f"at target {target}")
+
+    def _clamp(self, size: int) -> int:
+        return max(self.config.min_size, min(self.config.max_size, size))
+
+    def _emit(
+        self, size: int, est: _Estimate, action: Action, reason: str, *, admit: bool = True
+    ) -> Decision:
+        size = self._clamp(size)  # clamp at output (STYLE.md 3)
+        if self.config.pinned is None:
+            self._batch = size
+        return Decision(size, est.target, est.memory_ceiling, est.useful_ceiling,
+                        est.budget_bytes, est.cost_bytes, admit, action, reason)
+
+    # --- estimates --------------------------------------------------------------------
+
+    def _workers(self) -> tuple[WorkerMemory, ...]:
+        return self._last.workers if self._last is not None else ()
+
+    def _started(self, obs: Observation | None) -> int:
+        # Slow start: B is fixed from the first observation (or OOM) on, never reset.
+        if self._batch is None:
+            self._batch = self._start_size(obs)
+        return self._batch
+
+    def _start_size(self, obs: Observation | None) -> int:
+        cfg = self.config
+        if cfg.initial_size is not None:
+            return cfg.initial_size
+        threads = sum(w.nthreads for w in obs.workers) if obs is not None else 0
+        replicates = obs.replicates if obs is not None else 1
+        return self._clamp(max(1, threads // replicates))
+
+    def _remember(self, obs: Observation) -> None:
+        seen = {w.address for w in obs.workers}
+        for address in self._unmanaged.keys() - seen:  # a lost worker's history is stale
+            del self._unmanaged[address]
+        for w in obs.workers:
+            history = self._unmanaged.setdefault(w.address, deque(maxlen=UNMANAGED_WINDOW))
+            history.append(max(0, w.used - w.managed))
+        self._last = obs
+
+    def _budget(self, w: WorkerMemory) -> int:
+        # The windowed minimum: running tasks' transient memory must not swing the budget.
+        unmanaged = min(self._unmanaged[w.address])
+        return max(0, math.floor(self.config.memory_fraction * w.memory_limit) - unmanaged)
+
+    def _bumped(self, measured: int) -> int:
+        # Recomputed from the measurement each time, so a second OOM does not compound.
+        if not self._oom_events:
+            return measured
+        cfg = self.config
+        return max(measured + cfg.oom_margin_bytes, math.ceil(measured * cfg.oom_bump))
+
+    def _estimate(self) -> _Estimate:
+        cfg, workers = self.config, self._workers()
+        r, t = (self._last.replicates, self._last.targets) if self._last is not None else (1, 0)
+        threads = sum(w.nthreads for w in workers)
+        budgets = [(self._budget(w), w.nthreads) for w in workers if w.memory_limit > 0]
+        cost = mem = useful = None
+        if self._sim_bytes:
+            q = cfg.quantile
+            agg = _quantile(self._agg_bytes, q) if self._agg_bytes else 0
+            cost = self._bumped(r * _quantile(self._sim_bytes, q) + t * agg)
+            work = self._bumped(_quantile(self._work_bytes, q))
+            mem = memory_ceiling(budgets, cost, work, r, total_threads=threads)
+        if self._run_s and threads > 0:
+            run = statistics.median(self._run_s)
+            latency = min(self._latency_s, default=0.0)  # BBR-style min: queueing excluded
+            useful = useful_ceiling(threads, run, latency, cfg.saturation, r)
+        known = [c for c in (mem, useful) if c is not None]
+        target = self._clamp(min(known) if known else self.batch_size)
+        return _Estimate(target, mem, useful, sum(b for b, _ in budgets), cost or 0)
