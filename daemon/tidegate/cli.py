@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,14 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", type=Path, metavar="DIR",
                      help="job output directory (default: the spec's `output`)")
     run.add_argument("--batch-size", type=_positive_int("--batch-size"), metavar="N",
-                     help="pin B, the params in flight (default: the spec's batch.size, "
-                     "else automatic)")
+                     help="pin B, the params in flight (default: TIDEGATE_BATCH_SIZE, "
+                     "MODELOPS_JOB_BATCH_SIZE, the spec's batch.size, else adaptive)")
     run.add_argument("--restart", action="store_true",
                      help="discard earlier output of this job and start again")
     run.add_argument("--flush-params", type=_positive_int("--flush-params"), default=1000,
                      metavar="N", help="write a part every N completed params (default 1000)")
     run.add_argument("--flush-seconds", type=_positive_float("--flush-seconds"), default=10.0,
                      metavar="S", help="... or every S seconds (default 10)")
+    run.add_argument("--memory-fraction", type=_positive_float("--memory-fraction"),
+                     metavar="F", help="share of each worker's memory limit that results "
+                     "in flight may use (default 0.5; env TIDEGATE_MEMORY_FRACTION)")
+    run.add_argument("--metrics-port", type=_positive_int("--metrics-port"), metavar="PORT",
+                     help="serve Prometheus metrics on 127.0.0.1:PORT/metrics during the run")
     run.add_argument("--json", action="store_true",
                      help="print the final summary as one JSON object on stdout")
     run.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
@@ -186,7 +191,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from tidegate.cluster import ClusterOptions, parse_memory_limit
-    from tidegate.runner import RunOptions
+    from tidegate.runner import RunOptions, controller_config
     from tidegate.spec import check_callables, load_job
 
     if args.scheduler and any(
@@ -204,12 +209,20 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from None
     job = load_job(args.spec, output=args.output)
     check_callables(job)
+    overrides = controller_overrides(os.environ)
+    if args.memory_fraction is not None:
+        overrides["memory_fraction"] = args.memory_fraction
     options = RunOptions(
-        batch_size=args.batch_size,
+        batch_size=args.batch_size or pinned_batch_size(os.environ),
+        controller=overrides,
         restart=args.restart,
         flush_params=args.flush_params,
         flush_seconds=args.flush_seconds,
     )
+    try:
+        controller_config(job, options)  # validate before any cluster starts
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     cluster_options = ClusterOptions(
         address=args.scheduler,
         workers=args.workers,
@@ -221,6 +234,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 async def _run(job: Any, cluster_options: Any, options: Any, args: argparse.Namespace) -> int:
     from tidegate.cluster import ClusterError, open_cluster
+    from tidegate.metrics import Metrics
     from tidegate.progress import LogLines, TerminalBar
     from tidegate.runner import Runner
 
@@ -233,7 +247,16 @@ async def _run(job: Any, cluster_options: Any, options: Any, args: argparse.Name
     progress: Any = None
     if not args.no_progress:
         progress = TerminalBar() if sys.stderr.isatty() else LogLines()
-    runner = Runner(job, cluster, options, progress=progress)
+    metrics = Metrics(process=True)
+    if args.metrics_port:
+        try:
+            metrics.serve(args.metrics_port)
+        except OSError as exc:
+            await cluster.close()
+            raise UsageError(
+                f"--metrics-port: cannot listen on {args.metrics_port}: {exc}"
+            ) from None
+    runner = Runner(job, cluster, options, progress=progress, metrics=metrics)
     restore = _install_stop_handlers(runner)
     try:
         summary = await runner.run()
@@ -250,6 +273,38 @@ async def _run(job: Any, cluster_options: Any, options: Any, args: argparse.Name
     else:
         _print_summary(summary)
     return summary.exit_code
+
+
+# Controller knobs settable from the environment, as TIDEGATE_<KNOB>.
+_ENV_KNOBS = ("memory_fraction", "high_water", "low_water", "saturation", "cooldown_s")
+
+
+def controller_overrides(env: Mapping[str, str]) -> dict[str, float]:
+    """Controller knobs from TIDEGATE_* variables; a bad value names the variable."""
+    out: dict[str, float] = {}
+    for knob in _ENV_KNOBS:
+        name = f"TIDEGATE_{knob.upper()}"
+        if name in env:
+            try:
+                out[knob] = float(env[name])
+            except ValueError:
+                raise UsageError(f"{name}: expected a number, got {env[name]!r}") from None
+    return out
+
+
+def pinned_batch_size(env: Mapping[str, str]) -> int | None:
+    """B pinned by TIDEGATE_BATCH_SIZE, or MODELOPS_JOB_BATCH_SIZE for ModelOps users."""
+    for name in ("TIDEGATE_BATCH_SIZE", "MODELOPS_JOB_BATCH_SIZE"):
+        text = env.get(name, "").strip()
+        if text:
+            try:
+                value = int(text)
+            except ValueError:
+                value = 0
+            if value < 1:
+                raise UsageError(f"{name}: expected a whole number >= 1, got {text!r}")
+            return value
+    return None
 
 
 def _install_stop_handlers(runner: Any):
@@ -282,7 +337,9 @@ def _print_summary(s: Any) -> None:
         f"job {s.job_id}: {s.state} in {s.wall_seconds:.1f} s",
         f"  params   {s.ok} ok, {s.failed} failed of {s.total} ({s.resumed} from earlier runs)",
         f"  batch    B {s.batch_min}..{s.batch_max}, final {s.batch_final}",
-        f"  workers  {s.worker_restarts} lost, {s.oom_events} OOM events",
+        f"  workers  {s.worker_restarts} lost, {s.oom_events} OOM events"
+        + (f" ({', '.join(f'{n} {c}' for c, n in sorted(s.worker_losses.items()))})"
+           if s.worker_losses else ""),
         f"  output   {s.output} ({s.parts} parts)",
     ]
     for e in s.errors[:5]:

@@ -16,13 +16,14 @@ import hashlib
 import logging
 import signal
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from distributed import Client, Future, LocalCluster, as_completed
-from distributed.diagnostics.plugin import WorkerPlugin
+from distributed.diagnostics.plugin import NannyPlugin, WorkerPlugin
 
+from tidegate.losses import LossTracker, WorkerLoss
 from tidegate.simreturn import TaskError, add_code_paths, run_sim, run_target
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,39 @@ def _sigint_ignored() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+EXIT_TOPIC = "tidegate-worker-exit"
+
+
+class _ExitCodes(NannyPlugin):
+    """Reports each worker process's exit code as a ``tidegate-worker-exit`` event.
+
+    The nanny learns the code and drops it (``Nanny._on_worker_exit`` ignores it; the
+    scheduler never sees it, dask#2297). This wraps that private hook, looked up on the
+    instance at call time; if a future Dask renames it, setup does nothing and tidegate
+    falls back to classifying losses from the scheduler's events alone.
+    """
+
+    name = "tidegate-exit-codes"
+
+    def setup(self, nanny: Any) -> None:
+        original = getattr(nanny, "_on_worker_exit", None)
+        if original is None or getattr(original, "_tidegate", False):
+            return
+
+        async def on_worker_exit(exitcode: int) -> Any:
+            # A closing nanny's scheduler comm may already be gone; its workers' ends
+            # are planned anyway.
+            if getattr(nanny.status, "name", "") == "running":
+                with contextlib.suppress(Exception):
+                    nanny.log_event(
+                        EXIT_TOPIC, {"worker": nanny.worker_address, "exitcode": exitcode}
+                    )
+            return await original(exitcode)
+
+        on_worker_exit._tidegate = True  # type: ignore[attr-defined]
+        nanny._on_worker_exit = on_worker_exit
+
+
 def _key_part(text: str) -> str:
     return "".join(c if c.isalnum() or c in "._" else "_" for c in text)
 
@@ -115,6 +149,7 @@ class Cluster:
         self.client = client
         self.local = local
         self._registered: set[str] = set()
+        self._topics: list[str] = []
 
     @property
     def address(self) -> str:
@@ -125,6 +160,12 @@ class Cluster:
         return self.local is not None
 
     async def close(self) -> None:
+        # Unsubscribe first: the scheduler would otherwise try to send this client its
+        # own remove-client event on the closed comm and log a CRITICAL traceback.
+        for topic in self._topics:
+            with contextlib.suppress(Exception):
+                self.client.unsubscribe_topic(topic)
+        self._topics.clear()
         with contextlib.suppress(Exception):
             await self.client.close()
         if self.local is not None:
@@ -164,6 +205,29 @@ class Cluster:
             ) from None
         return await self.workers()
 
+    # --- worker losses --------------------------------------------------------------
+
+    async def watch_workers(self, clock: Callable[[], float]) -> WorkerWatch:
+        """Start collecting worker removals, memory kills and exit codes."""
+        watch = WorkerWatch(clock)
+        for topic, handler in (
+            ("all", watch.on_all),
+            ("worker-restart-memory", watch.on_memory_kill),
+            (EXIT_TOPIC, watch.on_exit),
+        ):
+            self.client.subscribe_topic(topic, handler)
+            self._topics.append(topic)
+        if "exit-codes" not in self._registered:
+            try:
+                await self.client.register_plugin(_ExitCodes(), name=_ExitCodes.name)
+                self._registered.add("exit-codes")
+            except Exception as exc:  # workers without nannies, or a Dask without the hook
+                log.info(
+                    "worker exit codes unavailable (%s); losses are classified from "
+                    "scheduler events", exc, extra={"action": "exit_codes_unavailable"},
+                )
+        return watch
+
     # --- code ---------------------------------------------------------------------
 
     async def add_code_paths(self, paths: Sequence[str]) -> None:
@@ -182,21 +246,22 @@ class Cluster:
     def submit_params(
         self,
         job_key: str,
-        params: Sequence[tuple[str, Mapping[str, Any], Sequence[int]]],
+        params: Sequence[tuple[str, Mapping[str, Any], Sequence[int], int]],
         model: str,
         targets: Sequence[tuple[str, str]],
         want_outputs: bool,
     ) -> list[ParamTasks]:
-        """Submit the sim and agg tasks of ``params`` [(param_id, values, seeds)].
+        """Submit the sim and agg tasks of ``params`` [(param_id, values, seeds, attempt)].
 
         Keys are ``sim-<job>-<param_id>-<rep>`` and ``agg-<job>-<param_id>-<target>``
-        (hyphen after the prefix so the dashboard groups them). One ``map`` call per
-        kind of task keeps the client-to-scheduler traffic batched.
+        (hyphen after the prefix so the dashboard groups them), with ``-r<attempt>``
+        appended on a retry. One ``map`` call per kind of task keeps the
+        client-to-scheduler traffic batched.
         """
         job = _key_part(job_key)
-        sim_args: list[tuple[str, int, int, Mapping[str, Any]]] = [
-            (pid, rep, seed, values)
-            for pid, values, seeds in params
+        sim_args: list[tuple[str, int, int, Mapping[str, Any], str]] = [
+            (pid, rep, seed, values, f"-r{attempt}" if attempt else "")
+            for pid, values, seeds, attempt in params
             for rep, seed in enumerate(seeds)
         ]
         sim_futs = self.client.map(
@@ -206,12 +271,12 @@ class Cluster:
             [a[0] for a in sim_args],
             [a[1] for a in sim_args],
             [a[2] for a in sim_args],
-            key=[f"sim-{job}-{a[0]}-{a[1]}" for a in sim_args],
+            key=[f"sim-{job}-{a[0]}-{a[1]}{a[4]}" for a in sim_args],
             pure=False,
         )
         by_param: list[list[Future]] = []
         i = 0
-        for _, _, seeds in params:
+        for _, _, seeds, _ in params:
             by_param.append(sim_futs[i : i + len(seeds)])
             i += len(seeds)
         del sim_futs
@@ -220,8 +285,8 @@ class Cluster:
         # brings back the replicates' sizes and errors while the tables stay put.
         final_specs = list(targets) if targets else ([] if want_outputs else [(None, None)])
         agg_args = [
-            (fn, name, pid, sims)
-            for (pid, _, _), sims in zip(params, by_param, strict=True)
+            (fn, name, pid, sims, f"-r{attempt}" if attempt else "")
+            for (pid, _, _, attempt), sims in zip(params, by_param, strict=True)
             for name, fn in final_specs
         ]
         if agg_args:
@@ -231,7 +296,9 @@ class Cluster:
                 [a[1] for a in agg_args],
                 [a[2] for a in agg_args],
                 [a[3] for a in agg_args],
-                key=[f"agg-{job}-{a[2]}-{_key_part(a[1] or 'summary')}" for a in agg_args],
+                key=[
+                    f"agg-{job}-{a[2]}-{_key_part(a[1] or 'summary')}{a[4]}" for a in agg_args
+                ],
                 pure=False,
             )
         else:
@@ -244,6 +311,14 @@ class Cluster:
             gather = finals + (sims if want_outputs else [])
             out.append(ParamTasks(sims, finals, watch, gather))
         return out
+
+    async def cancel(self, futures: Sequence[Future]) -> None:
+        """Cancel a few futures. Scheduler-side cancellation is O(n^2) in the number of
+        keys (20k futures: 12 s); the run loop releases completed params by dropping
+        references instead and cancels only quarantined or abandoned work."""
+        if futures:
+            with contextlib.suppress(Exception):
+                await self.client.cancel(list(futures))
 
     def completions(self) -> Completions:
         return Completions(self.client)
@@ -292,6 +367,38 @@ async def failure_of(future: Future) -> TaskError:
     # Drop the exception promptly: its traceback pins frames (dask#8790).
     del exc
     return error
+
+
+class WorkerWatch:
+    """Feeds the scheduler's and nannies' events about worker ends to a LossTracker."""
+
+    def __init__(self, clock: Callable[[], float]):
+        self.clock = clock
+        self.tracker = LossTracker()
+
+    def on_all(self, event: tuple[float, Any]) -> None:
+        msg = event[1]
+        if isinstance(msg, dict) and msg.get("action") == "remove-worker":
+            self.tracker.on_removed(
+                str(msg.get("worker")),
+                [str(k) for k in msg.get("processing-tasks", ())],
+                expected=bool(msg.get("expected")),
+                stimulus_id=str(msg.get("stimulus_id", "")),
+                now=self.clock(),
+            )
+
+    def on_memory_kill(self, event: tuple[float, Any]) -> None:
+        msg = event[1]
+        if isinstance(msg, dict) and msg.get("worker"):
+            self.tracker.on_memory_kill(str(msg["worker"]), msg.get("rss"), self.clock())
+
+    def on_exit(self, event: tuple[float, Any]) -> None:
+        msg = event[1]
+        if isinstance(msg, dict) and msg.get("worker"):
+            self.tracker.on_exit(str(msg["worker"]), msg.get("exitcode"), self.clock())
+
+    def losses(self) -> list[WorkerLoss]:
+        return self.tracker.ready(self.clock())
 
 
 class Completions:

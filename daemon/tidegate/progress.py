@@ -7,7 +7,7 @@ import sys
 import time
 from typing import TextIO
 
-from tidegate.runner import Progress
+from tidegate.report import Progress
 
 log = logging.getLogger("tidegate.progress")
 

@@ -1,50 +1,57 @@
 """One job: admit params up to B, collect completed params, hand them to the writer,
-release their futures, and resume from the ledger.
+release their futures, feed the controller, and resume from the ledger.
 
 The loop never waits at a barrier: each pass admits params into the free slots of the
 window, waits (briefly) for whichever params complete, gathers all of them in one call,
-buffers their rows and drops every reference to their futures at once. Parts are
-flushed every ``flush_params`` params, ``flush_bytes`` buffered bytes or
-``flush_seconds`` seconds, whichever comes first.
+buffers their rows and drops every reference to their futures at once. About once a
+second it reads the workers' memory and asks the controller for B; a worker lost to
+memory gets an immediate backoff. Parts are flushed every ``flush_params`` params,
+``flush_bytes`` buffered bytes or ``flush_seconds`` seconds, whichever comes first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-import math
 import time
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from tidegate import __version__
-from tidegate.cluster import Cluster, ParamTasks
-from tidegate.simreturn import SimReturn, TargetResult, TaskError
+from tidegate.cluster import Cluster, Completions, ParamTasks, WorkerInfo, WorkerWatch
+from tidegate.controller import Controller, ControllerConfig, Decision, Observation, WorkerMemory
+from tidegate.losses import PoisonJudge, WorkerLoss
+from tidegate.metrics import Metrics
+from tidegate.report import Progress, ProgressSink, RunSummary
+from tidegate.simreturn import ReplicateSummary, SimReturn, TargetResult, TaskError
 from tidegate.spec import Job, Param
 from tidegate.store import Ledger
-from tidegate.writer import (
-    LEDGER,
-    PartWriter,
-    discard_output,
-    remove_unrecorded,
-    write_manifest,
-)
+from tidegate.writer import LEDGER, PartWriter, discard_output, remove_unrecorded, write_manifest
 
 log = logging.getLogger(__name__)
 
 MAX_ERRORS_KEPT = 20
+# Dask's KilledWorker can blame a param that only shared a dying worker (dask#5234):
+# such a param is resubmitted this many times before its failure is recorded.
+KILLED_WORKER_RETRIES = 2
+_MiB = 2**20
+# Worker RSS reaches the scheduler on heartbeats (every 0.5-2 s): a snapshot is only
+# trusted to show the effect of a cancellation this long after it.
+_HEARTBEAT_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
 class RunOptions:
-    batch_size: int | None = None  # pins B; None: the spec's batch.size, else automatic
+    batch_size: int | None = None  # pins B; None: the spec's batch.size, else adaptive
+    controller: Mapping[str, Any] = field(default_factory=dict)  # ControllerConfig overrides
     flush_params: int = 1000
     flush_seconds: float = 10.0
-    flush_bytes: int = 128 * 2**20
+    flush_bytes: int = 128 * _MiB
     restart: bool = False
-    poll_seconds: float = 1.0  # cluster snapshot interval
+    poll_seconds: float = 1.0  # cluster memory snapshot and controller decision interval
 
     def __post_init__(self) -> None:
         if self.batch_size is not None and self.batch_size < 1:
@@ -55,84 +62,25 @@ class RunOptions:
             raise ValueError(f"flush_seconds must be > 0, got {self.flush_seconds}")
         if self.flush_bytes < 1:
             raise ValueError(f"flush_bytes must be >= 1, got {self.flush_bytes}")
+        if not self.poll_seconds > 0:
+            raise ValueError(f"poll_seconds must be > 0, got {self.poll_seconds}")
 
 
-@dataclass(frozen=True, slots=True)
-class Progress:
-    """A snapshot of a running job, for progress bars, logs and the API."""
-
-    job_id: str
-    total: int
-    done: int  # committed or buffered, this run and earlier ones
-    ok: int
-    failed: int
-    resumed: int
-    batch_size: int
-    inflight_params: int
-    inflight_tasks: int
-    rate: float  # params per second over this run
-    elapsed: float
-
-    @property
-    def eta_seconds(self) -> float | None:
-        left = self.total - self.done
-        if left <= 0:
-            return 0.0
-        return left / self.rate if self.rate > 0 else None
-
-
-class ProgressSink(Protocol):
-    def update(self, progress: Progress) -> None: ...
-
-
-@dataclass(slots=True)
-class RunSummary:
-    job_id: str
-    state: str  # succeeded | failed | interrupted
-    total: int
-    ok: int
-    failed: int
-    resumed: int
-    batch_min: int
-    batch_max: int
-    batch_final: int
-    oom_events: int
-    worker_restarts: int
-    wall_seconds: float
-    output: str
-    parts: int
-    errors: list[dict[str, str]] = field(default_factory=list)
-    peak_inflight_tasks: int = 0
-
-    @property
-    def exit_code(self) -> int:
-        if self.state == "interrupted":
-            return 130
-        return 0 if self.state == "succeeded" and self.failed == 0 else 1
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "job_id": self.job_id,
-            "state": self.state,
-            "params": {
-                "total": self.total,
-                "ok": self.ok,
-                "failed": self.failed,
-                "resumed": self.resumed,
-            },
-            "batch_size": {
-                "min": self.batch_min,
-                "max": self.batch_max,
-                "final": self.batch_final,
-            },
-            "oom_events": self.oom_events,
-            "worker_restarts": self.worker_restarts,
-            "wall_seconds": round(self.wall_seconds, 3),
-            "output": self.output,
-            "parts": self.parts,
-            "peak_inflight_tasks": self.peak_inflight_tasks,
-            "errors": self.errors,
-        }
+def controller_config(job: Job, options: RunOptions) -> ControllerConfig:
+    """The controller's config: defaults, then the spec's batch section, then overrides."""
+    b = job.spec.batch
+    values: dict[str, Any] = {"min_size": b.min, "max_size": b.max, "pinned": b.size}
+    for knob in ("memory_fraction", "high_water", "low_water", "saturation", "cooldown_s"):
+        if getattr(b, knob) is not None:
+            values[knob] = getattr(b, knob)
+    values.update(options.controller)
+    if options.batch_size is not None:
+        values["pinned"] = options.batch_size
+    if values.get("pinned") is not None:
+        # A pin outside the spec's [min, max] widens the range rather than failing.
+        values["min_size"] = min(values["min_size"], values["pinned"])
+        values["max_size"] = max(values["max_size"], values["pinned"])
+    return ControllerConfig(**values)
 
 
 @dataclass(slots=True)
@@ -141,6 +89,8 @@ class _InFlight:
     seeds: list[int]
     tasks: ParamTasks
     remaining: int
+    admitted_at: float
+    attempt: int
 
 
 class Runner:
@@ -153,24 +103,39 @@ class Runner:
         options: RunOptions | None = None,
         *,
         progress: ProgressSink | None = None,
+        metrics: Metrics | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.job = job
         self.cluster = cluster
         self.options = options or RunOptions()
         self.progress = progress
+        self.metrics = metrics or Metrics()
         self.clock = clock
+        self.controller = Controller(controller_config(job, self.options))
+        self.decision: Decision | None = None
         self._stop = asyncio.Event()
         self._inflight: dict[str, _InFlight] = {}
         self._by_key: dict[str, str] = {}  # watched future key -> param_id
-        self._ok = self._failed = self._resumed = 0
+        self._owner: dict[str, str] = {}  # every task key in flight -> param_id
+        self._retry: deque[tuple[Param, int]] = deque()
+        # Suspects of needing more than a worker's memory, rerun one at a time, alone.
+        self._solo: deque[tuple[Param, int]] = deque()
+        self._solo_active: str | None = None
+        # A cancelled task runs on until it ends; a suspect runs alone only once a
+        # snapshot newer than the last cancellation shows every worker calm.
+        self._last_cancel_at = float("-inf")
+        self._last_calm_at = float("-inf")
+        self._to_admit = 0  # params not yet admitted (pending + retries)
+        self._poison = PoisonJudge()
+        self._limits: dict[str, int] = {}  # worker address -> memory_limit
+        self._ok = self._failed = self._resumed = self._quarantined = 0
         self._errors: list[dict[str, str]] = []
         self._batch_size = 1
-        self._batch_seen: list[int] = []
+        self._batch_range = [0, 0]
         self._inflight_tasks = 0
         self._peak_inflight_tasks = 0
-        self._worker_restarts = 0
-        self._known_workers: set[str] = set()
+        self._losses: dict[str, int] = {}
         self._started = 0.0
         self._done_this_run = 0
 
@@ -197,22 +162,7 @@ class Runner:
             discard_output(out)
         out.mkdir(parents=True, exist_ok=True)
         with Ledger(out / LEDGER) as ledger:
-            resumed = ledger.bind(job.job_id, job.fingerprint, job.identity())
-            removed = remove_unrecorded(out, ledger.files())
-            if removed:
-                log.info(
-                    "removed %d part files not in the ledger", len(removed),
-                    extra={"action": "debris_removed"},
-                )
-            done = ledger.committed_param_ids()
-            counts = ledger.counts()
-            self._ok, self._failed = counts.ok, counts.failed
-            self._resumed = counts.params
-            if resumed:
-                log.info(
-                    "resuming job %s: %d of %d params already committed",
-                    job.job_id, counts.params, len(job.params), extra={"action": "job_resumed"},
-                )
+            done = self._resume(ledger)
             writer = PartWriter(
                 out, job.param_names, job.param_types, job.spec.outputs,
                 [t.name for t in job.spec.targets],
@@ -223,32 +173,45 @@ class Runner:
             try:
                 await self.cluster.add_code_paths([str(p) for p in job.code_paths])
                 workers = await self.cluster.wait_for_workers(timeout_s=60)
-                self._known_workers = {w.address for w in workers}
-                self._batch_size = self._initial_batch_size(sum(w.nthreads for w in workers))
+                watch = await self.cluster.watch_workers(self.clock)
+                self._to_admit = len(job.params) - len(done)
+                self._decide(workers)
                 pending = (p for p in job.params if p.param_id not in done)
-                await self._loop(pending, writer, ledger)
+                await self._loop(pending, writer, ledger, watch)
                 state = "interrupted" if self.stopping else "succeeded"
             finally:
-                self._drop_inflight()
+                await self._drop_inflight()
                 if writer.pending_params:
                     self._flush(writer, ledger)
                 self._manifest(ledger, state)
+                self._update_gauges()
             return self._summary(state, ledger.counts().parts)
 
-    def _initial_batch_size(self, threads: int) -> int:
-        b = self.job.spec.batch
-        pinned = self.options.batch_size or b.size
-        if pinned is not None:
-            return pinned
-        # Until the adaptive controller sizes B: about two params per thread.
-        size = math.ceil(2 * max(threads, 1) / self.job.spec.replicates)
-        return max(b.min, min(b.max, size))
+    def _resume(self, ledger: Ledger) -> set[str]:
+        job = self.job
+        resumed = ledger.bind(job.job_id, job.fingerprint, job.identity())
+        removed = remove_unrecorded(job.output_dir, ledger.files())
+        if removed:
+            log.info(
+                "removed %d part files not in the ledger", len(removed),
+                extra={"action": "debris_removed"},
+            )
+        counts = ledger.counts()
+        self._ok, self._failed = counts.ok, counts.failed
+        self._resumed = counts.params
+        if resumed:
+            log.info(
+                "resuming job %s: %d of %d params already committed",
+                job.job_id, counts.params, len(job.params), extra={"action": "job_resumed"},
+            )
+        return ledger.committed_param_ids()
 
-    async def _loop(self, pending: Iterator[Param], writer: PartWriter, ledger: Ledger) -> None:
+    async def _loop(
+        self, pending: Iterator[Param], writer: PartWriter, ledger: Ledger, watch: WorkerWatch
+    ) -> None:
         opts = self.options
         completions = self.cluster.completions()
         last_flush = last_poll = self.clock()
-        exhausted = False
         try:
             while not self.stopping:
                 # A dropped Future schedules its release on the event loop (Future.release
@@ -256,16 +219,19 @@ class Runner:
                 # collected reach the scheduler before the refill does; otherwise the old
                 # and the new window coexist there for a moment.
                 await asyncio.sleep(0)
-                if not exhausted:
-                    exhausted = self._admit(pending, completions)
-                if exhausted and not self._inflight:
+                await self._handle_losses(watch.losses(), writer)
+                if self.decision is None or self.decision.admit:
+                    self._admit(pending, completions)
+                if self._to_admit == 0 and not self._inflight:
                     break
                 self._report()
                 now = self.clock()
-                timeout = max(0.01, min(opts.flush_seconds - (now - last_flush), opts.poll_seconds))
+                timeout = min(
+                    opts.flush_seconds - (now - last_flush), opts.poll_seconds - (now - last_poll)
+                )
                 # The completed futures go straight to _collect: a local name here would
                 # keep the last batch alive (and on the cluster) for a whole iteration.
-                await self._collect(await self._wait(completions, timeout), writer)
+                await self._collect(await self._wait(completions, max(0.01, timeout)), writer)
                 now = self.clock()
                 if (
                     writer.pending_params >= opts.flush_params
@@ -275,13 +241,13 @@ class Runner:
                     self._flush(writer, ledger)
                     last_flush = now
                 if now - last_poll >= opts.poll_seconds:
-                    await self._poll()
                     last_poll = now
+                    await self._poll()
         finally:
             completions.clear()
         self._report()
 
-    async def _wait(self, completions: Any, timeout: float) -> list[Any]:
+    async def _wait(self, completions: Completions, timeout: float) -> list[Any]:
         stop = asyncio.ensure_future(self._stop.wait())
         got = asyncio.ensure_future(completions.wait(timeout))
         try:
@@ -293,34 +259,60 @@ class Runner:
             return []
         return got.result()
 
-    def _admit(self, pending: Iterator[Param], completions: Any) -> bool:
-        """Fill the window; True once every param has been admitted."""
-        room = self._batch_size - len(self._inflight)
-        if room <= 0:
-            return False
-        batch: list[tuple[Param, list[int]]] = []
-        for param in pending:
-            batch.append((param, self.job.seeds(param.param_id)))
-            if len(batch) >= room:
-                break
-        if not batch:
-            return True
+    # --- admission -----------------------------------------------------------------
+
+    def _next_params(self, pending: Iterator[Param], room: int) -> list[tuple[Param, int]]:
+        """Up to ``room`` params: retries first, then the job's params in order."""
+        batch: list[tuple[Param, int]] = []
+        while self._retry and len(batch) < room:
+            batch.append(self._retry.popleft())
+        if len(batch) < room:
+            for param in pending:
+                batch.append((param, 0))
+                if len(batch) >= room:
+                    break
+        return batch
+
+    def _admit(self, pending: Iterator[Param], completions: Completions) -> None:
+        """Fill the window up to B; or, when a suspect waits, drain and run it alone."""
+        if self._solo_active is not None or self._to_admit == 0:
+            return
+        if self._solo:
+            if self._inflight or self._last_calm_at <= self._last_cancel_at + _HEARTBEAT_S:
+                return
+            batch = [self._solo.popleft()]
+            self._solo_active = batch[0][0].param_id
+        else:
+            room = self._batch_size - len(self._inflight)
+            if room <= 0:
+                return
+            batch = self._next_params(pending, room)
+            if not batch:
+                return
         spec = self.job.spec
+        params = [(p.param_id, p.values, self.job.seeds(p.param_id), a) for p, a in batch]
         submitted = self.cluster.submit_params(
-            self.job.job_id,
-            [(p.param_id, p.values, seeds) for p, seeds in batch],
-            spec.model,
-            [(t.name, t.function) for t in spec.targets],
-            spec.outputs != "none",
+            self.job.job_id, params, spec.model,
+            [(t.name, t.function) for t in spec.targets], spec.outputs != "none",
         )
-        for (param, seeds), tasks in zip(batch, submitted, strict=True):
-            self._inflight[param.param_id] = _InFlight(param, seeds, tasks, len(tasks.watch))
+        now = self.clock()
+        for (param, attempt), (_, _, seeds, _), tasks in zip(
+            batch, params, submitted, strict=True
+        ):
+            pid = param.param_id
+            self._inflight[pid] = _InFlight(
+                param, seeds, tasks, len(tasks.watch), now, attempt
+            )
             for f in tasks.watch:
-                self._by_key[f.key] = param.param_id
+                self._by_key[f.key] = pid
+            for f in (*tasks.sims, *tasks.finals):
+                self._owner[f.key] = pid
             self._inflight_tasks += tasks.n_tasks
             completions.add(tasks.watch)
+        self._to_admit -= len(batch)
         self._peak_inflight_tasks = max(self._peak_inflight_tasks, self._inflight_tasks)
-        return len(batch) < room
+
+    # --- completion ----------------------------------------------------------------
 
     async def _collect(self, finished: list[Any], writer: PartWriter) -> None:
         if not finished:
@@ -330,7 +322,7 @@ class Runner:
             pid = self._by_key.pop(key, None)
             entry = self._inflight.get(pid) if pid is not None else None
             if entry is None:
-                continue
+                continue  # a quarantined or dropped param's future
             entry.remaining -= 1
             if entry.remaining == 0:
                 ready.append(entry)
@@ -340,14 +332,63 @@ class Runner:
         futures = [f for e in ready for f in e.tasks.gather]
         results = await self.cluster.gather(futures)
         del futures
+        now = self.clock()
         i = 0
         for entry in ready:
             n = len(entry.tasks.gather)
-            self._complete(entry, results[i : i + n], writer)
-            i += n
+            chunk, i = results[i : i + n], i + n
             # Dropping the last references releases the tasks on the cluster.
-            del self._inflight[entry.param.param_id]
-            self._inflight_tasks -= entry.tasks.n_tasks
+            self._forget(entry)
+            if self._should_retry(entry, chunk):
+                continue
+            self._learn(entry, chunk, now)
+            self._complete(entry, chunk, writer)
+
+    def _forget(self, entry: _InFlight) -> None:
+        if self._solo_active == entry.param.param_id:
+            self._solo_active = None
+        del self._inflight[entry.param.param_id]
+        for f in (*entry.tasks.sims, *entry.tasks.finals):
+            self._owner.pop(f.key, None)
+            self._by_key.pop(f.key, None)
+        self._inflight_tasks -= entry.tasks.n_tasks
+
+    def _should_retry(self, entry: _InFlight, results: list[Any]) -> bool:
+        killed = any(isinstance(r, TaskError) and r.type == "KilledWorker" for r in results)
+        pid = entry.param.param_id
+        if not killed or entry.attempt >= KILLED_WORKER_RETRIES:
+            return False
+        if self._poison.strikes(pid) >= self._poison.strikes_to_isolate:
+            return False
+        log.info(
+            "param %s: KilledWorker after its worker died; resubmitting (attempt %d)",
+            pid, entry.attempt + 1, extra={"action": "param_retried"},
+        )
+        self._retry.append((entry.param, entry.attempt + 1))
+        self._to_admit += 1
+        return True
+
+    def _learn(self, entry: _InFlight, results: list[Any], now: float) -> None:
+        """Feed the controller and the metrics what this param's tasks measured."""
+        replicates: dict[int, ReplicateSummary] = {}
+        agg_run = 0.0
+        for r in results:
+            if isinstance(r, SimReturn):
+                replicates[r.replicate] = r.summary()
+            elif isinstance(r, TargetResult):
+                for rep in r.replicates:
+                    replicates.setdefault(rep.replicate, rep)
+                agg_run = max(agg_run, r.run_seconds)
+                if r.target is not None:
+                    self.controller.observe_agg(r.__sizeof__())
+                    self.metrics.tasks.labels("agg", "ok" if r.error is None else "failed").inc()
+        for rep in replicates.values():
+            self.controller.observe_sim(rep.nbytes, rep.run_seconds, rep.rss_delta_bytes)
+            self.metrics.simreturn_bytes.observe(rep.nbytes)
+            self.metrics.tasks.labels("sim", "ok" if rep.error is None else "failed").inc()
+        if replicates:
+            compute = max(r.run_seconds for r in replicates.values()) + agg_run
+            self.controller.observe_latency(max(0.0, now - entry.admitted_at - compute))
 
     def _complete(self, entry: _InFlight, results: list[Any], writer: PartWriter) -> None:
         sims: list[SimReturn] = []
@@ -366,50 +407,188 @@ class Runner:
                 for rep in r.replicates:
                     error = error or rep.error
                 error = error or r.error
-        pid = entry.param.param_id
-        writer.add(pid, entry.param.values, entry.seeds, error, sims, targets)
+        self._record(entry.param, entry.seeds, error, sims, targets, writer)
+
+    def _record(
+        self,
+        param: Param,
+        seeds: list[int],
+        error: TaskError | None,
+        sims: list[SimReturn],
+        targets: list[TargetResult],
+        writer: PartWriter,
+    ) -> None:
+        pid = param.param_id
+        writer.add(pid, param.values, seeds, error, sims, targets)
+        self._poison.forget(pid)
         self._done_this_run += 1
         if error is None:
             self._ok += 1
-        else:
-            self._failed += 1
-            if len(self._errors) < MAX_ERRORS_KEPT:
-                self._errors.append({"param_id": pid, "error": str(error)})
-            log.warning(
-                "param %s failed: %s", pid, error, extra={"action": "param_failed"}
-            )
+            self.metrics.params.labels("ok").inc()
+            return
+        self._failed += 1
+        self.metrics.params.labels("failed").inc()
+        if len(self._errors) < MAX_ERRORS_KEPT:
+            self._errors.append({"param_id": pid, "error": str(error)})
+        log.warning("param %s failed: %s", pid, error, extra={"action": "param_failed"})
 
     def _flush(self, writer: PartWriter, ledger: Ledger) -> None:
         part = ledger.next_part()
         t0 = time.perf_counter()
         written = writer.write_part(part)
         ledger.commit(written.part, written.files, written.statuses, written.nbytes)
+        seconds = time.perf_counter() - t0
+        self.metrics.parts_written.inc()
+        self.metrics.parquet_bytes_written.inc(written.nbytes)
+        self.metrics.flush_seconds.observe(seconds)
         self._manifest(ledger, "running")
         log.debug(
             "part %d: %d params, %d bytes, %.3f s", part, len(written.statuses),
-            written.nbytes, time.perf_counter() - t0, extra={"action": "part_committed"},
+            written.nbytes, seconds, extra={"action": "part_committed"},
         )
+
+    # --- the cluster and the controller --------------------------------------------
 
     async def _poll(self) -> None:
         try:
             workers = await self.cluster.workers()
         except Exception as exc:  # a scheduler hiccup must not end the job
+            self.metrics.scheduler_connected.set(0)
             log.warning("cannot read the cluster: %s", exc, extra={"action": "poll_failed"})
             return
-        now = {w.address for w in workers}
-        lost = self._known_workers - now
-        if lost:
-            self._worker_restarts += len(lost)
-            log.warning(
-                "lost %d worker(s): %s", len(lost), ", ".join(sorted(lost)),
-                extra={"action": "worker_lost"},
-            )
-        self._known_workers = now
+        self._decide(workers)
 
-    def _drop_inflight(self) -> None:
+    def _decide(self, workers: list[WorkerInfo]) -> None:
+        self.metrics.scheduler_connected.set(1)
+        self._limits = {w.address: w.memory_limit for w in workers}
+        spec = self.job.spec
+        obs = Observation(
+            now=self.clock(),
+            workers=tuple(
+                WorkerMemory(
+                    w.address, w.nthreads, w.memory_limit, w.rss, w.managed,
+                    paused=w.status == "paused",
+                )
+                for w in workers
+            ),
+            inflight=len(self._inflight),
+            pending=self._to_admit,
+            replicates=spec.replicates,
+            targets=len(spec.targets),
+        )
+        self._apply(self.controller.decide(obs))
+        if all(w.calm(self.controller.config.low_water) for w in obs.workers):
+            self._last_calm_at = obs.now
+        m = self.metrics.cluster_memory
+        m.labels("limit").set(sum(w.memory_limit for w in workers))
+        m.labels("used").set(sum(w.rss for w in workers))
+        m.labels("managed").set(sum(w.managed for w in workers))
+
+    def _apply(self, decision: Decision) -> None:
+        previous, self.decision = self._batch_size, decision
+        self._batch_size = decision.batch_size
+        lo, hi = self._batch_range
+        self._batch_range = [min(lo, decision.batch_size) if lo else decision.batch_size,
+                             max(hi, decision.batch_size)]
+        m = self.metrics
+        m.decisions.labels(decision.action.value).inc()
+        m.batch_size.set(decision.batch_size)
+        m.batch_size_target.set(decision.target)
+        m.cluster_memory.labels("budget").set(decision.budget_bytes)
+        for kind, value in (("memory", decision.memory_ceiling),
+                            ("useful", decision.useful_ceiling)):
+            if value is not None:
+                m.batch_size_ceiling.labels(kind).set(value)
+        if decision.batch_size != previous:
+            log.info(
+                "B %d -> %d (%s)", previous, decision.batch_size, decision.reason,
+                extra={"action": "batch_resized"},
+            )
+
+    async def _handle_losses(self, losses: list[WorkerLoss], writer: PartWriter) -> None:
+        for loss in losses:
+            self._losses[loss.cause.value] = self._losses.get(loss.cause.value, 0) + 1
+            self.metrics.worker_restarts.labels(loss.cause.value).inc()
+            log.warning(
+                "worker %s lost: %s (exit code %s)", loss.worker, loss.cause.value,
+                loss.exitcode, extra={"action": "worker_lost"},
+            )
+            if loss.is_oom:
+                await self._on_oom(loss, writer)
+
+    async def _on_oom(self, loss: WorkerLoss, writer: PartWriter) -> None:
+        self.metrics.oom_events.inc()
+        # A worker the nanny restarted since the last poll is not in the map yet; its
+        # siblings' limit is the best guess.
+        limit = self._limits.get(loss.worker) or max(self._limits.values(), default=0)
+        log.warning(
+            "worker %s was killed for memory (%s%s%s) with %d params in flight; backing off. "
+            "To avoid this: give workers more memory (--memory-limit), lower "
+            "batch.memory_fraction, or make each simulation return or allocate less",
+            loss.worker, loss.cause.value,
+            f", RSS {loss.rss / _MiB:.0f} MiB" if loss.rss else "",
+            f" of a {limit / _MiB:.0f} MiB limit" if limit else "",
+            len(self._inflight), extra={"action": "oom_detected"},
+        )
+        self._apply(self.controller.observe_oom(self.clock()))
+        running = [self._owner[k] for k in loss.processing if k in self._owner]
+        alone = self._solo_active if len(self._inflight) == 1 else None
+        verdict = self._poison.on_memory_kill(running, alone=alone)
+        for pid in verdict.quarantine:
+            if (entry := self._inflight.get(pid)) is not None:
+                await self._quarantine(entry, loss, limit, writer)
+        for pid in verdict.isolate:
+            if (entry := self._inflight.get(pid)) is not None:
+                await self._isolate(entry)
+
+    async def _isolate(self, entry: _InFlight) -> None:
+        pid = entry.param.param_id
+        log.warning(
+            "param %s was on %d workers killed for memory; rerunning it alone to tell "
+            "whether it needs more than a worker's memory", pid, self._poison.strikes(pid),
+            extra={"action": "param_isolated"},
+        )
+        self._forget(entry)
+        await self._cancel([*entry.tasks.sims, *entry.tasks.finals])
+        self._solo.append((entry.param, entry.attempt + 1))
+        self._to_admit += 1
+
+    async def _quarantine(
+        self, entry: _InFlight, loss: WorkerLoss, limit: int, writer: PartWriter
+    ) -> None:
+        pid = entry.param.param_id
+        strikes = self._poison.strikes(pid)
+        limit_text = f"{limit / _MiB:.0f} MiB" if limit else "unknown"
+        rss_text = f"{loss.rss / _MiB:.0f} MiB" if loss.rss else "unknown"
+        why = "while it ran alone" + (f" (after {strikes - 1} shared kills)" if strikes > 1 else "")
+        error = TaskError(
+            "MemoryExceeded",
+            f"param {pid} needs more memory than a worker's limit: worker {loss.worker} was "
+            f"killed for memory ({loss.cause.value}) {why}; worker memory limit "
+            f"{limit_text}, worker RSS at the kill {rss_text}. Give workers more memory or "
+            f"make this simulation allocate less.",
+        )
+        log.error("param %s quarantined: %s", pid, error.message,
+                  extra={"action": "param_quarantined"})
+        self._forget(entry)
+        # Cancelled explicitly (a handful of futures): the completion watcher still holds
+        # them, and Dask would otherwise run the poison task on the next worker.
+        await self._cancel([*entry.tasks.sims, *entry.tasks.finals])
+        self._quarantined += 1
+        self._record(entry.param, entry.seeds, error, [], [], writer)
+
+    async def _cancel(self, futures: list[Any]) -> None:
+        self._last_cancel_at = self.clock()
+        await self.cluster.cancel(futures)
+
+    async def _drop_inflight(self) -> None:
+        futures = [f for e in self._inflight.values() for f in (*e.tasks.sims, *e.tasks.finals)]
         self._inflight.clear()
         self._by_key.clear()
+        self._owner.clear()
         self._inflight_tasks = 0
+        if futures:
+            await self.cluster.cancel(futures)
 
     # --- reporting -----------------------------------------------------------------
 
@@ -427,11 +606,20 @@ class Runner:
             inflight_tasks=self._inflight_tasks,
             rate=self._done_this_run / elapsed if elapsed else 0.0,
             elapsed=elapsed,
+            oom_events=self.controller.oom_events,
         )
 
+    def _update_gauges(self) -> None:
+        m = self.metrics
+        m.inflight_params.set(len(self._inflight))
+        sims = sum(len(e.tasks.sims) for e in self._inflight.values())
+        m.inflight_tasks.labels("sim").set(sims)
+        m.inflight_tasks.labels("agg").set(self._inflight_tasks - sims)
+        m.job_params.labels("total").set(len(self.job.params))
+        m.job_params.labels("done").set(self._ok + self._failed)
+
     def _report(self) -> None:
-        if not self._batch_seen or self._batch_seen[-1] != self._batch_size:
-            self._batch_seen.append(self._batch_size)
+        self._update_gauges()
         if self.progress is not None:
             self.progress.update(self.snapshot())
 
@@ -454,6 +642,7 @@ class Runner:
                     "failed": counts.failed,
                     "parts": counts.parts,
                 },
+                "controller": dataclasses.asdict(self.controller.config),
                 "datasets": {
                     "params": "params",
                     "model_outputs": "model_outputs/<output>",
@@ -464,7 +653,7 @@ class Runner:
         )
 
     def _summary(self, state: str, parts: int) -> RunSummary:
-        seen = self._batch_seen or [self._batch_size]
+        lo, hi = self._batch_range
         return RunSummary(
             job_id=self.job.job_id,
             state=state,
@@ -472,14 +661,16 @@ class Runner:
             ok=self._ok,
             failed=self._failed,
             resumed=self._resumed,
-            batch_min=min(seen),
-            batch_max=max(seen),
+            batch_min=lo or self._batch_size,
+            batch_max=hi or self._batch_size,
             batch_final=self._batch_size,
-            oom_events=0,
-            worker_restarts=self._worker_restarts,
+            oom_events=self.controller.oom_events,
+            worker_restarts=sum(n for c, n in self._losses.items() if c != "planned"),
             wall_seconds=self.clock() - self._started,
-            output=str(Path(self.job.output_dir)),
+            output=str(self.job.output_dir),
             parts=parts,
             errors=self._errors,
             peak_inflight_tasks=self._peak_inflight_tasks,
+            worker_losses=dict(self._losses),
+            quarantined=self._quarantined,
         )

@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import json
 import math
-import os
 import sys
 import time
 import traceback
@@ -55,8 +54,8 @@ class SimReturn:
     outputs: Mapping[str, bytes] = field(default_factory=dict)
     error: TaskError | None = None
     run_seconds: float = 0.0
-    # Growth of the worker process's RSS across the call: the working memory the
-    # simulation needed on top of what the worker already held.
+    # How far the worker's RSS rose during the call (to its peak where the OS tells):
+    # the working memory the simulation needed on top of what the worker held.
     rss_delta_bytes: int = 0
 
     @property
@@ -232,13 +231,43 @@ def import_callable(ref: str) -> Callable[..., Any]:
 # --- the functions Dask runs ---------------------------------------------------------
 
 
-def _rss() -> int:
+def _status_bytes(field: str) -> int:
+    """A ``VmRSS``/``VmHWM``-style line of /proc/self/status, in bytes (0 if unknown)."""
     try:
-        import psutil
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(field.encode()):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
-        return int(psutil.Process(os.getpid()).memory_info().rss)
-    except Exception:  # psutil missing on a worker: report no working memory
-        return 0
+
+def _reset_peak_rss() -> bool:
+    """Reset the process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class _WorkingMemory:
+    """Measures how far the worker's RSS rose during a call: to its peak where Linux
+    tells (VmHWM, reset before the call), else to its level after the call (which misses
+    memory freed before returning). With several threads per worker the peak includes
+    what the other threads' calls held meanwhile: an overestimate, on the safe side."""
+
+    def __enter__(self) -> _WorkingMemory:
+        self.peak_known = _reset_peak_rss()
+        self.before = _status_bytes("VmRSS:")
+        self.bytes = 0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        after = _status_bytes("VmHWM:" if self.peak_known else "VmRSS:")
+        self.bytes = max(0, after - self.before) if self.before else 0
 
 
 def run_sim(
@@ -250,14 +279,13 @@ def run_sim(
     SimReturn's error: the param is recorded as failed and the job goes on.
     """
     start = time.perf_counter()
-    rss_before = _rss()
-    try:
-        fn = import_callable(model)
-        outputs = outputs_to_ipc(fn(dict(params), seed))
-        error = None
-    except Exception as exc:
-        outputs, error = {}, TaskError.from_exception(exc)
-    rss_after = _rss()
+    with _WorkingMemory() as memory:
+        try:
+            fn = import_callable(model)
+            outputs = outputs_to_ipc(fn(dict(params), seed))
+            error = None
+        except Exception as exc:
+            outputs, error = {}, TaskError.from_exception(exc)
     return SimReturn(
         param_id=param_id,
         replicate=replicate,
@@ -265,7 +293,7 @@ def run_sim(
         outputs=outputs,
         error=error,
         run_seconds=time.perf_counter() - start,
-        rss_delta_bytes=max(0, rss_after - rss_before),
+        rss_delta_bytes=memory.bytes,
     )
 
 

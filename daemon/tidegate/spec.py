@@ -35,6 +35,7 @@ from pydantic import (
     Tag,
     ValidationError,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -186,11 +187,39 @@ class BatchSpec(_Strict):
     size: StrictInt | None = Field(None, ge=1, description="pin B; null lets the controller choose")
     min: StrictInt = Field(1, ge=1, description="the smallest B the controller may choose")
     max: StrictInt = Field(10000, ge=1, description="the largest B the controller may choose")
+    # The controller's knobs; null keeps tidegate's default (see docs/controller.md).
+    memory_fraction: float | None = Field(
+        None, gt=0, le=1, description="share of each worker's memory limit results may use (0.5)"
+    )
+    high_water: float | None = Field(
+        None, gt=0, le=1, description="worker memory fraction that stops admission (0.75)"
+    )
+    low_water: float | None = Field(
+        None, gt=0, lt=1, description="worker memory fraction below which B may grow (0.55)"
+    )
+    saturation: float | None = Field(
+        None, ge=1, le=100, description="queue depth factor of the useful ceiling (2)"
+    )
+    cooldown_s: float | None = Field(
+        None, ge=0, le=86400, description="seconds without growth after an OOM event (30)"
+    )
+
+    @field_validator(
+        "memory_fraction", "high_water", "low_water", "saturation", "cooldown_s", mode="before"
+    )
+    @classmethod
+    def _not_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise _invalid("", "a number", _show(value, typed=True))
+        return value
 
     @model_validator(mode="after")
     def _ordered(self) -> BatchSpec:
         if self.max < self.min:
             raise _invalid("max", f"an integer >= batch.min ({self.min})", str(self.max))
+        low, high = self.low_water, self.high_water
+        if low is not None and high is not None and low >= high:
+            raise _invalid("low_water", f"a fraction below batch.high_water ({high})", str(low))
         if self.size is not None and not self.min <= self.size <= self.max:
             raise _invalid(
                 "size",

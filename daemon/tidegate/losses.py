@@ -1,0 +1,171 @@
+"""Why a worker went away: join the scheduler's removal, the nanny's memory kill and the
+worker process's exit code into one classified WorkerLoss.
+
+Pure: events and the time are arguments. The scheduler never learns a worker's exit
+code (dask#2297), so cluster.py has each nanny report it as a ``tidegate-worker-exit``
+event; where that cannot run, a removal with no exit code is classified from what the
+scheduler's events say, and as ``lost`` after ``exit_wait_s``.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Cause(StrEnum):
+    OOM_KILL = "oom_kill"  # SIGKILL (-9, or 137 from a shell): the kernel's OOM killer
+    MEMORY_TERMINATE = "memory_terminate"  # Dask's nanny killed it at its memory limit
+    EVICTED = "evicted"  # SIGTERM without a memory kill: eviction, preemption, scale-down
+    CRASH = "crash"  # any other non-zero exit
+    LOST = "lost"  # no exit code at all: the host or pod went away
+    PLANNED = "planned"  # retired or closed on purpose
+
+
+MEMORY_CAUSES = frozenset({Cause.OOM_KILL, Cause.MEMORY_TERMINATE})
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLoss:
+    worker: str
+    cause: Cause
+    exitcode: int | None
+    rss: int | None  # at the nanny's memory kill
+    processing: tuple[str, ...]  # task keys assigned to the worker when it went
+    at: float
+
+    @property
+    def is_oom(self) -> bool:
+        return self.cause in MEMORY_CAUSES
+
+
+def classify(*, exitcode: int | None, memory_kill: bool, planned: bool) -> Cause:
+    """The cause of a worker's end from what is known of it."""
+    if memory_kill:
+        return Cause.MEMORY_TERMINATE
+    if planned or exitcode == 0:
+        return Cause.PLANNED
+    if exitcode is None:
+        return Cause.LOST
+    if exitcode in (-signal.SIGKILL, 128 + signal.SIGKILL):
+        return Cause.OOM_KILL
+    if exitcode in (-signal.SIGTERM, 128 + signal.SIGTERM):
+        return Cause.EVICTED
+    return Cause.CRASH
+
+
+@dataclass(slots=True)
+class _Pending:
+    removed_at: float | None = None
+    processing: tuple[str, ...] = ()
+    planned: bool = False
+    exitcode: int | None = None
+    exited: bool = False
+    memory_kill: bool = False
+    rss: int | None = None
+    first_seen: float = 0.0
+
+
+@dataclass(slots=True)
+class LossTracker:
+    """Collects the events about each worker's end and hands out classified losses once
+    the removal and its exit code have both arrived, or the wait for the code is over."""
+
+    exit_wait_s: float = 2.0
+    forget_after_s: float = 120.0
+    _pending: dict[str, _Pending] = field(default_factory=dict)
+
+    def _entry(self, worker: str, now: float) -> _Pending:
+        entry = self._pending.get(worker)
+        if entry is None:
+            entry = self._pending[worker] = _Pending(first_seen=now)
+        return entry
+
+    def on_memory_kill(self, worker: str, rss: int | None, now: float) -> None:
+        entry = self._entry(worker, now)
+        entry.memory_kill, entry.rss = True, rss
+
+    def on_exit(self, worker: str, exitcode: int | None, now: float) -> None:
+        entry = self._entry(worker, now)
+        entry.exitcode, entry.exited = exitcode, True
+
+    def on_removed(
+        self,
+        worker: str,
+        processing: Sequence[str],
+        *,
+        expected: bool,
+        stimulus_id: str,
+        now: float,
+    ) -> None:
+        entry = self._entry(worker, now)
+        entry.removed_at = now
+        entry.processing = tuple(processing)
+        entry.planned = bool(expected) or stimulus_id.startswith("retire-workers")
+
+    def ready(self, now: float) -> list[WorkerLoss]:
+        """Losses that can be classified now; each is handed out once."""
+        out: list[WorkerLoss] = []
+        for worker, e in list(self._pending.items()):
+            if e.removed_at is None:
+                # An exit or memory kill whose removal never came (or is still coming).
+                if now - e.first_seen > self.forget_after_s:
+                    del self._pending[worker]
+                continue
+            if not (e.exited or e.planned or e.memory_kill) and (
+                now - e.removed_at < self.exit_wait_s
+            ):
+                continue
+            cause = classify(exitcode=e.exitcode, memory_kill=e.memory_kill, planned=e.planned)
+            out.append(WorkerLoss(worker, cause, e.exitcode, e.rss, e.processing, e.removed_at))
+            del self._pending[worker]
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    quarantine: tuple[str, ...]  # poison: killed a worker while running alone
+    isolate: tuple[str, ...]  # suspects: rerun alone to tell poison from bad company
+
+
+@dataclass(slots=True)
+class PoisonJudge:
+    """Tells poison params (one simulation needs more than a worker's memory) from
+    innocent ones that merely shared a worker killed for memory.
+
+    A param run alone when a worker is killed for memory is poison. A param whose tasks
+    were on ``strikes_to_isolate`` memory-killed workers is a suspect: the runner reruns
+    it alone, where it either completes (innocent) or is caught alone (poison). Being
+    the only param in flight is not enough: a cancelled task keeps running on its
+    worker (a thread cannot be interrupted) and may be what kills it.
+    Dask's KilledWorker is no verdict: it counts every task queued on the dying workers,
+    not only the one running (dask#5234).
+    """
+
+    strikes_to_isolate: int = 2
+    _strikes: dict[str, int] = field(default_factory=dict)
+
+    def on_memory_kill(self, params: Sequence[str], *, alone: str | None = None) -> Verdict:
+        """Record a memory kill of a worker that was running ``params``.
+
+        ``alone`` is the param the runner ran alone on purpose (nothing else admitted,
+        the workers calm since anything was cancelled), if any: killed while running
+        alone, it is poison. Otherwise nothing is proved of any one param.
+        """
+        quarantine, isolate = [], []
+        for pid in dict.fromkeys(params):
+            n = self._strikes.get(pid, 0) + 1
+            self._strikes[pid] = n
+            if pid == alone:
+                quarantine.append(pid)
+            elif n >= self.strikes_to_isolate:
+                isolate.append(pid)
+        return Verdict(tuple(quarantine), tuple(isolate))
+
+    def strikes(self, param_id: str) -> int:
+        return self._strikes.get(param_id, 0)
+
+    def forget(self, param_id: str) -> None:
+        self._strikes.pop(param_id, None)

@@ -1,0 +1,89 @@
+"""What a run reports: live progress snapshots and the final summary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """A snapshot of a running job, for progress bars, logs and the API."""
+
+    job_id: str
+    total: int
+    done: int  # committed or buffered, this run and earlier ones
+    ok: int
+    failed: int
+    resumed: int
+    batch_size: int
+    inflight_params: int
+    inflight_tasks: int
+    rate: float  # params per second over this run
+    elapsed: float
+    oom_events: int = 0
+
+    @property
+    def eta_seconds(self) -> float | None:
+        left = self.total - self.done
+        if left <= 0:
+            return 0.0
+        return left / self.rate if self.rate > 0 else None
+
+
+class ProgressSink(Protocol):
+    def update(self, progress: Progress) -> None: ...
+
+
+@dataclass(slots=True)
+class RunSummary:
+    job_id: str
+    state: str  # succeeded | failed | interrupted
+    total: int
+    ok: int
+    failed: int
+    resumed: int
+    batch_min: int
+    batch_max: int
+    batch_final: int
+    oom_events: int
+    worker_restarts: int
+    wall_seconds: float
+    output: str
+    parts: int
+    errors: list[dict[str, str]] = field(default_factory=list)
+    peak_inflight_tasks: int = 0
+    worker_losses: dict[str, int] = field(default_factory=dict)  # cause -> count
+    quarantined: int = 0
+
+    @property
+    def exit_code(self) -> int:
+        if self.state == "interrupted":
+            return 130
+        return 0 if self.state == "succeeded" and self.failed == 0 else 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "state": self.state,
+            "params": {
+                "total": self.total,
+                "ok": self.ok,
+                "failed": self.failed,
+                "resumed": self.resumed,
+                "quarantined": self.quarantined,
+            },
+            "batch_size": {
+                "min": self.batch_min,
+                "max": self.batch_max,
+                "final": self.batch_final,
+            },
+            "oom_events": self.oom_events,
+            "worker_restarts": self.worker_restarts,
+            "worker_losses": self.worker_losses,
+            "wall_seconds": round(self.wall_seconds, 3),
+            "output": self.output,
+            "parts": self.parts,
+            "peak_inflight_tasks": self.peak_inflight_tasks,
+            "errors": self.errors,
+        }
