@@ -4,19 +4,41 @@ on 127.0.0.1."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 
-from tests.conftest import read_dataset, synthetic_spec, tidegate, write_spec
+from tests.conftest import (
+    read_dataset,
+    start_tidegate,
+    synthetic_spec,
+    tidegate,
+    wait_for_part,
+    write_spec,
+)
+
+
+@dataclass
+class RemoteCluster:
+    address: str
+    nannies: list[subprocess.Popen]
+
+    def worker_pids(self) -> list[int]:
+        """The worker processes the `dask worker` nannies spawned."""
+        return [c.pid for n in self.nannies for c in psutil.Process(n.pid).children()
+                if "spawn_main" in " ".join(c.cmdline())]
 
 
 @pytest.fixture
-def remote_scheduler(tmp_path: Path) -> Iterator[str]:
+def remote_cluster(tmp_path: Path) -> Iterator[RemoteCluster]:
     """A scheduler and two single-threaded workers, torn down after the test."""
     sched_file = tmp_path / "scheduler.json"
     procs = [
@@ -42,7 +64,7 @@ def remote_scheduler(tmp_path: Path) -> Iterator[str]:
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 )
             )
-        yield address
+        yield RemoteCluster(address, procs[1:])
     finally:
         for p in procs:
             p.kill()
@@ -50,10 +72,11 @@ def remote_scheduler(tmp_path: Path) -> Iterator[str]:
             p.wait(timeout=30)
 
 
-def test_run_on_remote_cluster(tmp_path: Path, remote_scheduler: str) -> None:
+def test_run_on_remote_cluster(tmp_path: Path, remote_cluster: RemoteCluster) -> None:
     """A job runs to completion on an existing cluster reached by address."""
     spec = write_spec(tmp_path / "job.yaml", synthetic_spec(30))
-    proc = tidegate("run", spec, "--scheduler", remote_scheduler, "--json", "--no-progress")
+    proc = tidegate("run", spec, "--scheduler", remote_cluster.address, "--json",
+                    "--no-progress")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["params"]["ok"] == 30
@@ -61,3 +84,24 @@ def test_run_on_remote_cluster(tmp_path: Path, remote_scheduler: str) -> None:
     assert len({r["param_id"] for r in rows}) == 30
     data = read_dataset(tmp_path / "out" / "model_outputs" / "data")
     assert len({(r["param_id"], r["replicate"]) for r in data}) == 60
+
+
+def test_remote_worker_sigkill_is_classified(tmp_path: Path, remote_cluster: RemoteCluster
+                                             ) -> None:
+    """On `dask worker` nannies too, a SIGKILLed worker is reported with its exit code
+    (classified oom_kill), B backs off, and every param is written once."""
+    values = [{"k": i, "run_seconds": 0.05} for i in range(60)]
+    spec = write_spec(tmp_path / "job.yaml", synthetic_spec(60, parameters={"values": values}))
+    proc = start_tidegate("run", spec, "--scheduler", remote_cluster.address, "--json",
+                          "--no-progress", "--flush-params", "4")
+    assert wait_for_part(proc, tmp_path / "out"), proc.communicate()[1]
+    pids = remote_cluster.worker_pids()
+    assert len(pids) == 2
+    os.kill(pids[0], signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["worker_losses"] == {"oom_kill": 1}
+    assert summary["oom_events"] == 1
+    ids = [r["param_id"] for r in read_dataset(tmp_path / "out" / "params")]
+    assert len(ids) == len(set(ids)) == 60

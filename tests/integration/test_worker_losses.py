@@ -1,0 +1,75 @@
+"""Each way a worker process can end gets its cause: real nannies, real signals."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+from tidegate.cluster import ClusterOptions, WorkerWatch, open_cluster
+from tidegate.losses import Cause, WorkerLoss
+from tidegate.workloads import synthetic
+
+MiB = 2**20
+
+
+async def _loss_where(watch: WorkerWatch, match, timeout: float = 60) -> WorkerLoss:
+    """The next classified loss that ``match`` accepts; others (say, of a task Dask
+    reran on the other worker) are skipped."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for loss in watch.losses():
+            if match(loss):
+                return loss
+        await asyncio.sleep(0.05)
+    raise TimeoutError("no matching worker loss classified")
+
+
+async def _classify_each_end() -> dict[str, WorkerLoss]:
+    cluster = await open_cluster(
+        ClusterOptions(workers=2, threads_per_worker=1, memory_limit=400 * MiB)
+    )
+    client = cluster.client
+    seen: dict[str, WorkerLoss] = {}
+    try:
+        watch = await cluster.watch_workers(time.monotonic)
+
+        async def a_worker() -> tuple[str, int]:
+            await client.wait_for_workers(2)
+            return sorted((await client.run(os.getpid)).items())[0]
+
+        for label, signum in (("sigkill", signal.SIGKILL), ("sigterm", signal.SIGTERM)):
+            addr, pid = await a_worker()
+            os.kill(pid, signum)
+            seen[label] = await _loss_where(watch, lambda x, a=addr: x.worker == a)
+
+        await a_worker()
+        crash = client.submit(synthetic, {"exit_code": 3}, 0, pure=False)
+        seen["exit 3"] = await _loss_where(watch, lambda x: crash.key in x.processing)
+        await client.cancel(crash)
+
+        await a_worker()
+        hog = client.submit(synthetic, {"alloc_bytes": 420 * MiB, "run_seconds": 5}, 0,
+                            pure=False)
+        seen["memory"] = await _loss_where(watch, lambda x: hog.key in x.processing)
+        await client.cancel(hog)
+
+        addr, _ = await a_worker()
+        await client.retire_workers([addr])
+        seen["retired"] = await _loss_where(watch, lambda x: x.worker == addr)
+    finally:
+        await cluster.close()
+    return seen
+
+
+def test_every_kind_of_worker_end_is_classified() -> None:
+    """SIGKILL -> oom_kill, SIGTERM -> evicted, exit 3 -> crash, the nanny's memory kill
+    -> memory_terminate (with its RSS and the task it ran), retirement -> planned."""
+    seen = asyncio.run(_classify_each_end())
+    assert (seen["sigkill"].cause, seen["sigkill"].exitcode) == (Cause.OOM_KILL, -9)
+    assert (seen["sigterm"].cause, seen["sigterm"].exitcode) == (Cause.EVICTED, -15)
+    assert (seen["exit 3"].cause, seen["exit 3"].exitcode) == (Cause.CRASH, 3)
+    assert seen["memory"].cause == Cause.MEMORY_TERMINATE
+    assert seen["memory"].rss is not None and seen["memory"].rss > 0.9 * 400 * MiB
+    assert seen["retired"].cause == Cause.PLANNED

@@ -1,0 +1,88 @@
+"""Classifying worker ends and judging poison params: pure logic, events in any order."""
+
+from __future__ import annotations
+
+import pytest
+
+from tidegate.losses import Cause, LossTracker, PoisonJudge, classify
+
+
+@pytest.mark.parametrize(
+    ("exitcode", "memory_kill", "planned", "cause"),
+    [
+        (-9, False, False, Cause.OOM_KILL),
+        (137, False, False, Cause.OOM_KILL),
+        (-15, False, False, Cause.EVICTED),
+        (143, False, False, Cause.EVICTED),
+        (-15, True, False, Cause.MEMORY_TERMINATE),
+        (-9, True, False, Cause.MEMORY_TERMINATE),
+        (3, False, False, Cause.CRASH),
+        (-11, False, False, Cause.CRASH),
+        (0, False, False, Cause.PLANNED),
+        (None, False, True, Cause.PLANNED),
+        (None, False, False, Cause.LOST),
+    ],
+)
+def test_classify(exitcode, memory_kill, planned, cause) -> None:
+    """Exit code, memory kill and planned-ness map to the documented cause."""
+    assert classify(exitcode=exitcode, memory_kill=memory_kill, planned=planned) == cause
+
+
+def test_removal_waits_for_its_exit_code() -> None:
+    """A removal is held until its exit code arrives, in whichever order they come."""
+    t = LossTracker(exit_wait_s=2.0)
+    t.on_removed("w1", ["sim-a"], expected=False, stimulus_id="handle-worker-cleanup-1", now=0)
+    assert t.ready(0.5) == []
+    t.on_exit("w1", -9, now=0.6)
+    (loss,) = t.ready(0.7)
+    assert (loss.worker, loss.cause, loss.processing) == ("w1", Cause.OOM_KILL, ("sim-a",))
+    assert t.ready(0.8) == []  # handed out once
+
+    t.on_exit("w2", 3, now=1.0)  # exit first, removal after
+    t.on_removed("w2", [], expected=False, stimulus_id="handle-worker-cleanup-2", now=1.1)
+    assert [x.cause for x in t.ready(1.1)] == [Cause.CRASH]
+
+
+def test_removal_without_exit_code_is_lost_after_the_wait() -> None:
+    """No exit code within the wait: the host or pod went away."""
+    t = LossTracker(exit_wait_s=2.0)
+    t.on_removed("w1", [], expected=False, stimulus_id="check-worker-ttl-1", now=10)
+    assert t.ready(11.9) == []
+    assert [x.cause for x in t.ready(12.1)] == [Cause.LOST]
+
+
+def test_memory_kill_and_retirement_need_no_exit_code() -> None:
+    """The nanny's memory kill and a retirement are classified as soon as removed."""
+    t = LossTracker()
+    t.on_memory_kill("w1", 420, now=0)
+    t.on_removed("w1", ["k"], expected=False, stimulus_id="handle-worker-cleanup-1", now=0.02)
+    t.on_removed("w2", [], expected=False, stimulus_id="retire-workers-9", now=0.03)
+    losses = {x.worker: x for x in t.ready(0.03)}
+    assert losses["w1"].cause == Cause.MEMORY_TERMINATE and losses["w1"].rss == 420
+    assert losses["w1"].is_oom
+    assert losses["w2"].cause == Cause.PLANNED and not losses["w2"].is_oom
+
+
+def test_stray_events_are_forgotten() -> None:
+    """An exit whose removal never comes does not stay forever."""
+    t = LossTracker(forget_after_s=60)
+    t.on_exit("w1", 0, now=0)
+    assert t.ready(61) == []
+    t.on_removed("w1", [], expected=False, stimulus_id="x", now=62)
+    assert [x.exitcode for x in t.ready(64.1)] == [None]
+
+
+def test_shared_kills_isolate_and_only_a_solo_kill_quarantines() -> None:
+    """Two shared kills make a suspect; only a kill while it ran alone convicts it."""
+    judge = PoisonJudge()
+    first = judge.on_memory_kill(["a", "b"])
+    assert first.quarantine == () and first.isolate == ()
+    second = judge.on_memory_kill(["a", "c"])
+    assert second.isolate == ("a",) and second.quarantine == ()
+    assert judge.strikes("a") == 2 and judge.strikes("b") == 1
+    solo = judge.on_memory_kill(["a"], alone="a")
+    assert solo.quarantine == ("a",)
+    # A param merely in flight with the solo one is not convicted by its kill.
+    assert judge.on_memory_kill(["d"], alone="a").quarantine == ()
+    judge.forget("a")
+    assert judge.strikes("a") == 0
