@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tidegate import __version__
+from tidegate.logs import quiet_dask_logs, setup_logging
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CLUSTER, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -105,36 +106,35 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--json", action="store_true", help="print the result as JSON")
 
     sub.add_parser("schema", help="print the JSON Schema of the job spec")
+
+    serve = sub.add_parser("serve", help="run the daemon: job queue, HTTP API, /metrics")
+    serve.add_argument("--config", type=Path, metavar="FILE",
+                       help="daemon config (YAML); TIDEGATE_* variables and flags override it")
+    for flag, key, kind, text in _SERVE_FLAGS:
+        serve.add_argument(flag, dest=key.replace(".", "__"), type=kind, metavar=key.upper(),
+                           help=f"config key {key}: {text}")
+
+    from tidegate.client import add_client_commands
+
+    add_client_commands(sub)
     return parser
 
 
-class _ActionDefault(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not hasattr(record, "action"):
-            record.action = "-"
-        return True
-
-
-def setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(_ActionDefault())
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s action=%(action)s %(message)s")
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-
-
-def quiet_dask_logs() -> None:
-    """Dask's INFO lines (worker start/stop, plugin registration) drown ours. Called
-    after distributed is imported, since importing it configures its loggers."""
-    level = max(logging.WARNING, logging.getLogger().level)
-    for name in ("distributed", "dask"):
-        logger = logging.getLogger(name)
-        logger.setLevel(level)
-        logger.handlers.clear()
-        logger.propagate = True
+# `tidegate serve` flags, one per config key.
+_SERVE_FLAGS: list[tuple[str, str, Any, str]] = [
+    ("--listen", "listen", str, "HOST:PORT of the HTTP API (default 127.0.0.1:8790)"),
+    ("--state-dir", "state_dir", Path, "where the job queue (SQLite) lives"),
+    ("--output-root", "output_root", Path, "where job outputs go"),
+    ("--scheduler", "cluster.address", str, "a Dask scheduler; empty: embedded LocalCluster"),
+    ("--workers", "cluster.local.workers", int, "embedded cluster: worker processes"),
+    ("--threads-per-worker", "cluster.local.threads_per_worker", int,
+     "embedded cluster: threads per worker"),
+    ("--memory-limit", "cluster.local.memory_limit", str,
+     "embedded cluster: memory limit per worker"),
+    ("--drain-timeout", "drain_timeout_s", float,
+     "seconds SIGTERM waits for params in flight"),
+    ("--log-format", "log.format", str, "text or json"),
+]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -144,13 +144,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # argparse prints its own message and exits 2
         return int(exc.code or 0)
     setup_logging(args.log_level)
-    handlers = {"run": cmd_run, "validate": cmd_validate, "schema": cmd_schema}
+    handlers = {"run": cmd_run, "validate": cmd_validate, "schema": cmd_schema,
+                "serve": cmd_serve}
     from tidegate.spec import SpecError
     from tidegate.store import LedgerMismatch
+    from tidegate.validation import ValidationFailed
 
+    if args.command not in handlers:
+        from tidegate.client import run_client_command
+
+        return run_client_command(args)
     try:
         return handlers[args.command](args)
-    except (SpecError, LedgerMismatch, UsageError) as exc:
+    except (SpecError, LedgerMismatch, UsageError, ValidationFailed) as exc:
         print(f"tidegate: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
@@ -160,6 +166,16 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
     print(json.dumps(spec_json_schema(), indent=2))
     return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tidegate.config import load_config
+    from tidegate.service import run_service
+
+    overrides = {key: getattr(args, key.replace(".", "__")) for _, key, _, _ in _SERVE_FLAGS}
+    config = load_config(args.config, os.environ, overrides)
+    setup_logging(config.log.level, config.log.format)
+    return run_service(config)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

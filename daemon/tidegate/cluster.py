@@ -33,6 +33,10 @@ class ClusterError(Exception):
     """The Dask cluster could not be started or reached."""
 
 
+class SchedulerLost(ClusterError):
+    """The connection to the scheduler broke mid-job; the work in flight is gone."""
+
+
 @dataclass(frozen=True, slots=True)
 class ClusterOptions:
     address: str | None = None  # None: start an embedded LocalCluster
@@ -154,6 +158,10 @@ class Cluster:
     @property
     def address(self) -> str:
         return str(self.client.scheduler.address)
+
+    @property
+    def connected(self) -> bool:
+        return self.client.status == "running"
 
     @property
     def embedded(self) -> bool:
@@ -316,7 +324,7 @@ class Cluster:
         """Cancel a few futures. Scheduler-side cancellation is O(n^2) in the number of
         keys (20k futures: 12 s); the run loop releases completed params by dropping
         references instead and cancels only quarantined or abandoned work."""
-        if futures:
+        if futures and self.connected:
             with contextlib.suppress(Exception):
                 await self.client.cancel(list(futures))
 

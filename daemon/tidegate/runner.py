@@ -21,7 +21,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tidegate import __version__
-from tidegate.cluster import Cluster, Completions, ParamTasks, WorkerInfo, WorkerWatch
+from tidegate.cluster import (
+    Cluster,
+    Completions,
+    ParamTasks,
+    SchedulerLost,
+    WorkerInfo,
+    WorkerWatch,
+)
 from tidegate.controller import Controller, ControllerConfig, Decision, Observation, WorkerMemory
 from tidegate.losses import PoisonJudge, WorkerLoss
 from tidegate.metrics import Metrics
@@ -115,6 +122,8 @@ class Runner:
         self.controller = Controller(controller_config(job, self.options))
         self.decision: Decision | None = None
         self._stop = asyncio.Event()
+        self._wake = asyncio.Event()  # a drain request interrupts the wait for results
+        self._drain_deadline: float | None = None
         self._inflight: dict[str, _InFlight] = {}
         self._by_key: dict[str, str] = {}  # watched future key -> param_id
         self._owner: dict[str, str] = {}  # every task key in flight -> param_id
@@ -144,6 +153,30 @@ class Runner:
     def stop(self) -> None:
         """Stop admitting, drop the work in flight, flush what completed."""
         self._stop.set()
+
+    def drain(self, timeout_s: float) -> None:
+        """Stop admitting; let the params in flight finish for up to ``timeout_s``, then
+        stop. Completed params are flushed either way."""
+        deadline = self.clock() + timeout_s
+        if self._drain_deadline is None or deadline < self._drain_deadline:
+            self._drain_deadline = deadline
+        self._wake.set()
+
+    @property
+    def quarantined(self) -> int:
+        return self._quarantined
+
+    @property
+    def worker_restarts(self) -> int:
+        return sum(n for cause, n in self._losses.items() if cause != "planned")
+
+    @property
+    def errors(self) -> list[dict[str, str]]:
+        return list(self._errors)
+
+    @property
+    def draining(self) -> bool:
+        return self._drain_deadline is not None
 
     @property
     def stopping(self) -> bool:
@@ -178,7 +211,11 @@ class Runner:
                 self._decide(workers)
                 pending = (p for p in job.params if p.param_id not in done)
                 await self._loop(pending, writer, ledger, watch)
-                state = "interrupted" if self.stopping else "succeeded"
+                unfinished = self.stopping or self._to_admit > 0 or bool(self._inflight)
+                state = "interrupted" if unfinished else "succeeded"
+            except SchedulerLost:
+                state = "interrupted"  # the ledger has what completed; a rerun resumes
+                raise
             finally:
                 await self._drop_inflight()
                 if writer.pending_params:
@@ -220,7 +257,10 @@ class Runner:
                 # and the new window coexist there for a moment.
                 await asyncio.sleep(0)
                 await self._handle_losses(watch.losses(), writer)
-                if self.decision is None or self.decision.admit:
+                if self._drain_deadline is not None:
+                    if not self._inflight or self.clock() >= self._drain_deadline:
+                        break
+                elif self.decision is None or self.decision.admit:
                     self._admit(pending, completions)
                 if self._to_admit == 0 and not self._inflight:
                     break
@@ -248,12 +288,15 @@ class Runner:
         self._report()
 
     async def _wait(self, completions: Completions, timeout: float) -> list[Any]:
+        self._wake.clear()
         stop = asyncio.ensure_future(self._stop.wait())
+        wake = asyncio.ensure_future(self._wake.wait())
         got = asyncio.ensure_future(completions.wait(timeout))
         try:
-            await asyncio.wait({stop, got}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({stop, wake, got}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop.cancel()
+            wake.cancel()
         if not got.done():
             got.cancel()
             return []
@@ -339,6 +382,15 @@ class Runner:
             chunk, i = results[i : i + n], i + n
             # Dropping the last references releases the tasks on the cluster.
             self._forget(entry)
+            if any(isinstance(r, TaskError) and r.type == "Cancelled" for r in chunk):
+                # tidegate forgets what it cancels before cancelling it: a cancelled
+                # result here means the scheduler connection broke (Dask cancels every
+                # future then). The param is not failed; it runs again.
+                if not self.cluster.connected:
+                    raise SchedulerLost("lost the connection to the scheduler")
+                self._retry.append((entry.param, entry.attempt))
+                self._to_admit += 1
+                continue
             if self._should_retry(entry, chunk):
                 continue
             self._learn(entry, chunk, now)
@@ -450,6 +502,9 @@ class Runner:
     # --- the cluster and the controller --------------------------------------------
 
     async def _poll(self) -> None:
+        if not self.cluster.connected:
+            self.metrics.scheduler_connected.set(0)
+            raise SchedulerLost(f"lost the connection to the scheduler at {self.cluster.address}")
         try:
             workers = await self.cluster.workers()
         except Exception as exc:  # a scheduler hiccup must not end the job
@@ -665,7 +720,7 @@ class Runner:
             batch_max=hi or self._batch_size,
             batch_final=self._batch_size,
             oom_events=self.controller.oom_events,
-            worker_restarts=sum(n for c, n in self._losses.items() if c != "planned"),
+            worker_restarts=self.worker_restarts,
             wall_seconds=self.clock() - self._started,
             output=str(self.job.output_dir),
             parts=parts,

@@ -8,13 +8,12 @@ name, no duplicates) and param files are checked while expanding.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import itertools
 import json
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -23,7 +22,6 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pa_parquet
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -38,9 +36,16 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
 
-from tidegate import simreturn
+from tidegate import simreturn, validation
+from tidegate.validation import (
+    ERROR_TYPE,
+    ErrorTranslator,
+    FieldError,
+    ValidationFailed,
+)
+from tidegate.validation import invalid as _invalid
+from tidegate.validation import show as _show
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$"  # targets and outputs: directory names
@@ -64,61 +69,10 @@ _PATTERN_TEXT = {
 # --- errors ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class FieldError:
-    """One problem in a spec: which field, what was allowed, what arrived."""
-
-    field: str
-    expected: str
-    got: str
-
-    def __str__(self) -> str:
-        return f"{self.field}: expected {self.expected}, got {self.got}"
-
-
-class SpecError(Exception):
+class SpecError(ValidationFailed):
     """The job spec is not valid."""
 
-    _SHOWN = 20  # a param file with 10,000 bad rows should not print 10,000 lines
-
-    def __init__(self, errors: Iterable[FieldError] = (), source: str = "job spec") -> None:
-        self.errors = list(errors)
-        self.source = source
-        super().__init__(self.errors, source)
-
-    def __str__(self) -> str:
-        if not self.errors:
-            return f"{self.source}: {self.__doc__}"
-        head = f"{self.source}: {self.errors[0]}"
-        if len(self.errors) == 1:
-            return head
-        lines = [f"{head} (and {len(self.errors) - 1} more)"]
-        lines += [f"  - {e}" for e in self.errors[: self._SHOWN]]
-        if len(self.errors) > self._SHOWN:
-            lines.append(f"  ... and {len(self.errors) - self._SHOWN} more")
-        return "\n".join(lines)
-
-
-def _invalid(field: str, expected: str, got: str | None = None) -> PydanticCustomError:
-    """An error raised inside a model validator; ``field`` is relative to the model's
-    location, ``got`` defaults to the input pydantic reports."""
-    ctx = {"field": field, "expected": expected}
-    if got is not None:
-        ctx["got"] = got
-    return PydanticCustomError("tidegate", "{field}: expected {expected}", ctx)
-
-
-def _show(value: Any, typed: bool = False) -> str:
-    """What arrived, as the user wrote it (YAML spelling for null and booleans)."""
-    if value is None:
-        return "null"
-    text = ("true" if value else "false") if isinstance(value, bool) else repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    if not typed:
-        return text
-    kind = {dict: "mapping", list: "list"}.get(type(value), type(value).__name__)
-    return f"{text} ({kind})"
+    default_source = "job spec"
 
 
 # --- the models --------------------------------------------------------------------------
@@ -170,7 +124,7 @@ Outputs = Annotated[
     | Annotated[list[Name], Field(min_length=1), Tag(_NAMES)],
     Discriminator(
         lambda v: _KEYWORD if isinstance(v, str) else _NAMES if isinstance(v, list) else None,
-        custom_error_type="tidegate",
+        custom_error_type=ERROR_TYPE,
         custom_error_message="expected {expected}",
         custom_error_context={"field": "", "expected": "'all', 'none' or a list of names"},
     ),
@@ -320,131 +274,15 @@ _MODELS_AT: dict[tuple[str, ...], type[BaseModel]] = {
     ("parameters",): ParametersSpec,
     ("targets", "[]"): TargetSpec,
 }
-_TYPE_TEXT = {
-    "int_type": "an integer",
-    "int_parsing": "an integer",
-    "int_from_float": "an integer",
-    "float_type": "a number",
-    "float_parsing": "a number",
-    "string_type": "a string",
-    "bool_type": "true or false",
-    "bool_parsing": "true or false",
-    "list_type": "a list",
-    "dict_type": "a mapping",
-    "model_type": "a mapping",
-    "model_attributes_type": "a mapping",
-}
-_COMPARISONS = {
-    "greater_than_equal": (">=", "ge"),
-    "greater_than": (">", "gt"),
-    "less_than_equal": ("<=", "le"),
-    "less_than": ("<", "lt"),
-}
-
-
-def _path(loc: Sequence[str | int], sub: str = "") -> str:
-    """("targets", 1, "function") -> "targets[1].function"; odd dict keys are quoted."""
-    text = ""
-    for part in loc:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        elif re.fullmatch(r"[A-Za-z_][\w-]*", part):
-            text += f".{part}" if text else part
-        else:
-            text += f"[{part!r}]"
-    if sub and text and not sub.startswith("["):
-        return f"{text}.{sub}"
-    return text + sub
-
-
-def _model_at(loc: Sequence[str | int]) -> type[BaseModel] | None:
-    return _MODELS_AT.get(tuple("[]" if isinstance(p, int) else p for p in loc))
-
-
-def _expected(kind: str, ctx: Mapping[str, Any], msg: str, value: Any) -> str:
-    if kind in _TYPE_TEXT:
-        return _TYPE_TEXT[kind]
-    if kind in _COMPARISONS:
-        op, key = _COMPARISONS[kind]
-        number = "an integer" if isinstance(value, int) else "a number"
-        return f"{number} {op} {ctx[key]}"
-    if kind == "literal_error":
-        return str(ctx["expected"])
-    if kind == "string_pattern_mismatch":
-        return _PATTERN_TEXT.get(ctx["pattern"], f"a string matching {ctx['pattern']}")
-    if kind == "too_short":
-        what = "mapping" if ctx.get("field_type") == "Dictionary" else "list"
-        n = ctx.get("min_length", 1)
-        return f"a non-empty {what}" if n == 1 else f"a {what} of at least {n} items"
-    if kind == "too_long":
-        return f"at most {ctx.get('max_length')} items"
-    if kind == "string_too_short":
-        return "a non-empty string"
-    return msg.removeprefix("Input should be ")
-
-
-def _field_error(error: Mapping[str, Any]) -> FieldError:
-    loc = [p for p in error["loc"] if p not in _UNION_TAGS]
-    if loc and loc[-1] == "[key]":  # a dict key failed: name the key itself
-        loc.pop()
-    kind, value, ctx = error["type"], error.get("input"), error.get("ctx") or {}
-    if kind == "tidegate":
-        got = ctx["got"] if "got" in ctx else _show(value, typed=True)
-        return FieldError(_path(loc, ctx["field"]), ctx["expected"], got)
-    field = _path(loc)
-    if kind in ("missing", "extra_forbidden"):
-        model = _model_at(loc[:-1])
-        known = list(model.model_fields) if model else []
-        if kind == "missing":
-            info = model.model_fields.get(str(loc[-1])) if model else None
-            return FieldError(field, (info and info.description) or "a value", "nothing")
-        got = "an unknown field"
-        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
-        if close:
-            got += f" (did you mean {close[0]!r}?)"
-        return FieldError(field, f"one of the known fields ({', '.join(known)})", got)
-    typed = kind.endswith(("_type", "_parsing"))
-    return FieldError(field, _expected(kind, ctx, error["msg"], value), _show(value, typed))
-
-
-def _field_errors(exc: ValidationError) -> list[FieldError]:
-    return [_field_error(e) for e in exc.errors(include_url=False)]
+_field_errors = ErrorTranslator(_MODELS_AT, _PATTERN_TEXT, _UNION_TAGS).field_errors
 
 
 # --- YAML -------------------------------------------------------------------------------------
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice, which PyYAML otherwise settles silently
-    in favour of the last one (`replicates: 3` ... `replicates: 1`)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
-                continue
-            key = self.construct_object(key_node)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None,
-                    None,
-                    f"found duplicate key {key!r} (first on line {seen[key]})",
-                    key_node.start_mark,
-                )
-            seen[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep)
-
-
 def parse_yaml(text: str, source: str = "job spec") -> Any:
-    """The YAML document in ``text``; a syntax error becomes a SpecError."""
-    try:
-        return yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        got = str(getattr(exc, "problem", None) or exc)
-        if mark is not None:
-            got += f" at line {mark.line + 1}, column {mark.column + 1}"
-        raise SpecError([FieldError("<yaml>", "valid YAML", got)], source) from None
+    """The YAML document in ``text``; a syntax error or a duplicate key is a SpecError."""
+    return validation.parse_yaml(text, source, SpecError)
 
 
 # --- params -----------------------------------------------------------------------------------

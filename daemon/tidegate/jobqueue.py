@@ -1,0 +1,378 @@
+"""The daemon's durable job queue: one SQLite (WAL) database in its state_dir.
+
+A job moves ``queued -> running -> succeeded | failed | cancelled``, or to
+``interrupted`` when the daemon stops mid-job; an interrupted job is resumed before
+anything queued (tidegate picks it up from its ledger). The queue records and orders;
+the service decides when to run and enforces one job at a time, and the queue refuses
+a second ``running`` job as a backstop.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+STATES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+FINISH_STATES = frozenset({"succeeded", "failed", "cancelled", "interrupted"})
+STARTABLE = frozenset({"queued", "interrupted"})
+
+_STATE_LIST = ", ".join(f"'{s}'" for s in STATES)
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    seq              INTEGER PRIMARY KEY AUTOINCREMENT,  -- submission order, never reused
+    id               TEXT    NOT NULL UNIQUE,
+    state            TEXT    NOT NULL CHECK (state IN ({_STATE_LIST})),
+    priority         INTEGER NOT NULL,
+    spec             TEXT    NOT NULL,   -- JSON
+    output           TEXT    NOT NULL,
+    submitted_at     REAL    NOT NULL,
+    started_at       REAL,
+    finished_at      REAL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    summary          TEXT,               -- JSON
+    error            TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, priority, seq);
+-- At most one running job, whatever the service does.
+CREATE UNIQUE INDEX IF NOT EXISTS one_running ON jobs (state) WHERE state = 'running';
+"""
+
+_COLUMNS = (
+    "id, state, priority, spec, output, submitted_at, started_at, finished_at, "
+    "cancel_requested, summary, error"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    id: str
+    state: str
+    priority: int
+    spec: dict[str, Any]  # as submitted, already validated by the caller
+    output: str  # absolute output directory
+    submitted_at: float
+    started_at: float | None
+    finished_at: float | None
+    cancel_requested: bool
+    summary: dict[str, Any] | None  # RunSummary.as_dict() of the last run, when done
+    error: str | None  # job-level error text (param errors live in the summary)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def _from_row(cls, row: tuple[Any, ...]) -> JobRecord:
+        (job_id, state, priority, spec, output, submitted, started, finished, cancel,
+         summary, error) = row
+        return cls(
+            id=job_id, state=state, priority=int(priority), spec=json.loads(spec),
+            output=output, submitted_at=submitted, started_at=started, finished_at=finished,
+            cancel_requested=bool(cancel),
+            summary=None if summary is None else json.loads(summary), error=error,
+        )
+
+
+class JobExists(Exception):
+    """A job with this id is already queued, running or interrupted."""
+
+    def __init__(self, job_id: str, state: str):
+        self.job_id = job_id
+        self.state = state
+        super().__init__(
+            f"job {job_id!r} is already {state}; cancel it first or submit with another job_id"
+        )
+
+
+class UnknownJob(KeyError):
+    """No job with this id."""
+
+    def __init__(self, job_id: str):
+        self.job_id = job_id
+        super().__init__(job_id)
+
+    def __str__(self) -> str:
+        return f"no job {self.job_id!r}"
+
+
+class JobQueue:
+    """The job queue stored at ``path``; safe to share between threads.
+
+    ``readonly`` opens the database with ``mode=ro`` (reads work, writes raise
+    sqlite3.OperationalError and :meth:`writable` is False).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        clock: Callable[[], float] = time.time,
+        busy_timeout_s: float = 5.0,
+        readonly: bool = False,
+    ):
+        if busy_timeout_s < 0:
+            raise ValueError(f"busy_timeout_s: expected a number >= 0, got {busy_timeout_s!r}")
+        self.path = Path(path)
+        self._clock = clock
+        # One connection shared by threads: the lock keeps one thread's statements out of
+        # another's transaction, which check_same_thread=False alone does not.
+        self._lock = threading.RLock()
+        if readonly:
+            self._db = sqlite3.connect(
+                f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
+                isolation_level=None, check_same_thread=False,
+            )
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            self._setup(busy_timeout_s, readonly)
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _setup(self, busy_timeout_s: float, readonly: bool) -> None:
+        self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: an accepted submission survives power loss, not just a crash.
+        self._db.execute("PRAGMA synchronous=FULL")
+        if not readonly:
+            with self._transaction():
+                # Statement by statement: executescript() would commit the transaction.
+                for statement in filter(str.strip, _SCHEMA.split(";")):
+                    self._db.execute(statement)
+                self._db.execute(
+                    "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is None or int(row[0]) != SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{self.path}: job queue schema_version expected {SCHEMA_VERSION}, "
+                f"got {None if row is None else row[0]}"
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> JobQueue:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- reading --------------------------------------------------------------------
+
+    def get(self, job_id: str) -> JobRecord:
+        with self._lock:
+            return self._get(job_id)
+
+    def list(self, state: str | None = None, limit: int = 200) -> list[JobRecord]:
+        """Jobs, newest submission first, optionally only those in ``state``."""
+        if state is not None:
+            _check_state(state, STATES, "state")
+        if limit < 1:
+            raise ValueError(f"limit: expected a whole number >= 1, got {limit!r}")
+        where, args = ("WHERE state = ?", (state,)) if state is not None else ("", ())
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM jobs {where} ORDER BY seq DESC LIMIT ?", (*args, limit)
+            ).fetchall()
+        return [JobRecord._from_row(r) for r in rows]
+
+    def next_runnable(self) -> JobRecord | None:
+        """The job that should run now: a job to resume first, then the queued one of
+        highest priority, earliest submitted among equals.
+
+        A job recorded as running comes before everything: it is the one running (the
+        service's own), or one a crash cut off, before :meth:`recover` marks it
+        interrupted. Interrupted jobs follow, by priority and submission order.
+        """
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {_COLUMNS} FROM jobs "
+                "WHERE state IN ('running', 'interrupted', 'queued') "
+                "ORDER BY CASE state WHEN 'running' THEN 0 WHEN 'interrupted' THEN 1 ELSE 2 END, "
+                "priority DESC, seq LIMIT 1"
+            ).fetchone()
+        return None if row is None else JobRecord._from_row(row)
+
+    def counts(self) -> dict[str, int]:
+        """Jobs per state; every state present, zeros included."""
+        out = dict.fromkeys(STATES, 0)
+        with self._lock:
+            for state, n in self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
+                out[state] = int(n)
+        return out
+
+    def writable(self) -> bool:
+        """Whether a write transaction commits now (for /readyz): a heartbeat upsert."""
+        try:
+            with self._lock, self._transaction():
+                self._db.execute(
+                    "INSERT OR REPLACE INTO meta VALUES ('heartbeat', ?)", (repr(self._clock()),)
+                )
+        except sqlite3.Error:
+            return False
+        return True
+
+    # --- writing --------------------------------------------------------------------
+
+    def submit(
+        self, job_id: str, spec: dict[str, Any], output: str, priority: int = 0
+    ) -> JobRecord:
+        """Queue a job. A finished job with the same id is replaced (a rerun, which
+        tidegate resumes from its ledger); an unfinished one raises JobExists."""
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ValueError(f"priority: expected a whole number, got {priority!r}")
+        spec_json = json.dumps(spec)
+        with self._lock, self._transaction():
+            old = self._state(job_id)
+            if old is not None and old not in TERMINAL:
+                raise JobExists(job_id, old)
+            self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+            self._db.execute(
+                "INSERT INTO jobs (id, state, priority, spec, output, submitted_at) "
+                "VALUES (?, 'queued', ?, ?, ?, ?)",
+                (job_id, priority, spec_json, output, self._clock()),
+            )
+            return self._get(job_id)
+
+    def start(self, job_id: str) -> JobRecord:
+        """queued | interrupted -> running. Refused while another job is running."""
+        with self._lock, self._transaction():
+            state = self._require(job_id)
+            if state not in STARTABLE:
+                raise _invalid(job_id, state, "start", STARTABLE)
+            running = self._db.execute("SELECT id FROM jobs WHERE state = 'running'").fetchone()
+            if running is not None:
+                raise ValueError(
+                    f"cannot start job {job_id!r} ({state}): job {running[0]!r} is running"
+                )
+            self._db.execute(
+                "UPDATE jobs SET state = 'running', started_at = ?, finished_at = NULL, "
+                "summary = NULL, error = NULL WHERE id = ?",
+                (self._clock(), job_id),
+            )
+            return self._get(job_id)
+
+    def finish(
+        self,
+        job_id: str,
+        state: str,
+        *,
+        summary: dict[str, Any] | None = None,
+        error: str | None = None,
+    ) -> JobRecord:
+        """running -> succeeded | failed | cancelled | interrupted; also queued |
+        interrupted -> failed, for a job that cannot even start (its spec no longer
+        passes the daemon's checks).
+
+        A job whose cancel was requested and that stops as ``interrupted`` (the daemon
+        shut down before it stopped) is recorded as cancelled: it is not to be resumed.
+        """
+        _check_state(state, FINISH_STATES, "state")
+        summary_json = None if summary is None else json.dumps(summary)
+        with self._lock, self._transaction():
+            current = self._require(job_id)
+            allowed = {"running", *STARTABLE} if state == "failed" else {"running"}
+            if current not in allowed:
+                raise _invalid(job_id, current, f"finish as {state}", allowed)
+            (cancel,) = self._db.execute(
+                "SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)
+            ).fetchone()
+            if state == "interrupted" and cancel:
+                state = "cancelled"
+            self._db.execute(
+                "UPDATE jobs SET state = ?, finished_at = ?, summary = ?, error = ? WHERE id = ?",
+                (state, self._clock() if state in TERMINAL else None, summary_json, error,
+                 job_id),
+            )
+            return self._get(job_id)
+
+    def request_cancel(self, job_id: str) -> JobRecord:
+        """queued | interrupted -> cancelled now; running -> cancel_requested (the service
+        stops it and finishes it as cancelled); a finished job is left as it is."""
+        with self._lock, self._transaction():
+            state = self._require(job_id)
+            if state in STARTABLE:
+                self._db.execute(
+                    "UPDATE jobs SET state = 'cancelled', cancel_requested = 1, "
+                    "finished_at = ? WHERE id = ?",
+                    (self._clock(), job_id),
+                )
+            elif state == "running":
+                self._db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+            return self._get(job_id)
+
+    def recover(self) -> list[str]:
+        """At daemon start: a job still marked running was cut off by a crash; mark it
+        interrupted so that it resumes first (cancelled, if its cancel was requested).
+        Returns the ids marked interrupted."""
+        with self._lock, self._transaction():
+            rows = self._db.execute(
+                "SELECT id, cancel_requested FROM jobs WHERE state = 'running'"
+            ).fetchall()
+            self._db.execute(
+                "UPDATE jobs SET state = 'cancelled', finished_at = ? "
+                "WHERE state = 'running' AND cancel_requested",
+                (self._clock(),),
+            )
+            self._db.execute("UPDATE jobs SET state = 'interrupted' WHERE state = 'running'")
+        return [job_id for job_id, cancel in rows if not cancel]
+
+    # --- helpers --------------------------------------------------------------------
+
+    def _get(self, job_id: str) -> JobRecord:
+        row = self._db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise UnknownJob(job_id)
+        return JobRecord._from_row(row)
+
+    def _state(self, job_id: str) -> str | None:
+        row = self._db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else row[0]
+
+    def _require(self, job_id: str) -> str:
+        state = self._state(job_id)
+        if state is None:
+            raise UnknownJob(job_id)
+        return state
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            # A failed COMMIT (disk full, read-only) leaves the transaction open.
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+
+
+def _check_state(state: str, allowed: frozenset[str] | tuple[str, ...], field: str) -> None:
+    if state not in allowed:
+        expected = " | ".join(s for s in STATES if s in allowed)
+        raise ValueError(f"{field}: expected {expected}, got {state!r}")
+
+
+def _invalid(job_id: str, state: str, transition: str, allowed: frozenset[str] | set[str]):
+    names = [s for s in STATES if s in allowed]
+    need = " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+    return ValueError(f"cannot {transition} job {job_id!r}: it is {state} (needs {need})")

@@ -1,0 +1,417 @@
+"""The daemon: a durable job queue run one job at a time on a Dask cluster, the HTTP
+API and /metrics around it, and a lifecycle fit for systemd and Kubernetes.
+
+Lifecycle: the config is loaded and checked before anything starts; the job queue
+reopens (a job left ``running`` by a dead daemon becomes ``interrupted`` and runs
+first); the HTTP server binds; the cluster connects (or starts); READY=1. SIGTERM
+drains: stop admitting, let the params in flight finish for up to ``drain_timeout_s``,
+commit, mark the job ``interrupted``, exit 0; a second SIGTERM or SIGINT exits at once.
+If the scheduler goes away the running job pauses (``interrupted``, not failed), the
+daemon reconnects with backoff and resumes it from its ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tidegate.api import Forbidden, make_server
+from tidegate.cluster import Cluster, ClusterError, ClusterOptions, SchedulerLost, open_cluster
+from tidegate.config import DaemonConfig
+from tidegate.jobqueue import JobQueue, JobRecord
+from tidegate.metrics import Metrics
+from tidegate.report import RunSummary
+from tidegate.runner import Runner, RunOptions
+from tidegate.sdnotify import Notifier
+from tidegate.spec import FieldError, Job, SpecError, check_callables, job_from_dict
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FORCED, EXIT_STARTUP = 0, 1, 3
+QUEUE_DB = "jobs.sqlite"
+_RECONNECT_MAX_S = 30.0
+
+
+class StartupError(Exception):
+    """The daemon cannot start (exit code 3)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    job: Job
+    spec: dict[str, Any]  # as stored in the queue: code paths made absolute
+
+
+class Service:
+    """One daemon process: queue, cluster, runner, HTTP server."""
+
+    def __init__(
+        self,
+        config: DaemonConfig,
+        *,
+        metrics: Metrics | None = None,
+        notifier: Notifier | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.config = config
+        self.metrics = metrics or Metrics(process=True)
+        self.notifier = notifier or Notifier()
+        self.clock = clock
+        self.token = config.security.token()
+        self.queue: JobQueue | None = None
+        self.cluster: Cluster | None = None
+        self.runner: Runner | None = None
+        self.current: JobRecord | None = None
+        self.port: int | None = None
+        self._jobs_changed = asyncio.Event()
+        self._shutdown = asyncio.Event()
+        self._draining = False
+        self._server: Any = None
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    # --- start and stop ------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Everything that can fail at start-up, in order; StartupError on failure."""
+        cfg = self.config
+        if not cfg.is_loopback() and not self.token:
+            raise StartupError(
+                f"listen: {cfg.listen} is not a loopback address; set security.token_file "
+                "before exposing the API (submitting a job runs its code)"
+            )
+        try:
+            cfg.state_dir.mkdir(parents=True, exist_ok=True)
+            cfg.output_root.mkdir(parents=True, exist_ok=True)
+            self.queue = JobQueue(cfg.state_dir / QUEUE_DB)
+        except OSError as exc:
+            raise StartupError(f"state_dir: cannot use {cfg.state_dir}: {exc}") from None
+        for job_id in self.queue.recover():
+            log.info("job %s was running when the daemon stopped; it resumes first", job_id,
+                     extra={"action": "job_recovered"})
+        self._update_job_gauges()
+        try:
+            self._server, self.port = make_server(self, cfg.host, cfg.port)
+        except OSError as exc:
+            raise StartupError(f"listen: cannot listen on {cfg.listen}: {exc}") from None
+        await self._connect(first=True)
+        self._tasks = [
+            asyncio.create_task(self._job_loop(), name="tidegate-job-loop"),
+            asyncio.create_task(self._heartbeat(), name="tidegate-heartbeat"),
+        ]
+        for task in self._tasks:
+            task.add_done_callback(self._task_done)
+        self.notifier.ready(status="serving; no job running")
+        log.info("serving on http://%s:%d", cfg.host, self.port, extra={"action": "serving"})
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        # A background task that dies takes the daemon down with it (STYLE 8): better a
+        # restart by systemd than a daemon that looks alive and does nothing.
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s failed: %r", task.get_name(), task.exception(),
+                      extra={"action": "task_failed"})
+            self._shutdown.set()
+
+    async def serve_forever(self) -> None:
+        await self._shutdown.wait()
+
+    def request_drain(self) -> None:
+        """First SIGTERM: finish what is in flight (up to drain_timeout_s), then exit."""
+        if self._draining:
+            return
+        self._draining = True
+        self.notifier.stopping(status="draining")
+        log.warning("draining: no new params; up to %.0f s for those in flight",
+                    self.config.drain_timeout_s, extra={"action": "drain_started"})
+        if self.runner is not None:
+            self.runner.drain(self.config.drain_timeout_s)
+        else:
+            self._shutdown.set()
+        self._jobs_changed.set()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        if self._server is not None:
+            self._server.stop()
+        if self.cluster is not None:
+            await self.cluster.close()
+        if self.queue is not None:
+            self.queue.close()
+
+    # --- the cluster -----------------------------------------------------------------
+
+    def _cluster_options(self) -> ClusterOptions:
+        c = self.config.cluster
+        return ClusterOptions(
+            address=c.address or None,
+            workers=c.local.workers,
+            threads_per_worker=c.local.threads_per_worker,
+            memory_limit=c.local.memory_limit,
+        )
+
+    async def _connect(self, *, first: bool = False) -> None:
+        """Connect (or start the embedded cluster), retrying with backoff; at start-up a
+        failure is fatal only for the embedded cluster."""
+        delay = 0.5
+        while not self._shutdown.is_set():
+            try:
+                self.cluster = await open_cluster(self._cluster_options())
+                self.metrics.scheduler_connected.set(1)
+                if not first:
+                    log.info("reconnected to the scheduler", extra={"action": "reconnected"})
+                return
+            except ClusterError as exc:
+                self.metrics.scheduler_connected.set(0)
+                if first and not self.config.cluster.address:
+                    raise StartupError(str(exc)) from None
+                log.warning("%s; retrying in %.1f s", exc, delay,
+                            extra={"action": "reconnect_wait"})
+                first = False
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._shutdown.wait(), delay)
+                delay = min(delay * 2, _RECONNECT_MAX_S)
+
+    @property
+    def scheduler_ok(self) -> bool:
+        return self.cluster is not None and self.cluster.connected
+
+    # --- jobs ------------------------------------------------------------------------
+
+    def prepare(self, data: Any) -> Prepared:
+        """Validate a submitted spec under the daemon's rules. SpecError (400) or
+        Forbidden (403); nothing is imported before the modules are allowed."""
+        if not isinstance(data, dict):
+            raise SpecError([FieldError("<top level>", "a mapping of spec fields",
+                                        type(data).__name__)], source="request")
+        spec = dict(data)
+        self._check_modules(spec)
+        spec["code_paths"] = self._code_paths(spec.get("code_paths", []))
+        root = self.config.output_root.resolve()
+        if isinstance(spec.get("output"), str):
+            spec["output"] = str(root / spec["output"])
+        # Other relative paths (a parameters file) are relative to the first code root.
+        roots = self.config.security.code_roots
+        base = roots[0].resolve() if roots else root
+        job = job_from_dict(spec, base_dir=base, source="request", output_root=root)
+        if not job.output_dir.resolve().is_relative_to(root):
+            raise SpecError([FieldError("output", f"a directory inside output_root ({root})",
+                                        repr(spec.get("output")))], source="request")
+        check_callables(job)
+        return Prepared(job, spec)
+
+    def _check_modules(self, spec: dict[str, Any]) -> None:
+        allowed = self.config.security.allowed_modules
+        if not allowed:
+            return
+        refs = [("model", spec.get("model"))] + [
+            (f"targets[{i}].function", t.get("function") if isinstance(t, dict) else None)
+            for i, t in enumerate(spec.get("targets") or [])
+        ]
+        for field, ref in refs:
+            if not isinstance(ref, str):
+                continue  # the spec's own validation names it
+            module = ref.partition(":")[0]
+            if not any(module == p or module.startswith(p + ".") for p in allowed):
+                raise Forbidden(
+                    f"{field}: module {module!r} is not in security.allowed_modules "
+                    f"({', '.join(allowed)})"
+                )
+
+    def _code_paths(self, paths: Any) -> list[str]:
+        roots = [r.resolve() for r in self.config.security.code_roots]
+        if not isinstance(paths, list):
+            return paths  # the spec's validation reports the type
+        out = []
+        for i, p in enumerate(paths):
+            if not isinstance(p, str):
+                out.append(p)
+                continue
+            if not roots:
+                raise Forbidden(f"code_paths[{i}]: this daemon has no security.code_roots; "
+                                "jobs may use only modules installed beside tidegate")
+            path = Path(p) if Path(p).is_absolute() else roots[0] / p
+            path = path.resolve()
+            if not any(path.is_relative_to(r) for r in roots):
+                raise Forbidden(f"code_paths[{i}]: {path} is outside security.code_roots "
+                                f"({', '.join(map(str, roots))})")
+            out.append(str(path))
+        return out
+
+    def submit(self, data: Any, priority: int = 0) -> JobRecord:
+        assert self.queue is not None
+        prepared = self.prepare(data)
+        record = self.queue.submit(prepared.job.job_id, prepared.spec,
+                                   str(prepared.job.output_dir), priority)
+        log.info("job %s queued (%d params)", record.id, len(prepared.job.params),
+                 extra={"action": "job_queued"})
+        self._update_job_gauges()
+        self._jobs_changed.set()
+        return record
+
+    def cancel(self, job_id: str) -> JobRecord:
+        assert self.queue is not None
+        record = self.queue.request_cancel(job_id)
+        if self.current is not None and self.current.id == job_id and self.runner is not None:
+            self.runner.stop()
+        self._update_job_gauges()
+        return record
+
+    def live(self, job_id: str) -> dict[str, Any] | None:
+        """The running job's live numbers, if ``job_id`` is the one running."""
+        if self.runner is None or self.current is None or self.current.id != job_id:
+            return None
+        p = self.runner.snapshot()
+        return {
+            "params": {"total": p.total, "ok": p.ok, "failed": p.failed, "resumed": p.resumed,
+                       "quarantined": self.runner.quarantined},
+            "batch_size": p.batch_size,
+            "inflight": {"params": p.inflight_params, "tasks": p.inflight_tasks},
+            "oom_events": p.oom_events,
+            "worker_restarts": self.runner.worker_restarts,
+            "errors": self.runner.errors[:10],
+            "rate": round(p.rate, 3),
+        }
+
+    async def _job_loop(self) -> None:
+        assert self.queue is not None
+        while not self._draining:
+            record = self.queue.next_runnable()
+            if record is None:
+                self._jobs_changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._jobs_changed.wait(), 5.0)
+                continue
+            await self._run(record)
+        self._shutdown.set()
+
+    async def _run(self, record: JobRecord) -> None:
+        assert self.queue is not None
+        if self.cluster is None or not self.cluster.connected:
+            await self._reconnect()
+        try:
+            prepared = self.prepare(record.spec)
+        except (SpecError, Forbidden) as exc:  # the config changed since it was queued
+            self.queue.finish(record.id, "failed", error=str(exc))
+            self._update_job_gauges()
+            return
+        self.current = self.queue.start(record.id)
+        self._update_job_gauges()
+        runner = Runner(prepared.job, self.cluster, self._run_options(), metrics=self.metrics,
+                        clock=self.clock)
+        self.runner = runner
+        log.info("job %s started", record.id, extra={"action": "job_started"})
+        state, summary, error = "failed", None, None
+        try:
+            result = await runner.run()
+            summary = result.as_dict()
+            state = self._final_state(record.id, result)
+        except SchedulerLost as exc:
+            state, error = "interrupted", str(exc)
+            log.warning("job %s paused: %s", record.id, exc, extra={"action": "job_paused"})
+        except Exception as exc:  # a job's failure must not take the daemon down
+            error = f"{type(exc).__name__}: {exc}"
+            log.exception("job %s failed", record.id, extra={"action": "job_failed"})
+        finally:
+            self.runner, self.current = None, None
+            self.queue.finish(record.id, state, summary=summary, error=error)
+            self._update_job_gauges()
+            log.info("job %s %s", record.id, state, extra={"action": "job_finished"})
+        if state == "interrupted" and not self._draining:
+            await self._reconnect()
+
+    def _final_state(self, job_id: str, result: RunSummary) -> str:
+        assert self.queue is not None
+        if result.state != "interrupted":
+            return result.state
+        return "cancelled" if self.queue.get(job_id).cancel_requested else "interrupted"
+
+    async def _reconnect(self) -> None:
+        if self.cluster is not None:
+            await self.cluster.close()
+            self.cluster = None
+        self.metrics.scheduler_connected.set(0)
+        await self._connect()
+
+    def _run_options(self) -> RunOptions:
+        c = self.config
+        return RunOptions(controller=c.controller.overrides(), flush_params=c.flush.params,
+                          flush_seconds=c.flush.seconds)
+
+    # --- health, metrics, systemd ---------------------------------------------------------
+
+    def ready(self) -> dict[str, bool]:
+        store = self.queue is not None and self.queue.writable()
+        return {"scheduler": self.scheduler_ok, "store": store}
+
+    def _update_job_gauges(self) -> None:
+        if self.queue is None:
+            return
+        for state, n in self.queue.counts().items():
+            self.metrics.jobs.labels(state).set(n)
+
+    async def _heartbeat(self) -> None:
+        """STATUS= and WATCHDOG=1 for systemd; the connectivity gauge for everyone."""
+        interval = self.notifier.watchdog_interval()
+        period = min(interval, 5.0) if interval else 5.0
+        while True:
+            self.metrics.scheduler_connected.set(1 if self.scheduler_ok else 0)
+            if self.runner is not None and self.current is not None:
+                p = self.runner.snapshot()
+                status = (f"job {self.current.id}: {p.done}/{p.total} params, "
+                          f"B={p.batch_size}, {p.inflight_params} in flight")
+            else:
+                status = "serving; no job running"
+            if not self.scheduler_ok:
+                status += "; scheduler unreachable"
+            self.notifier.status(status)
+            if interval:
+                self.notifier.watchdog()
+            await asyncio.sleep(period)
+
+
+def run_service(config: DaemonConfig) -> int:
+    """Run the daemon until SIGTERM/SIGINT; the process exit code."""
+    return asyncio.run(_main(config))
+
+
+async def _main(config: DaemonConfig) -> int:
+    from tidegate.logs import quiet_dask_logs
+
+    quiet_dask_logs()
+    service = Service(config)
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT)
+
+    def on_signal(signum: int) -> None:
+        if service._draining:
+            log.warning("%s again: exiting now; committed parts are safe",
+                        signal.Signals(signum).name, extra={"action": "forced_exit"})
+            os._exit(EXIT_FORCED)
+        service.request_drain()
+
+    for s in signals:
+        loop.add_signal_handler(s, on_signal, s)
+    try:
+        try:
+            await service.start()
+        except StartupError as exc:
+            print(f"tidegate: error: {exc}", flush=True, file=sys.stderr)
+            return EXIT_STARTUP
+        await service.serve_forever()
+        return EXIT_OK
+    finally:
+        for s in signals:
+            loop.remove_signal_handler(s)
+        await service.close()
