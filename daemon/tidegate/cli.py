@@ -133,6 +133,8 @@ _SERVE_FLAGS: list[tuple[str, str, Any, str]] = [
      "embedded cluster: memory limit per worker"),
     ("--drain-timeout", "drain_timeout_s", float,
      "seconds SIGTERM waits for params in flight"),
+    ("--code-roots", "security.code_roots", lambda t: [p for p in t.split(",") if p],
+     "comma-separated directories that job code_paths may lie in"),
     ("--log-format", "log.format", str, "text or json"),
 ]
 

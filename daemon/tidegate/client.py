@@ -22,6 +22,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from tidegate.jobqueue import STATES, TERMINAL
 from tidegate.report import Progress
 
@@ -340,12 +342,36 @@ def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2))
 
 
+def with_absolute_paths(text: str, spec_dir: Path) -> str:
+    """The spec with its file paths made absolute, as the spec file means them.
+
+    In a spec file, `code_paths` and `parameters.file` are relative to the file; the
+    daemon never sees the file, so they are resolved here (the daemon still checks
+    code paths against its code_roots). `output` stays relative: to the daemon's
+    output_root. Text that does not parse is sent as it is, for the daemon to report.
+    """
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if not isinstance(data, dict):
+        return text
+    base = spec_dir.resolve()
+    paths = data.get("code_paths", ["."])
+    if isinstance(paths, list):
+        data["code_paths"] = [str(base / p) if isinstance(p, str) else p for p in paths]
+    params = data.get("parameters")
+    if isinstance(params, dict) and isinstance(params.get("file"), str):
+        params["file"] = str(base / params["file"])
+    return json.dumps(data)
+
+
 def cmd_submit(client: Client, args: argparse.Namespace) -> int:
     try:
         text = args.spec.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         return _fail(f"cannot read job spec {args.spec}: {exc}", EXIT_USAGE)
-    answer = client.submit(text, priority=args.priority)
+    answer = client.submit(with_absolute_paths(text, args.spec.parent), priority=args.priority)
     job_id = answer["id"]
     if not args.wait:
         if args.json:

@@ -226,8 +226,9 @@ def test_submit_sends_the_spec_text_content_type_priority_and_token(
     daemon: FakeDaemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """POST /v1/jobs carries the file's bytes as application/yaml, ?priority=N and the
-    bearer token from TIDEGATE_TOKEN; the URL comes from TIDEGATE_URL."""
+    """POST /v1/jobs carries the spec (code paths made absolute against the spec's
+    directory), ?priority=N and the bearer token from TIDEGATE_TOKEN; the URL comes
+    from TIDEGATE_URL."""
     daemon.token = TOKEN
     monkeypatch.setenv("TIDEGATE_TOKEN", TOKEN)
     monkeypatch.setenv("TIDEGATE_URL", daemon.url)
@@ -237,7 +238,11 @@ def test_submit_sends_the_spec_text_content_type_priority_and_token(
     assert (r.method, r.path, r.query) == ("POST", "/v1/jobs", {"priority": ["5"]})
     assert r.headers["content-type"] == "application/yaml"
     assert r.headers["authorization"] == f"Bearer {TOKEN}"
-    assert r.body == path.read_bytes()
+    sent = yaml.safe_load(r.body)
+    original = yaml.safe_load(path.read_text())
+    assert sent["code_paths"] == [str(tmp_path.resolve())]
+    assert {k: v for k, v in sent.items() if k != "code_paths"} == {
+        k: v for k, v in original.items() if k != "code_paths"}
     assert capsys.readouterr().out == "submitted job sweep-1: queued\n"
     assert daemon.jobs["sweep-1"]["priority"] == 5
 
@@ -619,3 +624,16 @@ def test_progress_of_counts_this_runs_rate() -> None:
     assert progress_of({**job, "rate": 3.5}, now=T0 + 11).rate == 3.5
     queued = progress_of(job_dict("j", "queued"), now=T0)
     assert (queued.total, queued.rate, queued.elapsed) == (0, 0.0, 0.0)
+
+
+def test_spec_paths_are_resolved_against_the_spec_file(tmp_path: Path) -> None:
+    """code_paths (default ".") and parameters.file become absolute, as the spec file
+    means them; output stays relative to the daemon's output_root; bad YAML passes."""
+    from tidegate.client import with_absolute_paths
+
+    text = "model: m:f\nparameters: {file: p.csv}\noutput: runs/a\n"
+    sent = yaml.safe_load(with_absolute_paths(text, tmp_path))
+    assert sent["code_paths"] == [str(tmp_path.resolve())]
+    assert sent["parameters"]["file"] == str(tmp_path.resolve() / "p.csv")
+    assert sent["output"] == "runs/a"
+    assert with_absolute_paths("model: [", tmp_path) == "model: ["
