@@ -40,7 +40,7 @@ from tidegate.validation import (
     base_types,
     dotted,
     invalid,
-    parse_yaml,
+    read_yaml_file,
     show,
 )
 
@@ -505,14 +505,7 @@ def load_config(
 
 def _add_file(layers: _Layers, path: Path) -> None:
     source = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
-        raise ConfigError(
-            [FieldError("<file>", "a readable YAML file", f"{source!r} ({reason})")], source
-        ) from None
-    data = parse_yaml(text, source, ConfigError)
+    data = read_yaml_file(path, ConfigError)
     if data is None:  # an empty file, or every line commented out: the defaults
         return
     if not isinstance(data, dict):

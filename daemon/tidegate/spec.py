@@ -583,18 +583,10 @@ def load_job(
 ) -> Job:
     """Read the YAML spec at ``path``; its relative paths are relative to its directory."""
     path = Path(path)
-    source = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
-        raise SpecError(
-            [FieldError("<file>", "a readable YAML file", f"{source!r} ({reason})")], source
-        ) from None
     return job_from_dict(
-        parse_yaml(text, source),
+        validation.read_yaml_file(path, SpecError),
         base_dir=path.parent,
-        source=source,
+        source=str(path),
         output=output,
         output_root=output_root,
     )

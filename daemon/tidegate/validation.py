@@ -13,6 +13,7 @@ import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -274,3 +275,17 @@ def parse_yaml(text: str, source: str, error: type[ValidationFailed] = Validatio
         if mark is not None:
             got += f" at line {mark.line + 1}, column {mark.column + 1}"
         raise error([FieldError("<yaml>", "valid YAML", got)], source) from None
+
+
+def read_yaml_file(path: Path, error: type[ValidationFailed] = ValidationFailed) -> Any:
+    """The YAML document in the file at ``path``; an unreadable file raises ``error``
+    naming ``<file>``, as do a syntax error and a duplicate key."""
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise error(
+            [FieldError("<file>", "a readable YAML file", f"{source!r} ({reason})")], source
+        ) from None
+    return parse_yaml(text, source, error)

@@ -33,6 +33,13 @@ def _exactly_once(out: Path, n: int) -> None:
     assert len(ids) == len(set(ids)) == n
 
 
+def _wait_for_first_part(daemon: Daemon, out: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not list((out / "params").glob("part-*.parquet")):
+        assert time.monotonic() < deadline, daemon.log()
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
     d = Daemon(tmp_path, base_config(tmp_path, security={"code_roots": [str(SIR_DIR)]}))
@@ -74,10 +81,7 @@ def test_interrupted_daemon_resumes_the_job(daemon: Daemon, tmp_path: Path, how:
     status, _ = daemon.request("POST", "/v1/jobs", yaml.safe_dump(_slow_spec()))
     assert status == 201
     out = tmp_path / "outputs" / "slow"
-    deadline = time.monotonic() + 120
-    while not list((out / "params").glob("part-*.parquet")):
-        assert time.monotonic() < deadline, daemon.log()
-        time.sleep(0.05)
+    _wait_for_first_part(daemon, out)
     if how == "sigterm":
         started = time.monotonic()
         daemon.signal(signal.SIGTERM)
@@ -125,10 +129,7 @@ def test_scheduler_restart_mid_job(tmp_path: Path) -> None:
         status, _ = d.request("POST", "/v1/jobs", yaml.safe_dump(_slow_spec()))
         assert status == 201
         out = tmp_path / "outputs" / "slow"
-        deadline = time.monotonic() + 120
-        while not list((out / "params").glob("part-*.parquet")):
-            assert time.monotonic() < deadline, d.log()
-            time.sleep(0.05)
+        _wait_for_first_part(d, out)
         kill(cluster)
         deadline = time.monotonic() + 60
         while d.request("GET", "/readyz", auth=False)[0] != 503:
