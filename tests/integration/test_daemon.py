@@ -98,6 +98,31 @@ def test_interrupted_daemon_resumes_the_job(daemon: Daemon, tmp_path: Path, how:
     _exactly_once(out, 60)
 
 
+def test_cancel_stops_the_job_and_keeps_committed_parts(daemon: Daemon, tmp_path: Path
+                                                         ) -> None:
+    """DELETE on a running job: it ends cancelled, the parts committed so far stay, and
+    a queued job behind it then runs; `tidegate cancel` on a queued one cancels it."""
+    daemon.start()
+    assert daemon.request("POST", "/v1/jobs", yaml.safe_dump(_slow_spec()))[0] == 201
+    queued = synthetic_spec(4, job_id="after", output="after")
+    assert daemon.request("POST", "/v1/jobs", yaml.safe_dump(queued))[0] == 201
+    never = synthetic_spec(4, job_id="never", output="never")
+    assert daemon.request("POST", "/v1/jobs?priority=-1", yaml.safe_dump(never))[0] == 201
+    cancelled = tidegate("cancel", "never", "--url", daemon.url)
+    assert cancelled.returncode == 0, cancelled.stderr
+    out = tmp_path / "outputs" / "slow"
+    _wait_for_first_part(daemon, out)
+    status, reply = daemon.request("DELETE", "/v1/jobs/slow")
+    assert status == 202 and reply["state"] == "cancelling"
+    job = daemon.wait_job("slow", {"cancelled", "succeeded", "failed"})
+    assert job["state"] == "cancelled", daemon.log()
+    committed = read_dataset(out / "params")
+    assert 0 < len(committed) < 60
+    assert daemon.wait_job("after", {"succeeded", "failed"})["state"] == "succeeded"
+    assert daemon.request("GET", "/v1/jobs/never")[1]["state"] == "cancelled"
+    assert not (tmp_path / "outputs" / "never").exists()
+
+
 def test_scheduler_restart_mid_job(tmp_path: Path) -> None:
     """The scheduler and its workers killed and restarted mid-job: /readyz turns false,
     the daemon reconnects and the job completes exactly once."""
