@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-# decide() calls (about one a second) over which a worker's unmanaged memory keeps its
+# decide() calls (about two a second) over which a worker's unmanaged memory keeps its
 # minimum: long enough to see past the working memory of the tasks running right now.
 UNMANAGED_WINDOW = 30
 # Shortest run time Little's law uses, so a 0 s measurement cannot divide by zero.
