@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test test-all lint bench clean
+.PHONY: venv tools demo test test-all lint bench clean
 
 venv: $(STAMP)
 
@@ -14,14 +14,25 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# promtool and prometheus for the alert-rule and scrape tests: Debian's package, installed
+# when missing (with sudo unless root). Its own service, if the package started one, is
+# stopped: the tests start their own servers on free ports and must not find one on 9090.
+tools:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus; \
+	  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then \
+	    $$SUDO systemctl disable --now prometheus || true; fi; }
+
 demo: $(STAMP)
 	$(VENV)/bin/tidegate run examples/sir/job.yaml
 
-test: $(STAMP)
+test: $(STAMP) tools
 	$(PY) -m ruff check .
 	$(PY) -m pytest
 
-test-all: $(STAMP)
+test-all: $(STAMP) tools
 	$(PY) -m pytest -m "slow or not slow"
 
 lint: $(STAMP)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -73,11 +74,23 @@ def sir_dir() -> Path:
     return SIR_DIR
 
 
+def committed_parts(out: Path) -> int:
+    """Parts the ledger has committed (a part file on disk may not be committed yet)."""
+    ledger = out / "_ledger.sqlite"
+    if not ledger.exists():
+        return 0
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)) as db:
+            return db.execute("SELECT COUNT(*) FROM parts").fetchone()[0]
+    except sqlite3.Error:  # the schema is still being created
+        return 0
+
+
 def wait_for_part(proc: subprocess.Popen[str], out: Path, timeout: float = 120) -> bool:
-    """Wait until ``out`` has a committed params part, or the process ends first."""
+    """Wait until ``out`` has a committed part, or the process ends first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if list((out / "params").glob("part-*.parquet")):
+        if committed_parts(out):
             return True
         try:
             proc.wait(timeout=0.05)

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import SIR_DIR, read_dataset, synthetic_spec, tidegate
+from tests.conftest import SIR_DIR, committed_parts, read_dataset, synthetic_spec, tidegate
 from tests.daemon_harness import Daemon, base_config, free_port
 
 SLOW_JOB = [{"k": i, "run_seconds": 0.1} for i in range(60)]
@@ -35,7 +35,7 @@ def _exactly_once(out: Path, n: int) -> None:
 
 def _wait_for_first_part(daemon: Daemon, out: Path, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
-    while not list((out / "params").glob("part-*.parquet")):
+    while not committed_parts(out):
         assert time.monotonic() < deadline, daemon.log()
         time.sleep(0.05)
 
