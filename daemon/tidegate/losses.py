@@ -73,7 +73,10 @@ class LossTracker:
     """Collects the events about each worker's end and hands out classified losses once
     the removal and its exit code have both arrived, or the wait for the code is over."""
 
-    exit_wait_s: float = 2.0
+    # Normally the exit code arrives within milliseconds of the removal, so this only
+    # delays calling a worker "lost"; on a loaded machine the nanny's report took over
+    # 2 s (seen with 32 busy threads on 2 cores).
+    exit_wait_s: float = 5.0
     forget_after_s: float = 120.0
     _pending: dict[str, _Pending] = field(default_factory=dict)
 

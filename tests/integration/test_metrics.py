@@ -37,10 +37,12 @@ def _scrape(port: int) -> dict[str, list] | None:
     return {f.name: f.samples for f in text_string_to_metric_families(text)}
 
 
-def _value(samples: list, name: str, **labels: str) -> float:
+def _value(samples: list, name: str, default: float | None = None, **labels: str) -> float:
     for s in samples:
         if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
             return s.value
+    if default is not None:
+        return default
     raise KeyError((name, labels))
 
 
@@ -55,7 +57,9 @@ def test_metrics_served_during_a_run(tmp_path: Path) -> None:
     scrapes = []
     while proc.poll() is None:
         got = _scrape(port)
-        if got is not None and "tidegate_batch_size" in got:
+        # Count scrapes once the job has started (before that, B is not yet chosen).
+        if got is not None and _value(got["tidegate_job_params"], "tidegate_job_params",
+                                      default=0, kind="total") > 0:
             scrapes.append(got)
         wait_quietly(proc, 0.2)
     stdout, stderr = proc.communicate()

@@ -65,7 +65,7 @@ def test_memory_kill_and_retirement_need_no_exit_code() -> None:
 
 def test_stray_events_are_forgotten() -> None:
     """An exit whose removal never comes does not stay forever."""
-    t = LossTracker(forget_after_s=60)
+    t = LossTracker(exit_wait_s=2.0, forget_after_s=60)
     t.on_exit("w1", 0, now=0)
     assert t.ready(61) == []
     t.on_removed("w1", [], expected=False, stimulus_id="x", now=62)
