@@ -357,7 +357,9 @@ def with_absolute_paths(text: str, spec_dir: Path) -> str:
     if not isinstance(data, dict):
         return text
     base = spec_dir.resolve()
-    paths = data.get("code_paths", ["."])
+    # Only paths the spec names: a daemon adds none (jobs without code_paths use
+    # modules installed beside it), where `tidegate run` defaults to the spec's folder.
+    paths = data.get("code_paths")
     if isinstance(paths, list):
         data["code_paths"] = [str(base / p) if isinstance(p, str) else p for p in paths]
     params = data.get("parameters")

@@ -232,7 +232,7 @@ def test_submit_sends_the_spec_text_content_type_priority_and_token(
     daemon.token = TOKEN
     monkeypatch.setenv("TIDEGATE_TOKEN", TOKEN)
     monkeypatch.setenv("TIDEGATE_URL", daemon.url)
-    path = spec_file(tmp_path)
+    path = spec_file(tmp_path, code_paths=["."])
     assert tidegate("submit", path, "--priority", "5") == 0
     (r,) = daemon.requests
     assert (r.method, r.path, r.query) == ("POST", "/v1/jobs", {"priority": ["5"]})
@@ -627,13 +627,16 @@ def test_progress_of_counts_this_runs_rate() -> None:
 
 
 def test_spec_paths_are_resolved_against_the_spec_file(tmp_path: Path) -> None:
-    """code_paths (default ".") and parameters.file become absolute, as the spec file
-    means them; output stays relative to the daemon's output_root; bad YAML passes."""
+    """Named code_paths and parameters.file become absolute, as the spec file means
+    them; no code_paths are added; output stays relative to output_root; bad YAML
+    passes."""
     from tidegate.client import with_absolute_paths
 
-    text = "model: m:f\nparameters: {file: p.csv}\noutput: runs/a\n"
+    text = "model: m:f\ncode_paths: ['.']\nparameters: {file: p.csv}\noutput: runs/a\n"
     sent = yaml.safe_load(with_absolute_paths(text, tmp_path))
     assert sent["code_paths"] == [str(tmp_path.resolve())]
+    bare = yaml.safe_load(with_absolute_paths("model: m:f\n", tmp_path))
+    assert "code_paths" not in bare
     assert sent["parameters"]["file"] == str(tmp_path.resolve() / "p.csv")
     assert sent["output"] == "runs/a"
     assert with_absolute_paths("model: [", tmp_path) == "model: ["
