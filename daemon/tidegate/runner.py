@@ -98,7 +98,6 @@ class _InFlight:
     seeds: list[int]
     tasks: ParamTasks
     remaining: int
-    admitted_at: float
     attempt: int
 
 
@@ -151,6 +150,9 @@ class Runner:
         self._started = 0.0
         self._done_this_run = 0
         self._first_sizes = False
+        self._rtt = 0.001  # a scheduler round trip; measured by every poll
+        self._pass_seconds = 0.0  # one pass of the loop: collect, flush, poll, refill
+
 
     # --- control -------------------------------------------------------------------
 
@@ -253,6 +255,7 @@ class Runner:
         opts = self.options
         completions = self.cluster.completions()
         last_flush = last_poll = self.clock()
+        pass_started: float | None = None
         try:
             while not self.stopping:
                 # A dropped Future schedules its release on the event loop (Future.release
@@ -278,9 +281,13 @@ class Runner:
                 timeout = min(
                     opts.flush_seconds - (now - last_flush), opts.poll_seconds - (now - last_poll)
                 )
-                # The completed futures go straight to _collect: a local name here would
-                # keep the last batch alive (and on the cluster) for a whole iteration.
-                await self._collect(await self._wait(completions, max(0.01, timeout)), writer)
+                if pass_started is not None:
+                    self._pass_seconds = time.perf_counter() - pass_started
+                finished = await self._wait(completions, max(0.01, timeout))
+                pass_started = time.perf_counter()
+                # _collect empties the list: a batch of futures kept here would stay
+                # alive (and on the cluster) for a whole iteration.
+                await self._collect(finished, writer)
                 now = self.clock()
                 if (
                     writer.pending_params >= opts.flush_params
@@ -344,14 +351,11 @@ class Runner:
             self.job.job_id, params, spec.model,
             [(t.name, t.function) for t in spec.targets], spec.outputs != "none",
         )
-        now = self.clock()
         for (param, attempt), (_, _, seeds, _), tasks in zip(
             batch, params, submitted, strict=True
         ):
             pid = param.param_id
-            self._inflight[pid] = _InFlight(
-                param, seeds, tasks, len(tasks.watch), now, attempt
-            )
+            self._inflight[pid] = _InFlight(param, seeds, tasks, len(tasks.watch), attempt)
             for f in tasks.watch:
                 self._by_key[f.key] = pid
             for f in (*tasks.sims, *tasks.finals):
@@ -381,8 +385,13 @@ class Runner:
             return
         futures = [f for e in ready for f in e.tasks.gather]
         results = await self.cluster.gather(futures)
+        # The round trip a refill cannot hide: the completion reaching tidegate, this
+        # pass of the loop (gather, buffering, refill) and the replacement reaching a
+        # worker, about two scheduler round trips besides the pass. Not a param's time
+        # in flight: that includes queueing, grows with B, and would feed back into an
+        # ever larger useful ceiling (seen: B 2 -> 10,000 on trivial tasks).
+        self.controller.observe_latency(self._pass_seconds + 2 * self._rtt)
         del futures
-        now = self.clock()
         i = 0
         for entry in ready:
             n = len(entry.tasks.gather)
@@ -400,7 +409,7 @@ class Runner:
                 continue
             if self._should_retry(entry, chunk):
                 continue
-            self._learn(entry, chunk, now)
+            self._learn(entry, chunk)
             self._complete(entry, chunk, writer)
 
     def _forget(self, entry: _InFlight) -> None:
@@ -428,17 +437,15 @@ class Runner:
         self._to_admit += 1
         return True
 
-    def _learn(self, entry: _InFlight, results: list[Any], now: float) -> None:
+    def _learn(self, entry: _InFlight, results: list[Any]) -> None:
         """Feed the controller and the metrics what this param's tasks measured."""
         replicates: dict[int, ReplicateSummary] = {}
-        agg_run = 0.0
         for r in results:
             if isinstance(r, SimReturn):
                 replicates[r.replicate] = r.summary()
             elif isinstance(r, TargetResult):
                 for rep in r.replicates:
                     replicates.setdefault(rep.replicate, rep)
-                agg_run = max(agg_run, r.run_seconds)
                 if r.target is not None:
                     self.controller.observe_agg(r.__sizeof__())
                     self.metrics.tasks.labels("agg", "ok" if r.error is None else "failed").inc()
@@ -447,9 +454,6 @@ class Runner:
             self.controller.observe_sim(rep.nbytes, rep.run_seconds, rep.rss_delta_bytes)
             self.metrics.simreturn_bytes.observe(rep.nbytes)
             self.metrics.tasks.labels("sim", "ok" if rep.error is None else "failed").inc()
-        if replicates:
-            compute = max(r.run_seconds for r in replicates.values()) + agg_run
-            self.controller.observe_latency(max(0.0, now - entry.admitted_at - compute))
 
     def _complete(self, entry: _InFlight, results: list[Any], writer: PartWriter) -> None:
         sims: list[SimReturn] = []
@@ -515,7 +519,9 @@ class Runner:
             self.metrics.scheduler_connected.set(0)
             raise SchedulerLost(f"lost the connection to the scheduler at {self.cluster.address}")
         try:
+            started = time.perf_counter()
             workers = await self.cluster.workers()
+            self._rtt = time.perf_counter() - started
         except Exception as exc:  # a scheduler hiccup must not end the job
             self.metrics.scheduler_connected.set(0)
             log.warning("cannot read the cluster: %s", exc, extra={"action": "poll_failed"})
