@@ -35,6 +35,10 @@ test: $(STAMP) tools
 test-all: $(STAMP) tools
 	$(PY) -m pytest -m "slow or not slow"
 
+bench: $(STAMP)
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m bench
+
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check daemon tests

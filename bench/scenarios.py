@@ -1,0 +1,275 @@
+"""The named scenarios: a cluster shape, a workload and the arms (strategy + settings)
+that run on it. Sizes are set so the full suite takes about 15 minutes on 2 cores;
+``smoke`` shrinks every scenario to seconds and keeps every arm."""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from dataclasses import dataclass, replace
+from statistics import NormalDist
+from typing import Any
+
+MiB = 2**20
+STRATEGIES = ("naive", "fixed", "dask-window", "tidegate")
+MODEL = "tidegate.workloads:synthetic"
+TARGET = ("score", "tidegate.workloads:synthetic_loss")
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """One LocalCluster: every arm of a scenario runs on the same one."""
+
+    workers: int
+    threads: int
+    memory_limit: int | None = None  # per worker; None: LocalCluster's "auto"
+    no_spill: bool = False  # distributed.worker.memory.spill/target: False
+
+    @property
+    def nthreads(self) -> int:
+        return self.workers * self.threads
+
+    def describe(self) -> str:
+        text = f"{self.workers} workers x {self.threads} threads"
+        if self.memory_limit:
+            text += f", {self.memory_limit // MiB} MiB limit each"
+        if self.no_spill:
+            text += ", spilling off"
+        return text
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """Params of the synthetic model (tidegate.workloads:synthetic), identical for
+    every strategy."""
+
+    n_params: int
+    replicates: int = 1
+    targets: int = 1  # 0 or 1: the synthetic_loss target
+    outputs: str = "all"  # "all": model outputs are gathered and written; "none"
+    output_bytes: int = 1024
+    alloc_bytes: int = 0
+    run_seconds: float = 0.0  # the median when run_sigma > 0
+    run_sigma: float = 0.0  # lognormal spread of the run times
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if self.targets not in (0, 1):
+            raise ValueError(f"targets must be 0 or 1, got {self.targets}")
+        if self.outputs not in ("all", "none"):
+            raise ValueError(f"outputs must be 'all' or 'none', got {self.outputs!r}")
+        if self.targets == 0 and self.outputs == "none":
+            raise ValueError("a workload without targets must keep its outputs")
+
+    @property
+    def tasks_per_param(self) -> int:
+        return self.replicates + self.targets
+
+    def run_times(self) -> list[float]:
+        """Each param's run time in seconds, the same for every strategy and run.
+
+        A lognormal's exact quantiles, shuffled with a fixed seed: a random draw of 1,000
+        would make the suite's result hinge on its luck (seed 42's longest task was
+        12.8 s against 8.1 s for the 99.95% quantile)."""
+        n = self.n_params
+        if self.run_sigma <= 0:
+            return [self.run_seconds] * n
+        z = NormalDist()
+        times = [
+            round(self.run_seconds * math.exp(self.run_sigma * z.inv_cdf((i + 0.5) / n)), 4)
+            for i in range(n)
+        ]
+        random.Random(self.seed).shuffle(times)
+        return times
+
+    def in_order_bound(self, threads: int) -> float:
+        """The shortest wall any runner that starts params in order could reach: each
+        task on the first free thread, no overhead (list scheduling)."""
+        free = [0.0] * threads
+        for t in self.run_times():
+            heapq.heappush(free, heapq.heappop(free) + t * self.replicates)
+        return max(free)
+
+    def parameters(self) -> dict[str, Any]:
+        """The spec's ``parameters`` section."""
+        fixed = {"output_bytes": self.output_bytes, "alloc_bytes": self.alloc_bytes}
+        if self.run_sigma <= 0:
+            # A grid expands 100,000 params far faster than as many inline values.
+            grid = {"i": list(range(self.n_params)), "run_seconds": [self.run_seconds]}
+            return {"grid": grid | {k: [v] for k, v in fixed.items()}}
+        return {
+            "values": [{"i": i, "run_seconds": s, **fixed} for i, s in enumerate(self.run_times())]
+        }
+
+    def describe(self) -> str:
+        """One line for the report: what each param costs."""
+        parts = [f"{self.n_params:,} params x {self.replicates} replicate"
+                 + ("s" if self.replicates > 1 else "")
+                 + (" + 1 target" if self.targets else ", no target")]
+        parts.append(f"{_size(self.output_bytes)} output per sim (outputs: {self.outputs})")
+        if self.alloc_bytes:
+            parts.append(f"{_size(self.alloc_bytes)} working memory per sim")
+        if self.run_sigma > 0:
+            parts.append(f"run time lognormal, median {self.run_seconds:g} s, "
+                         f"sigma {self.run_sigma:g}")
+        elif self.run_seconds > 0:
+            parts.append(f"{self.run_seconds:g} s per sim (sleeping)")
+        else:
+            parts.append("no run time")
+        return "; ".join(parts)
+
+    def task_seconds(self) -> float:
+        """Sum of the sim tasks' run times: the work to spread over the threads."""
+        return sum(self.run_times()) * self.replicates
+
+
+def _size(n: int) -> str:
+    return f"{n / MiB:g} MiB" if n >= MiB else f"{n / 1024:g} KiB"
+
+
+@dataclass(frozen=True, slots=True)
+class Arm:
+    """One strategy with its settings; a row of the report."""
+
+    label: str
+    strategy: str
+    batch: int | None = None  # fixed: B; dask-window: window; tidegate: pin (None: adaptive)
+    n_params: int | None = None  # overrides the workload's
+    kill: bool = False  # SIGKILL a worker once half the params are done
+    time_limit: float = 300.0
+    max_repeats: int | None = None  # cap on --repeats for the long arms
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    name: str
+    about: str
+    shape: Shape
+    workload: Workload
+    arms: tuple[Arm, ...]
+
+    def workload_for(self, arm: Arm) -> Workload:
+        if arm.n_params is None:
+            return self.workload
+        return replace(self.workload, n_params=arm.n_params)
+
+
+def full() -> list[Scenario]:
+    tight = Shape(2, 1, 400 * MiB, no_spill=True)
+    return [
+        Scenario(
+            "tight-memory",
+            "SimReturns adding up to more than 5x the cluster's memory, spilling off (the "
+            "workload of tests/integration/test_memory.py, known to be tight).",
+            tight,
+            Workload(170, outputs="none", output_bytes=24 * MiB, alloc_bytes=60 * MiB),
+            (
+                # Both stall or lose workers: one run each, stopped after 60 s.
+                Arm("naive", "naive", time_limit=60, max_repeats=1),
+                Arm("fixed-200", "fixed", batch=200, time_limit=60, max_repeats=1),
+                # B=8 holds 192 MiB of results, under half the cluster's memory, yet
+                # with the working memory on top a worker can pause: a stall, hence 60 s.
+                Arm("fixed-8", "fixed", batch=8, time_limit=60),
+                Arm("dask-window-8", "dask-window", batch=8, time_limit=60),
+                Arm("tidegate", "tidegate", time_limit=120),
+            ),
+        ),
+        Scenario(
+            "heavy-tail",
+            "Run times from a lognormal (sigma 1): barriers wait for the slowest task. A "
+            "32-thread cluster is emulated by sleeping tasks on 2 cores.",
+            Shape(2, 16),
+            Workload(1000, run_seconds=0.3, run_sigma=1.0),
+            (
+                # naive is in no target here, and fixed's ratio is far from its bound.
+                Arm("naive", "naive", time_limit=120, max_repeats=1),
+                Arm("fixed-200", "fixed", batch=200, time_limit=120, max_repeats=2),
+                Arm("dask-window-200", "dask-window", batch=200, time_limit=120),
+                Arm("tidegate", "tidegate", time_limit=120),
+            ),
+        ),
+        Scenario(
+            "overhead",
+            "Trivial tasks: the run loop's own cost per param.",
+            Shape(2, 1),
+            Workload(20_000, targets=0),
+            (
+                Arm("dask-window-500", "dask-window", batch=500, time_limit=240, max_repeats=2),
+                Arm("tidegate", "tidegate", time_limit=240, max_repeats=2),
+            ),
+        ),
+        Scenario(
+            "scale",
+            "Trivial tasks, a large job against a small one: tidegate's memory and the "
+            "scheduler's task count must not grow with the job.",
+            Shape(2, 1),
+            Workload(1000, targets=0),
+            (
+                Arm("tidegate-1k", "tidegate", n_params=1000, time_limit=120),
+                Arm("tidegate-100k", "tidegate", n_params=100_000, time_limit=600,
+                    max_repeats=1),
+            ),
+        ),
+        Scenario(
+            "worker-kill",
+            "One worker SIGKILLed once half the params are done, against the same run "
+            "without the kill.",
+            Shape(2, 2),
+            Workload(400, run_seconds=0.1),
+            (
+                Arm("tidegate", "tidegate", time_limit=120),
+                Arm("tidegate-kill", "tidegate", kill=True, time_limit=120),
+                # For comparison only (the targets are tidegate's): one run each.
+                Arm("dask-window-16", "dask-window", batch=16, time_limit=120, max_repeats=1),
+                Arm("dask-window-16-kill", "dask-window", batch=16, kill=True, time_limit=120,
+                    max_repeats=1),
+            ),
+        ),
+    ]
+
+
+def smoke() -> list[Scenario]:
+    """Every scenario and arm of the full suite, at sizes that run in seconds."""
+    sizes: dict[str, dict[str, Any]] = {
+        "tight-memory": {"n_params": 12, "output_bytes": MiB, "alloc_bytes": 0},
+        "heavy-tail": {"n_params": 48, "run_seconds": 0.02},
+        "overhead": {"n_params": 200},
+        "scale": {"n_params": 100},
+        "worker-kill": {"n_params": 40, "run_seconds": 0.05},
+    }
+    small_n = {"tidegate-100k": 300}
+    out = []
+    for s in full():
+        arms = tuple(
+            replace(a, time_limit=30, max_repeats=1,
+                    n_params=small_n.get(a.label, a.n_params and 100))
+            for a in s.arms
+        )
+        out.append(replace(s, workload=replace(s.workload, **sizes[s.name]), arms=arms))
+    return out
+
+
+def select(
+    scenarios: list[Scenario], names: list[str] | None, strategies: list[str] | None
+) -> list[Scenario]:
+    """The scenarios named (all when None), keeping only arms of the strategies named."""
+    known = {s.name for s in scenarios}
+    for name in names or []:
+        if name not in known:
+            raise ValueError(f"unknown scenario {name!r}; expected one of {sorted(known)}")
+    for strategy in strategies or []:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+    out = []
+    for s in scenarios:
+        if names and s.name not in names:
+            continue
+        arms = tuple(a for a in s.arms if not strategies or a.strategy in strategies)
+        if arms:
+            out.append(replace(s, arms=arms))
+    return out

@@ -1,0 +1,207 @@
+"""From run records to per-arm medians (with min-max) and the targets the report
+checks."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+# Below this, an RSS growth is allocator noise (psutil sees whole pages and arenas).
+RSS_FLOOR_MIB = 1.0
+
+METRICS = (
+    "wall_s",
+    "params_ok",
+    "worker_deaths",
+    "peak_worker_mem_frac",
+    "utilization",
+    "params_per_s",
+    "peak_client_rss_delta_mib",
+    "peak_scheduler_tasks",
+    "window_tasks",
+    "recomputed",
+)
+
+
+def spread(values: Iterable[float | int | None]) -> dict[str, float] | None:
+    """Median, min and max of the values that are not None."""
+    vs = [v for v in values if v is not None]
+    if not vs:
+        return None
+    return {"median": statistics.median(vs), "min": min(vs), "max": max(vs), "n": len(vs)}
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per (scenario, arm), in the order the arms first ran."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["scenario"], r["arm"]), []).append(r)
+    out = []
+    for (scenario, arm), rs in groups.items():
+        statuses: dict[str, int] = {}
+        for r in rs:
+            statuses[r["status"]] = statuses.get(r["status"], 0) + 1
+        out.append({
+            "scenario": scenario,
+            "arm": arm,
+            "strategy": rs[0]["strategy"],
+            "runs": len(rs),
+            "statuses": statuses,
+            "params_total": rs[0]["params_total"],
+            **{m: spread(r[m] for r in rs) for m in METRICS},
+        })
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    scenario: str
+    name: str
+    measured: str
+    wanted: str
+    met: bool | None  # None: could not be evaluated (an arm did not run)
+    by: str  # how far from the threshold, signed so that a miss reads plainly
+
+
+def _runs(runs: list[dict[str, Any]], scenario: str, arm: str) -> list[dict[str, Any]]:
+    return [r for r in runs if r["scenario"] == scenario and r["arm"] == arm]
+
+
+def _median(runs: list[dict[str, Any]], metric: str) -> float | None:
+    s = spread(r[metric] for r in runs)
+    return s["median"] if s else None
+
+
+def _ratio_target(
+    scenario: str, name: str, num: float | None, den: float | None, op: str, limit: float,
+    what: str,
+) -> Target:
+    if num is None or den is None or den == 0:
+        return Target(scenario, name, "n/a", f"{op} {limit:g}", None, "an arm did not finish")
+    ratio = num / den
+    met = ratio <= limit if op == "<=" else ratio >= limit
+    by = f"{(ratio / limit - 1) * 100:+.0f}% vs the limit"
+    return Target(scenario, name, f"{ratio:.2f} ({what})", f"{op} {limit:g}", met, by)
+
+
+def evaluate(runs: list[dict[str, Any]]) -> list[Target]:
+    """The issue's targets, for the scenarios that ran."""
+    out: list[Target] = []
+    ran = {r["scenario"] for r in runs}
+    if "tight-memory" in ran:
+        out += _tight(runs)
+    if "heavy-tail" in ran:
+        out += _heavy(runs)
+    if "overhead" in ran:
+        tg = _median(_runs(runs, "overhead", "tidegate"), "params_per_s")
+        dw = _median(_runs(runs, "overhead", _label(runs, "overhead", "dask-window")),
+                     "params_per_s")
+        out.append(_ratio_target("overhead", "tidegate params/s / dask-window params/s",
+                                 tg, dw, ">=", 0.9, f"{tg or 0:.0f} vs {dw or 0:.0f} params/s"))
+    if "scale" in ran:
+        out += _scale(runs)
+    if "worker-kill" in ran:
+        out += _kill(runs)
+    return out
+
+
+def _label(runs: list[dict[str, Any]], scenario: str, strategy: str) -> str:
+    """The first arm of ``strategy`` in ``scenario`` that kills no worker."""
+    for r in runs:
+        if r["scenario"] == scenario and r["strategy"] == strategy and not r["kill_arm"]:
+            return r["arm"]
+    return f"<no {strategy} arm>"
+
+
+def _tight(runs: list[dict[str, Any]]) -> list[Target]:
+    tg = _runs(runs, "tight-memory", "tidegate")
+    naive = _runs(runs, "tight-memory", "naive")
+    out = []
+    if tg:
+        deaths = max(r["worker_deaths"] for r in tg)
+        ok = min(r["params_ok"] for r in tg)
+        total = tg[0]["params_total"]
+        met = deaths == 0 and ok == total
+        out.append(Target("tight-memory", "tidegate: 0 worker deaths and every param",
+                          f"{deaths} deaths (worst run), {ok}/{total} params (worst run)",
+                          f"0 deaths, {total}/{total}", met,
+                          "met" if met else f"{deaths} deaths, {total - ok} params short"))
+    if naive:
+        failed = [r for r in naive if r["worker_deaths"] > 0 or r["status"] != "ok"]
+        met = len(failed) == len(naive)
+        what = ", ".join(
+            f"{r['status']}, {r['worker_deaths']} deaths, {r['params_ok']} written"
+            for r in naive
+        )
+        out.append(Target("tight-memory", "naive loses workers or fails", what,
+                          "every run loses a worker or fails", met,
+                          f"{len(failed)}/{len(naive)} runs"))
+    return out
+
+
+def _heavy(runs: list[dict[str, Any]]) -> list[Target]:
+    tg = _median(_runs(runs, "heavy-tail", "tidegate"), "wall_s")
+    dw = _median(_runs(runs, "heavy-tail", _label(runs, "heavy-tail", "dask-window")), "wall_s")
+    fx = _median(_runs(runs, "heavy-tail", "fixed-200"), "wall_s")
+    util = _median(_runs(runs, "heavy-tail", "tidegate"), "utilization")
+    out = [
+        _ratio_target("heavy-tail", "tidegate wall / dask-window wall", tg, dw, "<=", 1.05,
+                      f"{tg or 0:.1f} s vs {dw or 0:.1f} s"),
+        _ratio_target("heavy-tail", "fixed-200 wall / tidegate wall", fx, tg, ">=", 1.5,
+                      f"{fx or 0:.1f} s vs {tg or 0:.1f} s"),
+    ]
+    if util is None:
+        out.append(Target("heavy-tail", "tidegate utilization", "n/a", ">= 0.85", None,
+                          "did not finish"))
+    else:
+        out.append(Target("heavy-tail", "tidegate utilization", f"{util:.2f}", ">= 0.85",
+                          util >= 0.85, f"{(util / 0.85 - 1) * 100:+.0f}% vs the limit"))
+    return out
+
+
+def _scale(runs: list[dict[str, Any]]) -> list[Target]:
+    out = []
+    small, big = _runs(runs, "scale", "tidegate-1k"), _runs(runs, "scale", "tidegate-100k")
+    for label, rs in (("tidegate-1k", small), ("tidegate-100k", big)):
+        if not rs:
+            continue
+        worst = max(rs, key=lambda r: r["peak_scheduler_tasks"] / r["window_tasks"])
+        peak, window = worst["peak_scheduler_tasks"], worst["window_tasks"]
+        out.append(Target("scale", f"{label}: peak scheduler tasks <= the window's tasks",
+                          f"{peak} tasks, window {window} (B max x tasks per param)",
+                          f"<= {window}", peak <= window,
+                          f"{(peak / window - 1) * 100:+.0f}% vs the window"))
+    a = _median(big, "peak_client_rss_delta_mib")
+    b = _median(small, "peak_client_rss_delta_mib")
+    what = f"{a or 0:.1f} MiB vs {b or 0:.1f} MiB"
+    if b is not None and b < RSS_FLOOR_MIB:
+        # A run that reuses memory freed by an earlier one grows by ~0: no ratio to take.
+        what += f"; the 1k growth is under {RSS_FLOOR_MIB:g} MiB, so the ratio is over that"
+        b = RSS_FLOOR_MIB
+    out.append(_ratio_target("scale", "RSS growth at 100k / at 1k", a, b, "<=", 1.2, what))
+    return out
+
+
+def _kill(runs: list[dict[str, Any]]) -> list[Target]:
+    killed = _runs(runs, "worker-kill", "tidegate-kill")
+    clean = _runs(runs, "worker-kill", "tidegate")
+    out = []
+    if killed:
+        # One window of sim tasks: B when the worker was killed x replicates.
+        pairs = [(r["recomputed"], (r["kill"] or {}).get("batch", 0) * r["replicates"])
+                 for r in killed]
+        met = all(rc is not None and rc <= w for rc, w in pairs)
+        worst = max(pairs, key=lambda p: (p[0] or 0) - p[1])
+        out.append(Target("worker-kill", "tidegate: recomputed sim tasks <= one window",
+                          ", ".join(f"{rc} of a {w}-task window" for rc, w in pairs),
+                          "<= B x R at the kill", met, f"worst {worst[0]} vs {worst[1]}"))
+    a, b = _median(killed, "wall_s"), _median(clean, "wall_s")
+    out.append(_ratio_target("worker-kill", "tidegate wall with the kill / without", a, b,
+                             "<=", 1.3, f"{a or 0:.1f} s vs {b or 0:.1f} s"))
+    return out
+
+
+def targets_as_dicts(targets: list[Target]) -> list[dict[str, Any]]:
+    return [asdict(t) for t in targets]

@@ -1,0 +1,51 @@
+"""The benchmark harness (bench/) in smoke mode: tiny sizes, every scenario and strategy."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO
+
+RUN_FIELDS = (
+    "scenario", "arm", "strategy", "repeat", "status", "wall_s", "params_total", "params_ok",
+    "worker_deaths", "peak_worker_mem_frac", "utilization", "params_per_s",
+    "peak_client_rss_delta_mib", "peak_scheduler_tasks", "window_tasks", "recomputed",
+    "kill", "series",
+)
+SERIES = ("t", "batch", "inflight_tasks", "worker_mem_frac", "client_rss_mib")
+
+
+def test_bench_smoke_writes_every_scenario_and_strategy(tmp_path: Path) -> None:
+    """`python -m bench --smoke` records every scenario x strategy with the report's fields."""
+    out, report = tmp_path / "results.json", tmp_path / "BENCHMARKS.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--no-plots", "--out", str(out),
+         "--report", str(report)],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads(out.read_text())
+    planned = {(s["name"], a["label"]) for s in results["meta"]["scenarios"] for a in s["arms"]}
+    assert {s["name"] for s in results["meta"]["scenarios"]} == {
+        "tight-memory", "heavy-tail", "overhead", "scale", "worker-kill"}
+    assert {a["strategy"] for s in results["meta"]["scenarios"] for a in s["arms"]} == {
+        "naive", "fixed", "dask-window", "tidegate"}
+    assert {(r["scenario"], r["arm"]) for r in results["runs"]} == planned
+    for run in results["runs"]:
+        assert all(f in run for f in RUN_FIELDS), sorted(set(RUN_FIELDS) - set(run))
+        assert run["status"] in ("ok", "did not finish", "failed")
+        assert run["series"]["t"] and all(len(run["series"][k]) == len(run["series"]["t"])
+                                          for k in SERIES)
+        if run["status"] == "ok":
+            assert run["params_ok"] == run["params_total"], run["arm"]
+        if run["scenario"] == "worker-kill":
+            assert run["recomputed"] is not None
+            assert (run["kill"] is not None) == run["arm"].endswith("kill")
+    assert {(s["scenario"], s["arm"]) for s in results["summary"]} == planned
+    assert {t["scenario"] for t in results["targets"]} == {s for s, _ in planned}
+    text = report.read_text()
+    assert all(f"## {name}" in text for name, _ in planned)
+    assert "plots skipped (--no-plots)" in text
