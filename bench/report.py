@@ -43,10 +43,8 @@ COLUMNS: dict[str, list[tuple[str, str, str]]] = {
 def cell(stat: dict[str, float] | None, fmt: str) -> str:
     if stat is None:
         return "-"
-    if stat["n"] == 1 or stat["min"] == stat["max"]:
-        return fmt.format(stat["median"])
-    return (f"{fmt.format(stat['median'])} "
-            f"({fmt.format(stat['min'])}-{fmt.format(stat['max'])})")
+    median, lo, hi = (fmt.format(stat[k]) for k in ("median", "min", "max"))
+    return median if lo == hi else f"{median} ({lo}-{hi})"
 
 
 def machine_line(meta: dict[str, Any]) -> str:
