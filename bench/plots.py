@@ -81,6 +81,7 @@ def _figure(plt: Any, scenario: dict[str, Any], runs: list[dict[str, Any]],
         ax.grid(True, alpha=0.3)
         if log:  # linear up to 1, so that 0 (nothing in flight) still has a place
             ax.set_yscale("symlog", linthresh=1)
+            ax.set_ylim(bottom=0)
     if scenario.get("memory_limit"):
         for (y, text), va in zip(THRESHOLDS, ("top", "bottom", "bottom"), strict=True):
             axes[2].axhline(y, color="grey", linestyle="--", linewidth=0.8)

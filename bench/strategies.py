@@ -77,21 +77,23 @@ class Strategy:
 
 
 class Naive(Strategy):
+    _subs: tuple[Submitted, ...] = ()  # while running: every param's futures, for probe()
+
     def _run(self, time_limit: float) -> Outcome:
         tasks, sink = Tasks(self.cluster.client, self.job), ParquetSink(self.output)
         start = time.monotonic()
         subs = tasks.submit(list(range(self.n)))
-        self._subs = subs
+        self._subs = tuple(subs)
         try:
             wait([f for s in subs for f in s.watch], timeout=time_limit)
         except TimeoutError:
-            self._subs = []
+            self._subs = ()
             return self._outcome("did not finish", start, sink)
         client = self.cluster.client
         results = client.gather([f for s in subs for f in s.aggs], errors="skip")
         if tasks.outputs:
             results += client.gather([f for s in subs for f in s.sims], errors="skip")
-        self._subs = []
+        self._subs = ()
         del subs
         sink.add(results)
         sink.flush()
@@ -99,7 +101,7 @@ class Naive(Strategy):
         return self._outcome("ok", start, sink)
 
     def probe(self) -> Probe | None:
-        subs = getattr(self, "_subs", [])
+        subs = self._subs
         done = sum(all(f.done() for f in s.watch) for s in subs) if subs else self.done
         return Probe(self.batch, len(self.cluster.client.futures), done)
 
