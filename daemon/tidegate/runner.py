@@ -506,7 +506,9 @@ class Runner:
         self.metrics.parts_written.inc()
         self.metrics.parquet_bytes_written.inc(written.nbytes)
         self.metrics.flush_seconds.observe(seconds)
-        self._manifest(ledger, "running")
+        # No manifest rewrite here: it carries the whole spec (13.5 MB for 100k inline
+        # values, 0.5 s fsynced per part); the ledger has the counts, and the manifest is
+        # written when the run starts and ends.
         log.debug(
             "part %d: %d params, %d bytes, %.3f s", part, len(written.statuses),
             written.nbytes, seconds, extra={"action": "part_committed"},
