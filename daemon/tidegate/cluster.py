@@ -3,9 +3,11 @@ scheduler, submit a param's sim and agg tasks, wait for completions, gather, and
 the workers' threads and memory.
 
 The client is asynchronous, so the run loop, the HTTP API and the metrics server share
-one event loop. Follows the measurements in DASK_NOTES.md: results are gathered in
-batches, futures are released by dropping references (never a mass ``client.cancel``),
-and a failed future's exception is read, never raised (dask#8790).
+one event loop. The rest of tidegate speaks task keys: Futures never leave this module,
+which holds the one reference to each until the run loop releases its key. Follows
+docs/dask.md: results are gathered in batches, futures are released by dropping
+references (never a mass ``client.cancel``), and a failed future's exception is read,
+never raised (dask/distributed#8790).
 """
 
 from __future__ import annotations
@@ -18,13 +20,18 @@ import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from distributed import Client, Future, LocalCluster, as_completed
-from distributed.diagnostics.plugin import NannyPlugin, WorkerPlugin
+from distributed.client import FutureCancelledError
+from distributed.scheduler import KilledWorker
 
+from tidegate.controller import WorkerMemory
 from tidegate.losses import LossTracker, WorkerLoss
-from tidegate.simreturn import TaskError, add_code_paths, run_sim, run_target
+from tidegate.outcome import FailureKind, Result, TaskFailure
+from tidegate.simreturn import TaskError, add_code_paths, run_sim
+from tidegate.window import TaskKeys
+from tidegate.worker import EXIT_TOPIC, CodePaths, ExitCodes, IgnoreSigint, run_target_list
 
 log = logging.getLogger(__name__)
 
@@ -56,43 +63,12 @@ class WorkerInfo:
     spilled: int
     status: str
 
-
-@dataclass(frozen=True, slots=True)
-class ParamTasks:
-    """The futures of one param in flight.
-
-    ``watch`` are the futures whose completion means the param is done; ``gather``
-    those whose results tidegate needs (a subset of ``sims + finals``).
-    """
-
-    sims: list[Future]
-    finals: list[Future]
-    watch: list[Future]
-    gather: list[Future]
-
-    @property
-    def n_tasks(self) -> int:
-        return len(self.sims) + len(self.finals)
-
-
-class _CodePaths(WorkerPlugin):
-    """Puts a job's code paths on sys.path of every worker, present and future."""
-
-    def __init__(self, paths: Sequence[str]):
-        self.paths = list(paths)
-
-    def setup(self, worker: Any) -> None:
-        add_code_paths(self.paths)
-
-
-class _IgnoreSigint(WorkerPlugin):
-    """Embedded workers share tidegate's terminal: Ctrl-C there signals the whole process
-    group, and a worker would die with a KeyboardInterrupt traceback while tidegate is
-    still flushing. tidegate stops its workers itself."""
-
-    def setup(self, worker: Any) -> None:
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+    def memory(self) -> WorkerMemory:
+        """The controller's view of this worker."""
+        return WorkerMemory(
+            self.address, self.nthreads, self.memory_limit, self.rss, self.managed,
+            paused=self.status == "paused",
+        )
 
 
 @contextlib.contextmanager
@@ -109,41 +85,41 @@ def _sigint_ignored() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-EXIT_TOPIC = "tidegate-worker-exit"
-
-
-class _ExitCodes(NannyPlugin):
-    """Reports each worker process's exit code as a ``tidegate-worker-exit`` event.
-
-    The nanny learns the code and drops it (``Nanny._on_worker_exit`` ignores it; the
-    scheduler never sees it, dask#2297). This wraps that private hook, looked up on the
-    instance at call time; if a future Dask renames it, setup does nothing and tidegate
-    falls back to classifying losses from the scheduler's events alone.
-    """
-
-    name = "tidegate-exit-codes"
-
-    def setup(self, nanny: Any) -> None:
-        original = getattr(nanny, "_on_worker_exit", None)
-        if original is None or getattr(original, "_tidegate", False):
-            return
-
-        async def on_worker_exit(exitcode: int) -> Any:
-            # A closing nanny's scheduler comm may already be gone; its workers' ends
-            # are planned anyway.
-            if getattr(nanny.status, "name", "") == "running":
-                with contextlib.suppress(Exception):
-                    nanny.log_event(
-                        EXIT_TOPIC, {"worker": nanny.worker_address, "exitcode": exitcode}
-                    )
-            return await original(exitcode)
-
-        on_worker_exit._tidegate = True  # type: ignore[attr-defined]
-        nanny._on_worker_exit = on_worker_exit
-
-
 def _key_part(text: str) -> str:
     return "".join(c if c.isalnum() or c in "._" else "_" for c in text)
+
+
+class LossSource(Protocol):
+    def losses(self) -> list[WorkerLoss]:
+        """Worker losses classified since the last call."""
+        ...
+
+
+class ClusterPort(Protocol):
+    """What the run loop needs of a cluster: Cluster here, tests/fakes.py's FakeCluster
+    in the run loop's unit tests. It speaks task keys only."""
+
+    @property
+    def address(self) -> str: ...
+    @property
+    def connected(self) -> bool: ...
+    async def add_code_paths(self, paths: Sequence[str]) -> None: ...
+    async def wait_for_workers(self, timeout_s: float) -> list[WorkerInfo]: ...
+    async def workers(self) -> list[WorkerInfo]: ...
+    async def watch_workers(self, clock: Callable[[], float]) -> LossSource: ...
+    def submit_params(
+        self,
+        job_key: str,
+        params: Sequence[tuple[str, Mapping[str, Any], Sequence[int], int]],
+        model: str,
+        targets: Sequence[tuple[str, str]],
+        want_outputs: bool,
+    ) -> list[TaskKeys]: ...
+    async def completed(self, timeout: float) -> list[str]: ...
+    async def gather(self, keys: Sequence[str]) -> list[Result]: ...
+    def release(self, keys: Sequence[str]) -> None: ...
+    async def cancel(self, keys: Sequence[str]) -> None: ...
+    async def cancel_all(self) -> None: ...
 
 
 class Cluster:
@@ -154,6 +130,10 @@ class Cluster:
         self.local = local
         self._registered: set[str] = set()
         self._topics: list[str] = []
+        # The one reference to each task tidegate has in flight, by key: dropping it
+        # releases the task on the cluster within milliseconds.
+        self._futures: dict[str, Future] = {}
+        self._completed = as_completed(loop=client.loop)
 
     @property
     def address(self) -> str:
@@ -227,7 +207,7 @@ class Cluster:
             self._topics.append(topic)
         if "exit-codes" not in self._registered:
             try:
-                await self.client.register_plugin(_ExitCodes(), name=_ExitCodes.name)
+                await self.client.register_plugin(ExitCodes(), name=ExitCodes.name)
                 self._registered.add("exit-codes")
             except Exception as exc:  # workers without nannies, or a Dask without the hook
                 log.info(
@@ -246,7 +226,7 @@ class Cluster:
             return
         name = "tidegate-code-paths-" + hashlib.sha256("\0".join(paths).encode()).hexdigest()[:12]
         if name not in self._registered:
-            await self.client.register_plugin(_CodePaths(paths), name=name)
+            await self.client.register_plugin(CodePaths(paths), name=name)
             self._registered.add(name)
 
     # --- tasks --------------------------------------------------------------------
@@ -258,8 +238,10 @@ class Cluster:
         model: str,
         targets: Sequence[tuple[str, str]],
         want_outputs: bool,
-    ) -> list[ParamTasks]:
-        """Submit the sim and agg tasks of ``params`` [(param_id, values, seeds, attempt)].
+    ) -> list[TaskKeys]:
+        """Submit the sim and agg tasks of ``params`` [(param_id, values, seeds, attempt)]
+        and return each param's task keys; completions of its watched keys then come
+        from ``completed``.
 
         Keys are ``sim-<job>-<param_id>-<rep>`` and ``agg-<job>-<param_id>-<target>``
         (hyphen after the prefix so the dashboard groups them), with ``-r<attempt>``
@@ -299,7 +281,7 @@ class Cluster:
         ]
         if agg_args:
             agg_futs = self.client.map(
-                _run_target_list,
+                run_target_list,
                 [a[0] for a in agg_args],
                 [a[1] for a in agg_args],
                 [a[2] for a in agg_args],
@@ -311,70 +293,104 @@ class Cluster:
             )
         else:
             agg_futs = []
-        out: list[ParamTasks] = []
+        out: list[TaskKeys] = []
         per = len(final_specs)
         for n, sims in enumerate(by_param):
             finals = agg_futs[n * per : (n + 1) * per]
             watch = finals or sims
-            gather = finals + (sims if want_outputs else [])
-            out.append(ParamTasks(sims, finals, watch, gather))
+            self._completed.update(watch)
+            for f in (*sims, *finals):
+                self._futures[str(f.key)] = f
+            out.append(TaskKeys(
+                sims=tuple(str(f.key) for f in sims),
+                finals=tuple(str(f.key) for f in finals),
+                watch=tuple(str(f.key) for f in watch),
+                gather=tuple(str(f.key) for f in (finals + (sims if want_outputs else []))),
+            ))
         return out
 
-    async def cancel(self, futures: Sequence[Future]) -> None:
-        """Cancel a few futures. Scheduler-side cancellation is O(n^2) in the number of
+    def release(self, keys: Sequence[str]) -> None:
+        """Drop tidegate's references to these tasks: Dask forgets them (and frees
+        their results) as soon as no client holds them."""
+        for key in keys:
+            self._futures.pop(key, None)
+
+    async def cancel(self, keys: Sequence[str]) -> None:
+        """Cancel a few tasks. Scheduler-side cancellation is O(n^2) in the number of
         keys (20k futures: 12 s); the run loop releases completed params by dropping
-        references instead and cancels only quarantined or abandoned work."""
+        references instead and cancels only quarantined, isolated or abandoned work."""
+        futures = [f for k in keys if (f := self._futures.pop(k, None)) is not None]
         if futures and self.connected:
             with contextlib.suppress(Exception):
-                await self.client.cancel(list(futures))
+                await self.client.cancel(futures)
 
-    def completions(self) -> Completions:
-        return Completions(self.client)
+    async def cancel_all(self) -> None:
+        """Cancel everything still held and forget pending completions (a run ends)."""
+        await self.cancel(list(self._futures))
+        self._completed.clear()
 
-    async def gather(self, futures: Sequence[Future]) -> list[Any | TaskError]:
-        """Results of finished futures, in order; a TaskError in place of each failure."""
+    async def completed(self, timeout: float) -> list[str]:
+        """Keys of watched tasks that completed (finished, failed or cancelled), waiting
+        up to ``timeout`` seconds for the first."""
+        ac = self._completed
+        if not ac.has_ready():
+            if ac.is_empty():
+                return []
+            try:
+                first = await asyncio.wait_for(ac.__anext__(), timeout)
+            except (TimeoutError, StopAsyncIteration):
+                return []
+            batch = [first, *ac.next_batch(block=False)]
+        else:
+            batch = ac.next_batch(block=False)
+        # as_completed yields the futures it was given; keep only their keys here, so no
+        # Future outlives this call.
+        return [str(f.key) for f in batch]
+
+    async def gather(self, keys: Sequence[str]) -> list[Result]:
+        """Results of completed tasks, in order; a TaskFailure in place of each failure."""
+        futures = [self._futures[k] for k in keys]
         ok = [f for f in futures if f.status == "finished"]
         results: dict[str, Any] = {}
         if ok:
             try:
                 values = await self.client.gather(ok)
-                results = {f.key: v for f, v in zip(ok, values, strict=True)}
+                results = {str(f.key): v for f, v in zip(ok, values, strict=True)}
             except Exception:
                 # A worker holding a result died between completion and gather and
                 # the recomputation failed: fall back to one future at a time.
                 results = {}
                 for f in ok:
                     with contextlib.suppress(Exception):
-                        results[f.key] = await self.client.gather(f)
-        out: list[Any | TaskError] = []
+                        results[str(f.key)] = await self.client.gather(f)
+        out: list[Result] = []
         for f in futures:
-            if f.key in results:
-                out.append(results[f.key])
-            else:
-                out.append(await failure_of(f))
+            key = str(f.key)
+            out.append(results[key] if key in results else await failure_of(f))
         return out
 
 
-def _run_target_list(
-    function: str | None, target: str | None, param_id: str, returns: list[Any]
-) -> Any:
-    return run_target(function, target, param_id, *returns)
-
-
-async def failure_of(future: Future) -> TaskError:
-    """What went wrong with a future, without raising its exception (dask#8790)."""
+async def failure_of(future: Future) -> TaskFailure:
+    """What went wrong with a future, without raising its exception
+    (dask/distributed#8790)."""
+    key = future.key
     if future.status == "cancelled":
-        return TaskError("Cancelled", f"task {future.key} was cancelled")
+        cancelled = TaskError("Cancelled", f"task {key} was cancelled")
+        return TaskFailure(FailureKind.CANCELLED, cancelled)
     try:
         exc = await future.exception()
+    except FutureCancelledError as err:
+        return TaskFailure(FailureKind.CANCELLED, TaskError("Cancelled", f"task {key}: {err}"))
     except Exception as err:
-        return TaskError(type(err).__name__, f"task {future.key}: {err}")
+        return TaskFailure(FailureKind.ERROR, TaskError(type(err).__name__, f"task {key}: {err}"))
     if exc is None:
-        return TaskError("Lost", f"task {future.key} finished but its result was lost")
-    error = TaskError(type(exc).__name__, str(exc))
-    # Drop the exception promptly: its traceback pins frames (dask#8790).
+        lost = TaskError("Lost", f"task {key} finished but its result was lost")
+        return TaskFailure(FailureKind.LOST, lost)
+    kind = FailureKind.KILLED_WORKER if isinstance(exc, KilledWorker) else FailureKind.ERROR
+    failure = TaskFailure(kind, TaskError(type(exc).__name__, str(exc)))
+    # Drop the exception promptly: its traceback pins frames (dask/distributed#8790).
     del exc
-    return error
+    return failure
 
 
 class WorkerWatch:
@@ -409,31 +425,6 @@ class WorkerWatch:
         return self.tracker.ready(self.clock())
 
 
-class Completions:
-    """Futures in, batches of completed futures out, with a timeout."""
-
-    def __init__(self, client: Client):
-        self._ac = as_completed(loop=client.loop)
-
-    def add(self, futures: Sequence[Future]) -> None:
-        self._ac.update(futures)
-
-    async def wait(self, timeout: float) -> list[Future]:
-        """Every completed future, waiting up to ``timeout`` seconds for the first."""
-        if not self._ac.has_ready():
-            if self._ac.is_empty():
-                return []
-            try:
-                first = await asyncio.wait_for(self._ac.__anext__(), timeout)
-            except (TimeoutError, StopAsyncIteration):
-                return []
-            return [first, *self._ac.next_batch(block=False)]
-        return self._ac.next_batch(block=False)
-
-    def clear(self) -> None:
-        self._ac.clear()
-
-
 async def open_cluster(options: ClusterOptions) -> Cluster:
     """Connect to ``options.address``, or start an embedded LocalCluster."""
     if options.address:
@@ -462,7 +453,7 @@ async def open_cluster(options: ClusterOptions) -> Cluster:
             local = await LocalCluster(**kwargs)
         client = await Client(local, asynchronous=True)
         # Workers the nanny restarts later are covered by the plugin.
-        await client.register_plugin(_IgnoreSigint(), name="tidegate-ignore-sigint")
+        await client.register_plugin(IgnoreSigint(), name="tidegate-ignore-sigint")
     except Exception as exc:
         raise ClusterError(f"cannot start the embedded LocalCluster: {exc}") from None
     return Cluster(client, local)

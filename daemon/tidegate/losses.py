@@ -172,3 +172,86 @@ class PoisonJudge:
 
     def forget(self, param_id: str) -> None:
         self._strikes.pop(param_id, None)
+
+
+# --- what the run loop does about a memory kill -----------------------------------------
+
+_MiB = 2**20
+
+
+@dataclass(frozen=True, slots=True)
+class Quarantine:
+    """Record the param as failed with ``message``: it needs more than a worker holds."""
+
+    param_id: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Isolate:
+    """Cancel the param and rerun it alone, to tell poison from bad company."""
+
+    param_id: str
+    strikes: int
+
+
+MemoryAction = Quarantine | Isolate
+
+
+@dataclass(slots=True)
+class Isolation:
+    """The poison-param policy around memory kills, as typed actions for the run loop.
+
+    A cancelled task runs on until it ends (a thread cannot be interrupted), so a
+    suspect runs alone only once a memory snapshot taken ``heartbeat_s`` after the last
+    cancellation shows every worker calm: worker RSS reaches the scheduler on heartbeats
+    (every 0.5-2 s), no fresher than that.
+    """
+
+    judge: PoisonJudge = field(default_factory=PoisonJudge)
+    heartbeat_s: float = 1.0
+    _last_cancel_at: float = float("-inf")
+    _last_calm_at: float = float("-inf")
+
+    def cancelled(self, now: float) -> None:
+        self._last_cancel_at = now
+
+    def calm(self, now: float) -> None:
+        """Every worker was below low water in the snapshot taken at ``now``."""
+        self._last_calm_at = now
+
+    @property
+    def solo_may_start(self) -> bool:
+        return self._last_calm_at > self._last_cancel_at + self.heartbeat_s
+
+    def suspect(self, param_id: str) -> bool:
+        """On enough memory-killed workers to be isolated rather than retried."""
+        return self.judge.strikes(param_id) >= self.judge.strikes_to_isolate
+
+    def forget(self, param_id: str) -> None:
+        self.judge.forget(param_id)
+
+    def on_memory_kill(
+        self, loss: WorkerLoss, running: Sequence[str], *, alone: str | None, limit: int
+    ) -> list[MemoryAction]:
+        """The actions for a worker killed for memory while running ``running`` (param
+        ids); ``alone``: the suspect that ran alone on purpose, if any; ``limit``: the
+        worker's memory limit (0 if unknown)."""
+        verdict = self.judge.on_memory_kill(running, alone=alone)
+        actions: list[MemoryAction] = [
+            Quarantine(pid, self._poison_message(pid, loss, limit)) for pid in verdict.quarantine
+        ]
+        actions += [Isolate(pid, self.judge.strikes(pid)) for pid in verdict.isolate]
+        return actions
+
+    def _poison_message(self, pid: str, loss: WorkerLoss, limit: int) -> str:
+        strikes = self.judge.strikes(pid)
+        limit_text = f"{limit / _MiB:.0f} MiB" if limit else "unknown"
+        rss_text = f"{loss.rss / _MiB:.0f} MiB" if loss.rss else "unknown"
+        why = "while it ran alone" + (f" (after {strikes - 1} shared kills)" if strikes > 1 else "")
+        return (
+            f"param {pid} needs more memory than a worker's limit: worker {loss.worker} was "
+            f"killed for memory ({loss.cause.value}) {why}; worker memory limit "
+            f"{limit_text}, worker RSS at the kill {rss_text}. Give workers more memory or "
+            f"make this simulation allocate less."
+        )

@@ -1,0 +1,188 @@
+"""Every counter of one run, its progress snapshot and its summary; the run loop's only
+caller of Metrics."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from tidegate.cluster import WorkerInfo
+from tidegate.controller import Decision
+from tidegate.losses import WorkerLoss
+from tidegate.metrics import Metrics
+from tidegate.outcome import Measured
+from tidegate.report import Progress, RunSummary
+from tidegate.simreturn import TaskError
+
+log = logging.getLogger(__name__)
+
+MAX_ERRORS_KEPT = 20
+_MiB = 2**20
+
+
+@dataclass(frozen=True, slots=True)
+class InFlightCounts:
+    params: int
+    tasks: int
+    sims: int
+
+
+@dataclass(slots=True)
+class RunStats:
+    job_id: str
+    total: int
+    metrics: Metrics
+    clock: Callable[[], float]
+    ok: int = 0
+    failed: int = 0
+    resumed: int = 0
+    quarantined: int = 0
+    errors: list[dict[str, str]] = field(default_factory=list)
+    losses: dict[str, int] = field(default_factory=dict)  # cause -> count
+    batch_size: int = 1
+    batch_min: int = 0
+    batch_max: int = 0
+    peak_inflight_tasks: int = 0
+    oom_events: int = 0
+    started: float = 0.0
+    done_this_run: int = 0
+
+    def start(self, ok: int, failed: int) -> None:
+        """The run starts with ``ok + failed`` params already committed."""
+        self.ok, self.failed, self.resumed = ok, failed, ok + failed
+        self.started = self.clock()
+
+    @property
+    def worker_restarts(self) -> int:
+        return sum(n for cause, n in self.losses.items() if cause != "planned")
+
+    # --- events ---------------------------------------------------------------------
+
+    def param_done(self, param_id: str, error: TaskError | None) -> None:
+        self.done_this_run += 1
+        if error is None:
+            self.ok += 1
+            self.metrics.params.labels("ok").inc()
+            return
+        self.failed += 1
+        self.metrics.params.labels("failed").inc()
+        if len(self.errors) < MAX_ERRORS_KEPT:
+            self.errors.append({"param_id": param_id, "error": str(error)})
+        log.warning("param %s failed: %s", param_id, error, extra={"action": "param_failed"})
+
+    def measured(self, m: Measured) -> None:
+        for _, ok in m.targets:
+            self.metrics.tasks.labels("agg", "ok" if ok else "failed").inc()
+        for rep in m.replicates:
+            self.metrics.simreturn_bytes.observe(rep.nbytes)
+            self.metrics.tasks.labels("sim", "ok" if rep.error is None else "failed").inc()
+
+    def admitted(self, inflight_tasks: int) -> None:
+        self.peak_inflight_tasks = max(self.peak_inflight_tasks, inflight_tasks)
+
+    def decided(self, decision: Decision) -> None:
+        previous, self.batch_size = self.batch_size, decision.batch_size
+        b = decision.batch_size
+        self.batch_min = min(self.batch_min, b) if self.batch_min else b
+        self.batch_max = max(self.batch_max, b)
+        m = self.metrics
+        m.decisions.labels(decision.action.value).inc()
+        m.batch_size.set(b)
+        m.batch_size_target.set(decision.target)
+        m.cluster_memory.labels("budget").set(decision.budget_bytes)
+        for kind, value in (("memory", decision.memory_ceiling),
+                            ("useful", decision.useful_ceiling)):
+            if value is not None:
+                m.batch_size_ceiling.labels(kind).set(value)
+        if b != previous:
+            log.info("B %d -> %d (%s)", previous, b, decision.reason,
+                     extra={"action": "batch_resized"})
+
+    def cluster_read(self, workers: Sequence[WorkerInfo]) -> None:
+        self.metrics.scheduler_connected.set(1)
+        m = self.metrics.cluster_memory
+        m.labels("limit").set(sum(w.memory_limit for w in workers))
+        m.labels("used").set(sum(w.rss for w in workers))
+        m.labels("managed").set(sum(w.managed for w in workers))
+
+    def cluster_unreadable(self, exc: BaseException | None = None) -> None:
+        self.metrics.scheduler_connected.set(0)
+        if exc is not None:
+            log.warning("cannot read the cluster: %s", exc, extra={"action": "poll_failed"})
+
+    def worker_lost(self, loss: WorkerLoss) -> None:
+        self.losses[loss.cause.value] = self.losses.get(loss.cause.value, 0) + 1
+        self.metrics.worker_restarts.labels(loss.cause.value).inc()
+        log.warning("worker %s lost: %s (exit code %s)", loss.worker, loss.cause.value,
+                    loss.exitcode, extra={"action": "worker_lost"})
+        if loss.is_oom:
+            self.oom_events += 1
+            self.metrics.oom_events.inc()
+
+    def oom_backoff(self, loss: WorkerLoss, limit: int, inflight_params: int) -> None:
+        log.warning(
+            "worker %s was killed for memory (%s%s%s) with %d params in flight; backing off. "
+            "To avoid this: give workers more memory (--memory-limit), lower "
+            "batch.memory_fraction, or make each simulation return or allocate less",
+            loss.worker, loss.cause.value,
+            f", RSS {loss.rss / _MiB:.0f} MiB" if loss.rss else "",
+            f" of a {limit / _MiB:.0f} MiB limit" if limit else "",
+            inflight_params, extra={"action": "oom_detected"},
+        )
+
+    def part_written(self, part: int, params: int, nbytes: int, seconds: float) -> None:
+        self.metrics.parts_written.inc()
+        self.metrics.parquet_bytes_written.inc(nbytes)
+        self.metrics.flush_seconds.observe(seconds)
+        log.debug("part %d: %d params, %d bytes, %.3f s", part, params, nbytes, seconds,
+                  extra={"action": "part_committed"})
+
+    # --- reporting ------------------------------------------------------------------
+
+    def gauges(self, inflight: InFlightCounts) -> None:
+        m = self.metrics
+        m.inflight_params.set(inflight.params)
+        m.inflight_tasks.labels("sim").set(inflight.sims)
+        m.inflight_tasks.labels("agg").set(inflight.tasks - inflight.sims)
+        m.job_params.labels("total").set(self.total)
+        m.job_params.labels("done").set(self.ok + self.failed)
+
+    def snapshot(self, inflight: InFlightCounts) -> Progress:
+        elapsed = max(self.clock() - self.started, 1e-9) if self.started else 0.0
+        return Progress(
+            job_id=self.job_id,
+            total=self.total,
+            done=self.ok + self.failed,
+            ok=self.ok,
+            failed=self.failed,
+            resumed=self.resumed,
+            batch_size=self.batch_size,
+            inflight_params=inflight.params,
+            inflight_tasks=inflight.tasks,
+            rate=self.done_this_run / elapsed if elapsed else 0.0,
+            elapsed=elapsed,
+            oom_events=self.oom_events,
+        )
+
+    def summary(self, state: str, output: str, parts: int) -> RunSummary:
+        return RunSummary(
+            job_id=self.job_id,
+            state=state,
+            total=self.total,
+            ok=self.ok,
+            failed=self.failed,
+            resumed=self.resumed,
+            batch_min=self.batch_min or self.batch_size,
+            batch_max=self.batch_max or self.batch_size,
+            batch_final=self.batch_size,
+            oom_events=self.oom_events,
+            worker_restarts=self.worker_restarts,
+            wall_seconds=self.clock() - self.started,
+            output=output,
+            parts=parts,
+            errors=list(self.errors),
+            peak_inflight_tasks=self.peak_inflight_tasks,
+            worker_losses=dict(self.losses),
+            quarantined=self.quarantined,
+        )

@@ -1,0 +1,76 @@
+"""What runs on the workers and their nannies: the task functions' wrappers and the
+plugins tidegate registers (code paths, SIGINT, exit codes).
+
+Everything a task pickles by reference must be importable on the scheduler too (it
+deserializes submitted graphs itself since 2025), which this module is, beside tidegate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from distributed.diagnostics.plugin import NannyPlugin, WorkerPlugin
+
+from tidegate.simreturn import add_code_paths, run_target
+
+EXIT_TOPIC = "tidegate-worker-exit"
+
+
+class CodePaths(WorkerPlugin):
+    """Puts a job's code paths on sys.path of every worker, present and future."""
+
+    def __init__(self, paths: Sequence[str]):
+        self.paths = list(paths)
+
+    def setup(self, worker: Any) -> None:
+        add_code_paths(self.paths)
+
+
+class IgnoreSigint(WorkerPlugin):
+    """Embedded workers share tidegate's terminal: Ctrl-C there signals the whole process
+    group, and a worker would die with a KeyboardInterrupt traceback while tidegate is
+    still flushing. tidegate stops its workers itself."""
+
+    def setup(self, worker: Any) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class ExitCodes(NannyPlugin):
+    """Reports each worker process's exit code as a ``tidegate-worker-exit`` event.
+
+    The nanny learns the code and drops it (``Nanny._on_worker_exit`` ignores it; the
+    scheduler never sees it, dask#2297). This wraps that private hook, looked up on the
+    instance at call time; if a future Dask renames it, setup does nothing and tidegate
+    falls back to classifying losses from the scheduler's events alone.
+    """
+
+    name = "tidegate-exit-codes"
+
+    def setup(self, nanny: Any) -> None:
+        original = getattr(nanny, "_on_worker_exit", None)
+        if original is None or getattr(original, "_tidegate", False):
+            return
+
+        async def on_worker_exit(exitcode: int) -> Any:
+            # A closing nanny's scheduler comm may already be gone; its workers' ends
+            # are planned anyway.
+            if getattr(nanny.status, "name", "") == "running":
+                with contextlib.suppress(Exception):
+                    nanny.log_event(
+                        EXIT_TOPIC, {"worker": nanny.worker_address, "exitcode": exitcode}
+                    )
+            return await original(exitcode)
+
+        on_worker_exit._tidegate = True  # type: ignore[attr-defined]
+        nanny._on_worker_exit = on_worker_exit
+
+
+def run_target_list(
+    function: str | None, target: str | None, param_id: str, returns: list[Any]
+) -> Any:
+    return run_target(function, target, param_id, *returns)

@@ -1,0 +1,258 @@
+"""An in-memory cluster with the interface of tidegate.cluster.Cluster (ClusterPort).
+
+It models workers (address, threads, memory limit, which worker runs what, a restart
+that comes back under a new address) and runs the real task functions in this process,
+a thread's worth of tasks per worker at each ``completed`` call. Tests drive it: a
+``on_run`` hook may kill the worker a task runs on, ``hold`` keeps tasks from running,
+``disconnect`` drops the scheduler connection. Its clock advances ``tick`` seconds at
+each ``completed`` call, so the run loop's timing rules run in milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tidegate.cluster import WorkerInfo
+from tidegate.losses import Cause, WorkerLoss
+from tidegate.outcome import FailureKind, Result, TaskFailure
+from tidegate.simreturn import TaskError, run_sim
+from tidegate.window import TaskKeys
+from tidegate.worker import run_target_list
+
+MiB = 2**20
+# Dask's distributed.scheduler.allowed-failures
+ALLOWED_FAILURES = 3
+
+
+def _sim(model: str, values: dict[str, Any], pid: str, rep: int, seed: int,
+         deps: list[Any]) -> Any:
+    return run_sim(model, values, pid, rep, seed)
+
+
+@dataclass(slots=True)
+class FakeWorker:
+    address: str
+    nthreads: int
+    memory_limit: int
+    rss: int = 0
+    status: str = "running"
+
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(self.address, self.nthreads, self.memory_limit, self.rss, 0, 0,
+                          self.status)
+
+
+@dataclass(slots=True)
+class FakeTask:
+    key: str
+    param_id: str
+    run: Callable[[list[Any]], Any]
+    deps: tuple[str, ...]
+    worker: str
+    watched: bool
+    result: Any = None
+    state: str = "pending"  # pending | finished | erred | cancelled
+    deaths: int = 0
+
+
+@dataclass
+class FakeCluster:
+    n_workers: int = 2
+    threads: int = 1
+    memory_limit: int = 1024 * MiB
+    tick: float = 0.1
+    # Called before a task runs; returning a Cause kills the task's worker with it.
+    on_run: Callable[[FakeTask], Cause | None] | None = None
+    address: str = "fake://scheduler"
+    connected: bool = True
+    now: float = 0.0
+    workers_: dict[str, FakeWorker] = field(default_factory=dict)
+    tasks: dict[str, FakeTask] = field(default_factory=dict)
+    held: set[str] = field(default_factory=set)  # keys the task predicate holds back
+    hold: Callable[[FakeTask], bool] | None = None
+    submitted: list[str] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)
+    max_tasks: int = 0  # most tasks the client held at once
+    _ready: list[str] = field(default_factory=list)
+    _losses: list[WorkerLoss] = field(default_factory=list)
+    _names: itertools.count = field(default_factory=itertools.count)
+
+    def __post_init__(self) -> None:
+        for _ in range(self.n_workers):
+            self._new_worker()
+
+    def clock(self) -> float:
+        return self.now
+
+    # --- the test's controls ----------------------------------------------------------
+
+    def kill_worker(self, address: str, cause: Cause, rss: int | None = None) -> WorkerLoss:
+        """The worker dies; the nanny brings up a new one under a new address; the tasks
+        it was processing go to the least busy worker, or fail with KilledWorker."""
+        processing = tuple(k for k, t in self.tasks.items()
+                           if t.worker == address and t.state == "pending")
+        del self.workers_[address]
+        self._new_worker()
+        exitcode = {Cause.OOM_KILL: -9, Cause.EVICTED: -15, Cause.CRASH: 3}.get(cause)
+        loss = WorkerLoss(address, cause, exitcode, rss, processing, self.now)
+        self._losses.append(loss)
+        for key in processing:
+            task = self.tasks[key]
+            task.deaths += 1
+            if task.deaths > ALLOWED_FAILURES:
+                self._fail(task, FailureKind.KILLED_WORKER,
+                           TaskError("KilledWorker", f"{key} was on {task.deaths} dying workers"))
+            else:
+                task.worker = self._least_busy()
+        return loss
+
+    def disconnect(self) -> None:
+        """The scheduler connection breaks: Dask cancels every future."""
+        self.connected = False
+        for task in self.tasks.values():
+            if task.state == "pending":
+                task.state = "cancelled"
+                if task.watched:
+                    self._ready.append(task.key)
+
+    def running_on(self, address: str) -> list[str]:
+        return [t.param_id for t in self.tasks.values()
+                if t.worker == address and t.state == "pending"]
+
+    # --- ClusterPort ------------------------------------------------------------------
+
+    async def add_code_paths(self, paths: Sequence[str]) -> None:
+        return None
+
+    async def wait_for_workers(self, timeout_s: float) -> list[WorkerInfo]:
+        return await self.workers()
+
+    async def workers(self) -> list[WorkerInfo]:
+        return [w.info() for w in self.workers_.values()]
+
+    async def watch_workers(self, clock: Callable[[], float]) -> FakeCluster:
+        return self
+
+    def losses(self) -> list[WorkerLoss]:
+        out, self._losses = self._losses, []
+        return out
+
+    def submit_params(
+        self,
+        job_key: str,
+        params: Sequence[tuple[str, Mapping[str, Any], Sequence[int], int]],
+        model: str,
+        targets: Sequence[tuple[str, str]],
+        want_outputs: bool,
+    ) -> list[TaskKeys]:
+        out = []
+        for pid, values, seeds, attempt in params:
+            suffix = f"-r{attempt}" if attempt else ""
+            sims = []
+            for rep, seed in enumerate(seeds):
+                key = f"sim-{job_key}-{pid}-{rep}{suffix}"
+                run = functools.partial(_sim, model, dict(values), pid, rep, seed)
+                self._add(FakeTask(key, pid, run, (), self._least_busy(), False))
+                sims.append(key)
+            specs = list(targets) or ([] if want_outputs else [(None, None)])
+            finals = []
+            for name, fn in specs:
+                key = f"agg-{job_key}-{pid}-{name or 'summary'}{suffix}"
+                run = functools.partial(run_target_list, fn, name, pid)
+                self._add(FakeTask(key, pid, run, tuple(sims), self._least_busy(), False))
+                finals.append(key)
+            watch = finals or sims
+            for key in watch:
+                self.tasks[key].watched = True
+            gather = finals + (sims if want_outputs else [])
+            out.append(TaskKeys(tuple(sims), tuple(finals), tuple(watch), tuple(gather)))
+        self.max_tasks = max(self.max_tasks, len(self.tasks))
+        return out
+
+    async def completed(self, timeout: float) -> list[str]:
+        await asyncio.sleep(0)
+        self.now += self.tick
+        if self.connected:
+            self._run_some()
+        out, self._ready = self._ready, []
+        return out
+
+    async def gather(self, keys: Sequence[str]) -> list[Result]:
+        out: list[Result] = []
+        for key in keys:
+            task = self.tasks[key]
+            if task.state == "finished":
+                out.append(task.result)
+            elif task.state == "cancelled":
+                out.append(TaskFailure(FailureKind.CANCELLED,
+                                       TaskError("Cancelled", f"task {key} was cancelled")))
+            else:
+                out.append(task.result)
+        return out
+
+    def release(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            self.tasks.pop(key, None)
+
+    async def cancel(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            if self.tasks.pop(key, None) is not None:
+                self.cancelled.append(key)
+
+    async def cancel_all(self) -> None:
+        await self.cancel(list(self.tasks))
+        self._ready.clear()
+
+    # --- the simulation ---------------------------------------------------------------
+
+    def _new_worker(self) -> None:
+        address = f"tcp://fake-{next(self._names)}"
+        self.workers_[address] = FakeWorker(address, self.threads, self.memory_limit)
+
+    def _least_busy(self) -> str:
+        load = dict.fromkeys(self.workers_, 0)
+        for t in self.tasks.values():
+            if t.state == "pending" and t.worker in load:
+                load[t.worker] += 1
+        return min(load, key=lambda a: (load[a], a))
+
+    def _add(self, task: FakeTask) -> None:
+        self.tasks[task.key] = task
+        self.submitted.append(task.key)
+
+    def _fail(self, task: FakeTask, kind: FailureKind, error: TaskError) -> None:
+        task.state, task.result = "erred", TaskFailure(kind, error)
+        if task.watched:
+            self._ready.append(task.key)
+        for other in list(self.tasks.values()):
+            if task.key in other.deps and other.state == "pending":
+                self._fail(other, kind, error)
+
+    def _runnable(self, task: FakeTask) -> bool:
+        if task.state != "pending" or (self.hold is not None and self.hold(task)):
+            return False
+        return all(self.tasks[d].state == "finished" for d in task.deps if d in self.tasks)
+
+    def _run_some(self) -> None:
+        """Each worker runs up to its threads' worth of runnable tasks."""
+        for address in list(self.workers_):
+            budget = self.threads
+            for task in list(self.tasks.values()):
+                if budget == 0 or address not in self.workers_:
+                    break
+                if task.worker != address or not self._runnable(task):
+                    continue
+                budget -= 1
+                cause = self.on_run(task) if self.on_run is not None else None
+                if cause is not None:
+                    self.kill_worker(address, cause, rss=self.memory_limit)
+                    break
+                deps = [self.tasks[d].result for d in task.deps]
+                task.result, task.state = task.run(deps), "finished"
+                if task.watched:
+                    self._ready.append(task.key)
