@@ -259,9 +259,13 @@ class Controller:
     @property
     def sample_counts(self) -> dict[str, int]:
         """Samples held per ring buffer; each is at most ``window``."""
-        buffers = (self._sim_bytes, self._run_s, self._work_bytes, self._agg_bytes, self._latency_s)
-        names = ("sim_bytes", "run_seconds", "work_bytes", "agg_bytes", "latency_seconds")
-        return {name: len(buf) for name, buf in zip(names, buffers, strict=True)}
+        return {
+            "sim_bytes": len(self._sim_bytes),
+            "run_seconds": len(self._run_s),
+            "work_bytes": len(self._work_bytes),
+            "agg_bytes": len(self._agg_bytes),
+            "latency_seconds": len(self._latency_s),
+        }
 
     # --- decisions --------------------------------------------------------------------
 
