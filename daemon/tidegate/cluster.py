@@ -3,9 +3,9 @@ scheduler, submit a param's sim and agg tasks, wait for completions, gather, and
 the workers' threads and memory.
 
 The client is asynchronous, so the run loop, the HTTP API and the metrics server share
-one event loop. Follows the measurements in DASK_NOTES.md: results are gathered in
+one event loop. Follows the measurements in docs/dask.md: results are gathered in
 batches, futures are released by dropping references (never a mass ``client.cancel``),
-and a failed future's exception is read, never raised (dask#8790).
+and a failed future's exception is read, never raised (dask/distributed#8790).
 """
 
 from __future__ import annotations

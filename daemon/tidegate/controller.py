@@ -1,6 +1,6 @@
 """The batch-size policy: how many params to keep in flight, chosen from measurements.
 
-Pure on purpose (STYLE.md 1): stdlib only, no clock (``now`` is an argument), no I/O and
+Pure on purpose: stdlib only, no clock (``now`` is an argument), no I/O and
 no randomness, so the same calls give the same decisions and every rule is testable
 without Dask. The runner carries out each ``Decision``; metrics record it.
 """
@@ -323,7 +323,7 @@ class Controller:
     def _emit(
         self, size: int, est: _Estimate, action: Action, reason: str, *, admit: bool = True
     ) -> Decision:
-        size = self._clamp(size)  # clamp at output (STYLE.md 3)
+        size = self._clamp(size)  # knobs are checked at construction; clamp once, at output
         if self.config.pinned is None:
             self._batch = size
         return Decision(size, est.target, est.memory_ceiling, est.useful_ceiling,
