@@ -30,6 +30,7 @@ demo: $(STAMP)
 
 test: $(STAMP) tools
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 	$(PY) -m pytest
 
 test-all: $(STAMP) tools
@@ -42,6 +43,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check daemon tests
+	$(PY) -m mypy
 
 clean:
 	rm -rf $(VENV) examples/sir/results .pytest_cache .ruff_cache

@@ -1,6 +1,6 @@
 """The batch-size policy: how many params to keep in flight, chosen from measurements.
 
-Pure on purpose (STYLE.md 1): stdlib only, no clock (``now`` is an argument), no I/O and
+Pure on purpose: stdlib only, no clock (``now`` is an argument), no I/O and
 no randomness, so the same calls give the same decisions and every rule is testable
 without Dask. The runner carries out each ``Decision``; metrics record it.
 """
@@ -259,9 +259,13 @@ class Controller:
     @property
     def sample_counts(self) -> dict[str, int]:
         """Samples held per ring buffer; each is at most ``window``."""
-        buffers = (self._sim_bytes, self._run_s, self._work_bytes, self._agg_bytes, self._latency_s)
-        names = ("sim_bytes", "run_seconds", "work_bytes", "agg_bytes", "latency_seconds")
-        return {name: len(buf) for name, buf in zip(names, buffers, strict=True)}
+        return {
+            "sim_bytes": len(self._sim_bytes),
+            "run_seconds": len(self._run_s),
+            "work_bytes": len(self._work_bytes),
+            "agg_bytes": len(self._agg_bytes),
+            "latency_seconds": len(self._latency_s),
+        }
 
     # --- decisions --------------------------------------------------------------------
 
@@ -319,7 +323,7 @@ class Controller:
     def _emit(
         self, size: int, est: _Estimate, action: Action, reason: str, *, admit: bool = True
     ) -> Decision:
-        size = self._clamp(size)  # clamp at output (STYLE.md 3)
+        size = self._clamp(size)  # knobs are checked at construction; clamp once, at output
         if self.config.pinned is None:
             self._batch = size
         return Decision(size, est.target, est.memory_ceiling, est.useful_ceiling,

@@ -2,7 +2,7 @@
 worker process's exit code into one classified WorkerLoss.
 
 Pure: events and the time are arguments. The scheduler never learns a worker's exit
-code (dask#2297), so cluster.py has each nanny report it as a ``tidegate-worker-exit``
+code (dask/distributed#2297), so cluster.py has each nanny report it as a ``tidegate-worker-exit``
 event; where that cannot run, a removal with no exit code is classified from what the
 scheduler's events say, and as ``lost`` after ``exit_wait_s``.
 """
@@ -144,7 +144,7 @@ class PoisonJudge:
     the only param in flight is not enough: a cancelled task keeps running on its
     worker (a thread cannot be interrupted) and may be what kills it.
     Dask's KilledWorker is no verdict: it counts every task queued on the dying workers,
-    not only the one running (dask#5234).
+    not only the one running (dask/distributed#5234).
     """
 
     strikes_to_isolate: int = 2

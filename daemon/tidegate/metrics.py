@@ -25,82 +25,64 @@ _BYTES_BUCKETS = tuple(float(1024 * 4**i) for i in range(12))
 _FLUSH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
+# Every metric's name and help text, the contract the dashboard and alert rules read.
+_HELP = {
+    "tidegate_batch_size": "B: the most params allowed in flight now",
+    "tidegate_batch_size_target": (
+        "The controller's target for B: min of the memory and useful ceilings"
+    ),
+    "tidegate_batch_size_ceiling": (
+        "Ceilings behind the target (memory: what fits the budget; useful: what keeps "
+        "every thread busy); absent while unknown"
+    ),
+    "tidegate_inflight_params": "Params admitted and not yet written",
+    "tidegate_inflight_tasks": "Tasks of the params in flight",
+    "tidegate_worker_restarts": "Workers lost, by classified cause",
+    "tidegate_oom_events": (
+        "Workers lost to memory: kernel OOM kills and the nanny's memory terminations"
+    ),
+    "tidegate_simreturn_bytes": "Size of each SimReturn's outputs (Arrow IPC bytes)",
+    "tidegate_cluster_memory_bytes": (
+        "Cluster memory summed over workers: limit, used (RSS), managed (results held), "
+        "and the controller's budget for results"
+    ),
+    "tidegate_controller_decisions": "Controller decisions by action",
+    "tidegate_params": "Params written, by outcome",
+    "tidegate_tasks": "Tasks completed, by kind and outcome",
+    "tidegate_job_params": "The running job's params: total and done",
+    "tidegate_jobs": "Jobs by state",
+    "tidegate_parts_written": "Parts committed to the ledger",
+    "tidegate_parquet_bytes_written": "Bytes of Parquet files committed",
+    "tidegate_flush_seconds": "Time to write, fsync and commit one part",
+    "tidegate_scheduler_connected": "1 while the Dask scheduler is reachable",
+    "tidegate_build": "tidegate's version",
+}
+
+
 class Metrics:
     """tidegate's metrics on one registry (a fresh one unless given)."""
 
     def __init__(self, registry: CollectorRegistry | None = None, *, process: bool = False):
         self.registry = registry if registry is not None else CollectorRegistry()
-        r = self.registry
-        self.batch_size = Gauge(
-            "tidegate_batch_size", "B: the most params allowed in flight now", registry=r
-        )
-        self.batch_size_target = Gauge(
-            "tidegate_batch_size_target",
-            "The controller's target for B: min of the memory and useful ceilings",
-            registry=r,
-        )
-        self.batch_size_ceiling = Gauge(
-            "tidegate_batch_size_ceiling",
-            "Ceilings behind the target (memory: what fits the budget; useful: what keeps "
-            "every thread busy); absent while unknown",
-            ["kind"], registry=r,
-        )
-        self.inflight_params = Gauge(
-            "tidegate_inflight_params", "Params admitted and not yet written", registry=r
-        )
-        self.inflight_tasks = Gauge(
-            "tidegate_inflight_tasks", "Tasks of the params in flight", ["kind"], registry=r
-        )
-        self.worker_restarts = Counter(
-            "tidegate_worker_restarts", "Workers lost, by classified cause", ["cause"],
-            registry=r,
-        )
-        self.oom_events = Counter(
-            "tidegate_oom_events",
-            "Workers lost to memory: kernel OOM kills and the nanny's memory terminations",
-            registry=r,
-        )
-        self.simreturn_bytes = Histogram(
-            "tidegate_simreturn_bytes", "Size of each SimReturn's outputs (Arrow IPC bytes)",
-            buckets=_BYTES_BUCKETS, registry=r,
-        )
-        self.cluster_memory = Gauge(
-            "tidegate_cluster_memory_bytes",
-            "Cluster memory summed over workers: limit, used (RSS), managed (results held), "
-            "and the controller's budget for results",
-            ["kind"], registry=r,
-        )
-        self.decisions = Counter(
-            "tidegate_controller_decisions", "Controller decisions by action", ["action"],
-            registry=r,
-        )
-        self.params = Counter(
-            "tidegate_params", "Params written, by outcome", ["outcome"], registry=r
-        )
-        self.tasks = Counter(
-            "tidegate_tasks", "Tasks completed, by kind and outcome", ["kind", "outcome"],
-            registry=r,
-        )
-        self.job_params = Gauge(
-            "tidegate_job_params", "The running job's params: total and done", ["kind"],
-            registry=r,
-        )
-        self.jobs = Gauge("tidegate_jobs", "Jobs by state", ["state"], registry=r)
-        self.parts_written = Counter(
-            "tidegate_parts_written", "Parts committed to the ledger", registry=r
-        )
-        self.parquet_bytes_written = Counter(
-            "tidegate_parquet_bytes_written", "Bytes of Parquet files committed", registry=r
-        )
-        self.flush_seconds = Histogram(
-            "tidegate_flush_seconds", "Time to write, fsync and commit one part",
-            buckets=_FLUSH_BUCKETS, registry=r,
-        )
-        self.scheduler_connected = Gauge(
-            "tidegate_scheduler_connected", "1 while the Dask scheduler is reachable",
-            registry=r,
-        )
-        self.build_info = Info("tidegate_build", "tidegate's version", registry=r)
+        self.batch_size = self._gauge("tidegate_batch_size")
+        self.batch_size_target = self._gauge("tidegate_batch_size_target")
+        self.batch_size_ceiling = self._gauge("tidegate_batch_size_ceiling", "kind")
+        self.inflight_params = self._gauge("tidegate_inflight_params")
+        self.inflight_tasks = self._gauge("tidegate_inflight_tasks", "kind")
+        self.worker_restarts = self._counter("tidegate_worker_restarts", "cause")
+        self.oom_events = self._counter("tidegate_oom_events")
+        self.simreturn_bytes = self._histogram("tidegate_simreturn_bytes", _BYTES_BUCKETS)
+        self.cluster_memory = self._gauge("tidegate_cluster_memory_bytes", "kind")
+        self.decisions = self._counter("tidegate_controller_decisions", "action")
+        self.params = self._counter("tidegate_params", "outcome")
+        self.tasks = self._counter("tidegate_tasks", "kind", "outcome")
+        self.job_params = self._gauge("tidegate_job_params", "kind")
+        self.jobs = self._gauge("tidegate_jobs", "state")
+        self.parts_written = self._counter("tidegate_parts_written")
+        self.parquet_bytes_written = self._counter("tidegate_parquet_bytes_written")
+        self.flush_seconds = self._histogram("tidegate_flush_seconds", _FLUSH_BUCKETS)
+        self.scheduler_connected = self._gauge("tidegate_scheduler_connected")
+        self.build_info = Info("tidegate_build", _HELP["tidegate_build"], registry=self.registry)
         self.build_info.info({"version": __version__})
         for cause in Cause:
             self.worker_restarts.labels(cause=cause.value)
@@ -109,7 +91,16 @@ class Metrics:
             for kind in ("sim", "agg"):
                 self.tasks.labels(kind=kind, outcome=outcome)
         if process:
-            ProcessCollector(registry=r)
+            ProcessCollector(registry=self.registry)
+
+    def _gauge(self, name: str, *labels: str) -> Gauge:
+        return Gauge(name, _HELP[name], labels, registry=self.registry)
+
+    def _counter(self, name: str, *labels: str) -> Counter:
+        return Counter(name, _HELP[name], labels, registry=self.registry)
+
+    def _histogram(self, name: str, buckets: tuple[float, ...]) -> Histogram:
+        return Histogram(name, _HELP[name], buckets=buckets, registry=self.registry)
 
     def exposition(self) -> bytes:
         """The text format a Prometheus server scrapes."""

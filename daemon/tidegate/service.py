@@ -113,7 +113,7 @@ class Service:
         log.info("serving on http://%s:%d", cfg.host, self.port, extra={"action": "serving"})
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
-        # A background task that dies takes the daemon down with it (STYLE 8): better a
+        # A background task that dies takes the daemon down with it: better a
         # restart by systemd than a daemon that looks alive and does nothing.
         if not task.cancelled() and task.exception() is not None:
             log.error("%s failed: %r", task.get_name(), task.exception(),

@@ -79,7 +79,8 @@ def show(value: Any, typed: bool = False) -> str:
         text = text[:57] + "..."
     if not typed:
         return text
-    kind = {dict: "mapping", list: "list"}.get(type(value), type(value).__name__)
+    kinds: dict[type, str] = {dict: "mapping", list: "list"}
+    kind = kinds.get(type(value), type(value).__name__)
     return f"{text} ({kind})"
 
 

@@ -39,7 +39,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -76,7 +76,7 @@ class SyntheticParams:
         if not isinstance(params, Mapping):
             raise TypeError(f"synthetic: params must be a mapping, got {type(params).__name__}")
         # Field annotations are strings here (postponed evaluation): "int", "float", ...
-        return cls(**{f.name: _PARSERS[f.type](params, f.name, f.default) for f in fields(cls)})
+        return cls(**{f.name: _parser(f.type)(params, f.name, f.default) for f in fields(cls)})
 
     def __post_init__(self) -> None:
         for name in ("output_bytes", "alloc_bytes", "run_seconds"):
@@ -136,7 +136,17 @@ def _str(params: Mapping[str, Any], name: str, default: str) -> str:
     raise _expected(params, name, "a str")
 
 
-_PARSERS = {"int": _int, "float": _float, "bool": _bool, "str": _str}
+_PARSERS: dict[str, Callable[[Mapping[str, Any], str, Any], Any]] = {
+    "int": _int,
+    "float": _float,
+    "bool": _bool,
+    "str": _str,
+}
+
+
+def _parser(annotation: str | type) -> Callable[[Mapping[str, Any], str, Any], Any]:
+    """The parser of a field annotated ``annotation`` (a string, or a type)."""
+    return _PARSERS[annotation if isinstance(annotation, str) else annotation.__name__]
 
 
 # --- the model -----------------------------------------------------------------------
