@@ -136,8 +136,15 @@ class Cluster:
         self._completed = as_completed(loop=client.loop)
 
     @property
+    def _scheduler(self) -> Any:
+        scheduler = self.client.scheduler
+        if scheduler is None:  # only before the client first connects
+            raise ClusterError("the Dask client is not connected to a scheduler")
+        return scheduler
+
+    @property
     def address(self) -> str:
-        return str(self.client.scheduler.address)
+        return str(self._scheduler.address)
 
     @property
     def connected(self) -> bool:
@@ -158,13 +165,14 @@ class Cluster:
             await self.client.close()
         if self.local is not None:
             with contextlib.suppress(Exception):
-                await self.local.close()
+                # Asynchronous: close() returns an awaitable (annotated as optional).
+                await self.local.close()  # type: ignore[misc]
 
     # --- reading the cluster ----------------------------------------------------------
 
     async def workers(self) -> list[WorkerInfo]:
         # With an asynchronous client the cached scheduler_info() holds no workers.
-        ident = await self.client.scheduler.identity(n_workers=-1)
+        ident = await self._scheduler.identity(n_workers=-1)
         out = []
         for addr, w in ident.get("workers", {}).items():
             metrics = w.get("metrics", {})
@@ -186,7 +194,8 @@ class Cluster:
     async def wait_for_workers(self, timeout_s: float) -> list[WorkerInfo]:
         """The workers, once at least one is up; ClusterError after ``timeout_s``."""
         try:
-            await self.client.wait_for_workers(1, timeout=timeout_s)
+            # Asynchronous client: a coroutine, though annotated for the sync client.
+            await self.client.wait_for_workers(1, timeout=timeout_s)  # type: ignore[func-returns-value,misc]
         except TimeoutError:
             raise ClusterError(
                 f"no worker joined the scheduler at {self.address} within {timeout_s:g} s"

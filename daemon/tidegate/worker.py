@@ -44,7 +44,7 @@ class ExitCodes(NannyPlugin):
     """Reports each worker process's exit code as a ``tidegate-worker-exit`` event.
 
     The nanny learns the code and drops it (``Nanny._on_worker_exit`` ignores it; the
-    scheduler never sees it, dask#2297). This wraps that private hook, looked up on the
+    scheduler never sees it, dask/distributed#2297). This wraps that private hook, looked up on the
     instance at call time; if a future Dask renames it, setup does nothing and tidegate
     falls back to classifying losses from the scheduler's events alone.
     """
