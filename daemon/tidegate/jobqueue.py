@@ -64,6 +64,7 @@ QUEUE_SCHEMA = Schema(
             "finished_at", "cancel_requested", "summary", "error",
         }),
     },
+    remedy="move it aside to start with an empty queue",
 )
 SCHEMA_VERSION = QUEUE_SCHEMA.newest
 

@@ -56,11 +56,13 @@ class Schema:
 
     ``what`` names the file in errors ("tidegate ledger"). ``legacy`` maps each table of
     version 1 to its columns; a file with user_version 0 holding them is version 1.
+    ``remedy`` ends the message for a file that is not this schema's at all.
     """
 
     what: str
     migrations: tuple[Migration, ...]
     legacy: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    remedy: str = ""
 
     def __post_init__(self) -> None:
         versions = [m.version for m in self.migrations]
@@ -79,7 +81,7 @@ def schema_version(db: sqlite3.Connection, schema: Schema, path: Path) -> int:
         tables = _tables(db)
     except sqlite3.DatabaseError as exc:  # "file is not a database"
         raise SchemaError(
-            path, f"not a SQLite database ({exc}); expected a {schema.what}"
+            path, f"not a SQLite database ({exc}); expected a {schema.what}{_then(schema)}"
         ) from None
     if version > 0 or not tables:
         return int(version)
@@ -89,8 +91,12 @@ def schema_version(db: sqlite3.Connection, schema: Schema, path: Path) -> int:
     raise SchemaError(
         path,
         f"not a {schema.what}: expected tables {', '.join(sorted(schema.legacy))}, "
-        f"found {', '.join(sorted(tables))}",
+        f"found {', '.join(sorted(tables))}{_then(schema)}",
     )
+
+
+def _then(schema: Schema) -> str:
+    return f"; {schema.remedy}" if schema.remedy else ""
 
 
 def _legacy_version(db: sqlite3.Connection, path: Path) -> int:

@@ -48,6 +48,7 @@ LEDGER_SCHEMA = Schema(
         "parts": frozenset({"part", "files", "n_params", "n_failed", "bytes", "committed_at"}),
         "params": frozenset({"param_id", "part", "status"}),
     },
+    remedy="point `output` elsewhere or rerun with --restart to discard it",
 )
 SCHEMA_VERSION = LEDGER_SCHEMA.newest
 

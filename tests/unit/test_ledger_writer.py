@@ -181,7 +181,8 @@ def test_sqlite_file_without_ledger_tables_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SchemaError) as err:
         Ledger(path)
     assert str(err.value) == (
-        f"{path}: not a tidegate ledger: expected tables meta, params, parts, found params"
+        f"{path}: not a tidegate ledger: expected tables meta, params, parts, found params; "
+        "point `output` elsewhere or rerun with --restart to discard it"
     )
 
 
