@@ -148,6 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.log_level)
     handlers = {"run": cmd_run, "validate": cmd_validate, "schema": cmd_schema,
                 "serve": cmd_serve}
+    from tidegate.migrations import SchemaError
     from tidegate.spec import SpecError
     from tidegate.store import LedgerMismatch
     from tidegate.validation import ValidationFailed
@@ -158,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_client_command(args)
     try:
         return handlers[args.command](args)
-    except (SpecError, LedgerMismatch, UsageError, ValidationFailed) as exc:
+    except (SpecError, LedgerMismatch, SchemaError, UsageError, ValidationFailed) as exc:
         print(f"tidegate: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 

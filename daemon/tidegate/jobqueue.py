@@ -9,6 +9,7 @@ a second ``running`` job as a backstop.
 
 from __future__ import annotations
 
+import builtins
 import json
 import sqlite3
 import threading
@@ -19,15 +20,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+from tidegate.migrations import Migration, Schema, check_current, migrate
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 FINISH_STATES = frozenset({"succeeded", "failed", "cancelled", "interrupted"})
 STARTABLE = frozenset({"queued", "interrupted"})
 
-_STATE_LIST = ", ".join(f"'{s}'" for s in STATES)
-_SCHEMA = f"""
+# Version 1 is the schema of the releases that recorded no user_version; never edit it,
+# add a migration (a new state needs one: the CHECK below lists the states of version 1).
+_V1 = """
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -35,7 +37,8 @@ CREATE TABLE IF NOT EXISTS meta (
 CREATE TABLE IF NOT EXISTS jobs (
     seq              INTEGER PRIMARY KEY AUTOINCREMENT,  -- submission order, never reused
     id               TEXT    NOT NULL UNIQUE,
-    state            TEXT    NOT NULL CHECK (state IN ({_STATE_LIST})),
+    state            TEXT    NOT NULL CHECK (state IN ('queued', 'running', 'succeeded',
+                                                  'failed', 'cancelled', 'interrupted')),
     priority         INTEGER NOT NULL,
     spec             TEXT    NOT NULL,   -- JSON
     output           TEXT    NOT NULL,
@@ -50,6 +53,20 @@ CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, priority, seq);
 -- At most one running job, whatever the service does.
 CREATE UNIQUE INDEX IF NOT EXISTS one_running ON jobs (state) WHERE state = 'running';
 """
+
+QUEUE_SCHEMA = Schema(
+    what="tidegate job queue",
+    migrations=(Migration(1, "meta and jobs tables, one running job at most", _V1),),
+    legacy={
+        "meta": frozenset({"key", "value"}),
+        "jobs": frozenset({
+            "seq", "id", "state", "priority", "spec", "output", "submitted_at", "started_at",
+            "finished_at", "cancel_requested", "summary", "error",
+        }),
+    },
+    remedy="move it aside to start with an empty queue",
+)
+SCHEMA_VERSION = QUEUE_SCHEMA.newest
 
 _COLUMNS = (
     "id, state, priority, spec, output, submitted_at, started_at, finished_at, "
@@ -146,24 +163,15 @@ class JobQueue:
 
     def _setup(self, busy_timeout_s: float, readonly: bool) -> None:
         self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+        # Versions first: a file that is not a job queue is refused before anything,
+        # even the switch to WAL, writes to it.
+        if readonly:
+            self.schema_version = check_current(self._db, QUEUE_SCHEMA, self.path)
+        else:
+            self.schema_version = migrate(self._db, QUEUE_SCHEMA, self.path)
         self._db.execute("PRAGMA journal_mode=WAL")
         # FULL: an accepted submission survives power loss, not just a crash.
         self._db.execute("PRAGMA synchronous=FULL")
-        if not readonly:
-            with self._transaction():
-                # Statement by statement: executescript() would commit the transaction.
-                for statement in filter(str.strip, _SCHEMA.split(";")):
-                    self._db.execute(statement)
-                self._db.execute(
-                    "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
-                    (str(SCHEMA_VERSION),),
-                )
-        row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        if row is None or int(row[0]) != SCHEMA_VERSION:
-            raise RuntimeError(
-                f"{self.path}: job queue schema_version expected {SCHEMA_VERSION}, "
-                f"got {None if row is None else row[0]}"
-            )
 
     def close(self) -> None:
         with self._lock:
@@ -319,7 +327,7 @@ class JobQueue:
                 self._db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
             return self._get(job_id)
 
-    def recover(self) -> list[str]:
+    def recover(self) -> builtins.list[str]:  # `list` here is the method above
         """At daemon start: a job still marked running was cut off by a crash; mark it
         interrupted so that it resumes first (cancelled, if its cancel was requested).
         Returns the ids marked interrupted."""

@@ -29,6 +29,7 @@ from tidegate.cluster import Cluster, ClusterError, ClusterOptions, SchedulerLos
 from tidegate.config import DaemonConfig
 from tidegate.jobqueue import JobQueue, JobRecord
 from tidegate.metrics import Metrics
+from tidegate.migrations import SchemaError
 from tidegate.report import RunSummary
 from tidegate.runner import Runner, RunOptions
 from tidegate.sdnotify import Notifier
@@ -92,7 +93,7 @@ class Service:
             cfg.state_dir.mkdir(parents=True, exist_ok=True)
             cfg.output_root.mkdir(parents=True, exist_ok=True)
             self.queue = JobQueue(cfg.state_dir / QUEUE_DB)
-        except OSError as exc:
+        except (OSError, SchemaError) as exc:
             raise StartupError(f"state_dir: cannot use {cfg.state_dir}: {exc}") from None
         for job_id in self.queue.recover():
             log.info("job %s was running when the daemon stopped; it resumes first", job_id,

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+from tidegate.migrations import Migration, Schema, migrate
 
-_SCHEMA = """
+# Version 1 is the schema of the releases that recorded no version; never edit it, add a
+# migration (see docs/operations.md, "State and output schema versions").
+_V1 = """
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -37,6 +39,18 @@ CREATE TABLE IF NOT EXISTS params (
     status   TEXT    NOT NULL CHECK (status IN ('ok', 'failed'))
 );
 """
+
+LEDGER_SCHEMA = Schema(
+    what="tidegate ledger",
+    migrations=(Migration(1, "meta, parts and params tables", _V1),),
+    legacy={
+        "meta": frozenset({"key", "value"}),
+        "parts": frozenset({"part", "files", "n_params", "n_failed", "bytes", "committed_at"}),
+        "params": frozenset({"param_id", "part", "status"}),
+    },
+    remedy="point `output` elsewhere or rerun with --restart to discard it",
+)
+SCHEMA_VERSION = LEDGER_SCHEMA.newest
 
 
 class LedgerMismatch(Exception):
@@ -71,12 +85,18 @@ class Ledger:
         path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: a commit survives power loss, not just a process crash; one commit per
-        # part makes the cost negligible.
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
+        try:
+            # Migrate first: a file that is not a ledger is refused before anything,
+            # even the switch to WAL, writes to it.
+            self.schema_version = migrate(self._db, LEDGER_SCHEMA, path)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a commit survives power loss, not just a process crash; one commit
+            # per part makes the cost negligible.
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+        except BaseException:
+            self._db.close()
+            raise
 
     def close(self) -> None:
         self._db.close()

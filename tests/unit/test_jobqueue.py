@@ -14,8 +14,12 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from tidegate.jobqueue import STATES, TERMINAL, JobExists, JobQueue, UnknownJob
+from tidegate.cli import main
+from tidegate.jobqueue import SCHEMA_VERSION, STATES, TERMINAL, JobExists, JobQueue, UnknownJob
+from tidegate.migrations import SchemaError, SchemaTooNew
 
+# A queue the release before schema versions wrote (user_version 0): see its README.
+JOBS_V1 = Path(__file__).parent.parent / "fixtures" / "jobs_v1.sqlite"
 SPEC = {"model": "tidegate.workloads:synthetic", "parameters": {"grid": {"k": [1, 2]}}}
 
 
@@ -373,16 +377,99 @@ def test_recover_cancels_a_job_whose_cancel_was_pending(queue: JobQueue) -> None
 
 
 def test_schema_version_is_recorded_and_checked(tmp_path: Path) -> None:
-    """The database records its schema version; another version refuses to open."""
+    """The database records its schema version; a newer version refuses to open."""
     path = tmp_path / "jobs.db"
     JobQueue(path).close()
     db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
     assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("1",)
-    db.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
-    db.commit()
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 98}")
     db.close()
-    with pytest.raises(RuntimeError, match="schema_version expected 1, got 99"):
+    for readonly in (False, True):
+        with pytest.raises(SchemaTooNew, match=f"job queue schema version {SCHEMA_VERSION + 98} "
+                                               f"is newer .* \\(newest {SCHEMA_VERSION}\\)"):
+            JobQueue(path, readonly=readonly)
+
+
+def test_unversioned_queue_with_a_newer_meta_row_is_refused(tmp_path: Path) -> None:
+    """Before user_version, meta.schema_version was the version: 99 there is refused."""
+    path = shutil.copy(JOBS_V1, tmp_path / "jobs.sqlite")
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
+    with pytest.raises(SchemaTooNew, match="schema version 99 is newer"):
         JobQueue(path)
+
+
+def test_queue_of_the_unversioned_release_opens_and_works(tmp_path: Path) -> None:
+    """The fixture's jobs.sqlite (user_version 0) is version 1: its jobs read, new ones queue."""
+    path = Path(shutil.copy(JOBS_V1, tmp_path / "jobs.sqlite"))
+    before = path.read_bytes()
+    with JobQueue(path, readonly=True) as ro:
+        assert ro.schema_version == 1
+        jobs = [(j.id, j.state) for j in ro.list()]
+        assert jobs == [("waiting", "queued"), ("done", "succeeded")]
+    assert path.read_bytes() == before
+    with JobQueue(path, clock=Clock()) as q:
+        assert q.schema_version == 1
+        done = q.get("done")
+        assert (done.summary, done.finished_at) == ({"state": "succeeded"}, 102.0)
+        nxt = q.next_runnable()
+        assert nxt is not None and (nxt.id, nxt.priority) == ("waiting", 5)
+        _submit(q, "new")
+        assert q.counts()["queued"] == 2
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (0,)
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+def test_queue_file_that_is_not_sqlite_is_refused(tmp_path: Path, readonly: bool) -> None:
+    """Garbage at the queue's path raises SchemaError naming the file; it is left alone."""
+    path = tmp_path / "jobs.sqlite"
+    path.write_bytes(b"\x7fELF not a database" * 100)
+    with pytest.raises(SchemaError) as err:
+        JobQueue(path, readonly=readonly)
+    assert str(err.value).startswith(f"{path}: not a SQLite database")
+    assert "expected a tidegate job queue" in str(err.value)
+    assert path.read_bytes() == b"\x7fELF not a database" * 100
+    assert [p.name for p in tmp_path.iterdir()] == ["jobs.sqlite"]
+
+
+def test_sqlite_file_without_queue_tables_is_refused(tmp_path: Path) -> None:
+    """A SQLite file of another program at the queue's path is not taken for a queue."""
+    path = tmp_path / "jobs.sqlite"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE jobs (name TEXT)")
+    with pytest.raises(SchemaError, match="not a tidegate job queue: expected tables jobs, meta, "
+                                          "found jobs"):
+        JobQueue(path)
+
+
+def test_version_1_schema_allows_exactly_the_states(queue: JobQueue) -> None:
+    """The CHECK frozen in version 1 lists STATES: a new state needs a migration."""
+    db = sqlite3.connect(queue.path)
+    insert = ("INSERT INTO jobs (id, state, priority, spec, output, submitted_at) "
+              "VALUES (?, ?, 0, '{}', '/o', 0)")
+    with db:
+        for state in STATES:
+            db.execute(insert, (state, state))
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK"), db:
+        db.execute(insert, ("x", "paused"))
+    db.close()
+
+
+def test_serve_with_a_garbage_queue_exits_3(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`tidegate serve` whose jobs.sqlite is garbage fails start-up (exit 3), naming it."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "jobs.sqlite").write_text("hello\n" * 100)
+    code = main(["serve", "--state-dir", str(state), "--output-root", str(tmp_path / "out"),
+                 "--listen", "127.0.0.1:0"])
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert f"{state / 'jobs.sqlite'}: not a SQLite database" in err
+    assert "expected a tidegate job queue" in err
 
 
 def test_threads_share_one_queue(queue: JobQueue) -> None:

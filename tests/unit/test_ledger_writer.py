@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -9,11 +10,15 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
+from tidegate.migrations import SchemaError, SchemaTooNew
 from tidegate.simreturn import TaskError, run_sim, run_target
-from tidegate.store import Ledger, LedgerMismatch
+from tidegate.spec import load_job
+from tidegate.store import SCHEMA_VERSION, Ledger, LedgerMismatch
 from tidegate.writer import LEDGER, PartWriter, discard_output, remove_unrecorded
 
 MODEL = "tidegate.workloads:synthetic"
+# An output the release before schema versions wrote: 2 of 3 params committed.
+OUTPUT_V1 = Path(__file__).parent.parent / "fixtures" / "output_v1"
 
 
 def _writer(root: Path, outputs: str | list[str] = "all") -> PartWriter:
@@ -115,3 +120,81 @@ def test_discard_output_removes_only_tidegate_files(tmp_path: Path) -> None:
     (tmp_path / "README").write_text("mine")
     discard_output(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README"]
+
+
+def _user_version(path: Path) -> int:
+    with sqlite3.connect(path) as db:
+        return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+
+def test_new_ledger_records_its_schema_version(tmp_path: Path) -> None:
+    """A fresh ledger is created through the migrations and carries the newest version."""
+    path = tmp_path / LEDGER
+    with Ledger(path) as ledger:
+        assert ledger.schema_version == SCHEMA_VERSION == 1
+    assert _user_version(path) == 1
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (
+            "1",
+        )
+
+
+def test_ledger_of_the_unversioned_release_opens_unchanged(tmp_path: Path) -> None:
+    """The fixture's ledger (user_version 0) is version 1, resumes its job, is not rewritten."""
+    root = shutil.copytree(OUTPUT_V1, tmp_path / "output_v1")
+    path = root / "out" / LEDGER
+    before = path.read_bytes()
+    job = load_job(root / "job.yaml")
+    with Ledger(path) as ledger:
+        assert ledger.schema_version == 1
+        assert ledger.bind(job.job_id, job.fingerprint, job.identity()) is True
+        committed = ledger.committed_param_ids()
+        counts = ledger.counts()
+        assert (counts.ok, counts.failed, counts.parts) == (2, 0, 2)
+        assert ledger.next_part() == 2
+        files = ledger.files()
+    assert len(files) == 6 and all((root / "out" / f).is_file() for f in files)
+    by_k = {p.values["k"]: p.param_id for p in job.params}
+    assert committed == {by_k[0], by_k[1]}
+    assert _user_version(path) == 0
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00garbage" * 500], ids=["short", "long"])
+def test_ledger_that_is_not_sqlite_is_refused(tmp_path: Path, content: bytes) -> None:
+    """A ledger file of other bytes raises SchemaError naming it; it is left as it was."""
+    path = tmp_path / LEDGER
+    path.write_bytes(b"not SQLite: " + content)
+    with pytest.raises(SchemaError) as err:
+        Ledger(path)
+    assert str(err.value).startswith(f"{path}: not a SQLite database")
+    assert "expected a tidegate ledger" in str(err.value)
+    assert path.read_bytes() == b"not SQLite: " + content
+    assert [p.name for p in tmp_path.iterdir()] == [LEDGER]
+
+
+def test_sqlite_file_without_ledger_tables_is_refused(tmp_path: Path) -> None:
+    """Someone else's SQLite file at the ledger's path is not taken for a ledger."""
+    path = tmp_path / LEDGER
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE params (name TEXT, value REAL)")
+    with pytest.raises(SchemaError) as err:
+        Ledger(path)
+    assert str(err.value) == (
+        f"{path}: not a tidegate ledger: expected tables meta, params, parts, found params; "
+        "point `output` elsewhere or rerun with --restart to discard it"
+    )
+
+
+def test_ledger_from_a_newer_release_is_refused(tmp_path: Path) -> None:
+    """A ledger at a version above this release's raises SchemaTooNew with both numbers."""
+    path = tmp_path / LEDGER
+    Ledger(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(SchemaTooNew) as err:
+        Ledger(path)
+    assert str(err.value) == (
+        f"{path}: tidegate ledger schema version {SCHEMA_VERSION + 1} is newer than this "
+        f"release supports (newest {SCHEMA_VERSION}); upgrade tidegate to use it"
+    )
