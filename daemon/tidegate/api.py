@@ -17,6 +17,7 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 from tornado.web import Application, HTTPError, RequestHandler
 
+from tidegate.errors import TidegateError
 from tidegate.jobqueue import JobExists, UnknownJob
 from tidegate.spec import ID_PATTERN, SpecError, parse_yaml
 
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 _JOB_ID = ID_PATTERN.strip("^$")
 
 
-class Forbidden(Exception):
+class Forbidden(TidegateError):
     """A job spec names code the daemon's security settings do not allow (HTTP 403)."""
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tidegate import __version__
+from tidegate.errors import TidegateError
 from tidegate.logs import quiet_dask_logs, setup_logging
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CLUSTER, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -25,7 +26,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CLUSTER, EXIT_INTERRUPTED = 0, 1, 2, 3, 1
 log = logging.getLogger("tidegate")
 
 
-class UsageError(Exception):
+class UsageError(TidegateError):
     """Bad input on the command line."""
 
 

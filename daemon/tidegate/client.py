@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from tidegate.errors import TidegateError
 from tidegate.jobqueue import STATES, TERMINAL
 from tidegate.report import Progress
 
@@ -35,7 +36,7 @@ _SHOWN_ERRORS = 5
 _sleep = time.sleep  # a seam for tests
 
 
-class ApiError(Exception):
+class ApiError(TidegateError):
     """The daemon answered with an error status."""
 
     def __init__(
@@ -59,7 +60,7 @@ class ApiError(Exception):
         return "\n".join([f"{head}:", *(f"  - {_field_error(e)}" for e in self.errors)])
 
 
-class DaemonUnreachable(Exception):
+class DaemonUnreachable(TidegateError):
     """No answer from the daemon (not running, wrong URL, network, timeout), or an answer
     that is not the API's JSON."""
 

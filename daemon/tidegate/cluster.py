@@ -23,13 +23,14 @@ from typing import Any
 from distributed import Client, Future, LocalCluster, as_completed
 from distributed.diagnostics.plugin import NannyPlugin, WorkerPlugin
 
+from tidegate.errors import TidegateError
 from tidegate.losses import LossTracker, WorkerLoss
 from tidegate.simreturn import TaskError, add_code_paths, run_sim, run_target
 
 log = logging.getLogger(__name__)
 
 
-class ClusterError(Exception):
+class ClusterError(TidegateError):
     """The Dask cluster could not be started or reached."""
 
 

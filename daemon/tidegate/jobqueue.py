@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from tidegate.errors import TidegateError
+
 SCHEMA_VERSION = 1
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
@@ -86,7 +88,7 @@ class JobRecord:
         )
 
 
-class JobExists(Exception):
+class JobExists(TidegateError):
     """A job with this id is already queued, running or interrupted."""
 
     def __init__(self, job_id: str, state: str):
@@ -97,7 +99,7 @@ class JobExists(Exception):
         )
 
 
-class UnknownJob(KeyError):
+class UnknownJob(TidegateError, KeyError):
     """No job with this id."""
 
     def __init__(self, job_id: str):

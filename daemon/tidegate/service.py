@@ -27,6 +27,7 @@ from typing import Any
 from tidegate.api import Forbidden, make_server
 from tidegate.cluster import Cluster, ClusterError, ClusterOptions, SchedulerLost, open_cluster
 from tidegate.config import DaemonConfig
+from tidegate.errors import TidegateError
 from tidegate.jobqueue import JobQueue, JobRecord
 from tidegate.metrics import Metrics
 from tidegate.report import RunSummary
@@ -41,7 +42,7 @@ QUEUE_DB = "jobs.sqlite"
 _RECONNECT_MAX_S = 30.0
 
 
-class StartupError(Exception):
+class StartupError(TidegateError):
     """The daemon cannot start (exit code 3)."""
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tidegate.errors import TidegateError
+
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -39,7 +41,7 @@ CREATE TABLE IF NOT EXISTS params (
 """
 
 
-class LedgerMismatch(Exception):
+class LedgerMismatch(TidegateError):
     """The output directory holds another job's results."""
 
     def __init__(self, path: Path, differs: list[str]):
