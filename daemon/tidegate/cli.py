@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ class UsageError(TidegateError):
     """Bad input on the command line."""
 
 
-def _positive_int(flag: str):
+def _positive_int(flag: str) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -44,7 +44,7 @@ def _positive_int(flag: str):
     return parse
 
 
-def _positive_float(flag: str):
+def _positive_float(flag: str) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -334,7 +334,7 @@ def pinned_batch_size(env: Mapping[str, str]) -> int | None:
     return None
 
 
-def _install_stop_handlers(runner: Any):
+def _install_stop_handlers(runner: Any) -> Callable[[], None]:
     """First SIGINT/SIGTERM: stop admitting, flush what completed, exit 130. Second: now."""
     loop = asyncio.get_running_loop()
 

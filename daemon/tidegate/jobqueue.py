@@ -375,7 +375,9 @@ def _check_state(state: str, allowed: frozenset[str] | tuple[str, ...], field: s
         raise ValueError(f"{field}: expected {expected}, got {state!r}")
 
 
-def _invalid(job_id: str, state: str, transition: str, allowed: AbstractSet[str]):
+def _invalid(
+    job_id: str, state: str, transition: str, allowed: AbstractSet[str]
+) -> ValueError:
     names = [s for s in STATES if s in allowed]
     need = " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
     return ValueError(f"cannot {transition} job {job_id!r}: it is {state} (needs {need})")
