@@ -1,8 +1,9 @@
 """The daemon's HTTP API on tornado (which Dask already ships). JSON everywhere.
 
-POST /v1/jobs, GET /v1/jobs, GET|DELETE /v1/jobs/{id}, GET /metrics, /healthz, /readyz.
-A token, when configured, is required on every route but the probes and compared in
-constant time. Bodies over ``security.max_body_bytes`` get 413.
+POST /v1/jobs, GET /v1/jobs, GET|DELETE /v1/jobs/{id}, GET /v1/openapi.json, GET /metrics,
+/healthz, /readyz; the answers are the models of views.py. A token, when configured, is
+required on every route but the probes and /metrics, and compared in constant time. Bodies
+over ``security.max_body_bytes`` get 413.
 """
 
 from __future__ import annotations
@@ -10,15 +11,30 @@ from __future__ import annotations
 import hmac
 import json
 import socket
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 from tornado.web import Application, HTTPError, RequestHandler
 
-from tidegate.jobqueue import JobExists, UnknownJob
+from tidegate.errors import TidegateError
+from tidegate.jobqueue import JobExists, JobQueue, JobRecord, UnknownJob
+from tidegate.openapi import openapi_document
 from tidegate.spec import ID_PATTERN, SpecError, parse_yaml
+from tidegate.states import JobState
+from tidegate.views import (
+    CancelAnswer,
+    ErrorBody,
+    FieldProblem,
+    Health,
+    JobList,
+    Readiness,
+    Submitted,
+    job_url,
+)
 
 if TYPE_CHECKING:
     from tidegate.service import Service
@@ -26,7 +42,7 @@ if TYPE_CHECKING:
 _JOB_ID = ID_PATTERN.strip("^$")
 
 
-class Forbidden(Exception):
+class Forbidden(TidegateError):
     """A job spec names code the daemon's security settings do not allow (HTTP 403)."""
 
 
@@ -55,10 +71,18 @@ class _Handler(RequestHandler):
         ) > limit:
             raise HTTPError(413, reason=f"request body over {limit} bytes")
 
-    def send(self, status: int, body: Any) -> None:
+    @property
+    def queue(self) -> JobQueue:
+        queue = self.service.queue
+        if queue is None:  # the server binds after the queue opens; a backstop
+            raise HTTPError(503, reason="the job queue is not open")
+        return queue
+
+    def send(self, status: int, body: BaseModel | dict[str, Any]) -> None:
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(body, default=str))
+        data = body.model_dump(mode="json") if isinstance(body, BaseModel) else body
+        self.finish(json.dumps(data))
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         reason = self._reason
@@ -66,88 +90,61 @@ class _Handler(RequestHandler):
         if isinstance(exc, HTTPError) and exc.reason:
             reason = exc.reason
         self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({"error": reason}))
-
-
-def job_view(service: Service, record: Any) -> dict[str, Any]:
-    """A job as the API shows it: the record, with live numbers while it runs."""
-    summary = record.summary or {}
-    params = summary.get("params") or {"total": None, "ok": 0, "failed": 0, "resumed": 0,
-                                       "quarantined": 0}
-    view: dict[str, Any] = {
-        "id": record.id,
-        "url": f"/v1/jobs/{record.id}",
-        "state": record.state,
-        "priority": record.priority,
-        "submitted_at": record.submitted_at,
-        "started_at": record.started_at,
-        "finished_at": record.finished_at,
-        "cancel_requested": record.cancel_requested,
-        "params": params,
-        "batch_size": (summary.get("batch_size") or {}).get("final"),
-        "inflight": {"params": 0, "tasks": 0},
-        "oom_events": summary.get("oom_events", 0),
-        "worker_restarts": summary.get("worker_restarts", 0),
-        "output": record.output,
-        "errors": (summary.get("errors") or [])[:10],
-        "summary": record.summary,
-        "error": record.error,
-    }
-    live = service.live(record.id)
-    if live is not None:
-        view.update(live)
-    return view
+        self.finish(json.dumps(ErrorBody(error=reason).model_dump(mode="json")))
 
 
 class JobsHandler(_Handler):
     def get(self) -> None:
         state = self.get_query_argument("state", None)
-        records = self.service.queue.list(state=state)
-        self.send(200, {"jobs": [job_view(self.service, r) for r in records]})
+        records = self.queue.list(state=state)
+        self.send(200, JobList(jobs=[self.service.view(r) for r in records]))
 
     def post(self) -> None:
         try:
             priority = int(self.get_query_argument("priority", "0"))
         except ValueError:
-            self.send(400, {"error": "priority: expected a whole number",
-                            "errors": [{"field": "priority", "expected": "a whole number",
-                                        "got": self.get_query_argument("priority")}]})
+            got = self.get_query_argument("priority")
+            problem = FieldProblem(field="priority", expected="a whole number", got=got)
+            self.send(400, ErrorBody(error="priority: expected a whole number", errors=[problem]))
             return
         try:
             data = parse_yaml(self.request.body.decode("utf-8", "replace"), source="request")
             record = self.service.submit(data, priority=priority)
         except SpecError as exc:
-            self.send(400, {"error": str(exc).splitlines()[0],
-                            "errors": [{"field": e.field, "expected": e.expected, "got": e.got}
-                                       for e in exc.errors]})
+            problems = [FieldProblem(field=e.field, expected=e.expected, got=e.got)
+                        for e in exc.errors]
+            self.send(400, ErrorBody(error=str(exc).splitlines()[0], errors=problems))
             return
         except JobExists as exc:
-            self.send(409, {"error": str(exc)})
+            self.send(409, ErrorBody(error=str(exc)))
             return
         except Forbidden as exc:
-            self.send(403, {"error": str(exc)})
+            self.send(403, ErrorBody(error=str(exc)))
             return
-        self.send(201, {"id": record.id, "url": f"/v1/jobs/{record.id}",
-                        "state": record.state})
+        self.send(201, Submitted(id=record.id, url=job_url(record.id), state=record.state))
 
 
 class JobHandler(_Handler):
     def get(self, job_id: str) -> None:
-        try:
-            record = self.service.queue.get(job_id)
-        except UnknownJob:
-            self.send(404, {"error": f"no job {job_id!r}"})
-            return
-        self.send(200, job_view(self.service, record))
+        self.send(200, self.service.view(_known(self.queue.get, job_id)))
 
     def delete(self, job_id: str) -> None:
-        try:
-            record = self.service.cancel(job_id)
-        except UnknownJob:
-            self.send(404, {"error": f"no job {job_id!r}"})
-            return
-        state = "cancelling" if record.state == "running" else record.state
-        self.send(202, {"id": record.id, "state": state})
+        record = _known(self.service.cancel, job_id)
+        state = "cancelling" if record.state == JobState.RUNNING else record.state
+        self.send(202, CancelAnswer(id=record.id, state=state))
+
+
+def _known(lookup: Callable[[str], JobRecord], job_id: str) -> JobRecord:
+    """``lookup(job_id)``; an unknown job is a 404."""
+    try:
+        return lookup(job_id)
+    except UnknownJob:
+        raise HTTPError(404, reason=f"no job {job_id!r}") from None
+
+
+class OpenAPIHandler(_Handler):
+    def get(self) -> None:
+        self.send(200, openapi_document())
 
 
 class MetricsHandler(_Handler):
@@ -162,7 +159,7 @@ class HealthHandler(_Handler):
     public = True
 
     def get(self) -> None:
-        self.send(200, {"status": "ok"})
+        self.send(200, Health(status="ok"))
 
 
 class ReadyHandler(_Handler):
@@ -171,7 +168,7 @@ class ReadyHandler(_Handler):
     def get(self) -> None:
         checks = self.service.ready()
         ok = all(checks.values())
-        self.send(200 if ok else 503, {"ready": ok, **checks})
+        self.send(200 if ok else 503, Readiness(ready=ok, **checks))
 
 
 def make_app(service: Service) -> Application:
@@ -180,6 +177,7 @@ def make_app(service: Service) -> Application:
         [
             (r"/v1/jobs/?", JobsHandler, args),
             (rf"/v1/jobs/({_JOB_ID})", JobHandler, args),
+            (r"/v1/openapi.json", OpenAPIHandler, args),
             (r"/metrics", MetricsHandler, args),
             (r"/healthz", HealthHandler, args),
             (r"/readyz", ReadyHandler, args),

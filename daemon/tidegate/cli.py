@@ -1,7 +1,7 @@
-"""``tidegate run | validate | schema``.
+"""``tidegate run | validate | schema | serve``; the client commands are in client.py.
 
-Exit codes: 0 every param ok; 1 finished with failed params, or the job failed;
-2 bad input; 3 cluster unreachable or failed to start; 130 interrupted (Ctrl-C).
+Exit codes: :class:`tidegate.exitcodes.RunExit` and ``ServeExit``, listed in each
+command's ``--help``.
 """
 
 from __future__ import annotations
@@ -13,23 +13,23 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from tidegate import __version__
+from tidegate.errors import TidegateError
+from tidegate.exitcodes import RunExit, ServeExit, epilog
 from tidegate.logs import quiet_dask_logs, setup_logging
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CLUSTER, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 log = logging.getLogger("tidegate")
 
 
-class UsageError(Exception):
+class UsageError(TidegateError):
     """Bad input on the command line."""
 
 
-def _positive_int(flag: str):
+def _positive_int(flag: str) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -44,7 +44,7 @@ def _positive_int(flag: str):
     return parse
 
 
-def _positive_float(flag: str):
+def _positive_float(flag: str) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run a job spec to completion (resumes if interrupted)")
+    run = _command(sub, "run", "run a job spec to completion (resumes if interrupted)")
     run.add_argument("spec", type=Path, help="job spec (YAML)")
     run.add_argument("--scheduler", metavar="ADDRESS",
                      help="an existing Dask scheduler, e.g. tcp://10.0.0.5:8786 "
@@ -101,13 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print the final summary as one JSON object on stdout")
     run.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
 
-    validate = sub.add_parser("validate", help="check a job spec and import its callables")
+    validate = _command(sub, "validate", "check a job spec and import its callables")
     validate.add_argument("spec", type=Path, help="job spec (YAML)")
     validate.add_argument("--json", action="store_true", help="print the result as JSON")
 
-    sub.add_parser("schema", help="print the JSON Schema of the job spec")
+    _command(sub, "schema", "print the JSON Schema of the job spec")
 
-    serve = sub.add_parser("serve", help="run the daemon: job queue, HTTP API, /metrics")
+    serve = _command(sub, "serve", "run the daemon: job queue, HTTP API, /metrics")
     serve.add_argument("--config", type=Path, metavar="FILE",
                        help="daemon config (YAML); TIDEGATE_* variables and flags override it")
     for flag, key, kind, text in _SERVE_FLAGS:
@@ -117,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     from tidegate.client import add_client_commands
 
     add_client_commands(sub)
+    return parser
+
+
+def _command(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help ends with its exit codes."""
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, help=help_text, epilog=epilog(name),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     return parser
 
 
@@ -161,14 +170,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handlers[args.command](args)
     except (SpecError, LedgerMismatch, SchemaError, UsageError, ValidationFailed) as exc:
         print(f"tidegate: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ServeExit.CONFIG if args.command == "serve" else RunExit.USAGE
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
     from tidegate.spec import spec_json_schema
 
     print(json.dumps(spec_json_schema(), indent=2))
-    return EXIT_OK
+    return RunExit.OK
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -205,7 +214,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             f"  tasks    {job.n_tasks}\n"
             f"  output   {job.output_dir}"
         )
-    return EXIT_OK
+    return RunExit.OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -262,7 +271,7 @@ async def _run(job: Any, cluster_options: Any, options: Any, args: argparse.Name
         cluster = await open_cluster(cluster_options)
     except ClusterError as exc:
         print(f"tidegate: error: {exc}", file=sys.stderr)
-        return EXIT_CLUSTER
+        return RunExit.CLUSTER
     progress: Any = None
     if not args.no_progress:
         progress = TerminalBar() if sys.stderr.isatty() else LogLines()
@@ -281,7 +290,7 @@ async def _run(job: Any, cluster_options: Any, options: Any, args: argparse.Name
         summary = await runner.run()
     except ClusterError as exc:
         print(f"tidegate: error: {exc}", file=sys.stderr)
-        return EXIT_CLUSTER
+        return RunExit.CLUSTER
     finally:
         if progress is not None:
             progress.clear()
@@ -326,14 +335,14 @@ def pinned_batch_size(env: Mapping[str, str]) -> int | None:
     return None
 
 
-def _install_stop_handlers(runner: Any):
+def _install_stop_handlers(runner: Any) -> Callable[[], None]:
     """First SIGINT/SIGTERM: stop admitting, flush what completed, exit 130. Second: now."""
     loop = asyncio.get_running_loop()
 
     def on_signal(signum: int) -> None:
         if runner.stopping:
             # Committed parts are safe; the buffered ones a rerun recomputes.
-            os._exit(EXIT_INTERRUPTED)
+            os._exit(RunExit.INTERRUPTED)
         log.warning(
             "%s: stopping; completed params are flushed, a rerun resumes (again to quit now)",
             signal.Signals(signum).name, extra={"action": "stop_requested"},

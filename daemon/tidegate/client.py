@@ -1,9 +1,8 @@
 """``tidegate submit | status | jobs | cancel``: the command-line client of the daemon's
-HTTP API (stdlib only: it must start fast and run where Dask is not installed).
+HTTP API (no Dask: it must start fast and run where Dask is not installed). Answers are
+parsed into the API's own models (views.py).
 
-Exit codes: 0 ok; 1 the job failed, was cancelled or has failed params (``submit
---wait``); 2 bad input (the daemon answered 400/401/403/404/409/413, or the spec file is
-unreadable); 3 daemon unreachable or answering 5xx; 130 Ctrl-C.
+Exit codes: :class:`tidegate.exitcodes.ClientExit`, listed in each command's ``--help``.
 """
 
 from __future__ import annotations
@@ -20,22 +19,27 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
+from pydantic import BaseModel, ValidationError
 
-from tidegate.jobqueue import STATES, TERMINAL
+from tidegate.errors import TidegateError
+from tidegate.exitcodes import ClientExit, epilog
 from tidegate.report import Progress
+from tidegate.states import TERMINAL, JobState
+from tidegate.views import CancelAnswer, JobList, JobView, ParamCounts, Submitted
 
 DEFAULT_URL = "http://127.0.0.1:8790"
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DAEMON, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 POLL_S = 1.0  # how often `submit --wait` asks for the job
 _SHOWN_ERRORS = 5
 
 _sleep = time.sleep  # a seam for tests
+_M = TypeVar("_M", bound=BaseModel)
+STATES = tuple(JobState)
 
 
-class ApiError(Exception):
+class ApiError(TidegateError):
     """The daemon answered with an error status."""
 
     def __init__(
@@ -59,7 +63,7 @@ class ApiError(Exception):
         return "\n".join([f"{head}:", *(f"  - {_field_error(e)}" for e in self.errors)])
 
 
-class DaemonUnreachable(Exception):
+class DaemonUnreachable(TidegateError):
     """No answer from the daemon (not running, wrong URL, network, timeout), or an answer
     that is not the API's JSON."""
 
@@ -85,20 +89,22 @@ class Client:
         self.token = token
         self.timeout = timeout
 
-    def submit(self, spec_text: str, *, priority: int = 0) -> dict[str, Any]:
+    def submit(self, spec_text: str, *, priority: int = 0) -> Submitted:
         query = {"priority": str(priority)} if priority else None
-        return self._call("POST", "/v1/jobs", query=query, body=spec_text.encode(),
-                          content_type="application/yaml")
+        answer = self._call("POST", "/v1/jobs", query, (spec_text.encode(), "application/yaml"))
+        return self._parse(Submitted, answer, "POST /v1/jobs")
 
-    def job(self, job_id: str) -> dict[str, Any]:
-        return self._call("GET", _job_path(job_id))
+    def job(self, job_id: str) -> JobView:
+        path = _job_path(job_id)
+        return self._parse(JobView, self._call("GET", path), f"GET {path}")
 
-    def jobs(self, state: str | None = None) -> list[dict[str, Any]]:
+    def jobs(self, state: str | None = None) -> list[JobView]:
         query = {"state": state} if state else None
-        return list(self._call("GET", "/v1/jobs", query=query)["jobs"])
+        return self._parse(JobList, self._call("GET", "/v1/jobs", query), "GET /v1/jobs").jobs
 
-    def cancel(self, job_id: str) -> dict[str, Any]:
-        return self._call("DELETE", _job_path(job_id))
+    def cancel(self, job_id: str) -> CancelAnswer:
+        path = _job_path(job_id)
+        return self._parse(CancelAnswer, self._call("DELETE", path), f"DELETE {path}")
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """(ready, /readyz body); a 503 is an answer here, not an error."""
@@ -113,35 +119,41 @@ class Client:
         self,
         job_id: str,
         *,
-        on_update: Callable[[dict[str, Any]], None] | None = None,
+        on_update: Callable[[JobView], None] | None = None,
         poll_s: float = 1.0,
-    ) -> dict[str, Any]:
+    ) -> JobView:
         """Poll the job until it is succeeded, failed or cancelled. An interrupted job is
         waited for too: the daemon resumes it when it is back."""
         while True:
             job = self.job(job_id)
             if on_update is not None:
                 on_update(job)
-            if job.get("state") in TERMINAL:
+            if job.state in TERMINAL:
                 return job
             _sleep(poll_s)
 
-    def _call(
-        self,
-        method: str,
-        path: str,
-        *,
-        query: Mapping[str, str] | None = None,
-        body: bytes | None = None,
-        content_type: str | None = None,
-    ) -> dict[str, Any]:
+    def _parse(self, model: type[_M], answer: Any, what: str) -> _M:
+        try:
+            return model.model_validate(answer)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(map(str, first["loc"])) or "<top level>"
+            raise DaemonUnreachable(
+                f"{self.url} answered {what} with JSON that is not the tidegate API's "
+                f"({where}: {first['msg']}); is it a tidegate daemon of this version?"
+            ) from None
+
+    def _call(self, method: str, path: str, query: Mapping[str, str] | None = None,
+              body: tuple[bytes, str] | None = None) -> Any:
+        """The decoded JSON answer; ``body`` is (data, content type)."""
         url = self.url + path + (f"?{urllib.parse.urlencode(query)}" if query else "")
         headers = {"Accept": "application/json"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
-        if content_type:
-            headers["Content-Type"] = content_type
-        request = urllib.request.Request(url, data=body, method=method, headers=headers)
+        data = None
+        if body is not None:
+            data, headers["Content-Type"] = body
+        request = urllib.request.Request(url, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 status, raw = response.status, response.read()
@@ -192,75 +204,79 @@ def _phrase(status: int) -> str:
 # --- what a job dict means --------------------------------------------------------------
 
 
-def exit_code_for(job: Mapping[str, Any]) -> int:
+def as_view(job: JobView | Mapping[str, Any]) -> JobView:
+    """A job as the API's model, from the model or from its JSON."""
+    return job if isinstance(job, JobView) else JobView.model_validate(job)
+
+
+def exit_code_for(job: JobView | Mapping[str, Any]) -> ClientExit:
     """As `tidegate run`: 0 if the job succeeded with no failed params, else 1."""
-    failed = (job.get("params") or {}).get("failed", 0)
-    return EXIT_OK if job.get("state") == "succeeded" and not failed else EXIT_FAILED
+    view = as_view(job)
+    if view.state == JobState.SUCCEEDED and not view.params.failed:
+        return ClientExit.OK
+    return ClientExit.FAILED
 
 
-def progress_of(job: Mapping[str, Any], now: float) -> Progress:
-    """A Progress snapshot from a job dict. The rate is the daemon's when it sends one,
-    else this run's params (not the resumed ones) over the time since it started."""
-    params = job.get("params") or {}
-    ok, failed, resumed = (int(params.get(k) or 0) for k in ("ok", "failed", "resumed"))
-    inflight = job.get("inflight") or {}
-    started = job.get("started_at")
+def progress_of(job: JobView | Mapping[str, Any], now: float) -> Progress:
+    """A Progress snapshot from a job. The rate is the daemon's when it sends one, else
+    this run's params (not the resumed ones) over the time since it started."""
+    view = as_view(job)
+    params = view.params
+    started = view.started_at
     elapsed = max(0.0, now - started) if started is not None else 0.0
-    done = ok + failed
-    rate = job.get("rate")  # the daemon's own, while it runs the job
-    if not isinstance(rate, int | float):
-        rate = (done - resumed) / elapsed if elapsed > 0 and done > resumed else 0.0
+    done = params.ok + params.failed
+    rate = view.rate  # the daemon's own, while it runs the job
+    if rate is None:
+        rate = (done - params.resumed) / elapsed if elapsed > 0 and done > params.resumed else 0.0
     return Progress(
-        job_id=str(job.get("id")),
-        total=int(params.get("total") or 0),
+        job_id=view.id,
+        total=params.total or 0,
         done=done,
-        ok=ok,
-        failed=failed,
-        resumed=resumed,
-        batch_size=int(job.get("batch_size") or 0),
-        inflight_params=int(inflight.get("params") or 0),
-        inflight_tasks=int(inflight.get("tasks") or 0),
-        rate=float(rate),
+        ok=params.ok,
+        failed=params.failed,
+        resumed=params.resumed,
+        batch_size=view.batch_size or 0,
+        inflight_params=view.inflight.params,
+        inflight_tasks=view.inflight.tasks,
+        rate=rate,
         elapsed=elapsed,
-        oom_events=int(job.get("oom_events") or 0),
+        oom_events=view.oom_events,
+        quarantined=params.quarantined,
+        worker_restarts=view.worker_restarts,
     )
 
 
-def _total(params: Mapping[str, Any]) -> str:
-    total = params.get("total")
-    return "?" if total is None else str(total)  # None until the daemon expands the spec
+def _total(params: ParamCounts) -> str:
+    return "?" if params.total is None else str(params.total)  # None until it is expanded
 
 
 def _when(t: float | None) -> str:
     return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
-def describe_job(job: Mapping[str, Any]) -> str:
+def describe_job(job: JobView) -> str:
     """A few lines for a human: state, params, B, in flight, workers, output, errors."""
-    params = job.get("params") or {}
-    inflight = job.get("inflight") or {}
-    quarantined = params.get("quarantined") or 0
+    params, inflight = job.params, job.inflight
+    quarantined = params.quarantined
     lines = [
-        f"job {job.get('id')}: {job.get('state')} (priority {job.get('priority', 0)})",
-        f"  params    {params.get('ok', 0)} ok, {params.get('failed', 0)} failed of "
-        f"{_total(params)} ({params.get('resumed', 0)} from earlier runs"
+        f"job {job.id}: {job.state} (priority {job.priority})",
+        f"  params    {params.ok} ok, {params.failed} failed of "
+        f"{_total(params)} ({params.resumed} from earlier runs"
         + (f", {quarantined} quarantined)" if quarantined else ")"),
-        f"  batch     B={job.get('batch_size') or '-'}, in flight "
-        f"{inflight.get('params', 0)} params / {inflight.get('tasks', 0)} tasks",
-        f"  workers   {job.get('worker_restarts', 0)} lost, "
-        f"{job.get('oom_events', 0)} OOM events",
-        f"  times     submitted {_when(job.get('submitted_at'))}, started "
-        f"{_when(job.get('started_at'))}, finished {_when(job.get('finished_at'))}",
-        f"  output    {job.get('output', '-')}",
+        f"  batch     B={job.batch_size or '-'}, in flight "
+        f"{inflight.params} params / {inflight.tasks} tasks",
+        f"  workers   {job.worker_restarts} lost, {job.oom_events} OOM events",
+        f"  times     submitted {_when(job.submitted_at)}, started "
+        f"{_when(job.started_at)}, finished {_when(job.finished_at)}",
+        f"  output    {job.output or '-'}",
     ]
-    if job.get("error"):
-        lines.append(f"  error     {job['error']}")
-    errors = job.get("errors") or []
-    for e in errors[:_SHOWN_ERRORS]:
-        first = str(e.get("error", "")).splitlines()[0][:200] if e.get("error") else ""
-        lines.append(f"  failed    {e.get('param_id')}: {first}")
-    if len(errors) > _SHOWN_ERRORS:
-        lines.append(f"  ...       and {len(errors) - _SHOWN_ERRORS} more failed params")
+    if job.error:
+        lines.append(f"  error     {job.error}")
+    for e in job.errors[:_SHOWN_ERRORS]:
+        first = e.error.splitlines()[0][:200] if e.error else ""
+        lines.append(f"  failed    {e.param_id}: {first}")
+    if len(job.errors) > _SHOWN_ERRORS:
+        lines.append(f"  ...       and {len(job.errors) - _SHOWN_ERRORS} more failed params")
     return "\n".join(lines)
 
 
@@ -280,7 +296,8 @@ def add_client_commands(subparsers: Any) -> None:
     """Add submit, status, jobs and cancel to a parser's subcommands; each sets
     ``handler=run_client_command``."""
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
-        p = subparsers.add_parser(name, help=help_text)
+        p = subparsers.add_parser(name, help=help_text, epilog=epilog(name),
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--url", help=f"the daemon (default: $TIDEGATE_URL or {DEFAULT_URL}); "
                        "the API token is read from $TIDEGATE_TOKEN")
         p.set_defaults(handler=run_client_command, client_command=name)
@@ -300,7 +317,8 @@ def add_client_commands(subparsers: Any) -> None:
     status.add_argument("--json", action="store_true", help="print JSON")
 
     jobs = add("jobs", "list the daemon's jobs, newest first")
-    jobs.add_argument("--state", choices=STATES, help="only jobs in this state")
+    jobs.add_argument("--state", choices=[s.value for s in STATES],
+                      help="only jobs in this state")
     jobs.add_argument("--json", action="store_true", help="print JSON")
 
     cancel = add("cancel", "cancel a queued or running job")
@@ -314,17 +332,17 @@ def run_client_command(args: argparse.Namespace) -> int:
     try:
         client = Client(url, os.environ.get("TIDEGATE_TOKEN") or None)
     except ValueError as exc:
-        return _fail(str(exc), EXIT_USAGE)
+        return _fail(str(exc), ClientExit.USAGE)
     try:
         return _COMMANDS[args.client_command](client, args)
     except ApiError as exc:
         if exc.status == http.HTTPStatus.UNAUTHORIZED:
-            return _fail(_unauthorized(url, exc), EXIT_USAGE)
-        return _fail(str(exc), EXIT_DAEMON if exc.status >= 500 else EXIT_USAGE)
+            return _fail(_unauthorized(url, exc), ClientExit.USAGE)
+        return _fail(str(exc), ClientExit.DAEMON if exc.status >= 500 else ClientExit.USAGE)
     except DaemonUnreachable as exc:
-        return _fail(str(exc), EXIT_DAEMON)
+        return _fail(str(exc), ClientExit.DAEMON)
     except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+        return ClientExit.INTERRUPTED
 
 
 def _fail(message: str, code: int) -> int:
@@ -338,7 +356,9 @@ def _unauthorized(url: str, exc: ApiError) -> str:
     return f"the daemon at {url} requires an API token: set TIDEGATE_TOKEN ({exc})"
 
 
-def _print_json(data: Any) -> None:
+def _print_json(data: BaseModel | dict[str, Any]) -> None:
+    if isinstance(data, BaseModel):
+        data = data.model_dump(mode="json")
     print(json.dumps(data, indent=2))
 
 
@@ -372,15 +392,15 @@ def cmd_submit(client: Client, args: argparse.Namespace) -> int:
     try:
         text = args.spec.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        return _fail(f"cannot read job spec {args.spec}: {exc}", EXIT_USAGE)
+        return _fail(f"cannot read job spec {args.spec}: {exc}", ClientExit.USAGE)
     answer = client.submit(with_absolute_paths(text, args.spec.parent), priority=args.priority)
-    job_id = answer["id"]
+    job_id = answer.id
     if not args.wait:
         if args.json:
             _print_json(answer)
         else:
-            print(f"submitted job {job_id}: {answer.get('state', 'queued')}")
-        return EXIT_OK
+            print(f"submitted job {job_id}: {answer.state}")
+        return ClientExit.OK
     print(f"tidegate: submitted job {job_id}; waiting for it (Ctrl-C stops waiting, "
           "not the job)", file=sys.stderr)
     try:
@@ -388,17 +408,17 @@ def cmd_submit(client: Client, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"tidegate: stopped waiting; job {job_id} goes on in the daemon "
               f"(`tidegate status {job_id}`, `tidegate cancel {job_id}`)", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return ClientExit.INTERRUPTED
     except DaemonUnreachable as exc:
         return _fail(f"{exc}\n  job {job_id} was submitted; check it with "
-                     f"`tidegate status {job_id}`", EXIT_DAEMON)
+                     f"`tidegate status {job_id}`", ClientExit.DAEMON)
     print(describe_job(job), file=sys.stderr)
     if args.json:
         _print_json(job)
     return exit_code_for(job)
 
 
-def _follow(client: Client, job_id: str) -> dict[str, Any]:
+def _follow(client: Client, job_id: str) -> JobView:
     follower = _Follower(job_id)
     try:
         return client.wait(job_id, on_update=follower, poll_s=POLL_S)
@@ -406,7 +426,9 @@ def _follow(client: Client, job_id: str) -> dict[str, Any]:
         follower.sink.clear()
 
 
-_STATE_NOTES = {"interrupted": " (the daemon stopped mid-job; it resumes when the daemon is back)"}
+_STATE_NOTES = {
+    JobState.INTERRUPTED: " (the daemon stopped mid-job; it resumes when the daemon is back)",
+}
 
 
 class _Follower:
@@ -416,17 +438,17 @@ class _Follower:
         from tidegate.progress import LogLines, TerminalBar
 
         self.job_id = job_id
-        self.state: str | None = None
+        self.state: JobState | None = None
         self.sink = TerminalBar(stream=sys.stderr) if sys.stderr.isatty() else LogLines()
 
-    def __call__(self, job: dict[str, Any]) -> None:
-        state = job.get("state")
+    def __call__(self, job: JobView) -> None:
+        state = job.state
         if state != self.state:
             self.sink.clear()
             print(f"tidegate: job {self.job_id}: {state}{_STATE_NOTES.get(state, '')}",
                   file=sys.stderr)
             self.state = state
-        if job.get("started_at") is not None and (job.get("params") or {}).get("total"):
+        if job.started_at is not None and job.params.total:
             self.sink.update(progress_of(job, time.time()))
 
 
@@ -437,18 +459,18 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
             _print_json(job)
         else:
             print(describe_job(job))
-        return EXIT_OK
+        return ClientExit.OK
     ready, detail = client.readiness()
     counts = dict.fromkeys(STATES, 0)
     for job in client.jobs():
-        counts[job.get("state")] = counts.get(job.get("state"), 0) + 1
+        counts[job.state] += 1
     if args.json:
         _print_json({"url": client.url, "ready": ready, "readyz": detail, "counts": counts})
     else:
         print(f"daemon {client.url}: {'ready' if ready else 'not ready'}"
               + ("" if ready else f": {_why_not_ready(detail)}"))
         print("jobs    " + ", ".join(f"{n} {state}" for state, n in counts.items()))
-    return EXIT_OK if ready else EXIT_DAEMON
+    return ClientExit.OK if ready else ClientExit.DAEMON
 
 
 def _why_not_ready(detail: Mapping[str, Any]) -> str:
@@ -462,41 +484,40 @@ def _why_not_ready(detail: Mapping[str, Any]) -> str:
 def cmd_jobs(client: Client, args: argparse.Namespace) -> int:
     jobs = client.jobs(args.state)
     if args.json:
-        _print_json({"jobs": jobs})
-        return EXIT_OK
+        _print_json(JobList(jobs=jobs))
+        return ClientExit.OK
     if not jobs:
         print(f"no {args.state} jobs" if args.state else "no jobs")
-        return EXIT_OK
+        return ClientExit.OK
     rows = [("ID", "STATE", "PRIORITY", "PARAMS", "SUBMITTED")]
     for job in jobs:
-        p = job.get("params") or {}
-        done = f"{(p.get('ok') or 0) + (p.get('failed') or 0)}/{_total(p)}"
-        if p.get("failed"):
-            done += f" ({p['failed']} failed)"
-        rows.append((str(job.get("id")), str(job.get("state")), str(job.get("priority", 0)),
-                     done, _when(job.get("submitted_at"))))
+        p = job.params
+        done = f"{p.ok + p.failed}/{_total(p)}"
+        if p.failed:
+            done += f" ({p.failed} failed)"
+        rows.append((job.id, job.state, str(job.priority), done, _when(job.submitted_at)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
-    return EXIT_OK
+    return ClientExit.OK
 
 
 def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
     answer = client.cancel(args.job_id)
     if args.json:
         _print_json(answer)
-        return EXIT_OK
-    job_id, state = answer.get("id"), answer.get("state")
-    if state == "cancelled":
+        return ClientExit.OK
+    job_id, state = answer.id, answer.state
+    if state == JobState.CANCELLED:
         print(f"job {job_id}: cancelled")
     elif state in TERMINAL:
         print(f"job {job_id}: already {state}; nothing to cancel")
-    elif state in ("cancelling", "running"):
+    elif state in ("cancelling", JobState.RUNNING):
         print(f"job {job_id}: cancelling; it stops after writing the params that have "
               "completed")
     else:
         print(f"job {job_id}: {state}")
-    return EXIT_OK
+    return ClientExit.OK
 
 
 _COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {

@@ -27,6 +27,7 @@ from distributed.client import FutureCancelledError
 from distributed.scheduler import KilledWorker
 
 from tidegate.controller import WorkerMemory
+from tidegate.errors import TidegateError
 from tidegate.losses import LossTracker, WorkerLoss
 from tidegate.outcome import FailureKind, Result, TaskFailure
 from tidegate.simreturn import TaskError, add_code_paths, run_sim
@@ -36,7 +37,7 @@ from tidegate.worker import EXIT_TOPIC, CodePaths, ExitCodes, IgnoreSigint, run_
 log = logging.getLogger(__name__)
 
 
-class ClusterError(Exception):
+class ClusterError(TidegateError):
     """The Dask cluster could not be started or reached."""
 
 

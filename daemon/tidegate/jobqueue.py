@@ -15,17 +15,17 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from tidegate.errors import TidegateError
 from tidegate.migrations import Migration, Schema, check_current, migrate
+from tidegate.states import FINISH_STATES, STARTABLE, TERMINAL, JobState
 
-STATES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
-FINISH_STATES = frozenset({"succeeded", "failed", "cancelled", "interrupted"})
-STARTABLE = frozenset({"queued", "interrupted"})
+STATES = tuple(JobState)
 
 # Version 1 is the schema of the releases that recorded no user_version; never edit it,
 # add a migration (a new state needs one: the CHECK below lists the states of version 1).
@@ -77,7 +77,7 @@ _COLUMNS = (
 @dataclass(frozen=True, slots=True)
 class JobRecord:
     id: str
-    state: str
+    state: JobState
     priority: int
     spec: dict[str, Any]  # as submitted, already validated by the caller
     output: str  # absolute output directory
@@ -96,17 +96,17 @@ class JobRecord:
         (job_id, state, priority, spec, output, submitted, started, finished, cancel,
          summary, error) = row
         return cls(
-            id=job_id, state=state, priority=int(priority), spec=json.loads(spec),
+            id=job_id, state=JobState(state), priority=int(priority), spec=json.loads(spec),
             output=output, submitted_at=submitted, started_at=started, finished_at=finished,
             cancel_requested=bool(cancel),
             summary=None if summary is None else json.loads(summary), error=error,
         )
 
 
-class JobExists(Exception):
+class JobExists(TidegateError):
     """A job with this id is already queued, running or interrupted."""
 
-    def __init__(self, job_id: str, state: str):
+    def __init__(self, job_id: str, state: JobState):
         self.job_id = job_id
         self.state = state
         super().__init__(
@@ -114,7 +114,7 @@ class JobExists(Exception):
         )
 
 
-class UnknownJob(KeyError):
+class UnknownJob(TidegateError, KeyError):
     """No job with this id."""
 
     def __init__(self, job_id: str):
@@ -189,7 +189,7 @@ class JobQueue:
         with self._lock:
             return self._get(job_id)
 
-    def list(self, state: str | None = None, limit: int = 200) -> list[JobRecord]:
+    def list(self, state: JobState | str | None = None, limit: int = 200) -> list[JobRecord]:
         """Jobs, newest submission first, optionally only those in ``state``."""
         if state is not None:
             _check_state(state, STATES, "state")
@@ -219,12 +219,12 @@ class JobQueue:
             ).fetchone()
         return None if row is None else JobRecord._from_row(row)
 
-    def counts(self) -> dict[str, int]:
+    def counts(self) -> dict[JobState, int]:
         """Jobs per state; every state present, zeros included."""
         out = dict.fromkeys(STATES, 0)
         with self._lock:
             for state, n in self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
-                out[state] = int(n)
+                out[JobState(state)] = int(n)
         return out
 
     def writable(self) -> bool:
@@ -281,7 +281,7 @@ class JobQueue:
     def finish(
         self,
         job_id: str,
-        state: str,
+        state: JobState,
         *,
         summary: dict[str, Any] | None = None,
         error: str | None = None,
@@ -297,14 +297,15 @@ class JobQueue:
         summary_json = None if summary is None else json.dumps(summary)
         with self._lock, self._transaction():
             current = self._require(job_id)
-            allowed = {"running", *STARTABLE} if state == "failed" else {"running"}
+            allowed = ({JobState.RUNNING, *STARTABLE} if state == JobState.FAILED
+                       else {JobState.RUNNING})
             if current not in allowed:
                 raise _invalid(job_id, current, f"finish as {state}", allowed)
             (cancel,) = self._db.execute(
                 "SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)
             ).fetchone()
-            if state == "interrupted" and cancel:
-                state = "cancelled"
+            if state == JobState.INTERRUPTED and cancel:
+                state = JobState.CANCELLED
             self._db.execute(
                 "UPDATE jobs SET state = ?, finished_at = ?, summary = ?, error = ? WHERE id = ?",
                 (state, self._clock() if state in TERMINAL else None, summary_json, error,
@@ -323,7 +324,7 @@ class JobQueue:
                     "finished_at = ? WHERE id = ?",
                     (self._clock(), job_id),
                 )
-            elif state == "running":
+            elif state == JobState.RUNNING:
                 self._db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
             return self._get(job_id)
 
@@ -351,11 +352,11 @@ class JobQueue:
             raise UnknownJob(job_id)
         return JobRecord._from_row(row)
 
-    def _state(self, job_id: str) -> str | None:
+    def _state(self, job_id: str) -> JobState | None:
         row = self._db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return None if row is None else row[0]
+        return None if row is None else JobState(row[0])
 
-    def _require(self, job_id: str) -> str:
+    def _require(self, job_id: str) -> JobState:
         state = self._state(job_id)
         if state is None:
             raise UnknownJob(job_id)
@@ -380,7 +381,9 @@ def _check_state(state: str, allowed: frozenset[str] | tuple[str, ...], field: s
         raise ValueError(f"{field}: expected {expected}, got {state!r}")
 
 
-def _invalid(job_id: str, state: str, transition: str, allowed: frozenset[str] | set[str]):
+def _invalid(
+    job_id: str, state: str, transition: str, allowed: AbstractSet[str]
+) -> ValueError:
     names = [s for s in STATES if s in allowed]
     need = " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
     return ValueError(f"cannot {transition} job {job_id!r}: it is {state} (needs {need})")

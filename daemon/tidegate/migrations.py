@@ -17,10 +17,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tidegate.errors import TidegateError
+
 Apply = str | Callable[[sqlite3.Connection], None]
 
 
-class SchemaError(Exception):
+class SchemaError(TidegateError):
     """A SQLite file tidegate cannot use: not SQLite, not tidegate's, or a failed migration."""
 
     def __init__(self, path: Path, message: str):

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from tidegate.exitcodes import RunExit
+from tidegate.states import JobState
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +26,9 @@ class Progress:
     rate: float  # params per second over this run
     elapsed: float
     oom_events: int = 0
+    quarantined: int = 0
+    worker_restarts: int = 0
+    errors: tuple[Mapping[str, str], ...] = ()  # the first failed params: param_id, error
 
     @property
     def eta_seconds(self) -> float | None:
@@ -38,7 +45,7 @@ class ProgressSink(Protocol):
 @dataclass(slots=True)
 class RunSummary:
     job_id: str
-    state: str  # succeeded | failed | interrupted
+    state: JobState  # succeeded | failed | interrupted
     total: int
     ok: int
     failed: int
@@ -56,11 +63,16 @@ class RunSummary:
     worker_losses: dict[str, int] = field(default_factory=dict)  # cause -> count
     quarantined: int = 0
 
+    def __post_init__(self) -> None:
+        self.state = JobState(self.state)
+
     @property
-    def exit_code(self) -> int:
-        if self.state == "interrupted":
-            return 130
-        return 0 if self.state == "succeeded" and self.failed == 0 else 1
+    def exit_code(self) -> RunExit:
+        if self.state == JobState.INTERRUPTED:
+            return RunExit.INTERRUPTED
+        if self.state == JobState.SUCCEEDED and self.failed == 0:
+            return RunExit.OK
+        return RunExit.FAILED
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -30,6 +30,7 @@ from tidegate.params import ListSource, ParamSource
 from tidegate.report import Progress, ProgressSink, RunSummary
 from tidegate.simreturn import SimReturn, TargetResult, TaskError
 from tidegate.spec import Job, Param
+from tidegate.states import JobState
 from tidegate.stats import InFlightCounts, RunStats
 from tidegate.window import Admission, Entry, Lane, TaskKeys, Window
 
@@ -156,7 +157,7 @@ class Runner:
                         manifest_extra={"controller": dataclasses.asdict(self.controller.config)})
         resumed = commit.resume(self.clock())
         self.stats.start(resumed.ok, resumed.failed)
-        state = "failed"
+        state = JobState.FAILED
         try:
             await self.cluster.add_code_paths([str(p) for p in self.job.code_paths])
             workers = await self.cluster.wait_for_workers(timeout_s=60)
@@ -165,9 +166,10 @@ class Runner:
             self.window = Window(pending, self.source.total - len(resumed.committed))
             self._decide(workers)
             await self._loop(commit, watch)
-            state = "interrupted" if self.stopping or not self.window.finished else "succeeded"
+            unfinished = self.stopping or not self.window.finished
+            state = JobState.INTERRUPTED if unfinished else JobState.SUCCEEDED
         except SchedulerLost:
-            state = "interrupted"  # the ledger has what completed; a rerun resumes
+            state = JobState.INTERRUPTED  # the ledger has what completed; a rerun resumes
             raise
         finally:
             self.window.drop_all()

@@ -20,30 +20,33 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from tidegate.api import Forbidden, make_server
 from tidegate.cluster import Cluster, ClusterError, ClusterOptions, SchedulerLost, open_cluster
 from tidegate.config import DaemonConfig
+from tidegate.errors import TidegateError
+from tidegate.exitcodes import ServeExit
 from tidegate.jobqueue import JobQueue, JobRecord
 from tidegate.metrics import Metrics
 from tidegate.migrations import SchemaError
-from tidegate.report import RunSummary
+from tidegate.report import Progress, RunSummary
 from tidegate.runner import Runner, RunOptions
 from tidegate.sdnotify import Notifier
 from tidegate.spec import FieldError, Job, SpecError, check_callables, job_from_dict
+from tidegate.states import JobState
+from tidegate.views import SHOWN_ERRORS, JobView
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FORCED, EXIT_STARTUP = 0, 1, 3
 QUEUE_DB = "jobs.sqlite"
 _RECONNECT_MAX_S = 30.0
 
 
-class StartupError(Exception):
-    """The daemon cannot start (exit code 3)."""
+class StartupError(TidegateError):
+    """The daemon cannot start (exit code ServeExit.STARTUP)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,25 +272,20 @@ class Service:
         self._update_job_gauges()
         return record
 
-    def live(self, job_id: str) -> dict[str, Any] | None:
-        """The running job's live numbers, if ``job_id`` is the one running."""
+    def view(self, record: JobRecord) -> JobView:
+        """A job as the API shows it: its record, with live numbers if it is running."""
+        return JobView.of(record, self.live(record.id))
+
+    def live(self, job_id: str) -> Progress | None:
+        """The running job's progress, if ``job_id`` is the one running."""
         if self.runner is None or self.current is None or self.current.id != job_id:
             return None
         p = self.runner.snapshot()
-        return {
-            "params": {"total": p.total, "ok": p.ok, "failed": p.failed, "resumed": p.resumed,
-                       "quarantined": self.runner.quarantined},
-            "batch_size": p.batch_size,
-            "inflight": {"params": p.inflight_params, "tasks": p.inflight_tasks},
-            "oom_events": p.oom_events,
-            "worker_restarts": self.runner.worker_restarts,
-            "errors": self.runner.errors[:10],
-            "rate": round(p.rate, 3),
-        }
+        return replace(p, errors=p.errors[:SHOWN_ERRORS])
 
     async def _job_loop(self) -> None:
         assert self.queue is not None
-        while not self._draining:
+        while not self._draining and not self._shutdown.is_set():
             record = self.queue.next_runnable()
             if record is None:
                 self._jobs_changed.clear()
@@ -304,22 +302,27 @@ class Service:
         try:
             prepared = self.prepare(record.spec)
         except (SpecError, Forbidden) as exc:  # the config changed since it was queued
-            self.queue.finish(record.id, "failed", error=str(exc))
+            self.queue.finish(record.id, JobState.FAILED, error=str(exc))
             self._update_job_gauges()
+            return
+        cluster = self.cluster
+        if cluster is None:  # _connect gave up: shutting down; the job waits for a restart
             return
         self.current = self.queue.start(record.id)
         self._update_job_gauges()
-        runner = Runner(prepared.job, self.cluster, self._run_options(), metrics=self.metrics,
+        runner = Runner(prepared.job, cluster, self._run_options(), metrics=self.metrics,
                         clock=self.clock)
         self.runner = runner
         log.info("job %s started", record.id, extra={"action": "job_started"})
-        state, summary, error = "failed", None, None
+        state: JobState = JobState.FAILED
+        summary: dict[str, Any] | None = None
+        error: str | None = None
         try:
             result = await runner.run()
             summary = result.as_dict()
             state = self._final_state(record.id, result)
         except SchedulerLost as exc:
-            state, error = "interrupted", str(exc)
+            state, error = JobState.INTERRUPTED, str(exc)
             log.warning("job %s paused: %s", record.id, exc, extra={"action": "job_paused"})
         except Exception as exc:  # a job's failure must not take the daemon down
             error = f"{type(exc).__name__}: {exc}"
@@ -329,14 +332,15 @@ class Service:
             self.queue.finish(record.id, state, summary=summary, error=error)
             self._update_job_gauges()
             log.info("job %s %s", record.id, state, extra={"action": "job_finished"})
-        if state == "interrupted" and not self._draining:
+        if state == JobState.INTERRUPTED and not self._draining:
             await self._reconnect()
 
-    def _final_state(self, job_id: str, result: RunSummary) -> str:
+    def _final_state(self, job_id: str, result: RunSummary) -> JobState:
         assert self.queue is not None
-        if result.state != "interrupted":
+        if result.state != JobState.INTERRUPTED:
             return result.state
-        return "cancelled" if self.queue.get(job_id).cancel_requested else "interrupted"
+        cancelled = self.queue.get(job_id).cancel_requested
+        return JobState.CANCELLED if cancelled else JobState.INTERRUPTED
 
     async def _reconnect(self) -> None:
         if self.cluster is not None:
@@ -399,7 +403,7 @@ async def _main(config: DaemonConfig) -> int:
         if service._draining:
             log.warning("%s again: exiting now; committed parts are safe",
                         signal.Signals(signum).name, extra={"action": "forced_exit"})
-            os._exit(EXIT_FORCED)
+            os._exit(ServeExit.FORCED)
         service.request_drain()
 
     for s in signals:
@@ -409,9 +413,9 @@ async def _main(config: DaemonConfig) -> int:
             await service.start()
         except StartupError as exc:
             print(f"tidegate: error: {exc}", flush=True, file=sys.stderr)
-            return EXIT_STARTUP
+            return ServeExit.STARTUP
         await service.serve_forever()
-        return EXIT_OK
+        return ServeExit.OK
     finally:
         for s in signals:
             loop.remove_signal_handler(s)

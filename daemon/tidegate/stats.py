@@ -14,6 +14,7 @@ from tidegate.metrics import Metrics
 from tidegate.outcome import Measured
 from tidegate.report import Progress, RunSummary
 from tidegate.simreturn import TaskError
+from tidegate.states import JobState
 
 log = logging.getLogger(__name__)
 
@@ -163,9 +164,12 @@ class RunStats:
             rate=self.done_this_run / elapsed if elapsed else 0.0,
             elapsed=elapsed,
             oom_events=self.oom_events,
+            quarantined=self.quarantined,
+            worker_restarts=self.worker_restarts,
+            errors=tuple(self.errors),
         )
 
-    def summary(self, state: str, output: str, parts: int) -> RunSummary:
+    def summary(self, state: JobState, output: str, parts: int) -> RunSummary:
         return RunSummary(
             job_id=self.job_id,
             state=state,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tidegate.errors import TidegateError
 from tidegate.migrations import Migration, Schema, migrate
 
 # Version 1 is the schema of the releases that recorded no version; never edit it, add a
@@ -53,7 +54,7 @@ LEDGER_SCHEMA = Schema(
 SCHEMA_VERSION = LEDGER_SCHEMA.newest
 
 
-class LedgerMismatch(Exception):
+class LedgerMismatch(TidegateError):
     """The output directory holds another job's results."""
 
     def __init__(self, path: Path, differs: list[str]):

@@ -21,6 +21,8 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
+from tidegate.errors import TidegateError
+
 # The pydantic error type of ``invalid``; a Discriminator's custom_error_type may use it.
 ERROR_TYPE = "tidegate"
 
@@ -37,7 +39,7 @@ class FieldError:
         return f"{self.field}: expected {self.expected}, got {self.got}"
 
 
-class ValidationFailed(Exception):
+class ValidationFailed(TidegateError):
     """The input is not valid."""
 
     default_source = "input"

@@ -197,6 +197,29 @@ def test_token_required(secured: Daemon) -> None:
     assert secured.request("GET", "/healthz", auth=False)[0] == 200
 
 
+def test_answers_validate_against_the_openapi_document(secured: Daemon) -> None:
+    """A real job's answers (while queued or running, and finished) validate against the
+    JobView schema of the daemon's own /v1/openapi.json."""
+    from jsonschema import Draft202012Validator
+
+    status, doc = secured.request("GET", "/v1/openapi.json")
+    assert status == 200 and doc["openapi"] == "3.1.0"
+
+    def check(model: str, answer: dict) -> None:
+        schema = {"$ref": f"#/components/schemas/{model}", "components": doc["components"]}
+        Draft202012Validator(schema).validate(answer)
+
+    status, created = secured.request("POST", "/v1/jobs", yaml.safe_dump(
+        synthetic_spec(4, job_id="described", output="described")))
+    assert status == 201, created
+    check("Submitted", created)
+    check("JobView", secured.request("GET", "/v1/jobs/described")[1])
+    done = secured.wait_job("described", {"succeeded", "failed"})
+    check("JobView", done)
+    assert done["state"] == "succeeded" and done["summary"]["params"]["ok"] == 4
+    check("JobList", secured.request("GET", "/v1/jobs")[1])
+
+
 def test_module_outside_allowed_modules_is_403(secured: Daemon) -> None:
     """A model outside security.allowed_modules is refused before anything is imported."""
     spec = synthetic_spec(2, model="os:system")

@@ -586,11 +586,11 @@ def test_cancel_reports_what_the_daemon_did(
 def test_client_wait_calls_on_update_for_every_poll(daemon: FakeDaemon, tmp_path: Path) -> None:
     """Client.wait returns the terminal job after passing each snapshot to on_update."""
     c = Client(daemon.url)
-    job_id = c.submit(spec_file(tmp_path).read_text())["id"]
+    job_id = c.submit(spec_file(tmp_path).read_text()).id
     seen: list[str] = []
-    job = c.wait(job_id, on_update=lambda j: seen.append(j["state"]), poll_s=0)
+    job = c.wait(job_id, on_update=lambda j: seen.append(j.state), poll_s=0)
     assert seen == [s for s, _, _ in TO_SUCCESS]
-    assert job["state"] == "succeeded"
+    assert job.state == "succeeded"
 
 
 def test_client_raises_typed_errors(daemon: FakeDaemon) -> None:

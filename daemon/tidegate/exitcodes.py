@@ -1,0 +1,99 @@
+"""Exit codes, one enum per family of commands, since a number means one thing per
+family (3: the cluster for ``run``, start-up for ``serve``, the daemon for the client).
+
+The per-command tables in ``--help`` and in the docs (README.md, docs/operations.md,
+between ``<!-- exit-codes -->`` markers) are rendered from here; a unit test keeps the
+docs in step: regenerate with ``python -m tidegate.exitcodes``.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Self
+
+
+class ExitCode(IntEnum):
+    """An exit status and what it means (``meaning``)."""
+
+    meaning: str
+
+    def __new__(cls, value: int, meaning: str = "") -> Self:
+        member = int.__new__(cls, value)
+        member._value_ = value
+        member.meaning = meaning
+        return member
+
+
+class RunExit(ExitCode):
+    """``tidegate run`` (and ``validate``, ``schema``)."""
+
+    OK = 0, "success (`run`: every param ok)"
+    FAILED = 1, "the job finished with failed params, or failed"
+    USAGE = 2, "bad input (the message names the field, what was expected and what came)"
+    CLUSTER = 3, "the cluster could not be reached or started"
+    INTERRUPTED = 130, ("interrupted by Ctrl-C or SIGTERM (params that had completed are "
+                        "written; a rerun resumes)")
+
+
+class ServeExit(ExitCode):
+    """``tidegate serve``, the daemon."""
+
+    OK = 0, "drained and stopped after SIGTERM or SIGINT"
+    FORCED = 1, "a second SIGTERM or SIGINT stopped it at once (committed parts are safe)"
+    CONFIG = 2, "bad config (the message names the key, what was expected and what came)"
+    STARTUP = 3, ("start-up failure: cannot listen, unusable state_dir, the embedded "
+                  "cluster did not start, or no token beyond loopback")
+
+
+class ClientExit(ExitCode):
+    """``tidegate submit | status | jobs | cancel``, the daemon's client."""
+
+    OK = 0, "ok"
+    FAILED = 1, "`submit --wait`: the job failed, was cancelled or has failed params"
+    USAGE = 2, ("bad input: the daemon answered 400, 401, 403, 404, 409 or 413, or the "
+                "spec file is unreadable")
+    DAEMON = 3, "the daemon is unreachable, answered 5xx, or (`status`) is not ready"
+    INTERRUPTED = 130, "Ctrl-C (`submit --wait` stops waiting, not the job)"
+
+
+_ASKING = (ClientExit.OK, ClientExit.USAGE, ClientExit.DAEMON, ClientExit.INTERRUPTED)
+
+# The codes each command can exit with, in the order the tables show them.
+COMMANDS: dict[str, tuple[ExitCode, ...]] = {
+    "run": tuple(RunExit),
+    "validate": (RunExit.OK, RunExit.USAGE),
+    "schema": (RunExit.OK, RunExit.USAGE),
+    "serve": tuple(ServeExit),
+    "submit": tuple(ClientExit),
+    "status": _ASKING,
+    "jobs": _ASKING,
+    "cancel": _ASKING,
+}
+
+
+def epilog(command: str) -> str:
+    """The exit-code table of one command, for its ``--help``."""
+    codes = COMMANDS[command]
+    width = max(len(str(int(c))) for c in codes)
+    rows = [f"  {int(c):>{width}}  {c.meaning.replace('`', '')}" for c in codes]
+    return "\n".join(["exit codes:", *rows])
+
+
+def markdown_table() -> str:
+    """Every command's exit codes as one Markdown table; commands that share their codes
+    share a row group."""
+    # Keyed by enum too: RunExit.CLUSTER == ClientExit.DAEMON, as ints.
+    groups: dict[tuple[tuple[str, int], ...], tuple[tuple[ExitCode, ...], list[str]]] = {}
+    for command, codes in COMMANDS.items():
+        key = tuple((type(c).__name__, int(c)) for c in codes)
+        groups.setdefault(key, (codes, []))[1].append(command)
+    lines = ["| command | code | meaning |", "|---|---|---|"]
+    for codes, commands in groups.values():
+        names = ", ".join(f"`{c}`" for c in commands)
+        for i, code in enumerate(codes):
+            lines.append(f"| {names if i == 0 else ''} | {int(code)} | {code.meaning} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

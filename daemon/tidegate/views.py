@@ -1,0 +1,181 @@
+"""What the HTTP API answers, as pydantic models shared by the daemon and its client.
+
+The daemon builds a :class:`JobView` from the job queue's record and, while the job
+runs, the runner's :class:`~tidegate.report.Progress`; the client parses every answer
+with ``model_validate``. The OpenAPI document (``GET /v1/openapi.json``) is generated
+from these models, so the three cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+
+from tidegate.states import JobState
+
+if TYPE_CHECKING:
+    from tidegate.jobqueue import JobRecord
+    from tidegate.report import Progress
+
+SHOWN_ERRORS = 10  # failed params a job view lists; the summary in the output has them all
+
+
+def job_url(job_id: str) -> str:
+    return f"/v1/jobs/{job_id}"
+
+
+class _View(BaseModel):
+    # A newer daemon's extra fields reach an older client intact (and `--json` prints them).
+    model_config = ConfigDict(extra="allow")
+    _absent_when_none: ClassVar[tuple[str, ...]] = ()  # keys left out rather than null
+
+    @model_serializer(mode="wrap")
+    def _leave_out_nones(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if isinstance(data, dict):
+            for key in self._absent_when_none:
+                if data.get(key) is None:
+                    data.pop(key, None)
+        return data
+
+
+class ParamCounts(_View):
+    """How many params the job has and where they stand."""
+
+    total: int | None = Field(default=None, description="null until the daemon expands the spec")
+    ok: int = 0
+    failed: int = 0
+    resumed: int = Field(default=0, description="done by earlier runs of this job")
+    quarantined: int = 0
+
+
+class InFlight(_View):
+    """Params admitted to the cluster and not yet written, and their tasks."""
+
+    params: int = 0
+    tasks: int = 0
+
+
+class ParamError(_View):
+    """A failed param and its error text."""
+
+    param_id: str
+    error: str = ""
+
+
+class JobView(_View):
+    """A job as ``GET /v1/jobs/{id}`` returns it: the queue's record, with live numbers
+    while it runs (``rate`` is present only then)."""
+
+    id: str
+    url: str
+    state: JobState
+    priority: int
+    submitted_at: float | None
+    started_at: float | None
+    finished_at: float | None
+    cancel_requested: bool
+    params: ParamCounts
+    batch_size: int | None = Field(description="B: now while running, else the final one")
+    inflight: InFlight
+    oom_events: int
+    worker_restarts: int
+    output: str | None
+    errors: list[ParamError] = Field(description=f"the first {SHOWN_ERRORS} failed params")
+    summary: dict[str, Any] | None = Field(
+        description="the run's summary (`tidegate run --json`), once it has ended")
+    error: str | None = Field(description="why the job itself failed or paused")
+    rate: float | None = Field(default=None, description="params per second; only while running")
+    _absent_when_none = ("rate",)
+
+    @classmethod
+    def of(cls, record: JobRecord, live: Progress | None = None) -> JobView:
+        """The view of a queue record; ``live`` is the runner's snapshot while it runs."""
+        summary = record.summary or {}
+        view = cls(
+            id=record.id,
+            url=job_url(record.id),
+            state=record.state,
+            priority=record.priority,
+            submitted_at=record.submitted_at,
+            started_at=record.started_at,
+            finished_at=record.finished_at,
+            cancel_requested=record.cancel_requested,
+            params=ParamCounts.model_validate(summary.get("params") or {}),
+            batch_size=(summary.get("batch_size") or {}).get("final"),
+            inflight=InFlight(),
+            oom_events=summary.get("oom_events", 0),
+            worker_restarts=summary.get("worker_restarts", 0),
+            output=record.output,
+            errors=[ParamError.model_validate(e)
+                    for e in (summary.get("errors") or [])[:SHOWN_ERRORS]],
+            summary=record.summary,
+            error=record.error,
+        )
+        return view if live is None else view.with_progress(live)
+
+    def with_progress(self, p: Progress) -> JobView:
+        """This view with the live numbers of a running job."""
+        return self.model_copy(update={
+            "params": ParamCounts(total=p.total, ok=p.ok, failed=p.failed, resumed=p.resumed,
+                                  quarantined=p.quarantined),
+            "batch_size": p.batch_size,
+            "inflight": InFlight(params=p.inflight_params, tasks=p.inflight_tasks),
+            "oom_events": p.oom_events,
+            "worker_restarts": p.worker_restarts,
+            "errors": [ParamError.model_validate(e) for e in p.errors[:SHOWN_ERRORS]],
+            "rate": round(p.rate, 3),
+        })
+
+
+class JobList(_View):
+    """``GET /v1/jobs``: jobs, newest submission first."""
+
+    jobs: list[JobView]
+
+
+class Submitted(_View):
+    """``POST /v1/jobs`` (201): the job is queued."""
+
+    id: str
+    url: str
+    state: JobState
+
+
+class CancelAnswer(_View):
+    """``DELETE /v1/jobs/{id}`` (202): ``cancelling`` while a running job stops, else the
+    job's state (``cancelled``, or the state of a job that had already finished)."""
+
+    id: str
+    state: JobState | Literal["cancelling"]
+
+
+class FieldProblem(_View):
+    """One invalid field of a request: which, what was allowed, what arrived."""
+
+    field: str
+    expected: str
+    got: str
+
+
+class ErrorBody(_View):
+    """Every error answer (4xx, 5xx); ``errors`` names the fields of a 400."""
+
+    error: str
+    errors: list[FieldProblem] | None = None
+    _absent_when_none = ("errors",)
+
+
+class Health(_View):
+    """``GET /healthz``: the process answers."""
+
+    status: Literal["ok"]
+
+
+class Readiness(_View):
+    """``GET /readyz`` (200 when ready, else 503): each check's result."""
+
+    ready: bool
+    scheduler: bool
+    store: bool

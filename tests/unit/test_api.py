@@ -1,0 +1,146 @@
+"""The HTTP API in-process (tornado on a free port, a real job queue, no cluster): its
+answers are the views.py models and the OpenAPI document describes every route."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jsonschema import Draft202012Validator
+from openapi_spec_validator import validate as validate_openapi
+from tornado.httpclient import AsyncHTTPClient
+from tornado.web import RequestHandler
+
+from tidegate.api import make_app, make_server
+from tidegate.config import load_config
+from tidegate.jobqueue import JobQueue
+from tidegate.metrics import Metrics
+from tidegate.openapi import REF, openapi_document
+from tidegate.report import Progress
+from tidegate.service import Service
+from tidegate.states import JobState
+from tidegate.views import JobView
+
+METHODS = ("get", "post", "put", "patch", "delete")
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Any:
+    config = load_config(None, {}, {"state_dir": str(tmp_path / "state"),
+                                    "output_root": str(tmp_path / "out")})
+    svc = Service(config, metrics=Metrics())
+    svc.queue = JobQueue(tmp_path / "jobs.sqlite")
+    yield svc
+    svc.queue.close()
+
+
+def fetch(service: Service, *requests: tuple[str, str]) -> list[tuple[int, Any]]:
+    """Serve the API on a free port and make each (method, path) request in turn."""
+    async def main() -> list[tuple[int, Any]]:
+        server, port = make_server(service, "127.0.0.1", 0)
+        client = AsyncHTTPClient()
+        try:
+            answers = []
+            for method, path in requests:
+                r = await client.fetch(f"http://127.0.0.1:{port}{path}", method=method,
+                                       raise_error=False)
+                answers.append((r.code, json.loads(r.body)))
+            return answers
+        finally:
+            server.stop()
+            client.close()
+
+    return asyncio.run(main())
+
+
+def schema_of(name: str) -> dict[str, Any]:
+    """A JSON Schema for one component of the OpenAPI document, refs resolvable."""
+    doc = openapi_document()
+    return {"$ref": REF.format(model=name), "components": doc["components"]}
+
+
+def _served_routes() -> set[tuple[str, str]]:
+    """(method, OpenAPI path) for every route and method the tornado app serves."""
+    routes = set()
+    for rule in make_app(None).wildcard_router.rules:  # type: ignore[arg-type]
+        pattern = rule.matcher.regex.pattern.rstrip("$")
+        path = re.sub(r"\(.*\)", "{id}", pattern).removesuffix("/?")
+        for method in METHODS:
+            if getattr(rule.target, method) is not getattr(RequestHandler, method):
+                routes.add((method, path))
+    return routes
+
+
+def test_openapi_document_is_valid_openapi_3_1() -> None:
+    """The generated document passes openapi-spec-validator and names the bearer scheme."""
+    doc = openapi_document()
+    validate_openapi(doc)
+    assert doc["openapi"] == "3.1.0"
+    assert doc["components"]["securitySchemes"]["bearer"] == {"type": "http",
+                                                               "scheme": "bearer"}
+    assert {"JobView", "JobList", "Submitted", "ErrorBody"} <= set(doc["components"]["schemas"])
+
+
+def test_every_served_route_is_in_the_document() -> None:
+    """Each method of each route the app serves has an operation, and nothing more."""
+    doc = openapi_document()
+    documented = {(m, path) for path, item in doc["paths"].items() for m in item
+                  if m in METHODS}
+    served = _served_routes()
+    assert ("get", "/v1/openapi.json") in served and ("delete", "/v1/jobs/{id}") in served
+    assert served == documented
+
+
+def test_job_answers_validate_against_the_jobview_schema(service: Service) -> None:
+    """GET /v1/jobs/{id} and GET /v1/jobs answer JSON the document's schemas accept, and
+    the served document is the generated one."""
+    service.queue.submit("a", {"model": "m:f"}, "/out/a")
+    service.queue.submit("b", {"model": "m:f"}, "/out/b")
+    service.queue.start("b")
+    service.queue.finish("b", JobState.FAILED, error="boom")
+    (s1, job), (s2, listing), (s3, doc), (s4, missing) = fetch(
+        service, ("GET", "/v1/jobs/a"), ("GET", "/v1/jobs"), ("GET", "/v1/openapi.json"),
+        ("GET", "/v1/jobs/nope"))
+    assert (s1, s2, s3, s4) == (200, 200, 200, 404)
+    Draft202012Validator(schema_of("JobView")).validate(job)
+    Draft202012Validator(schema_of("JobList")).validate(listing)
+    Draft202012Validator(schema_of("ErrorBody")).validate(missing)
+    assert missing == {"error": "no job 'nope'"}
+    assert doc == json.loads(json.dumps(openapi_document()))
+    assert job["state"] == "queued" and job["params"]["total"] is None and "rate" not in job
+    assert [j["id"] for j in listing["jobs"]] == ["b", "a"]
+    assert listing["jobs"][0]["error"] == "boom"
+
+
+def test_job_view_keeps_todays_json_shape(service: Service) -> None:
+    """A finished job's view: the keys and values the API has always returned, taken from
+    the stored summary; a running one gets the live numbers and a rate."""
+    queue = service.queue
+    queue.submit("j", {"model": "m:f"}, "/out/j")
+    queue.start("j")
+    summary = {"params": {"total": 4, "ok": 3, "failed": 1, "resumed": 0, "quarantined": 0},
+               "batch_size": {"min": 1, "max": 4, "final": 2}, "oom_events": 1,
+               "worker_restarts": 2, "errors": [{"param_id": "p", "error": "E"}] * 12}
+    record = queue.finish("j", JobState.SUCCEEDED, summary=summary)
+    data = JobView.of(record).model_dump(mode="json")
+    assert list(data) == ["id", "url", "state", "priority", "submitted_at", "started_at",
+                          "finished_at", "cancel_requested", "params", "batch_size",
+                          "inflight", "oom_events", "worker_restarts", "output", "errors",
+                          "summary", "error"]
+    assert (data["url"], data["batch_size"], data["inflight"]) == (
+        "/v1/jobs/j", 2, {"params": 0, "tasks": 0})
+    assert (data["params"], data["summary"], len(data["errors"])) == (
+        summary["params"], summary, 10)
+    live = Progress(job_id="j", total=9, done=5, ok=4, failed=1, resumed=2, batch_size=3,
+                    inflight_params=2, inflight_tasks=5, rate=1.23456, elapsed=3.0,
+                    oom_events=1, quarantined=1, worker_restarts=4)
+    running = JobView.of(record, live).model_dump(mode="json")
+    assert running["params"] == {"total": 9, "ok": 4, "failed": 1, "resumed": 2,
+                                 "quarantined": 1}
+    assert (running["rate"], running["inflight"], running["worker_restarts"]) == (
+        1.235, {"params": 2, "tasks": 5}, 4)
+    assert JobView.model_validate(running).model_dump(mode="json") == running
