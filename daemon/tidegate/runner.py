@@ -29,7 +29,8 @@ from tidegate.cluster import (
     WorkerInfo,
     WorkerWatch,
 )
-from tidegate.controller import Controller, ControllerConfig, Decision, Observation, WorkerMemory
+from tidegate.controller import Controller, Decision, Observation, WorkerMemory
+from tidegate.knobs import controller_config
 from tidegate.losses import PoisonJudge, WorkerLoss
 from tidegate.metrics import Metrics
 from tidegate.report import Progress, ProgressSink, RunSummary
@@ -73,23 +74,6 @@ class RunOptions:
             raise ValueError(f"flush_bytes must be >= 1, got {self.flush_bytes}")
         if not self.poll_seconds > 0:
             raise ValueError(f"poll_seconds must be > 0, got {self.poll_seconds}")
-
-
-def controller_config(job: Job, options: RunOptions) -> ControllerConfig:
-    """The controller's config: defaults, then the spec's batch section, then overrides."""
-    b = job.spec.batch
-    values: dict[str, Any] = {"min_size": b.min, "max_size": b.max, "pinned": b.size}
-    for knob in ("memory_fraction", "high_water", "low_water", "saturation", "cooldown_s"):
-        if getattr(b, knob) is not None:
-            values[knob] = getattr(b, knob)
-    values.update(options.controller)
-    if options.batch_size is not None:
-        values["pinned"] = options.batch_size
-    if values.get("pinned") is not None:
-        # A pin outside the spec's [min, max] widens the range rather than failing.
-        values["min_size"] = min(values["min_size"], values["pinned"])
-        values["max_size"] = max(values["max_size"], values["pinned"])
-    return ControllerConfig(**values)
 
 
 @dataclass(slots=True)
