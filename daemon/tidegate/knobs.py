@@ -132,13 +132,15 @@ class ControllerKnobs(BaseModel):
     @model_validator(mode="after")
     def _ordered(self) -> ControllerKnobs:
         lo, hi = self._pair("min", "max")
-        if self.max is not None and lo is not None and self.max < lo[0]:
-            raise invalid("max", f"an integer >= {lo[1]}", str(self.max))
-        if self.min is not None and hi is not None and self.min > hi[0]:
+        if lo is not None and hi is not None and lo[0] > hi[0]:
+            if self.max is not None:
+                raise invalid("max", f"an integer >= {lo[1]}", str(self.max))
             raise invalid("min", f"an integer <= {hi[1]}", str(self.min))
-        _, high = self._pair("low_water", "high_water")
-        if self.low_water is not None and high is not None and self.low_water >= high[0]:
-            raise invalid("low_water", f"a fraction below {high[1]}", str(self.low_water))
+        low, high = self._pair("low_water", "high_water")
+        if low is not None and high is not None and low[0] >= high[0]:
+            if self.low_water is not None:
+                raise invalid("low_water", f"a fraction below {high[1]}", str(self.low_water))
+            raise invalid("high_water", f"a fraction above {low[1]}", str(self.high_water))
         return self
 
     def _pair(self, *names: str) -> list[tuple[Any, str] | None]:
