@@ -57,6 +57,20 @@ def _positive_float(flag: str) -> Callable[[str], float]:
     return parse
 
 
+def _knob_flag(knob: str, flag: str):
+    """Read a controller knob's flag by the knob's own rules (tidegate.knobs)."""
+
+    def parse(text: str) -> Any:
+        from tidegate.knobs import KnobError, knob_from_flag
+
+        try:
+            return knob_from_flag(knob, flag, text)
+        except KnobError as exc:
+            raise argparse.ArgumentTypeError(str(exc.errors[0])) from None
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tidegate",
@@ -92,9 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                      metavar="N", help="write a part every N completed params (default 1000)")
     run.add_argument("--flush-seconds", type=_positive_float("--flush-seconds"), default=10.0,
                      metavar="S", help="... or every S seconds (default 10)")
-    run.add_argument("--memory-fraction", type=_positive_float("--memory-fraction"),
+    run.add_argument("--memory-fraction", type=_knob_flag("memory_fraction", "--memory-fraction"),
                      metavar="F", help="share of each worker's memory limit that results "
-                     "in flight may use (default 0.5; env TIDEGATE_MEMORY_FRACTION)")
+                     "in flight may use (default 0.5; env TIDEGATE_CONTROLLER__MEMORY_FRACTION)")
     run.add_argument("--metrics-port", type=_positive_int("--metrics-port"), metavar="PORT",
                      help="serve Prometheus metrics on 127.0.0.1:PORT/metrics during the run")
     run.add_argument("--json", action="store_true",
@@ -219,7 +233,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from tidegate.cluster import ClusterOptions, parse_memory_limit
-    from tidegate.runner import RunOptions, controller_config
+    from tidegate.knobs import controller_config, run_overrides
+    from tidegate.runner import RunOptions
     from tidegate.spec import check_callables, load_job
 
     if args.scheduler and any(
@@ -237,12 +252,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from None
     job = load_job(args.spec, output=args.output)
     check_callables(job)
-    overrides = controller_overrides(os.environ)
-    if args.memory_fraction is not None:
-        overrides["memory_fraction"] = args.memory_fraction
     options = RunOptions(
         batch_size=args.batch_size or pinned_batch_size(os.environ),
-        controller=overrides,
+        controller=run_overrides(os.environ, {"memory_fraction": args.memory_fraction}),
         restart=args.restart,
         flush_params=args.flush_params,
         flush_seconds=args.flush_seconds,
@@ -301,23 +313,6 @@ async def _run(job: Any, cluster_options: Any, options: Any, args: argparse.Name
     else:
         _print_summary(summary)
     return summary.exit_code
-
-
-# Controller knobs settable from the environment, as TIDEGATE_<KNOB>.
-_ENV_KNOBS = ("memory_fraction", "high_water", "low_water", "saturation", "cooldown_s")
-
-
-def controller_overrides(env: Mapping[str, str]) -> dict[str, float]:
-    """Controller knobs from TIDEGATE_* variables; a bad value names the variable."""
-    out: dict[str, float] = {}
-    for knob in _ENV_KNOBS:
-        name = f"TIDEGATE_{knob.upper()}"
-        if name in env:
-            try:
-                out[knob] = float(env[name])
-            except ValueError:
-                raise UsageError(f"{name}: expected a number, got {env[name]!r}") from None
-    return out
 
 
 def pinned_batch_size(env: Mapping[str, str]) -> int | None:

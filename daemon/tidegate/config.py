@@ -14,9 +14,9 @@ import ipaddress
 import os
 import re
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -24,15 +24,13 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    StrictFloat,
-    StrictInt,
     StringConstraints,
     ValidationError,
     field_validator,
     model_validator,
 )
 
-from tidegate.controller import ControllerConfig
+from tidegate.knobs import DEPRECATED_ENV, PIN_ENV, ControllerKnobs, Float, Int, standard_bounds
 from tidegate.validation import (
     ErrorTranslator,
     FieldError,
@@ -49,17 +47,7 @@ ENV_NESTING = "__"  # TIDEGATE_CLUSTER__LOCAL__WORKERS -> cluster.local.workers
 # TIDEGATE_ variables that other parts of tidegate read (the client, `tidegate run`); the
 # daemon leaves them alone. Any other unknown TIDEGATE_ variable is a typo and an error.
 FOREIGN_ENV_VARS = frozenset(
-    {
-        "TIDEGATE_URL",
-        "TIDEGATE_TOKEN",
-        "TIDEGATE_BATCH_SIZE",
-        "TIDEGATE_LOG_LEVEL",
-        "TIDEGATE_MEMORY_FRACTION",
-        "TIDEGATE_HIGH_WATER",
-        "TIDEGATE_LOW_WATER",
-        "TIDEGATE_SATURATION",
-        "TIDEGATE_COOLDOWN_S",
-    }
+    {"TIDEGATE_URL", "TIDEGATE_TOKEN", "TIDEGATE_LOG_LEVEL", *PIN_ENV, *DEPRECATED_ENV}
 )
 MODULE_PATTERN = r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$"
 LISTEN_TEXT = "host:port, e.g. 127.0.0.1:8790 or [::1]:8790"
@@ -76,26 +64,8 @@ class ConfigError(ValidationFailed):
 
 
 # --- field types ---------------------------------------------------------------------------
-# Numbers are strict (`workers: true` or `2.5` is an error, not 1 or 2) but may arrive as
-# text, since every environment variable is a string.
-
-
-def _int_from_text(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            pass
-    return value
-
-
-def _float_from_text(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            return float(value.strip())
-        except ValueError:
-            pass
-    return value
+# Numbers follow the knobs' policy (tidegate.knobs.Int and Float): `workers: true` or `2.5`
+# is an error, not 1 or 2, but a number may arrive as text, as every variable does.
 
 
 def _non_empty_path(value: Any) -> Any:
@@ -115,10 +85,15 @@ def _none_is_empty(value: Any) -> Any:
     return {} if value is None else value
 
 
-Int = Annotated[StrictInt, BeforeValidator(_int_from_text)]
-Float = Annotated[StrictFloat, BeforeValidator(_float_from_text)]
 AbsPath = Annotated[Path, BeforeValidator(_non_empty_path), AfterValidator(_absolute)]
 ModulePrefix = Annotated[str, StringConstraints(pattern=MODULE_PATTERN)]
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+def _defaults(model: type[_Model]) -> Callable[[], _Model]:
+    """A section's default: nothing set (a lambda calling the model would do, but mypy
+    does not see pydantic's positional defaults)."""
+    return lambda: model.model_validate({})
 
 
 def _got(value: Any) -> str:
@@ -160,7 +135,7 @@ def split_host_port(text: str, *, min_port: int = 0) -> tuple[str, int]:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=standard_bounds)
 
 
 class LocalClusterConfig(_Section):
@@ -195,7 +170,7 @@ class LocalClusterConfig(_Section):
 class ClusterConfig(_Section):
     address: str | None = Field(None, description=ADDRESS_TEXT)
     local: Annotated[LocalClusterConfig, BeforeValidator(_none_is_empty)] = Field(
-        default_factory=LocalClusterConfig
+        default_factory=_defaults(LocalClusterConfig)
     )
 
     @field_validator("address", mode="before")
@@ -227,55 +202,6 @@ class ClusterConfig(_Section):
                 ", ".join(f"{k}={v}" for k, v in given.items()),
             )
         return self
-
-
-class ControllerKnobs(_Section):
-    """Daemon-wide controller knobs; null keeps tidegate's default (docs/controller.md)."""
-
-    memory_fraction: Float | None = _finite(
-        gt=0, le=1, description="share of each worker's memory limit results may use"
-    )
-    high_water: Float | None = _finite(
-        gt=0, le=1, description="worker memory fraction that stops admission"
-    )
-    low_water: Float | None = _finite(
-        gt=0, lt=1, description="worker memory fraction below which B may grow"
-    )
-    saturation: Float | None = _finite(
-        ge=1, le=100, description="queue depth factor of the useful ceiling"
-    )
-    cooldown_s: Float | None = _finite(
-        ge=0, le=86400, description="seconds without growth after an OOM event"
-    )
-    min: Int | None = Field(None, ge=1, description="the smallest B the controller may choose")
-    max: Int | None = Field(None, ge=1, description="the largest B the controller may choose")
-
-    @model_validator(mode="after")
-    def _ordered(self) -> ControllerKnobs:
-        # Checked against tidegate's defaults too, so that one knob set alone cannot make a
-        # ControllerConfig that fails when the first job starts.
-        default = ControllerConfig()
-        high_water, text = _or_default(self.high_water, default.high_water, "high_water")
-        if self.low_water is not None and self.low_water >= high_water:
-            raise invalid("low_water", f"a fraction below {text}", str(self.low_water))
-        min_size, text = _or_default(self.min, default.min_size, "min")
-        if self.max is not None and self.max < min_size:
-            raise invalid("max", f"an integer >= {text}", str(self.max))
-        max_size, text = _or_default(self.max, default.max_size, "max")
-        if self.min is not None and self.min > max_size:
-            raise invalid("min", f"an integer <= {text}", str(self.min))
-        return self
-
-    def overrides(self) -> dict[str, Any]:
-        """The knobs set, named as ``ControllerConfig`` fields."""
-        names = {"min": "min_size", "max": "max_size"}
-        return {names.get(k, k): v for k, v in self.model_dump().items() if v is not None}
-
-
-def _or_default(value: Any, default: Any, name: str) -> tuple[Any, str]:
-    if value is None:
-        return default, f"controller.{name} ({default}, the default)"
-    return value, f"controller.{name} ({value})"
 
 
 class FlushConfig(_Section):
@@ -337,21 +263,23 @@ class DaemonConfig(_Section):
         Path("/var/lib/tidegate/outputs"), description="where job outputs go"
     )
     cluster: Annotated[ClusterConfig, BeforeValidator(_none_is_empty)] = Field(
-        default_factory=ClusterConfig
+        default_factory=_defaults(ClusterConfig)
     )
     controller: Annotated[ControllerKnobs, BeforeValidator(_none_is_empty)] = Field(
-        default_factory=ControllerKnobs
+        default_factory=_defaults(ControllerKnobs)
     )
     flush: Annotated[FlushConfig, BeforeValidator(_none_is_empty)] = Field(
-        default_factory=FlushConfig
+        default_factory=_defaults(FlushConfig)
     )
     drain_timeout_s: Float = _finite(
         30.0, ge=0, description="seconds a stop waits for in-flight params to be written"
     )
     security: Annotated[SecurityConfig, BeforeValidator(_none_is_empty)] = Field(
-        default_factory=SecurityConfig
+        default_factory=_defaults(SecurityConfig)
     )
-    log: Annotated[LogConfig, BeforeValidator(_none_is_empty)] = Field(default_factory=LogConfig)
+    log: Annotated[LogConfig, BeforeValidator(_none_is_empty)] = Field(
+        default_factory=_defaults(LogConfig)
+    )
 
     @field_validator("listen", mode="before")
     @classmethod

@@ -22,7 +22,8 @@ from typing import Any
 
 from tidegate.cluster import ClusterPort, LossSource, SchedulerLost, WorkerInfo
 from tidegate.commit import Commit, FlushPolicy
-from tidegate.controller import Controller, ControllerConfig, Decision, Observation
+from tidegate.controller import Controller, Decision, Observation
+from tidegate.knobs import controller_config
 from tidegate.losses import Isolate, Isolation, Quarantine, WorkerLoss
 from tidegate.metrics import Metrics
 from tidegate.outcome import Disconnected, Failed, Retry, RetryReason, judge, measure
@@ -59,23 +60,6 @@ class RunOptions:
     @property
     def flush(self) -> FlushPolicy:
         return FlushPolicy(self.flush_params, self.flush_seconds, self.flush_bytes)
-
-
-def controller_config(job: Job, options: RunOptions) -> ControllerConfig:
-    """The controller's config: defaults, then the spec's batch section, then overrides."""
-    b = job.spec.batch
-    values: dict[str, Any] = {"min_size": b.min, "max_size": b.max, "pinned": b.size}
-    for knob in ("memory_fraction", "high_water", "low_water", "saturation", "cooldown_s"):
-        if getattr(b, knob) is not None:
-            values[knob] = getattr(b, knob)
-    values.update(options.controller)
-    if options.batch_size is not None:
-        values["pinned"] = options.batch_size
-    if values.get("pinned") is not None:
-        # A pin outside the spec's [min, max] widens the range rather than failing.
-        values["min_size"] = min(values["min_size"], values["pinned"])
-        values["max_size"] = max(values["max_size"], values["pinned"])
-    return ControllerConfig(**values)
 
 
 class Runner:

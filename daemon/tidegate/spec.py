@@ -33,11 +33,11 @@ from pydantic import (
     Tag,
     ValidationError,
     WithJsonSchema,
-    field_validator,
     model_validator,
 )
 
 from tidegate import simreturn, validation
+from tidegate.knobs import BatchSpec
 from tidegate.validation import (
     ERROR_TYPE,
     ErrorTranslator,
@@ -135,54 +135,6 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class BatchSpec(_Strict):
-    """How many params may be in flight: pinned, or chosen by the controller in [min, max]."""
-
-    size: StrictInt | None = Field(None, ge=1, description="pin B; null lets the controller choose")
-    min: StrictInt = Field(1, ge=1, description="the smallest B the controller may choose")
-    max: StrictInt = Field(10000, ge=1, description="the largest B the controller may choose")
-    # The controller's knobs; null keeps tidegate's default (see docs/controller.md).
-    memory_fraction: float | None = Field(
-        None, gt=0, le=1, description="share of each worker's memory limit results may use (0.5)"
-    )
-    high_water: float | None = Field(
-        None, gt=0, le=1, description="worker memory fraction that stops admission (0.75)"
-    )
-    low_water: float | None = Field(
-        None, gt=0, lt=1, description="worker memory fraction below which B may grow (0.55)"
-    )
-    saturation: float | None = Field(
-        None, ge=1, le=100, description="queue depth factor of the useful ceiling (2)"
-    )
-    cooldown_s: float | None = Field(
-        None, ge=0, le=86400, description="seconds without growth after an OOM event (30)"
-    )
-
-    @field_validator(
-        "memory_fraction", "high_water", "low_water", "saturation", "cooldown_s", mode="before"
-    )
-    @classmethod
-    def _not_bool(cls, value: Any) -> Any:
-        if isinstance(value, bool):
-            raise _invalid("", "a number", _show(value, typed=True))
-        return value
-
-    @model_validator(mode="after")
-    def _ordered(self) -> BatchSpec:
-        if self.max < self.min:
-            raise _invalid("max", f"an integer >= batch.min ({self.min})", str(self.max))
-        low, high = self.low_water, self.high_water
-        if low is not None and high is not None and low >= high:
-            raise _invalid("low_water", f"a fraction below batch.high_water ({high})", str(low))
-        if self.size is not None and not self.min <= self.size <= self.max:
-            raise _invalid(
-                "size",
-                f"null or an integer in [min, max] = [{self.min}, {self.max}]",
-                str(self.size),
-            )
-        return self
-
-
 class TargetSpec(_Strict):
     name: Name = Field(description=_PATTERN_TEXT[NAME_PATTERN])
     function: CallableRef = Field(description="a callable reference 'module:function'")
@@ -228,7 +180,7 @@ class JobSpec(_Strict):
     output: Annotated[str, StringConstraints(min_length=1)] | None = Field(
         None, description="the job's output directory, relative to the spec file"
     )
-    batch: BatchSpec = Field(default_factory=BatchSpec)
+    batch: BatchSpec = Field(default_factory=lambda: BatchSpec.model_validate({}))
 
     @model_validator(mode="after")
     def _unique_names(self) -> JobSpec:
@@ -343,7 +295,9 @@ def _unify(column: list[tuple[str, Scalar]], errors: list[FieldError]) -> tuple[
 
 
 def _expand_grid(grid: Mapping[str, list[Scalar]]) -> _Expanded:
-    names, types, columns, errors = list(grid), {}, [], []
+    names, columns = list(grid), []
+    types: dict[str, str] = {}
+    errors: list[FieldError] = []
     for name, values in grid.items():
         fields = [f"parameters.grid.{name}[{j}]" for j in range(len(values))]
         types[name], column = _unify(list(zip(fields, values, strict=True)), errors)

@@ -1,0 +1,264 @@
+"""The controller's knobs, declared once.
+
+``ControllerKnobs`` is what a user may set: the daemon config's ``controller:`` section,
+the job spec's ``batch:`` section (``BatchSpec`` adds the pin, ``size``), ``tidegate
+run``'s flags and the ``TIDEGATE_CONTROLLER__<KNOB>`` variables that both ``run`` and
+``serve`` read. ``controller_config`` merges those layers into the policy's own
+``ControllerConfig``, whose dataclass defaults are tidegate's defaults.
+
+One number policy for every source: true and false are not numbers, an integer is a fine
+float but a float is no integer, text is read as the number it spells (every variable is
+text), inf and nan are refused, and an error names the field (or the variable or flag),
+what was allowed and what came.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+
+from pydantic import (
+    AllowInfNan,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    model_validator,
+)
+
+from tidegate.controller import ControllerConfig
+from tidegate.validation import ErrorTranslator, FieldError, ValidationFailed, invalid
+
+if TYPE_CHECKING:
+    from tidegate.runner import RunOptions
+    from tidegate.spec import Job
+
+log = logging.getLogger(__name__)
+
+DEFAULTS = ControllerConfig()
+ENV_PREFIX = "TIDEGATE_CONTROLLER__"  # the config key controller.<knob> as a variable
+# `tidegate run`'s spelling until 0.2, read for one more release with a warning.
+DEPRECATED_ENV = {
+    f"TIDEGATE_{knob.upper()}": knob
+    for knob in ("memory_fraction", "high_water", "low_water", "saturation", "cooldown_s")
+}
+# Variables that pin B for `tidegate run` only (ModelOps' name for its users).
+PIN_ENV = ("TIDEGATE_BATCH_SIZE", "MODELOPS_JOB_BATCH_SIZE")
+# User-facing names that differ from ControllerConfig's.
+_CONFIG_NAMES = {"size": "pinned", "min": "min_size", "max": "max_size"}
+
+
+class KnobError(ValidationFailed):
+    """A controller knob is not valid."""
+
+    default_source = "controller knobs"
+
+
+def _number_from_text(parse: Callable[[str], Any]) -> Callable[[Any], Any]:
+    def before(value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return parse(value.strip())
+            except ValueError:
+                pass  # the strict type below reports it as what it is
+        return value
+
+    return before
+
+
+# The number types of every input tidegate reads (the daemon config uses them too).
+Int = Annotated[StrictInt, BeforeValidator(_number_from_text(int))]
+Float = Annotated[StrictFloat, AllowInfNan(False), BeforeValidator(_number_from_text(float))]
+_JSON_BOUNDS = {
+    "ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum", "lt": "exclusiveMaximum"
+}
+
+
+def standard_bounds(schema: dict[str, Any], model: Any = None) -> None:
+    """A model's ``json_schema_extra``: pydantic writes the bounds of ``Int | None`` and
+    ``Float | None`` as "ge", "le", ..., which no JSON Schema validator reads; the
+    keywords are "minimum", "maximum", ... (the errors stay as they are: an environment
+    variable's bad value is shown as the text it was)."""
+    for prop in schema.get("properties", {}).values():
+        for branch in (prop, *prop.get("anyOf", ())):
+            for raw, keyword in _JSON_BOUNDS.items():
+                if raw in branch:
+                    branch[keyword] = branch.pop(raw)
+
+
+def _knob(name: str, text: str, **bounds: Any) -> Any:
+    """A knob nobody has to set: None leaves it to the next layer or the default."""
+    default = getattr(DEFAULTS, _CONFIG_NAMES.get(name, name))
+    return Field(None, description=f"{text} ({default:g})", **bounds)
+
+
+def _b_bound(which: str, default: int | None = None) -> Any:
+    return Field(default, ge=1, description=f"the {which} B the controller may choose")
+
+
+class ControllerKnobs(BaseModel):
+    """The controller's knobs one source sets; null keeps the next source's value or
+    tidegate's default (docs/controller.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=standard_bounds)
+    # How messages name this section's keys ("controller.high_water").
+    section: ClassVar[str] = "controller"
+    # Check a knob against the default of its partner when the partner is not set here:
+    # the daemon's own knobs must make a valid config before its first job starts.
+    checks_defaults: ClassVar[bool] = True
+
+    min: Int | None = _b_bound("smallest")
+    max: Int | None = _b_bound("largest")
+    memory_fraction: Float | None = _knob(
+        "memory_fraction", "share of each worker's memory limit results may use", gt=0, le=1
+    )
+    high_water: Float | None = _knob(
+        "high_water", "worker memory fraction that stops admission", gt=0, le=1
+    )
+    low_water: Float | None = _knob(
+        "low_water", "worker memory fraction below which B may grow", gt=0, lt=1
+    )
+    saturation: Float | None = _knob(
+        "saturation", "queue depth factor of the useful ceiling", ge=1, le=100
+    )
+    cooldown_s: Float | None = _knob(
+        "cooldown_s", "seconds without growth after an OOM event", ge=0, le=86400
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ControllerKnobs:
+        lo, hi = self._pair("min", "max")
+        if lo is not None and hi is not None and lo[0] > hi[0]:
+            if self.max is not None:
+                raise invalid("max", f"an integer >= {lo[1]}", str(self.max))
+            raise invalid("min", f"an integer <= {hi[1]}", str(self.min))
+        low, high = self._pair("low_water", "high_water")
+        if low is not None and high is not None and low[0] >= high[0]:
+            if self.low_water is not None:
+                raise invalid("low_water", f"a fraction below {high[1]}", str(self.low_water))
+            raise invalid("high_water", f"a fraction above {low[1]}", str(self.high_water))
+        return self
+
+    def _pair(self, *names: str) -> list[tuple[Any, str] | None]:
+        """Each knob's value and how a message names it; None if unset and not checked."""
+        out: list[tuple[Any, str] | None] = []
+        for name in names:
+            value, key = getattr(self, name), f"{self.section}.{name}"
+            if value is not None:
+                out.append((value, f"{key} ({value})"))
+            elif self.checks_defaults:
+                default = getattr(DEFAULTS, _CONFIG_NAMES.get(name, name))
+                out.append((default, f"{key} ({default}, the default)"))
+            else:
+                out.append(None)
+        return out
+
+    def overrides(self) -> dict[str, Any]:
+        """The knobs set, named as ``ControllerConfig`` fields."""
+        return {_CONFIG_NAMES.get(k, k): v for k, v in self.model_dump().items() if v is not None}
+
+
+class _Pin(BaseModel):
+    size: Int | None = Field(None, ge=1, description="pin B; null lets the controller choose")
+
+
+# _Pin is the last base so that `size` comes first, as the spec has always listed it.
+class BatchSpec(ControllerKnobs, _Pin):
+    """How many params may be in flight: pinned, or chosen by the controller in [min, max]."""
+
+    section = "batch"
+    # Layers above the spec (the daemon's knobs, `run`'s variables and flags) may set the
+    # partner; the merged config is checked when the job starts.
+    checks_defaults = False
+
+    min: Int = _b_bound("smallest", DEFAULTS.min_size)
+    max: Int = _b_bound("largest", DEFAULTS.max_size)
+
+    @model_validator(mode="after")
+    def _pin_in_range(self) -> BatchSpec:
+        if self.size is not None and not self.min <= self.size <= self.max:
+            raise invalid(
+                "size",
+                f"null or an integer in [min, max] = [{self.min}, {self.max}]",
+                str(self.size),
+            )
+        return self
+
+
+class _Overrides(ControllerKnobs):
+    """`tidegate run`'s variables and flags: above the spec, so a partner may come from it."""
+
+    checks_defaults = False
+
+
+# --- the environment and flags of `tidegate run` ---------------------------------------------
+
+_TRANSLATE = ErrorTranslator({(): _Overrides}, typed=False)
+
+
+def env_name(knob: str) -> str:
+    return ENV_PREFIX + knob.upper()
+
+
+def _validate(data: Mapping[str, Any], names: Mapping[str, str], source: str) -> _Overrides:
+    """Validated knobs; an error names what the user set (``names``: knob -> variable)."""
+    try:
+        return _Overrides.model_validate(data)
+    except ValidationError as exc:
+        errors = []
+        for error in _TRANSLATE.field_errors(exc):
+            knob, _, rest = error.field.partition(".")
+            errors.append(FieldError(names.get(knob, knob) + rest, error.expected, error.got))
+        raise KnobError(errors, source) from None
+
+
+def knobs_from_env(env: Mapping[str, str]) -> ControllerKnobs:
+    """The knobs in ``TIDEGATE_CONTROLLER__<KNOB>`` variables; the old spelling
+    ``TIDEGATE_<KNOB>`` still counts, with a warning, where the new one is not set."""
+    data: dict[str, str] = {}
+    names: dict[str, str] = {}
+    for old, knob in DEPRECATED_ENV.items():
+        if old in env:
+            log.warning(
+                "%s is deprecated and will stop working in the next release; set %s instead",
+                old, env_name(knob), extra={"action": "deprecated_env"},
+            )
+            data[knob], names[knob] = env[old], old
+    for knob in ControllerKnobs.model_fields:
+        if env_name(knob) in env:
+            data[knob], names[knob] = env[env_name(knob)], env_name(knob)
+    return _validate(data, names, "environment")
+
+
+def knob_from_flag(knob: str, flag: str, text: str) -> Any:
+    """The value of ``flag`` read by the knob's rules; a bad one is a KnobError naming it."""
+    return getattr(_validate({knob: text}, {knob: flag}, "command line"), knob)
+
+
+def run_overrides(env: Mapping[str, str], flags: Mapping[str, Any]) -> dict[str, Any]:
+    """`tidegate run`'s knobs as ``ControllerConfig`` fields: the environment, then the
+    flags given (knob -> value, None for a flag not given)."""
+    values = knobs_from_env(env).overrides()
+    values.update({_CONFIG_NAMES.get(k, k): v for k, v in flags.items() if v is not None})
+    return values
+
+
+# --- the layers merged -----------------------------------------------------------------------
+
+
+def controller_config(job: Job, options: RunOptions) -> ControllerConfig:
+    """The controller's config: defaults, then the spec's batch section, then overrides
+    (the daemon's knobs, or `run`'s variables and flags), then a pin from the command line."""
+    values = job.spec.batch.overrides()
+    values.update(options.controller)
+    if options.batch_size is not None:
+        values["pinned"] = options.batch_size
+    if values.get("pinned") is not None:
+        # A pin outside the spec's [min, max] widens the range rather than failing.
+        values["min_size"] = min(values["min_size"], values["pinned"])
+        values["max_size"] = max(values["max_size"], values["pinned"])
+    return ControllerConfig(**values)
