@@ -57,7 +57,7 @@ def _positive_float(flag: str) -> Callable[[str], float]:
     return parse
 
 
-def _knob_flag(knob: str, flag: str):
+def _knob_flag(knob: str, flag: str) -> Callable[[str], Any]:
     """Read a controller knob's flag by the knob's own rules (tidegate.knobs)."""
 
     def parse(text: str) -> Any:
