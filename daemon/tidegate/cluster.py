@@ -90,6 +90,10 @@ def _key_part(text: str) -> str:
     return "".join(c if c.isalnum() or c in "._" else "_" for c in text)
 
 
+# (param_id, values, replicate seeds, attempt): what a param's tasks are made of.
+ParamRow = tuple[str, Mapping[str, Any], Sequence[int], int]
+
+
 class LossSource(Protocol):
     def losses(self) -> list[WorkerLoss]:
         """Worker losses classified since the last call."""
@@ -108,14 +112,9 @@ class ClusterPort(Protocol):
     async def wait_for_workers(self, timeout_s: float) -> list[WorkerInfo]: ...
     async def workers(self) -> list[WorkerInfo]: ...
     async def watch_workers(self, clock: Callable[[], float]) -> LossSource: ...
-    def submit_params(
-        self,
-        job_key: str,
-        params: Sequence[tuple[str, Mapping[str, Any], Sequence[int], int]],
-        model: str,
-        targets: Sequence[tuple[str, str]],
-        want_outputs: bool,
-    ) -> list[TaskKeys]: ...
+    def submit_params(self, job_key: str, params: Sequence[ParamRow], model: str,
+                      targets: Sequence[tuple[str, str]], want_outputs: bool
+                      ) -> list[TaskKeys]: ...
     async def completed(self, timeout: float) -> list[str]: ...
     async def gather(self, keys: Sequence[str]) -> list[Result]: ...
     def release(self, keys: Sequence[str]) -> None: ...
@@ -244,9 +243,9 @@ class Cluster:
     def submit_params(
         self,
         job_key: str,
-        params: Sequence[tuple[str, Mapping[str, Any], Sequence[int], int]],
+        params: Sequence[ParamRow],
         model: str,
-        targets: Sequence[tuple[str, str]],
+        targets: Sequence[tuple[str, str]],  # (name, "module:function")
         want_outputs: bool,
     ) -> list[TaskKeys]:
         """Submit the sim and agg tasks of ``params`` [(param_id, values, seeds, attempt)]
