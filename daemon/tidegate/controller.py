@@ -10,10 +10,10 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 # decide() calls (about two a second) over which a worker's unmanaged memory keeps its
 # minimum: long enough to see past the working memory of the tasks running right now.
@@ -35,6 +35,62 @@ def _check_counts(obj: object, **minimums: int) -> None:
         value = getattr(obj, name)
         if not (_is_int(value) and value >= lowest):
             raise ValueError(f"{name} must be an int >= {lowest}, got {value!r}")
+
+
+def _both(first: Callable[[Any], bool], then: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: first(v) and then(v)
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """The numbers a config field allows: an int or any finite number, between ``lo`` and
+    ``hi`` (None: no limit), each end open or closed. tidegate.knobs builds the user-facing
+    ranges from these, so the policy's rules are written once."""
+
+    integer: bool
+    lo: int | float | None = None
+    hi: int | float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def allows(self, value: object) -> bool:
+        if not (_is_int(value) if self.integer else _is_real(value)):
+            return False
+        v = cast(float, value)
+        above = self.lo is None or (v > self.lo if self.lo_open else v >= self.lo)
+        below = self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+        return above and below
+
+    def text(self) -> str:
+        """As a message says it: "an int >= 1", ">= 0", "in (0, 1]"."""
+        if self.lo is not None and self.hi is not None:
+            left = "(" if self.lo_open else "["
+            right = ")" if self.hi_open else "]"
+            return f"in {left}{self.lo}, {self.hi}{right}"
+        if self.lo is not None:
+            side = f"{'>' if self.lo_open else '>='} {self.lo}"
+        else:
+            side = f"{'<' if self.hi_open else '<='} {self.hi}"
+        return f"an int {side}" if self.integer else side
+
+
+_SIZE = Bounds(integer=True, lo=1)
+_FRACTION = Bounds(integer=False, lo=0, hi=1, lo_open=True)
+# The rules each field's value must meet, relations between fields aside.
+BOUNDS: dict[str, Bounds] = {
+    "min_size": _SIZE,
+    "max_size": _SIZE,  # and >= min_size
+    "memory_fraction": _FRACTION,
+    "high_water": _FRACTION,
+    "low_water": Bounds(integer=False, lo=0, lo_open=True),  # and < high_water
+    "saturation": Bounds(integer=False, lo=1),
+    "cooldown_s": Bounds(integer=False, lo=0),
+    "backoff": Bounds(integer=False, lo=0.1, hi=0.9),
+    "growth_steps": _SIZE,
+    "quantile": Bounds(integer=False, lo=0.5, hi=1, lo_open=True),
+    "oom_margin_bytes": Bounds(integer=True, lo=0),
+    "oom_bump": Bounds(integer=False, lo=1, hi=4),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,31 +117,22 @@ class ControllerConfig:
             if not ok(value):
                 raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
-    def _rules(self) -> tuple[tuple[str, str, Callable[[Any], bool]], ...]:
-        lo, hi = self.min_size, self.max_size
-        real = _is_real
-        count = _is_int
+    def _rules(self) -> Iterator[tuple[str, str, Callable[[Any], bool]]]:
+        lo, hi, high = self.min_size, self.max_size, self.high_water
+        low = BOUNDS["low_water"]
+        relations: dict[str, tuple[str, Callable[[Any], bool]]] = {
+            "max_size": (f"an int >= min_size ({lo})", lambda v: v >= lo),
+            "low_water": (f"in ({low.lo}, high_water={high})", lambda v: v < high),
+        }
+        for name, bounds in BOUNDS.items():
+            allowed, related = relations.get(name, (bounds.text(), None))
+            yield name, allowed, bounds.allows if related is None else _both(bounds.allows, related)
 
         def size(v: Any) -> bool:
-            return v is None or (count(v) and lo <= v <= hi)
+            return v is None or (_SIZE.allows(v) and lo <= v <= hi)
 
-        return (
-            ("min_size", "an int >= 1", lambda v: count(v) and v >= 1),
-            ("max_size", f"an int >= min_size ({lo})", lambda v: count(v) and v >= lo),
-            ("memory_fraction", "in (0, 1]", lambda v: real(v) and 0 < v <= 1),
-            ("high_water", "in (0, 1]", lambda v: real(v) and 0 < v <= 1),
-            ("low_water", f"in (0, high_water={self.high_water})",
-             lambda v: real(v) and 0 < v < self.high_water),
-            ("saturation", ">= 1", lambda v: real(v) and v >= 1),
-            ("cooldown_s", ">= 0", lambda v: real(v) and v >= 0),
-            ("backoff", "in [0.1, 0.9]", lambda v: real(v) and 0.1 <= v <= 0.9),
-            ("growth_steps", "an int >= 1", lambda v: count(v) and v >= 1),
-            ("quantile", "in (0.5, 1]", lambda v: real(v) and 0.5 < v <= 1),
-            ("oom_margin_bytes", "an int >= 0", lambda v: count(v) and v >= 0),
-            ("oom_bump", "in [1, 4]", lambda v: real(v) and 1 <= v <= 4),
-            ("initial_size", f"None or an int in [{lo}, {hi}]", size),
-            ("pinned", f"None or an int in [{lo}, {hi}]", size),
-        )
+        for name in ("initial_size", "pinned"):
+            yield name, f"None or an int in [{lo}, {hi}]", size
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,7 @@ from pydantic import (
     model_validator,
 )
 
-from tidegate.controller import ControllerConfig
+from tidegate.controller import BOUNDS, ControllerConfig
 from tidegate.validation import ErrorTranslator, FieldError, ValidationFailed, invalid
 
 if TYPE_CHECKING:
@@ -80,9 +80,10 @@ _JSON_BOUNDS = {
 
 def standard_bounds(schema: dict[str, Any], model: Any = None) -> None:
     """A model's ``json_schema_extra``: pydantic writes the bounds of ``Int | None`` and
-    ``Float | None`` as "ge", "le", ..., which no JSON Schema validator reads; the
-    keywords are "minimum", "maximum", ... (the errors stay as they are: an environment
-    variable's bad value is shown as the text it was)."""
+    ``Float | None`` (a validator before a nullable type) as "ge", "le", ..., which no JSON
+    Schema validator reads; the keywords are "minimum", "maximum", ... Declaring the
+    validator outside the null would fix the schema but make errors show a variable's
+    value as the parsed number rather than the text the user wrote."""
     for prop in schema.get("properties", {}).values():
         for branch in (prop, *prop.get("anyOf", ())):
             for raw, keyword in _JSON_BOUNDS.items():
@@ -90,14 +91,24 @@ def standard_bounds(schema: dict[str, Any], model: Any = None) -> None:
                     branch[keyword] = branch.pop(raw)
 
 
-def _knob(name: str, text: str, **bounds: Any) -> Any:
+def _range(name: str, **caps: Any) -> dict[str, Any]:
+    """The policy's bounds of ``name`` as pydantic's, tightened by ``caps``: the range a
+    user may set, inside what the policy accepts (a saturation of 1e9 is a typo)."""
+    b = BOUNDS[_CONFIG_NAMES.get(name, name)]
+    out = {("gt" if b.lo_open else "ge"): b.lo, ("lt" if b.hi_open else "le"): b.hi}
+    return {k: v for k, v in out.items() if v is not None} | caps
+
+
+def _knob(name: str, text: str, **caps: Any) -> Any:
     """A knob nobody has to set: None leaves it to the next layer or the default."""
     default = getattr(DEFAULTS, _CONFIG_NAMES.get(name, name))
-    return Field(None, description=f"{text} ({default:g})", **bounds)
+    return Field(None, description=f"{text} ({default:g})", **_range(name, **caps))
 
 
-def _b_bound(which: str, default: int | None = None) -> Any:
-    return Field(default, ge=1, description=f"the {which} B the controller may choose")
+def _b_value(text: str, default: int | None = None) -> Any:
+    """A value of B (size, min or max): an integer >= min_size's bound; how the three
+    relate is checked by the validators."""
+    return Field(default, description=text, **_range("min"))
 
 
 class ControllerKnobs(BaseModel):
@@ -111,22 +122,21 @@ class ControllerKnobs(BaseModel):
     # the daemon's own knobs must make a valid config before its first job starts.
     checks_defaults: ClassVar[bool] = True
 
-    min: Int | None = _b_bound("smallest")
-    max: Int | None = _b_bound("largest")
+    min: Int | None = _b_value("the smallest B the controller may choose")
+    max: Int | None = _b_value("the largest B the controller may choose")
     memory_fraction: Float | None = _knob(
-        "memory_fraction", "share of each worker's memory limit results may use", gt=0, le=1
+        "memory_fraction", "share of each worker's memory limit results may use"
     )
-    high_water: Float | None = _knob(
-        "high_water", "worker memory fraction that stops admission", gt=0, le=1
-    )
+    high_water: Float | None = _knob("high_water", "worker memory fraction that stops admission")
+    # Below high_water too (checked below); high_water <= 1 makes 1 its bound in the schema.
     low_water: Float | None = _knob(
-        "low_water", "worker memory fraction below which B may grow", gt=0, lt=1
+        "low_water", "worker memory fraction below which B may grow", lt=1
     )
     saturation: Float | None = _knob(
-        "saturation", "queue depth factor of the useful ceiling", ge=1, le=100
+        "saturation", "queue depth factor of the useful ceiling", le=100
     )
     cooldown_s: Float | None = _knob(
-        "cooldown_s", "seconds without growth after an OOM event", ge=0, le=86400
+        "cooldown_s", "seconds without growth after an OOM event", le=86400
     )
 
     @model_validator(mode="after")
@@ -163,7 +173,7 @@ class ControllerKnobs(BaseModel):
 
 
 class _Pin(BaseModel):
-    size: Int | None = Field(None, ge=1, description="pin B; null lets the controller choose")
+    size: Int | None = _b_value("pin B; null lets the controller choose")
 
 
 # _Pin is the last base so that `size` comes first, as the spec has always listed it.
@@ -175,8 +185,8 @@ class BatchSpec(ControllerKnobs, _Pin):
     # partner; the merged config is checked when the job starts.
     checks_defaults = False
 
-    min: Int = _b_bound("smallest", DEFAULTS.min_size)
-    max: Int = _b_bound("largest", DEFAULTS.max_size)
+    min: Int = _b_value("the smallest B the controller may choose", DEFAULTS.min_size)
+    max: Int = _b_value("the largest B the controller may choose", DEFAULTS.max_size)
 
     @model_validator(mode="after")
     def _pin_in_range(self) -> BatchSpec:
