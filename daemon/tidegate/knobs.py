@@ -261,14 +261,19 @@ def run_overrides(env: Mapping[str, str], flags: Mapping[str, Any]) -> dict[str,
 
 
 def controller_config(job: Job, options: RunOptions) -> ControllerConfig:
-    """The controller's config: defaults, then the spec's batch section, then overrides
-    (the daemon's knobs, or `run`'s variables and flags), then a pin from the command line."""
-    values = job.spec.batch.overrides()
+    """The controller's config, each layer over the one before: tidegate's defaults, the
+    daemon's ``controller:`` knobs (``options.defaults``), the knobs the job's spec sets
+    in ``batch:``, `run`'s variables and flags (``options.controller``), then a pin from
+    the command line. An operator's knobs are defaults; a job's spec is about that job."""
+    b = job.spec.batch
+    values = dict(options.defaults)
+    values.update({_CONFIG_NAMES.get(k, k): getattr(b, k)
+                   for k in b.model_fields_set if getattr(b, k) is not None})
     values.update(options.controller)
     if options.batch_size is not None:
         values["pinned"] = options.batch_size
     if values.get("pinned") is not None:
-        # A pin outside the spec's [min, max] widens the range rather than failing.
-        values["min_size"] = min(values["min_size"], values["pinned"])
-        values["max_size"] = max(values["max_size"], values["pinned"])
+        # A pin outside [min, max] widens the range rather than failing.
+        values["min_size"] = min(values.get("min_size", DEFAULTS.min_size), values["pinned"])
+        values["max_size"] = max(values.get("max_size", DEFAULTS.max_size), values["pinned"])
     return ControllerConfig(**values)

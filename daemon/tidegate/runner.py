@@ -41,7 +41,10 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class RunOptions:
     batch_size: int | None = None  # pins B; None: the spec's batch.size, else adaptive
-    controller: Mapping[str, Any] = field(default_factory=dict)  # ControllerConfig overrides
+    # ControllerConfig fields: ``defaults`` under the spec's batch section (the daemon's
+    # knobs), ``controller`` over it (`run`'s variables and flags).
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    controller: Mapping[str, Any] = field(default_factory=dict)
     flush_params: int = 1000
     flush_seconds: float = 10.0
     flush_bytes: int = 128 * 2**20

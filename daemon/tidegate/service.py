@@ -351,7 +351,7 @@ class Service:
 
     def _run_options(self) -> RunOptions:
         c = self.config
-        return RunOptions(controller=c.controller.overrides(), flush_params=c.flush.params,
+        return RunOptions(defaults=c.controller.overrides(), flush_params=c.flush.params,
                           flush_seconds=c.flush.seconds)
 
     # --- health, metrics, systemd ---------------------------------------------------------

@@ -152,7 +152,7 @@ def test_every_source_gives_the_same_config(tmp_path: Path) -> None:
     plain = job(tmp_path)
     from_spec = controller_config(job(tmp_path, memory_fraction=0.4), RunOptions())
     daemon = load_config(None, {"TIDEGATE_CONTROLLER__MEMORY_FRACTION": "0.4"})
-    from_config = controller_config(plain, RunOptions(controller=daemon.controller.overrides()))
+    from_config = controller_config(plain, RunOptions(defaults=daemon.controller.overrides()))
     env = {"TIDEGATE_CONTROLLER__MEMORY_FRACTION": "0.4"}
     from_env = controller_config(plain, RunOptions(controller=run_overrides(env, {})))
     flag = knob_from_flag("memory_fraction", "--memory-fraction", "0.4")
@@ -171,6 +171,18 @@ def test_layers_in_order(tmp_path: Path) -> None:
     config = controller_config(spec, RunOptions(controller=overrides))
     assert (config.memory_fraction, config.high_water, config.saturation) == (0.45, 0.8, 4.0)
     assert config.low_water == ControllerConfig().low_water
+
+
+def test_a_spec_overrides_the_daemons_knobs(tmp_path: Path) -> None:
+    """The daemon's controller knobs are defaults: what a job's batch section sets wins,
+    what it leaves out (min and max included) comes from the daemon."""
+    daemon = load_config(None, {"TIDEGATE_CONTROLLER__MEMORY_FRACTION": "0.4",
+                                "TIDEGATE_CONTROLLER__SATURATION": "3",
+                                "TIDEGATE_CONTROLLER__MAX": "50"})
+    options = RunOptions(defaults=daemon.controller.overrides())
+    config = controller_config(job(tmp_path, memory_fraction=0.3), options)
+    assert (config.memory_fraction, config.saturation, config.max_size) == (0.3, 3.0, 50)
+    assert controller_config(job(tmp_path, max=80), options).max_size == 80
 
 
 def test_size_pins_b_and_a_pin_widens_the_range(tmp_path: Path) -> None:
