@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tidegate import __version__
+from tidegate.knobs import FlushPolicy
 from tidegate.simreturn import SimReturn, TargetResult, TaskError
 from tidegate.spec import Job
 from tidegate.store import Ledger
@@ -22,25 +23,6 @@ from tidegate.writer import LEDGER, PartWriter, discard_output, remove_unrecorde
 
 log = logging.getLogger(__name__)
 
-_MiB = 2**20
-
-
-@dataclass(frozen=True, slots=True)
-class FlushPolicy:
-    """A part is written every ``params`` params, ``nbytes`` buffered bytes or
-    ``seconds`` seconds, whichever comes first."""
-
-    params: int = 1000
-    seconds: float = 10.0
-    nbytes: int = 128 * _MiB
-
-    def __post_init__(self) -> None:
-        if self.params < 1:
-            raise ValueError(f"flush_params must be >= 1, got {self.params}")
-        if not self.seconds > 0:
-            raise ValueError(f"flush_seconds must be > 0, got {self.seconds}")
-        if self.nbytes < 1:
-            raise ValueError(f"flush_bytes must be >= 1, got {self.nbytes}")
 
 
 @dataclass(frozen=True, slots=True)

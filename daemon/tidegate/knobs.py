@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 from pydantic import (
@@ -34,7 +35,6 @@ from tidegate.controller import BOUNDS, ControllerConfig
 from tidegate.validation import ErrorTranslator, FieldError, ValidationFailed, invalid
 
 if TYPE_CHECKING:
-    from tidegate.runner import RunOptions
     from tidegate.spec import Job
 
 log = logging.getLogger(__name__)
@@ -255,6 +255,55 @@ def run_overrides(env: Mapping[str, str], flags: Mapping[str, Any]) -> dict[str,
     values = knobs_from_env(env).overrides()
     values.update({_CONFIG_NAMES.get(k, k): v for k, v in flags.items() if v is not None})
     return values
+
+
+# --- what a run takes besides its spec --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FlushPolicy:
+    """A part is written every ``params`` params, ``nbytes`` buffered bytes or
+    ``seconds`` seconds, whichever comes first."""
+
+    params: int = 1000
+    seconds: float = 10.0
+    nbytes: int = 128 * 2**20
+
+    def __post_init__(self) -> None:
+        if self.params < 1:
+            raise ValueError(f"flush_params must be >= 1, got {self.params}")
+        if not self.seconds > 0:
+            raise ValueError(f"flush_seconds must be > 0, got {self.seconds}")
+        if self.nbytes < 1:
+            raise ValueError(f"flush_bytes must be >= 1, got {self.nbytes}")
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    batch_size: int | None = None  # pins B; None: the spec's batch.size, else adaptive
+    # ControllerConfig fields: ``defaults`` under the spec's batch section (the daemon's
+    # knobs), ``controller`` over it (`run`'s variables and flags).
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    controller: Mapping[str, Any] = field(default_factory=dict)
+    flush_params: int = 1000
+    flush_seconds: float = 10.0
+    flush_bytes: int = 128 * 2**20
+    restart: bool = False
+    # Cluster memory snapshot and controller decision interval: the scheduler learns
+    # workers' RSS from heartbeats every 0.5 s (up to 10 workers), no fresher than this.
+    poll_seconds: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.poll_seconds > 0:
+            raise ValueError(f"poll_seconds must be > 0, got {self.poll_seconds}")
+        self.flush  # noqa: B018 (builds the FlushPolicy, which checks the flush knobs)
+
+    @property
+    def flush(self) -> FlushPolicy:
+        return FlushPolicy(self.flush_params, self.flush_seconds, self.flush_bytes)
+
 
 
 # --- the layers merged -----------------------------------------------------------------------

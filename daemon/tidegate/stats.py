@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from tidegate.cluster import WorkerInfo
+from tidegate.commit import Flushed
 from tidegate.controller import Decision
 from tidegate.losses import WorkerLoss
 from tidegate.metrics import Metrics
@@ -132,12 +133,24 @@ class RunStats:
             inflight_params, extra={"action": "oom_detected"},
         )
 
-    def part_written(self, part: int, params: int, nbytes: int, seconds: float) -> None:
+    def part_written(self, part: Flushed | None) -> None:
+        if part is None:
+            return
         self.metrics.parts_written.inc()
-        self.metrics.parquet_bytes_written.inc(nbytes)
-        self.metrics.flush_seconds.observe(seconds)
-        log.debug("part %d: %d params, %d bytes, %.3f s", part, params, nbytes, seconds,
-                  extra={"action": "part_committed"})
+        self.metrics.parquet_bytes_written.inc(part.nbytes)
+        self.metrics.flush_seconds.observe(part.seconds)
+        log.debug("part %d: %d params, %d bytes, %.3f s", part.part, part.params, part.nbytes,
+                  part.seconds, extra={"action": "part_committed"})
+
+    def quarantine(self, param_id: str, message: str) -> None:
+        self.quarantined += 1
+        log.error("param %s quarantined: %s", param_id, message,
+                  extra={"action": "param_quarantined"})
+
+    def isolate(self, param_id: str, strikes: int) -> None:
+        log.warning("param %s was on %d workers killed for memory; rerunning it alone to "
+                    "tell whether it needs more than a worker's memory", param_id, strikes,
+                    extra={"action": "param_isolated"})
 
     # --- reporting ------------------------------------------------------------------
 

@@ -148,17 +148,17 @@ def test_an_oom_kill_halves_b(tmp_path: Path) -> None:
     fake = FakeCluster(on_run=kill, threads=2)
     runner = Runner(job, fake, RunOptions(), clock=fake.clock)
     before: list[int] = []
-    original = runner.controller.observe_oom
+    original = runner.limiter.controller.observe_oom
 
     def observe_oom(now: float) -> Any:
         before.append(runner.batch_size)
         return original(now)
 
-    runner.controller.observe_oom = observe_oom  # type: ignore[method-assign]
+    runner.limiter.controller.observe_oom = observe_oom  # type: ignore[method-assign]
     summary = asyncio.run(runner.run())
     assert summary.ok == 60 and summary.oom_events == 1
     assert before and before[0] >= 4
-    assert runner.decision is not None
+    assert runner.limiter.decision is not None
     assert summary.batch_min <= max(1, before[0] // 2)
 
 
