@@ -30,7 +30,7 @@ from tidegate.report import Progress, ProgressSink, RunSummary
 from tidegate.simreturn import SimReturn, TargetResult, TaskError
 from tidegate.spec import Job, Param
 from tidegate.states import JobState
-from tidegate.stats import InFlightCounts, RunStats
+from tidegate.stats import RunStats
 from tidegate.window import Admission, Entry, Lane, TaskKeys, Window
 
 __all__ = ["RunOptions", "Runner"]
@@ -92,11 +92,7 @@ class Runner:
         return self.stats.batch_size
 
     def snapshot(self) -> Progress:
-        return self.stats.snapshot(self._counts())
-
-    def _counts(self) -> InFlightCounts:
-        w = self.window
-        return InFlightCounts(w.params, w.tasks, w.sims)
+        return self.stats.snapshot(self.window)
 
     # --- the run -------------------------------------------------------------------
 
@@ -287,7 +283,6 @@ class Runner:
                 w.requeue(entry.param, entry.attempt + 1, Lane.SOLO)
 
     def _report(self) -> None:
-        counts = self._counts()
-        self.stats.gauges(counts)
+        self.stats.gauges(self.window)
         if self.progress is not None:
-            self.progress.update(self.stats.snapshot(counts))
+            self.progress.update(self.snapshot())

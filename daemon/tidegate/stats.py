@@ -6,11 +6,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from tidegate.cluster import WorkerInfo
 from tidegate.commit import Flushed
 from tidegate.controller import Decision
-from tidegate.losses import WorkerLoss
+from tidegate.losses import MEMORY_CAUSES, Cause, WorkerLoss
 from tidegate.metrics import Metrics
 from tidegate.outcome import Measured
 from tidegate.report import Progress, RunSummary
@@ -23,11 +24,15 @@ MAX_ERRORS_KEPT = 20
 _MiB = 2**20
 
 
-@dataclass(frozen=True, slots=True)
-class InFlightCounts:
-    params: int
-    tasks: int
-    sims: int
+class InFlight(Protocol):
+    """The window's derived counts (window.Window)."""
+
+    @property
+    def params(self) -> int: ...
+    @property
+    def tasks(self) -> int: ...
+    @property
+    def sims(self) -> int: ...
 
 
 @dataclass(slots=True)
@@ -46,9 +51,7 @@ class RunStats:
     batch_min: int = 0
     batch_max: int = 0
     peak_inflight_tasks: int = 0
-    oom_events: int = 0
     started: float = 0.0
-    done_this_run: int = 0
 
     def start(self, ok: int, failed: int) -> None:
         """The run starts with ``ok + failed`` params already committed."""
@@ -57,12 +60,19 @@ class RunStats:
 
     @property
     def worker_restarts(self) -> int:
-        return sum(n for cause, n in self.losses.items() if cause != "planned")
+        return sum(n for cause, n in self.losses.items() if cause != Cause.PLANNED)
+
+    @property
+    def oom_events(self) -> int:
+        return sum(self.losses.get(cause, 0) for cause in MEMORY_CAUSES)
+
+    @property
+    def done_this_run(self) -> int:
+        return self.ok + self.failed - self.resumed
 
     # --- events ---------------------------------------------------------------------
 
     def param_done(self, param_id: str, error: TaskError | None) -> None:
-        self.done_this_run += 1
         if error is None:
             self.ok += 1
             self.metrics.params.labels("ok").inc()
@@ -119,7 +129,6 @@ class RunStats:
         log.warning("worker %s lost: %s (exit code %s)", loss.worker, loss.cause.value,
                     loss.exitcode, extra={"action": "worker_lost"})
         if loss.is_oom:
-            self.oom_events += 1
             self.metrics.oom_events.inc()
 
     def oom_backoff(self, loss: WorkerLoss, limit: int, inflight_params: int) -> None:
@@ -154,7 +163,7 @@ class RunStats:
 
     # --- reporting ------------------------------------------------------------------
 
-    def gauges(self, inflight: InFlightCounts) -> None:
+    def gauges(self, inflight: InFlight) -> None:
         m = self.metrics
         m.inflight_params.set(inflight.params)
         m.inflight_tasks.labels("sim").set(inflight.sims)
@@ -162,44 +171,36 @@ class RunStats:
         m.job_params.labels("total").set(self.total)
         m.job_params.labels("done").set(self.ok + self.failed)
 
-    def snapshot(self, inflight: InFlightCounts) -> Progress:
+    def _counters(self) -> dict[str, Any]:
+        """What the snapshot and the summary both report, under the same names."""
+        names = ("job_id", "total", "ok", "failed", "resumed", "quarantined", "oom_events",
+                 "worker_restarts")
+        return {name: getattr(self, name) for name in names}
+
+    def snapshot(self, inflight: InFlight) -> Progress:
         elapsed = max(self.clock() - self.started, 1e-9) if self.started else 0.0
         return Progress(
-            job_id=self.job_id,
-            total=self.total,
+            **self._counters(),
             done=self.ok + self.failed,
-            ok=self.ok,
-            failed=self.failed,
-            resumed=self.resumed,
             batch_size=self.batch_size,
             inflight_params=inflight.params,
             inflight_tasks=inflight.tasks,
             rate=self.done_this_run / elapsed if elapsed else 0.0,
             elapsed=elapsed,
-            oom_events=self.oom_events,
-            quarantined=self.quarantined,
-            worker_restarts=self.worker_restarts,
             errors=tuple(self.errors),
         )
 
     def summary(self, state: JobState, output: str, parts: int) -> RunSummary:
         return RunSummary(
-            job_id=self.job_id,
+            **self._counters(),
             state=state,
-            total=self.total,
-            ok=self.ok,
-            failed=self.failed,
-            resumed=self.resumed,
             batch_min=self.batch_min or self.batch_size,
             batch_max=self.batch_max or self.batch_size,
             batch_final=self.batch_size,
-            oom_events=self.oom_events,
-            worker_restarts=self.worker_restarts,
             wall_seconds=self.clock() - self.started,
             output=output,
             parts=parts,
             errors=list(self.errors),
             peak_inflight_tasks=self.peak_inflight_tasks,
             worker_losses=dict(self.losses),
-            quarantined=self.quarantined,
         )
