@@ -78,6 +78,12 @@ class FakeCluster:
     submitted: list[str] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
     max_tasks: int = 0  # most tasks the client held at once
+    # A cancelled task that had started runs on for this many ticks on its worker (a
+    # thread cannot be interrupted), then ``on_linger_end`` may kill that worker.
+    linger_ticks: int = 0
+    on_linger_end: Callable[[FakeTask], Cause | None] | None = None
+    lingering: dict[str, tuple[FakeTask, int]] = field(default_factory=dict)
+    started: set[str] = field(default_factory=set)  # keys whose function began
     _ready: list[str] = field(default_factory=list)
     _losses: list[WorkerLoss] = field(default_factory=list)
     _names: itertools.count = field(default_factory=itertools.count)
@@ -178,6 +184,7 @@ class FakeCluster:
         await asyncio.sleep(0)
         self.now += self.tick
         if self.connected:
+            self._linger()
             self._run_some()
         out, self._ready = self._ready, []
         return out
@@ -201,8 +208,15 @@ class FakeCluster:
 
     async def cancel(self, keys: Sequence[str]) -> None:
         for key in keys:
-            if self.tasks.pop(key, None) is not None:
-                self.cancelled.append(key)
+            task = self.tasks.pop(key, None)
+            if task is None:
+                continue
+            self.cancelled.append(key)
+            if self.linger_ticks and key in self.started and task.worker in self.workers_:
+                self.lingering[key] = (task, self.linger_ticks)
+
+    async def executing(self, job_key: str) -> int | None:
+        return len(self.lingering)
 
     async def cancel_all(self) -> None:
         await self.cancel(list(self.tasks))
@@ -233,6 +247,16 @@ class FakeCluster:
             if task.key in other.deps and other.state == "pending":
                 self._fail(other, kind, error)
 
+    def _linger(self) -> None:
+        for key, (task, left) in list(self.lingering.items()):
+            if left > 1:
+                self.lingering[key] = (task, left - 1)
+                continue
+            del self.lingering[key]
+            cause = self.on_linger_end(task) if self.on_linger_end is not None else None
+            if cause is not None and task.worker in self.workers_:
+                self.kill_worker(task.worker, cause, rss=self.memory_limit)
+
     def _runnable(self, task: FakeTask) -> bool:
         if task.state != "pending" or (self.hold is not None and self.hold(task)):
             return False
@@ -248,6 +272,7 @@ class FakeCluster:
                 if task.worker != address or not self._runnable(task):
                     continue
                 budget -= 1
+                self.started.add(task.key)
                 cause = self.on_run(task) if self.on_run is not None else None
                 if cause is not None:
                     self.kill_worker(address, cause, rss=self.memory_limit)

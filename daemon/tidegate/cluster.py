@@ -32,7 +32,14 @@ from tidegate.losses import LossTracker, WorkerLoss
 from tidegate.outcome import FailureKind, Result, TaskFailure
 from tidegate.simreturn import TaskError, add_code_paths, run_sim
 from tidegate.window import TaskKeys
-from tidegate.worker import EXIT_TOPIC, CodePaths, ExitCodes, IgnoreSigint, run_target_list
+from tidegate.worker import (
+    EXIT_TOPIC,
+    CodePaths,
+    ExitCodes,
+    IgnoreSigint,
+    executing_keys,
+    run_target_list,
+)
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +125,7 @@ class ClusterPort(Protocol):
     async def completed(self, timeout: float) -> list[str]: ...
     async def gather(self, keys: Sequence[str]) -> list[Result]: ...
     def release(self, keys: Sequence[str]) -> None: ...
+    async def executing(self, job_key: str) -> int | None: ...
     async def cancel(self, keys: Sequence[str]) -> None: ...
     async def cancel_all(self) -> None: ...
 
@@ -318,6 +326,18 @@ class Cluster:
             ))
         return out
 
+    async def executing(self, job_key: str) -> int | None:
+        """How many of this job's tasks the workers are executing, cancelled ones included
+        (the scheduler forgets a cancelled task while its worker may still be running it);
+        None if the workers cannot be asked. One broadcast to the workers: not for every
+        pass of the loop, only while a suspect waits to run alone."""
+        job = _key_part(job_key)
+        try:
+            found = await self.client.run(executing_keys, [f"sim-{job}-", f"agg-{job}-"])
+        except Exception:
+            return None
+        return sum(len(keys) for keys in found.values())
+
     def release(self, keys: Sequence[str]) -> None:
         """Drop tidegate's references to these tasks: Dask forgets them (and frees
         their results) as soon as no client holds them."""
@@ -344,6 +364,9 @@ class Cluster:
         ac = self._completed
         if not ac.has_ready():
             if ac.is_empty():
+                # Nothing to wait for (admission paused, or a suspect waiting to run
+                # alone): wait out the timeout rather than spin the event loop.
+                await asyncio.sleep(timeout)
                 return []
             try:
                 first = await asyncio.wait_for(ac.__anext__(), timeout)

@@ -203,9 +203,9 @@ class Isolation:
     """The poison-param policy around memory kills, as typed actions for the run loop.
 
     A cancelled task runs on until it ends (a thread cannot be interrupted), so a
-    suspect runs alone only once a memory snapshot taken ``heartbeat_s`` after the last
-    cancellation shows every worker calm: worker RSS reaches the scheduler on heartbeats
-    (every 0.5-2 s), no fresher than that.
+    suspect runs alone only once no task of the job is executing on any worker and a
+    memory snapshot since the last cancellation shows every worker calm (worker RSS
+    reaches the scheduler on heartbeats, every 0.5-2 s).
     """
 
     judge: PoisonJudge = field(default_factory=PoisonJudge)
@@ -221,8 +221,21 @@ class Isolation:
         self._last_calm_at = now
 
     @property
-    def solo_may_start(self) -> bool:
-        return self._last_calm_at > self._last_cancel_at + self.heartbeat_s
+    def calm_since_cancel(self) -> bool:
+        """A memory snapshot since the last cancellation showed every worker calm."""
+        return self._last_calm_at > self._last_cancel_at
+
+    def solo_may_start(self, executing: int | None) -> bool:
+        """Whether a suspect may run alone now. ``executing``: how many of the job's
+        tasks the workers still execute (cancelled ones run on until their function
+        returns), None if unknown. Known: none may run, and a memory snapshot taken since
+        the last cancellation must show every worker calm. Unknown: the snapshot must be
+        ``heartbeat_s`` younger than the cancellation, a guess that a loaded machine can
+        defeat (a cancelled poison task still allocating killed the innocent suspect
+        running "alone" beside it)."""
+        if executing is None:
+            return self._last_calm_at > self._last_cancel_at + self.heartbeat_s
+        return executing == 0 and self.calm_since_cancel
 
     def suspect(self, param_id: str) -> bool:
         """On enough memory-killed workers to be isolated rather than retried."""

@@ -139,7 +139,7 @@ class Runner:
                 if not self.window.params or self.clock() >= self._drain_deadline:
                     break
             elif limiter.admit:
-                self._admit()
+                await self._admit()
             if self.window.finished:
                 break
             now = self.clock()
@@ -174,12 +174,13 @@ class Runner:
 
     # --- admission -----------------------------------------------------------------
 
-    def _admit(self) -> None:
+    async def _admit(self) -> None:
         """Fill the window up to B; or, when a suspect waits, drain and run it alone."""
         w = self.window
         if not w.solo_waiting:
             w.fill(self.batch_size - w.params, self._submit)
-        elif not w.params and self.isolation.solo_may_start:
+        elif (not w.params and self.isolation.calm_since_cancel  # before asking the workers
+              and self.isolation.solo_may_start(await self.cluster.executing(self.job.job_id))):
             w.fill_solo(self._submit)
         self.stats.admitted(w.tasks)
 

@@ -74,3 +74,13 @@ def run_target_list(
     function: str | None, target: str | None, param_id: str, returns: list[Any]
 ) -> Any:
     return run_target(function, target, param_id, *returns)
+
+
+def executing_keys(prefixes: Sequence[str], dask_worker: Any = None) -> list[str]:
+    """Keys starting with one of ``prefixes`` that this worker is executing, cancelled ones
+    included: a cancelled task runs on until its function returns (a thread cannot be
+    interrupted), and Dask's worker state keeps it in ``executing`` until then. Run with
+    ``client.run``, which passes the worker as ``dask_worker``."""
+    state = getattr(dask_worker, "state", None)
+    running = getattr(state, "executing", set()) | getattr(state, "long_running", set())
+    return [str(ts.key) for ts in running if str(ts.key).startswith(tuple(prefixes))]

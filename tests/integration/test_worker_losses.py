@@ -73,3 +73,33 @@ def test_every_kind_of_worker_end_is_classified() -> None:
     assert seen["memory"].cause == Cause.MEMORY_TERMINATE
     assert seen["memory"].rss is not None and seen["memory"].rss > 0.9 * 400 * MiB
     assert seen["retired"].cause == Cause.PLANNED
+
+
+async def _executing_after_cancel() -> tuple[int | None, int | None, float]:
+    cluster = await open_cluster(ClusterOptions(workers=1, threads_per_worker=1))
+    try:
+        await cluster.wait_for_workers(30)
+        (keys,) = cluster.submit_params(
+            "linger", [("p0", {"run_seconds": 3.0}, [1], 0)], "tidegate.workloads:synthetic",
+            [], True,
+        )
+        deadline = time.monotonic() + 30
+        while await cluster.executing("linger") == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # polling for the task to start, bounded
+        cancelled_at = time.monotonic()
+        await cluster.cancel(keys.all)
+        right_after = await cluster.executing("linger")
+        while (left := await cluster.executing("linger")) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return right_after, left, time.monotonic() - cancelled_at
+    finally:
+        await cluster.close()
+
+
+def test_a_cancelled_task_counts_as_executing_until_it_returns() -> None:
+    """The scheduler forgets a cancelled task at once; the worker runs it to its end,
+    and Cluster.executing sees it there until then (the suspect-runs-alone gate)."""
+    right_after, left, waited = asyncio.run(_executing_after_cancel())
+    assert right_after == 1
+    assert left == 0
+    assert waited > 1.0  # it ran on for most of its 3 s after the cancellation

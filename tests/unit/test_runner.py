@@ -114,6 +114,28 @@ def test_poison_param_is_isolated_then_quarantined(tmp_path: Path) -> None:
     assert summary.oom_events >= 3
 
 
+def test_a_suspect_waits_for_cancelled_tasks_still_running(tmp_path: Path) -> None:
+    """A cancelled poison task runs on and then kills its worker: the innocent suspect
+    must not be running "alone" beside it (it was quarantined so under load, when a
+    fixed wait after the cancellation was the only guard)."""
+    job = _job(tmp_path, 2)
+    poison, innocent = job.params[0].param_id, job.params[1].param_id
+
+    def kill(task: FakeTask) -> Cause | None:
+        return Cause.MEMORY_TERMINATE if task.param_id == poison else None
+
+    fake = FakeCluster(n_workers=1, on_run=kill, linger_ticks=40, on_linger_end=kill)
+    # The innocent's rerun is slow: it would still be running when the poison's
+    # leftover task ends and kills the worker.
+    fake.hold = lambda t: t.param_id == innocent and bool(re.search(r"-r\d+$", t.key)) and bool(
+        fake.lingering)
+    summary = _run(job, fake, batch_size=2)
+    assert (summary.ok, summary.quarantined) == (1, 1)
+    rows = {r["param_id"]: r for r in read_dataset(job.output_dir / "params")}
+    assert rows[innocent]["status"] == "ok"
+    assert rows[poison]["error_type"] == "MemoryExceeded"
+
+
 def test_innocent_suspect_completes_alone(tmp_path: Path) -> None:
     """A param on two memory-killed workers that runs fine alone is not quarantined."""
     job = _job(tmp_path, 8)
