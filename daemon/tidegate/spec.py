@@ -423,11 +423,12 @@ def _read_param_file(name: str, base_dir: Path) -> pa.Table:
         raise SpecError([FieldError(field, "an existing file", f"{name!r} (no file {path})")])
     if path.stat().st_size == 0:  # pyarrow calls an empty file invalid; it has no rows
         raise SpecError([FieldError(field, "at least one row", f"no rows in {path}")])
+    suffix = Path(name).suffix.lower()  # as named: a symlink's target may have another
     try:
-        table = _READERS[path.suffix.lower()](path)
+        table = _READERS[suffix](path)
     except (pa.ArrowException, OSError) as exc:
         raise SpecError(
-            [FieldError(field, f"a readable {path.suffix} file", f"{path}: {exc}")]
+            [FieldError(field, f"a readable {suffix} file", f"{path}: {exc}")]
         ) from None
     if table.num_rows == 0:
         raise SpecError([FieldError(field, "at least one row", f"no rows in {path}")])
