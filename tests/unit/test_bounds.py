@@ -201,7 +201,7 @@ def test_token_file_is_reread_when_it_changes(tmp_path: Path) -> None:
     new.replace(path)
     assert tokens.current() == "two"
     path.write_text("")
-    with pytest.raises(ConfigError, match="security.token_file"):
+    with pytest.raises(ConfigError, match=r"security\.token_file"):
         tokens.current()
 
 
