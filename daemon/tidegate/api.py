@@ -3,23 +3,29 @@
 POST /v1/jobs, GET /v1/jobs, GET|DELETE /v1/jobs/{id}, GET /v1/openapi.json, GET /metrics,
 /healthz, /readyz; the answers are the models of views.py. A token, when configured, is
 required on every route but the probes and /metrics, and compared in constant time. Bodies
-over ``security.max_body_bytes`` get 413.
+are streamed: the token is checked from the headers before any of the body is read, so an
+unauthenticated body is never buffered; bodies over ``security.max_body_bytes`` get 413.
+A spec is parsed, validated and expanded on a worker thread, one at a time, so a large
+grid does not stall the event loop (``/healthz`` keeps answering).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import socket
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
-from tornado.web import Application, HTTPError, RequestHandler
+from tornado.web import Application, HTTPError, RequestHandler, stream_request_body
 
+from tidegate.config import ConfigError
 from tidegate.errors import TidegateError
 from tidegate.jobqueue import JobExists, JobQueue, JobRecord, UnknownJob
 from tidegate.openapi import openapi_document
@@ -40,36 +46,52 @@ if TYPE_CHECKING:
     from tidegate.service import Service
 
 _JOB_ID = ID_PATTERN.strip("^$")
+_INT64 = 2**63
+# Specs are expanded here, one at a time: two large submissions do not double the memory.
+_SPEC_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tidegate-spec")
 
 
 class Forbidden(TidegateError):
     """A job spec names code the daemon's security settings do not allow (HTTP 403)."""
 
 
+@stream_request_body
 class _Handler(RequestHandler):
-    """JSON errors, token check, body limit."""
+    """JSON errors, token check, body limit. The body is streamed into ``self.body`` only
+    once ``prepare`` has checked the token and the declared length."""
 
     public = False  # probes and metrics are open when True
 
     def initialize(self, service: Service) -> None:
         self.service = service
+        self.body = bytearray()
 
     def prepare(self) -> None:
-        token = self.service.token
-        if token and not self.public:
-            given = self.request.headers.get("Authorization", "")
-            scheme, _, value = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                value.strip().encode(), token.encode()
-            ):
-                self.set_header("WWW-Authenticate", 'Bearer realm="tidegate"')
-                raise HTTPError(401, reason="a valid bearer token is required")
+        if not self.public:
+            try:
+                token = self.service.token
+            except ConfigError as exc:  # the token file went missing or empty: fail closed
+                raise HTTPError(503, reason=str(exc.errors[0])) from None
+            if token:
+                given = self.request.headers.get("Authorization", "")
+                scheme, _, value = given.partition(" ")
+                if scheme.lower() != "bearer" or not hmac.compare_digest(
+                    value.strip().encode(), token.encode()
+                ):
+                    self.set_header("WWW-Authenticate", 'Bearer realm="tidegate"')
+                    raise HTTPError(401, reason="a valid bearer token is required")
         limit = self.service.config.security.max_body_bytes
         length = self.request.headers.get("Content-Length")
-        if (length and length.isdigit() and int(length) > limit) or len(
-            self.request.body or b""
-        ) > limit:
-            raise HTTPError(413, reason=f"request body over {limit} bytes")
+        if length and length.isdigit() and int(length) > limit:
+            raise HTTPError(
+                413, reason=f"request body of {length} bytes over {limit} "
+                "(security.max_body_bytes)"
+            )
+        # A chunked body has no length to check: tornado cuts it off past the limit.
+        self.request.connection.set_max_body_size(limit)  # type: ignore[union-attr]
+
+    def data_received(self, chunk: bytes) -> None:
+        self.body += chunk
 
     @property
     def queue(self) -> JobQueue:
@@ -93,23 +115,38 @@ class _Handler(RequestHandler):
         self.finish(json.dumps(ErrorBody(error=reason).model_dump(mode="json")))
 
 
+def _query_error(field: str, expected: str, got: str) -> ErrorBody:
+    problem = FieldProblem(field=field, expected=expected, got=repr(got))
+    return ErrorBody(error=f"{field}: expected {expected}, got {got!r}", errors=[problem])
+
+
 class JobsHandler(_Handler):
     def get(self) -> None:
         state = self.get_query_argument("state", None)
+        if state is not None and state not in set(JobState):
+            known = ", ".join(JobState)
+            self.send(400, _query_error("state", f"one of {known}", state))
+            return
         records = self.queue.list(state=state)
         self.send(200, JobList(jobs=[self.service.view(r) for r in records]))
 
-    def post(self) -> None:
+    async def post(self) -> None:
+        text = self.get_query_argument("priority", "0")
         try:
-            priority = int(self.get_query_argument("priority", "0"))
+            priority = int(text)
         except ValueError:
-            got = self.get_query_argument("priority")
-            problem = FieldProblem(field="priority", expected="a whole number", got=got)
-            self.send(400, ErrorBody(error="priority: expected a whole number", errors=[problem]))
+            priority = _INT64  # reported below
+        if not -_INT64 <= priority < _INT64:
+            expected = f"a whole number from {-_INT64} to {_INT64 - 1}"
+            self.send(400, _query_error("priority", expected, text))
             return
+        body = bytes(self.body)
+        self.body = bytearray()
         try:
-            data = parse_yaml(self.request.body.decode("utf-8", "replace"), source="request")
-            record = self.service.submit(data, priority=priority)
+            prepared = await asyncio.get_running_loop().run_in_executor(
+                _SPEC_THREAD, self._prepare_spec, body
+            )
+            record = self.service.enqueue(prepared, priority=priority)
         except SpecError as exc:
             problems = [FieldProblem(field=e.field, expected=e.expected, got=e.got)
                         for e in exc.errors]
@@ -122,6 +159,12 @@ class JobsHandler(_Handler):
             self.send(403, ErrorBody(error=str(exc)))
             return
         self.send(201, Submitted(id=record.id, url=job_url(record.id), state=record.state))
+
+    def _prepare_spec(self, body: bytes) -> Any:
+        """Parse and prepare a spec (on the spec thread, off the event loop)."""
+        limits = self.service.spec_limits
+        data = parse_yaml(body.decode("utf-8", "replace"), source="request", limits=limits.yaml)
+        return self.service.prepare(data)
 
 
 class JobHandler(_Handler):
@@ -195,8 +238,8 @@ class _NotFound(_Handler):
 
 def make_server(service: Service, host: str, port: int) -> tuple[HTTPServer, int]:
     """Bind and start serving; returns the server and the bound port (for port 0)."""
-    # Bodies a little over the limit still reach the handler, which answers 413;
-    # far larger ones are cut off by tornado itself.
+    # A declared length over the limit gets 413 from prepare(); the handler then sets the
+    # limit itself for the body. Far larger bodies are cut off by tornado itself.
     limit = service.config.security.max_body_bytes
     server = HTTPServer(make_app(service), max_body_size=max(16 * limit, 16 * 2**20))
     sockets = bind_sockets(port, address=host, family=socket.AF_UNSPEC)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -111,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
                      "in flight may use (default 0.5; env TIDEGATE_CONTROLLER__MEMORY_FRACTION)")
     run.add_argument("--metrics-port", type=_positive_int("--metrics-port"), metavar="PORT",
                      help="serve Prometheus metrics on 127.0.0.1:PORT/metrics during the run")
+    run.add_argument("--max-params", type=_positive_int("--max-params"), metavar="N",
+                     help="refuse a job of more parameter sets (default 10000000)")
+    run.add_argument("--max-replicates", type=_positive_int("--max-replicates"), metavar="N",
+                     help="refuse more replicates per parameter set (default 1000000)")
+    run.add_argument("--max-tasks", type=_positive_int("--max-tasks"), metavar="N",
+                     help="refuse a job of more tasks, params x (replicates + targets) "
+                     "(default 100000000)")
     run.add_argument("--json", action="store_true",
                      help="print the final summary as one JSON object on stdout")
     run.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
@@ -158,6 +166,9 @@ _SERVE_FLAGS: list[tuple[str, str, Any, str]] = [
      "seconds SIGTERM waits for params in flight"),
     ("--code-roots", "security.code_roots", lambda t: [p for p in t.split(",") if p],
      "comma-separated directories that job code_paths may lie in"),
+    ("--max-params", "limits.max_params", int, "parameter sets per job"),
+    ("--max-replicates", "limits.max_replicates", int, "replicates per parameter set"),
+    ("--max-tasks", "limits.max_tasks", int, "tasks per job: params x (replicates + targets)"),
     ("--log-format", "log.format", str, "text or json"),
 ]
 
@@ -235,7 +246,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tidegate.cluster import ClusterOptions, parse_memory_limit
     from tidegate.knobs import controller_config, run_overrides
     from tidegate.runner import RunOptions
-    from tidegate.spec import check_callables, load_job
+    from tidegate.spec import RUN_LIMITS, check_callables, load_job
 
     if args.scheduler and any(
         v is not None for v in (args.workers, args.threads_per_worker, args.memory_limit)
@@ -250,7 +261,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             memory_limit = parse_memory_limit(args.memory_limit, field="--memory-limit")
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-    job = load_job(args.spec, output=args.output)
+    limits = dataclasses.replace(RUN_LIMITS, **{
+        key: getattr(args, key) for key in ("max_params", "max_replicates", "max_tasks")
+        if getattr(args, key) is not None
+    })
+    job = load_job(args.spec, output=args.output, limits=limits)
     check_callables(job)
     options = RunOptions(
         batch_size=args.batch_size or pinned_batch_size(os.environ),

@@ -16,7 +16,7 @@ import re
 import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -35,12 +35,16 @@ from tidegate.validation import (
     ErrorTranslator,
     FieldError,
     ValidationFailed,
+    YamlLimits,
     base_types,
     dotted,
     invalid,
     read_yaml_file,
     show,
 )
+
+if TYPE_CHECKING:
+    from tidegate.spec import SpecLimits
 
 ENV_PREFIX = "TIDEGATE_"
 ENV_NESTING = "__"  # TIDEGATE_CLUSTER__LOCAL__WORKERS -> cluster.local.workers
@@ -244,6 +248,57 @@ class SecurityConfig(_Section):
         return token
 
 
+class LimitsConfig(_Section):
+    """How large a submitted job may be, checked before it is expanded (a grid's size from
+    its shape). Lower than `tidegate run`'s defaults: the daemon holds every queued job's
+    spec and expands the running one in memory."""
+
+    max_params: Int = Field(1_000_000, ge=1, description="parameter sets per job")
+    max_replicates: Int = Field(10_000, ge=1, description="replicates per parameter set")
+    max_tasks: Int = Field(
+        10_000_000, ge=1, description="tasks per job: params x (replicates + targets)"
+    )
+    yaml_depth: Int = Field(64, ge=8, description="nesting depth of a spec (YAML or JSON)")
+    yaml_alias_nodes: Int = Field(
+        10_000, ge=0, description="nodes that YAML aliases (*name) of a spec may expand to"
+    )
+
+    def spec_limits(self) -> SpecLimits:
+        from tidegate.spec import SpecLimits  # spec imports pyarrow; config stays light
+
+        return SpecLimits(
+            max_params=self.max_params,
+            max_replicates=self.max_replicates,
+            max_tasks=self.max_tasks,
+            yaml=YamlLimits(max_depth=self.yaml_depth, max_alias_nodes=self.yaml_alias_nodes),
+        )
+
+
+class TokenFile:
+    """The API token, re-read when its file changes (inode, size or mtime), so that a
+    rotated token takes effect without a restart; one stat() per request."""
+
+    def __init__(self, security: SecurityConfig) -> None:
+        self._security = security
+        self._stamp: tuple[int, int, int] | None = None
+        self._token: str | None = None
+
+    def current(self) -> str | None:
+        """The token now; ConfigError when the file is unreadable or empty."""
+        path = self._security.token_file
+        if path is None:
+            return None
+        try:
+            st = path.stat()
+            stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            stamp = None  # token() below names the file and the reason
+        if stamp is None or stamp != self._stamp:
+            self._token = self._security.token()
+            self._stamp = stamp
+        return self._token
+
+
 class LogConfig(_Section):
     format: Literal["text", "json"] = Field("text", description="one line of text or JSON")
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -276,6 +331,9 @@ class DaemonConfig(_Section):
     )
     security: Annotated[SecurityConfig, BeforeValidator(_none_is_empty)] = Field(
         default_factory=_defaults(SecurityConfig)
+    )
+    limits: Annotated[LimitsConfig, BeforeValidator(_none_is_empty)] = Field(
+        default_factory=_defaults(LimitsConfig)
     )
     log: Annotated[LogConfig, BeforeValidator(_none_is_empty)] = Field(
         default_factory=_defaults(LogConfig)

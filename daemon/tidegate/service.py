@@ -26,7 +26,7 @@ from typing import Any
 
 from tidegate.api import Forbidden, make_server
 from tidegate.cluster import Cluster, ClusterError, ClusterOptions, SchedulerLost, open_cluster
-from tidegate.config import DaemonConfig
+from tidegate.config import DaemonConfig, TokenFile
 from tidegate.errors import TidegateError
 from tidegate.exitcodes import ServeExit
 from tidegate.jobqueue import JobQueue, JobRecord
@@ -70,7 +70,9 @@ class Service:
         self.metrics = metrics or Metrics(process=True)
         self.notifier = notifier or Notifier()
         self.clock = clock
-        self.token = config.security.token()
+        self._token_file = TokenFile(config.security)
+        self._token_file.current()  # an unreadable token file fails here, at start-up
+        self.spec_limits = config.limits.spec_limits()
         self.queue: JobQueue | None = None
         self.cluster: Cluster | None = None
         self.runner: Runner | None = None
@@ -81,6 +83,11 @@ class Service:
         self._draining = False
         self._server: Any = None
         self._tasks: list[asyncio.Task[Any]] = []
+
+    @property
+    def token(self) -> str | None:
+        """The API token, re-read when its file changes (rotation without a restart)."""
+        return self._token_file.current()
 
     # --- start and stop ------------------------------------------------------------
 
@@ -208,7 +215,8 @@ class Service:
         # Other relative paths (a parameters file) are relative to the first code root.
         roots = self.config.security.code_roots
         base = roots[0].resolve() if roots else root
-        job = job_from_dict(spec, base_dir=base, source="request", output_root=root)
+        job = job_from_dict(spec, base_dir=base, source="request", output_root=root,
+                            limits=self.spec_limits)
         if not job.output_dir.resolve().is_relative_to(root):
             raise SpecError([FieldError("output", f"a directory inside output_root ({root})",
                                         repr(spec.get("output")))], source="request")
@@ -254,8 +262,11 @@ class Service:
         return out
 
     def submit(self, data: Any, priority: int = 0) -> JobRecord:
+        return self.enqueue(self.prepare(data), priority)
+
+    def enqueue(self, prepared: Prepared, priority: int = 0) -> JobRecord:
+        """Queue a prepared job (the API prepares it off the event loop)."""
         assert self.queue is not None
-        prepared = self.prepare(data)
         record = self.queue.submit(prepared.job.job_id, prepared.spec,
                                    str(prepared.job.output_dir), priority)
         log.info("job %s queued (%d params)", record.id, len(prepared.job.params),
@@ -299,8 +310,9 @@ class Service:
         assert self.queue is not None
         if self.cluster is None or not self.cluster.connected:
             await self._reconnect()
-        try:
-            prepared = self.prepare(record.spec)
+        try:  # expanding a large job takes seconds: off the event loop
+            prepared = await asyncio.get_running_loop().run_in_executor(
+                None, self.prepare, record.spec)
         except (SpecError, Forbidden) as exc:  # the config changed since it was queued
             self.queue.finish(record.id, JobState.FAILED, error=str(exc))
             self._update_job_gauges()

@@ -15,6 +15,7 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -43,6 +44,7 @@ from tidegate.validation import (
     ErrorTranslator,
     FieldError,
     ValidationFailed,
+    YamlLimits,
 )
 from tidegate.validation import invalid as _invalid
 from tidegate.validation import show as _show
@@ -73,6 +75,55 @@ class SpecError(ValidationFailed):
     """The job spec is not valid."""
 
     default_source = "job spec"
+
+
+# --- limits ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpecLimits:
+    """How large a job may be, checked from the spec's shape before anything is expanded:
+    a grid's size is the product of its list lengths, inline values and file rows are
+    counted as read. The defaults are `tidegate run`'s; the daemon's come from its config
+    (``limits:``), each field's key named in its error."""
+
+    max_params: int = 10_000_000
+    max_replicates: int = 1_000_000
+    max_tasks: int = 100_000_000  # params x (replicates + targets)
+    yaml: YamlLimits = dataclass_field(default_factory=YamlLimits)
+
+
+RUN_LIMITS = SpecLimits()
+
+
+def _too_large(field: str, what: str, limit: int, key: str, got: str) -> SpecError:
+    return SpecError([FieldError(field, f"at most {limit:,} {what} ({key})", got)])
+
+
+def _check_size(spec: JobSpec, n_params: int, field: str, shape: str, limits: SpecLimits) -> None:
+    """Params and tasks within ``limits``, from the count alone."""
+    if n_params > limits.max_params:
+        raise _too_large(field, "parameter sets", limits.max_params, "limits.max_params",
+                         f"{n_params:,}{shape}")
+    tasks = n_params * (spec.replicates + len(spec.targets))
+    if tasks > limits.max_tasks:
+        raise _too_large(
+            "parameters", "tasks, params x (replicates + targets)", limits.max_tasks,
+            "limits.max_tasks",
+            f"{tasks:,} ({n_params:,} x ({spec.replicates} + {len(spec.targets)}))",
+        )
+
+
+def _case_collision(names: Sequence[str], field: str) -> FieldError | None:
+    """Two param names that differ only in case: the database views cannot tell them
+    apart (param_a and param_A are one column in DuckDB)."""
+    seen: dict[str, str] = {}
+    for name in names:
+        other = seen.setdefault(name.lower(), name)
+        if other != name:
+            return FieldError(field, "parameter names that differ in more than case",
+                              f"{other!r} and {name!r}")
+    return None
 
 
 # --- the models --------------------------------------------------------------------------
@@ -232,9 +283,12 @@ _field_errors = ErrorTranslator(_MODELS_AT, _PATTERN_TEXT, _UNION_TAGS).field_er
 # --- YAML -------------------------------------------------------------------------------------
 
 
-def parse_yaml(text: str, source: str = "job spec") -> Any:
-    """The YAML document in ``text``; a syntax error or a duplicate key is a SpecError."""
-    return validation.parse_yaml(text, source, SpecError)
+def parse_yaml(
+    text: str, source: str = "job spec", limits: YamlLimits | None = None
+) -> Any:
+    """The YAML document in ``text``; a syntax error, a duplicate key or a document past
+    ``limits`` is a SpecError."""
+    return validation.parse_yaml(text, source, SpecError, limits)
 
 
 # --- params -----------------------------------------------------------------------------------
@@ -297,7 +351,8 @@ def _unify(column: list[tuple[str, Scalar]], errors: list[FieldError]) -> tuple[
 def _expand_grid(grid: Mapping[str, list[Scalar]]) -> _Expanded:
     names, columns = list(grid), []
     types: dict[str, str] = {}
-    errors: list[FieldError] = []
+    collision = _case_collision(names, "parameters.grid")
+    errors: list[FieldError] = [collision] if collision else []
     for name, values in grid.items():
         fields = [f"parameters.grid.{name}[{j}]" for j in range(len(values))]
         types[name], column = _unify(list(zip(fields, values, strict=True)), errors)
@@ -322,6 +377,9 @@ def _expand_rows(rows: list[tuple[str, Mapping[str, Any]]]) -> _Expanded:
     """Params given one by one (inline values or file rows), labelled for messages."""
     first_label, first = rows[0]
     names = list(first)
+    collision = _case_collision(names, first_label.partition("[")[0])
+    if collision is not None:
+        raise SpecError([collision])
     errors = [
         FieldError(label, f"the names of {first_label} ({', '.join(names)})", ", ".join(row))
         for label, row in rows[1:]
@@ -365,11 +423,12 @@ def _read_param_file(name: str, base_dir: Path) -> pa.Table:
         raise SpecError([FieldError(field, "an existing file", f"{name!r} (no file {path})")])
     if path.stat().st_size == 0:  # pyarrow calls an empty file invalid; it has no rows
         raise SpecError([FieldError(field, "at least one row", f"no rows in {path}")])
+    suffix = Path(name).suffix.lower()  # as named: a symlink's target may have another
     try:
-        table = _READERS[path.suffix.lower()](path)
+        table = _READERS[suffix](path)
     except (pa.ArrowException, OSError) as exc:
         raise SpecError(
-            [FieldError(field, f"a readable {path.suffix} file", f"{path}: {exc}")]
+            [FieldError(field, f"a readable {suffix} file", f"{path}: {exc}")]
         ) from None
     if table.num_rows == 0:
         raise SpecError([FieldError(field, "at least one row", f"no rows in {path}")])
@@ -405,8 +464,11 @@ def _file_columns(table: pa.Table) -> list[FieldError]:
     return errors
 
 
-def _expand_file(name: str, base_dir: Path) -> _Expanded:
+def _expand_file(
+    name: str, base_dir: Path, check: Callable[[int, str, str], None] = lambda *_: None
+) -> _Expanded:
     table = _read_param_file(name, base_dir)
+    check(table.num_rows, "parameters.file", f" rows in {name!r}")
     table = table.cast(
         pa.schema(  # dictionary-encoded columns (pandas categoricals)
             [
@@ -423,15 +485,27 @@ def _expand_file(name: str, base_dir: Path) -> _Expanded:
     )
 
 
-def _expand(parameters: ParametersSpec, base_dir: Path) -> _Expanded:
+def _expand(spec: JobSpec, base_dir: Path, limits: SpecLimits) -> _Expanded:
+    """The spec's params, its size checked against ``limits`` before they are expanded."""
+    parameters = spec.parameters
+
+    def check(n: int, field: str, shape: str) -> None:
+        _check_size(spec, n, field, shape, limits)
+
+    if spec.replicates > limits.max_replicates:
+        raise _too_large("replicates", "replicates", limits.max_replicates,
+                         "limits.max_replicates", f"{spec.replicates:,}")
     if parameters.grid is not None:
+        sizes = [len(v) for v in parameters.grid.values()]
+        check(math.prod(sizes), "parameters.grid", f" (a grid of {' x '.join(map(str, sizes))})")
         return _expand_grid(parameters.grid)
     if parameters.values is not None:
+        check(len(parameters.values), "parameters.values", "")
         return _expand_rows(
             [(f"parameters.values[{i}]", row) for i, row in enumerate(parameters.values)]
         )
     assert parameters.file is not None  # ParametersSpec guarantees exactly one form
-    return _expand_file(parameters.file, base_dir)
+    return _expand_file(parameters.file, base_dir, check)
 
 
 # --- the job ------------------------------------------------------------------------------------
@@ -495,8 +569,10 @@ def job_from_dict(
     source: str = "job spec",
     output: str | Path | None = None,
     output_root: Path | None = None,
+    limits: SpecLimits = RUN_LIMITS,
 ) -> Job:
-    """Validate and expand a spec already parsed; relative paths are taken from base_dir."""
+    """Validate and expand a spec already parsed; relative paths are taken from base_dir.
+    Its size is checked against ``limits`` before it is expanded."""
     if not isinstance(data, dict):
         got = "nothing (an empty document)" if data is None else _show(data, typed=True)
         raise SpecError([FieldError("<top level>", "a mapping of spec fields", got)], source)
@@ -506,7 +582,7 @@ def job_from_dict(
         raise SpecError(_field_errors(exc), source) from None
     base_dir = Path(base_dir).resolve()
     try:
-        expanded = _expand(spec.parameters, base_dir)
+        expanded = _expand(spec, base_dir, limits)
     except SpecError as exc:
         raise SpecError(exc.errors, source) from None
     params = [Param(param_id_of(values), values) for values in expanded.rows]
@@ -533,16 +609,21 @@ def job_from_dict(
 
 
 def load_job(
-    path: str | Path, *, output: str | Path | None = None, output_root: Path | None = None
+    path: str | Path,
+    *,
+    output: str | Path | None = None,
+    output_root: Path | None = None,
+    limits: SpecLimits = RUN_LIMITS,
 ) -> Job:
     """Read the YAML spec at ``path``; its relative paths are relative to its directory."""
     path = Path(path)
     return job_from_dict(
-        validation.read_yaml_file(path, SpecError),
+        validation.read_yaml_file(path, SpecError, limits.yaml),
         base_dir=path.parent,
         source=str(path),
         output=output,
         output_root=output_root,
+        limits=limits,
     )
 
 

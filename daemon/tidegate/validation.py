@@ -247,9 +247,90 @@ def _number_word(value: Any, info: FieldInfo | None) -> str:
 # --- YAML -------------------------------------------------------------------------------------
 
 
+# YAML 1.2 floats: `1e6` and `1.5e-3` are numbers (YAML 1.1, PyYAML's default, reads an
+# exponent without a dot or a signed exponent as a string). `1e309` reads as inf, which
+# the fields that take numbers refuse as not finite.
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_FLOAT_12 = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+
+    |[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*)
+    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.VERBOSE,
+)
+
+
+@dataclass(frozen=True)
+class YamlLimits:
+    """Bounds on a YAML document, checked while it is composed, before anything is built
+    from it: nesting depth, and the nodes that aliases (``*name``) stand for, counted as
+    expanded, so that a 400-byte alias bomb is refused instead of expanding to 10^9 nodes."""
+
+    max_depth: int = 64
+    max_alias_nodes: int = 10_000
+
+
 class YamlLoader(yaml.SafeLoader):
     """SafeLoader that refuses a key given twice, which PyYAML otherwise settles silently
-    in favour of the last one (`replicates: 3` ... `replicates: 1`)."""
+    in favour of the last one (`replicates: 3` ... `replicates: 1`), reads floats as YAML
+    1.2 does, and enforces ``YamlLimits``."""
+
+    # SafeLoader's resolvers with its float pattern replaced, in place (first match wins).
+    yaml_implicit_resolvers = {  # noqa: RUF012 (a class attribute, as PyYAML has it)
+        first: [
+            (_FLOAT_TAG, _FLOAT_12) if tag == _FLOAT_TAG else (tag, regexp)
+            for tag, regexp in resolvers
+        ]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+    def __init__(self, stream: str, limits: YamlLimits | None = None) -> None:
+        super().__init__(stream)
+        self.limits = limits or YamlLimits()
+        self._depth = 0
+        self._alias_nodes = 0
+        self._sizes: dict[int, int] = {}
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            node = super().compose_node(parent, index)
+            self._alias_nodes += self._size(node) if node is not None else 0
+            if self._alias_nodes > self.limits.max_alias_nodes:
+                raise yaml.composer.ComposerError(
+                    None, None,
+                    f"aliases expanding to more than {self.limits.max_alias_nodes} nodes "
+                    "(limits.yaml_alias_nodes)",
+                    event.start_mark,
+                )
+            return node
+        self._depth += 1
+        try:
+            if self._depth > self.limits.max_depth:
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(
+                    None, None,
+                    f"nesting deeper than {self.limits.max_depth} levels (limits.yaml_depth)",
+                    event.start_mark,
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def _size(self, node: yaml.Node) -> int:
+        """The nodes ``node`` stands for, aliases in it expanded (memoised: a node shared
+        by many aliases is counted once per use, computed once)."""
+        known = self._sizes.get(id(node))
+        if known is not None:
+            return known
+        size = 1
+        if isinstance(node, yaml.SequenceNode):
+            size += sum(self._size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            size += sum(self._size(k) + self._size(v) for k, v in node.value)
+        self._sizes[id(node)] = size
+        return size
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
@@ -268,19 +349,36 @@ class YamlLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def parse_yaml(text: str, source: str, error: type[ValidationFailed] = ValidationFailed) -> Any:
-    """The YAML document in ``text``; a syntax error or a duplicate key raises ``error``."""
+def parse_yaml(
+    text: str,
+    source: str,
+    error: type[ValidationFailed] = ValidationFailed,
+    limits: YamlLimits | None = None,
+) -> Any:
+    """The YAML document in ``text``; a syntax error, a duplicate key or a document past
+    ``limits`` raises ``error``."""
+    loader = YamlLoader(text, limits)  # a SafeLoader
     try:
-        return yaml.load(text, Loader=YamlLoader)  # YamlLoader is a SafeLoader
+        return loader.get_single_data()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         got = str(getattr(exc, "problem", None) or exc)
         if mark is not None:
             got += f" at line {mark.line + 1}, column {mark.column + 1}"
         raise error([FieldError("<yaml>", "valid YAML", got)], source) from None
+    except RecursionError:  # a backstop: the depth limit stops composing well before
+        raise error(
+            [FieldError("<yaml>", "valid YAML", "nesting too deep (limits.yaml_depth)")], source
+        ) from None
+    finally:
+        loader.dispose()
 
 
-def read_yaml_file(path: Path, error: type[ValidationFailed] = ValidationFailed) -> Any:
+def read_yaml_file(
+    path: Path,
+    error: type[ValidationFailed] = ValidationFailed,
+    limits: YamlLimits | None = None,
+) -> Any:
     """The YAML document in the file at ``path``; an unreadable file raises ``error``
     naming ``<file>``, as do a syntax error and a duplicate key."""
     source = str(path)
@@ -291,4 +389,4 @@ def read_yaml_file(path: Path, error: type[ValidationFailed] = ValidationFailed)
         raise error(
             [FieldError("<file>", "a readable YAML file", f"{source!r} ({reason})")], source
         ) from None
-    return parse_yaml(text, source, error)
+    return parse_yaml(text, source, error, limits)
