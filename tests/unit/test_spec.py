@@ -487,11 +487,22 @@ def test_check_callables_names_the_field(
 # --- properties --------------------------------------------------------------------------------
 
 
+class _QuotedDumper(yaml.SafeDumper):
+    pass
+
+
+_QuotedDumper.add_representer(
+    str, lambda d, v: d.represent_scalar("tag:yaml.org,2002:str", v, style='"')
+)
+
+
 @settings(max_examples=150, deadline=None)
 @given(grid=grids)
 def test_any_grid_expands_deterministically(grid: dict[str, list[Any]]) -> None:
     """Any grid of distinct values gives prod(lengths) params, distinct ids, the same twice."""
-    text = yaml.safe_dump({"model": "m:f", "parameters": {"grid": grid}})
+    # Every string double-quoted: PyYAML's dumper writes YAML 1.1 and leaves a string such
+    # as '0E0' bare, which the spec's YAML 1.2 reader rightly takes for a number.
+    text = yaml.dump({"model": "m:f", "parameters": {"grid": grid}}, Dumper=_QuotedDumper)
     first = job_from_dict(parse_yaml(text), base_dir=Path("/"))
     again = job_from_dict(parse_yaml(text), base_dir=Path("/"))
     ids = [p.param_id for p in first.params]
