@@ -27,7 +27,7 @@ from tornado.web import Application, HTTPError, RequestHandler, stream_request_b
 
 from tidegate.config import ConfigError
 from tidegate.errors import TidegateError
-from tidegate.jobqueue import JobExists, JobQueue, JobRecord, UnknownJob
+from tidegate.jobqueue import JobExists, JobQueue, JobRecord, OutputInUse, UnknownJob
 from tidegate.openapi import openapi_document
 from tidegate.spec import ID_PATTERN, SpecError, parse_yaml
 from tidegate.states import JobState
@@ -152,7 +152,7 @@ class JobsHandler(_Handler):
                         for e in exc.errors]
             self.send(400, ErrorBody(error=str(exc).splitlines()[0], errors=problems))
             return
-        except JobExists as exc:
+        except (JobExists, OutputInUse) as exc:
             self.send(409, ErrorBody(error=str(exc)))
             return
         except Forbidden as exc:

@@ -102,7 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="pin B, the params in flight (default: TIDEGATE_BATCH_SIZE, "
                      "MODELOPS_JOB_BATCH_SIZE, the spec's batch.size, else adaptive)")
     run.add_argument("--restart", action="store_true",
-                     help="discard earlier output of this job and start again")
+                     help="discard earlier output of this job (tidegate's own files only) "
+                     "and start again")
+    run.add_argument("--force", action="store_true",
+                     help="write into an output directory that is not empty and holds no "
+                     "tidegate manifest or ledger")
     run.add_argument("--flush-params", type=_positive_int("--flush-params"), default=1000,
                      metavar="N", help="write a part every N completed params (default 1000)")
     run.add_argument("--flush-seconds", type=_positive_float("--flush-seconds"), default=10.0,
@@ -186,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tidegate.spec import SpecError
     from tidegate.store import LedgerMismatch
     from tidegate.validation import ValidationFailed
+    from tidegate.writer import OutputError
 
     if args.command not in handlers:
         from tidegate.client import run_client_command
@@ -193,7 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_client_command(args)
     try:
         return handlers[args.command](args)
-    except (SpecError, LedgerMismatch, SchemaError, UsageError, ValidationFailed) as exc:
+    except (SpecError, LedgerMismatch, SchemaError, UsageError, ValidationFailed,
+            OutputError) as exc:
         print(f"tidegate: error: {exc}", file=sys.stderr)
         return ServeExit.CONFIG if args.command == "serve" else RunExit.USAGE
 
@@ -247,6 +253,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tidegate.knobs import controller_config, run_overrides
     from tidegate.runner import RunOptions
     from tidegate.spec import RUN_LIMITS, check_callables, load_job
+    from tidegate.writer import foreign_entries
 
     if args.scheduler and any(
         v is not None for v in (args.workers, args.threads_per_worker, args.memory_limit)
@@ -267,6 +274,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     })
     job = load_job(args.spec, output=args.output, limits=limits)
     check_callables(job)
+    foreign = foreign_entries(job.output_dir)
+    if foreign and not args.force:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise UsageError(
+            f"output: {job.output_dir} is not empty ({shown}) and holds no tidegate manifest "
+            "or ledger; give the job an output of its own, or --force to write there "
+            "(tidegate then removes only files named like its own parts)"
+        )
     options = RunOptions(
         batch_size=args.batch_size or pinned_batch_size(os.environ),
         controller=run_overrides(os.environ, {"memory_fraction": args.memory_fraction}),

@@ -19,7 +19,15 @@ from tidegate.knobs import FlushPolicy
 from tidegate.simreturn import SimReturn, TargetResult, TaskError
 from tidegate.spec import Job
 from tidegate.store import Ledger
-from tidegate.writer import LEDGER, PartWriter, discard_output, remove_unrecorded, write_manifest
+from tidegate.writer import (
+    LEDGER,
+    OutputLock,
+    PartWriter,
+    check_no_links,
+    discard_output,
+    remove_unrecorded,
+    write_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +59,7 @@ class Commit:
         self._restart = restart
         self._extra = dict(manifest_extra or {})
         self._ledger: Ledger | None = None
+        self._lock: OutputLock | None = None
         self._writer = PartWriter(
             job.output_dir, job.param_names, job.param_types, job.spec.outputs,
             [t.name for t in job.spec.targets],
@@ -72,10 +81,16 @@ class Commit:
         files no committed part names, and write the manifest as ``running``."""
         job = self.job
         out = job.output_dir
-        if self._restart:
-            discard_output(out)
         out.mkdir(parents=True, exist_ok=True)
-        self._ledger = ledger = Ledger(out / LEDGER)
+        self._lock = OutputLock(out)
+        try:
+            check_no_links(out)
+            if self._restart:
+                discard_output(out)
+            self._ledger = ledger = Ledger(out / LEDGER)
+        except BaseException:
+            self.close_ledger()
+            raise
         try:
             resumed = ledger.bind(job.job_id, job.fingerprint, job.identity())
             removed = remove_unrecorded(out, ledger.files())
@@ -144,9 +159,13 @@ class Commit:
             self.close_ledger()
 
     def close_ledger(self) -> None:
+        """Close the ledger and release the output's lock."""
         if self._ledger is not None:
             self._ledger.close()
             self._ledger = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _manifest(self, state: str) -> None:
         counts = self.ledger.counts()

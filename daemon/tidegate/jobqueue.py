@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from tidegate.errors import TidegateError
@@ -112,6 +112,27 @@ class JobExists(TidegateError):
         super().__init__(
             f"job {job_id!r} is already {state}; cancel it first or submit with another job_id"
         )
+
+
+class OutputInUse(TidegateError):
+    """A job's output directory is, contains or lies inside another job's output."""
+
+    def __init__(self, output: str, other: str, how: str):
+        self.output = output
+        self.other = other
+        super().__init__(f"output {output} {how} {other}; give the job an output of its own")
+
+
+def outputs_overlap(a: str | PurePath, b: str | PurePath) -> bool:
+    """Whether two absolute output directories are the same or one is inside the other."""
+    a, b = PurePath(a), PurePath(b)
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
+def _overlap_text(output: PurePath, other: PurePath) -> str:
+    if output == other:
+        return "is the output of"
+    return "is inside the output of" if output.is_relative_to(other) else "contains the output of"
 
 
 class UnknownJob(TidegateError, KeyError):
@@ -241,10 +262,13 @@ class JobQueue:
     # --- writing --------------------------------------------------------------------
 
     def submit(
-        self, job_id: str, spec: dict[str, Any], output: str, priority: int = 0
+        self, job_id: str, spec: dict[str, Any], output: str, priority: int = 0,
+        guard: Callable[[], None] | None = None,
     ) -> JobRecord:
         """Queue a job. A finished job with the same id is replaced (a rerun, which
-        tidegate resumes from its ledger); an unfinished one raises JobExists."""
+        tidegate resumes from its ledger); an unfinished one raises JobExists. An output
+        that overlaps another job's (any state) raises OutputInUse. ``guard`` runs inside
+        the same transaction (the caller's check of the file system)."""
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise ValueError(f"priority: expected a whole number, got {priority!r}")
         spec_json = json.dumps(spec)
@@ -252,6 +276,9 @@ class JobQueue:
             old = self._state(job_id)
             if old is not None and old not in TERMINAL:
                 raise JobExists(job_id, old)
+            self._check_output_free(job_id, output)
+            if guard is not None:
+                guard()
             self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
             self._db.execute(
                 "INSERT INTO jobs (id, state, priority, spec, output, submitted_at) "
@@ -259,6 +286,14 @@ class JobQueue:
                 (job_id, priority, spec_json, output, self._clock()),
             )
             return self._get(job_id)
+
+    def _check_output_free(self, job_id: str, output: str) -> None:
+        mine = PurePath(output)
+        rows = self._db.execute("SELECT id, output FROM jobs WHERE id != ?", (job_id,))
+        for other_id, other in rows:
+            if outputs_overlap(mine, other):
+                how = _overlap_text(mine, PurePath(other))
+                raise OutputInUse(output, f"job {other_id!r} ({other})", how)
 
     def start(self, job_id: str) -> JobRecord:
         """queued | interrupted -> running. Refused while another job is running."""

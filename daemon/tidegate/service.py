@@ -29,15 +29,23 @@ from tidegate.cluster import Cluster, ClusterError, ClusterOptions, SchedulerLos
 from tidegate.config import DaemonConfig, TokenFile
 from tidegate.errors import TidegateError
 from tidegate.exitcodes import ServeExit
-from tidegate.jobqueue import JobQueue, JobRecord
+from tidegate.jobqueue import JobQueue, JobRecord, OutputInUse
 from tidegate.metrics import Metrics
 from tidegate.migrations import SchemaError
 from tidegate.report import Progress, RunSummary
 from tidegate.runner import Runner, RunOptions
 from tidegate.sdnotify import Notifier
-from tidegate.spec import FieldError, Job, SpecError, check_callables, job_from_dict
+from tidegate.spec import (
+    CallableRefused,
+    FieldError,
+    Job,
+    SpecError,
+    check_callables,
+    job_from_dict,
+)
 from tidegate.states import JobState
 from tidegate.views import SHOWN_ERRORS, JobView
+from tidegate.writer import foreign_entries, ledgers_around
 
 log = logging.getLogger(__name__)
 
@@ -215,13 +223,32 @@ class Service:
         # Other relative paths (a parameters file) are relative to the first code root.
         roots = self.config.security.code_roots
         base = roots[0].resolve() if roots else root
+        self._check_param_file(spec.get("parameters"))
         job = job_from_dict(spec, base_dir=base, source="request", output_root=root,
                             limits=self.spec_limits)
-        if not job.output_dir.resolve().is_relative_to(root):
-            raise SpecError([FieldError("output", f"a directory inside output_root ({root})",
-                                        repr(spec.get("output")))], source="request")
-        check_callables(job)
+        out = job.output_dir.resolve()
+        if out == root or not out.is_relative_to(root):
+            raise SpecError([FieldError("output", f"a directory strictly inside output_root "
+                                        f"({root})", repr(data.get("output")))], source="request")
+        try:
+            check_callables(job)
+        except CallableRefused as exc:
+            raise Forbidden("; ".join(f"{e.field}: {e.got}" for e in exc.errors)) from None
         return Prepared(job, spec)
+
+    def _check_param_file(self, parameters: Any) -> None:
+        """parameters.file must lie in security.code_roots, checked before it is read."""
+        name = parameters.get("file") if isinstance(parameters, dict) else None
+        if not isinstance(name, str):
+            return  # absent, or the spec's validation reports the type
+        roots = [r.resolve() for r in self.config.security.code_roots]
+        if not roots:
+            raise Forbidden("parameters.file: this daemon has no security.code_roots; "
+                            "give the parameters inline (grid or values)")
+        path = (roots[0] / name).resolve()
+        if not any(path.is_relative_to(r) for r in roots):
+            raise Forbidden(f"parameters.file: {path} is outside security.code_roots "
+                            f"({', '.join(map(str, roots))})")
 
     def _check_modules(self, spec: dict[str, Any]) -> None:
         allowed = self.config.security.allowed_modules
@@ -267,8 +294,9 @@ class Service:
     def enqueue(self, prepared: Prepared, priority: int = 0) -> JobRecord:
         """Queue a prepared job (the API prepares it off the event loop)."""
         assert self.queue is not None
-        record = self.queue.submit(prepared.job.job_id, prepared.spec,
-                                   str(prepared.job.output_dir), priority)
+        output, root = prepared.job.output_dir, self.config.output_root.resolve()
+        record = self.queue.submit(prepared.job.job_id, prepared.spec, str(output), priority,
+                                   guard=lambda: _check_output_dir(output, root))
         log.info("job %s queued (%d params)", record.id, len(prepared.job.params),
                  extra={"action": "job_queued"})
         self._update_job_gauges()
@@ -396,6 +424,18 @@ class Service:
             if interval:
                 self.notifier.watchdog()
             await asyncio.sleep(period)
+
+
+def _check_output_dir(output: Path, root: Path) -> None:
+    """OutputInUse if ``output`` lies inside or contains a directory holding a tidegate
+    ledger, or already holds files tidegate did not write."""
+    for other in ledgers_around(output, root):
+        how = "is inside" if output.is_relative_to(other) else "contains"
+        raise OutputInUse(str(output), f"another tidegate output ({other})", how)
+    foreign = foreign_entries(output)
+    if foreign:
+        raise OutputInUse(str(output), f"files tidegate did not write ({', '.join(foreign[:3])})",
+                          "already holds")
 
 
 def run_service(config: DaemonConfig) -> int:

@@ -11,14 +11,22 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import re
 import sys
 import time
 import traceback
+import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+
+from tidegate.errors import TidegateError
+
+# Target and output names become directory names (model_outputs/<name>/, targets/<name>/).
+NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$"
+NAME_TEXT = "a name of 1-64 letters, digits, '_' or '-', not starting with a digit or '-'"
 
 # Columns tidegate adds to every model output table; a model may not return them.
 RESERVED_OUTPUT_COLUMNS = ("param_id", "replicate", "seed")
@@ -196,8 +204,10 @@ def outputs_to_ipc(value: Any) -> dict[str, bytes]:
         )
     out: dict[str, bytes] = {}
     for name, table in value.items():
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"output names must be non-empty strings, got {name!r}")
+        # The name becomes a directory under model_outputs/: the spec's rule for names.
+        if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
+            shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:77] + "..."
+            raise ValueError(f"output names must be {NAME_TEXT}, got {shown}")
         out[name] = table_to_ipc(to_arrow(name, table))
     return out
 
@@ -212,20 +222,51 @@ def add_code_paths(paths: Sequence[str]) -> None:
             sys.path.insert(0, p)
 
 
+class RefOutsideModule(TidegateError, LookupError):
+    """A callable reference whose attribute path leaves its module: the object it names
+    is not defined in the module before ':' (an imported module, a builtin, a function
+    imported from elsewhere). The allowlist checks that module, so this is what makes it
+    apply to the whole reference."""
+
+
 def import_callable(ref: str) -> Callable[..., Any]:
-    """Import ``module:function`` (cached per process)."""
+    """Import ``module:attr.path`` (cached per process). Every step of the path must be
+    defined in ``module`` itself (its ``__module__`` is the module), so a reference never
+    reaches another module through an allowed one: RefOutsideModule otherwise."""
     fn = _callables.get(ref)
     if fn is not None:
         return fn
     module_name, _, attr = ref.partition(":")
-    module = importlib.import_module(module_name)
-    obj: Any = module
-    for part in attr.split("."):
+    obj: Any = importlib.import_module(module_name)
+    walked = module_name + ":"
+    parts = attr.split(".")
+    for i, part in enumerate(parts):
+        if part.startswith("__"):
+            raise RefOutsideModule(f"{ref}: {part!r} is a special name; name a function "
+                                   f"or class defined in {module_name}")
         obj = getattr(obj, part)
-    if not callable(obj):
-        raise TypeError(f"{ref} is a {type(obj).__name__}, not a callable")
+        walked += ("." if i else "") + part
+        if i == len(parts) - 1 and not callable(obj):
+            raise TypeError(f"{ref} is a {type(obj).__name__}, not a callable")
+        _check_defined_in(ref, walked, obj, module_name)
     _callables[ref] = obj
     return obj
+
+
+def _check_defined_in(ref: str, walked: str, obj: Any, module_name: str) -> None:
+    if isinstance(obj, types.ModuleType):
+        raise RefOutsideModule(
+            f"{ref}: {walked} is the module {obj.__name__}, not something defined in "
+            f"{module_name}; a reference may not pass through another module"
+        )
+    home = getattr(obj, "__module__", None)
+    if home != module_name:
+        where = f"defined in {home}" if isinstance(home, str) else "not defined in a module"
+        hint = f" (name it as '{home}:...')" if isinstance(home, str) else ""
+        raise RefOutsideModule(
+            f"{ref}: {walked} is {where}, not in {module_name}; a reference must name a "
+            f"function or class defined in its module{hint}"
+        )
 
 
 # --- the functions Dask runs ---------------------------------------------------------

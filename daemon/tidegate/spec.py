@@ -50,7 +50,7 @@ from tidegate.validation import invalid as _invalid
 from tidegate.validation import show as _show
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$"  # targets and outputs: directory names
+NAME_PATTERN = simreturn.NAME_PATTERN  # targets and outputs: directory names
 PARAM_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"  # becomes the Parquet column param_<name>
 CALLABLE_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
 PARAM_FILE_SUFFIXES = (".csv", ".parquet", ".jsonl")
@@ -62,7 +62,7 @@ _RESERVED_PARAM_NAMES = frozenset({"id"})
 _INT64 = 2**63
 _PATTERN_TEXT = {
     ID_PATTERN: "an id of 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit",
-    NAME_PATTERN: "a name of 1-64 letters, digits, '_' or '-', not starting with a digit or '-'",
+    NAME_PATTERN: simreturn.NAME_TEXT,
     PARAM_NAME_PATTERN: "a parameter name of letters, digits and '_', not starting with a digit",
     CALLABLE_PATTERN: "a callable reference 'module:function'",
 }
@@ -124,6 +124,11 @@ def _case_collision(names: Sequence[str], field: str) -> FieldError | None:
             return FieldError(field, "parameter names that differ in more than case",
                               f"{other!r} and {name!r}")
     return None
+
+
+class CallableRefused(SpecError):
+    """A model or target reference whose attribute path leaves its module (the daemon
+    answers 403: the allowlist applies to the whole reference)."""
 
 
 # --- the models --------------------------------------------------------------------------
@@ -428,25 +433,43 @@ def _read_param_file(name: str, base_dir: Path) -> pa.Table:
         table = _READERS[suffix](path)
     except (pa.ArrowException, OSError) as exc:
         raise SpecError(
-            [FieldError(field, f"a readable {suffix} file", f"{path}: {exc}")]
+            [FieldError(field, f"a readable {suffix} file", f"{path}: {_unreadable(exc)}")]
         ) from None
     if table.num_rows == 0:
         raise SpecError([FieldError(field, "at least one row", f"no rows in {path}")])
     return table
 
 
+def _unreadable(exc: BaseException) -> str:
+    """What is wrong with a param file, by position only: a reader's message quotes the
+    file's text (a header line may be someone's secret), so it is never shown."""
+    if isinstance(exc, OSError) and not isinstance(exc, pa.ArrowException):
+        return exc.strerror or type(exc).__name__
+    text = str(exc)
+    columns = re.search(r"Expected (\d+) columns, got (\d+)", text)
+    if columns:
+        return f"a row of {columns[2]} columns where the header has {columns[1]}"
+    where = [f"row {m[1]}" for m in re.finditer(r"\brow #?(\d+)", text, re.IGNORECASE)][:1]
+    where += [f"column {int(m[1]) + 1}" for m in re.finditer(r"column #(\d+)", text)][:1]
+    return "not readable as such a file" + (f" (at {', '.join(where)})" if where else "")
+
+
 def _file_columns(table: pa.Table) -> list[FieldError]:
+    """Column problems, by column number: a name is the file's text, never shown."""
     errors = []
     names = table.column_names
-    for n in names:
+    for j, n in enumerate(names):
         if not re.fullmatch(PARAM_NAME_PATTERN, n) or n in _RESERVED_PARAM_NAMES:
             expected = (
                 f"columns named like parameters ({_PATTERN_TEXT[PARAM_NAME_PATTERN]}, not id)"
             )
-            errors.append(FieldError("parameters.file", expected, f"a column {n!r}"))
-    if len(set(names)) != len(names):
-        errors.append(FieldError("parameters.file", "distinct column names", ", ".join(names)))
-    for n, t in zip(names, table.schema.types, strict=True):
+            errors.append(FieldError("parameters.file", expected,
+                                     f"column {j + 1} of the header, not such a name"))
+    dup = _first_duplicate(names)
+    if dup is not None:
+        errors.append(FieldError("parameters.file", "distinct column names",
+                                 f"columns {dup[0] + 1} and {dup[1] + 1} named alike"))
+    for j, t in enumerate(table.schema.types):
         if not (
             pa.types.is_boolean(t)
             or pa.types.is_integer(t)
@@ -458,7 +481,7 @@ def _file_columns(table: pa.Table) -> list[FieldError]:
                 FieldError(
                     "parameters.file",
                     "columns of bool, integer, float or string values",
-                    f"column {n!r} of type {t}",
+                    f"column {j + 1} of type {t}",
                 )
             )
     return errors
@@ -638,9 +661,13 @@ def check_callables(job: Job) -> None:
     simreturn.add_code_paths([str(p) for p in job.code_paths])
     refs = [("model", job.spec.model)]
     refs += [(f"targets[{i}].function", t.function) for i, t in enumerate(job.spec.targets)]
+    refused = []
     for field, ref in refs:
         try:
             simreturn.import_callable(ref)
+        except simreturn.RefOutsideModule as exc:
+            refused.append(FieldError(field, "a callable defined in the module before ':'",
+                                      str(exc)))
         except Exception as exc:  # anything the user's module raises on import
             errors.append(
                 FieldError(
@@ -649,5 +676,7 @@ def check_callables(job: Job) -> None:
                     f"{ref!r} ({type(exc).__name__}: {exc})",
                 )
             )
+    if refused:
+        raise CallableRefused(refused, job.source)
     if errors:
         raise SpecError(errors, job.source)

@@ -9,22 +9,27 @@ not know; :func:`remove_unrecorded` deletes them on resume.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
-import shutil
-from collections.abc import Iterable, Mapping, Sequence
+import socket
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tidegate.errors import TidegateError
 from tidegate.simreturn import SimReturn, TargetResult, TaskError
 
 MANIFEST = "manifest.json"
 LEDGER = "_ledger.sqlite"
+LOCK = ".tidegate.lock"
 DATASET_DIRS = ("params", "model_outputs", "targets")
 PART_RE = re.compile(r"^part-(\d{6,})\.parquet$")
 _TMP_PREFIX = ".part-"
@@ -158,7 +163,7 @@ class PartWriter:
         nbytes = 0
         dirs: set[Path] = set()
         for rel, table in tables.items():
-            path = self.root / rel
+            path = safe_path(self.root, rel)
             nbytes += _write_durably(table, path)
             dirs.add(path.parent)
         for d in dirs:
@@ -194,33 +199,163 @@ def _fsync(path: Path, flags: int = os.O_RDONLY) -> None:
         os.close(fd)
 
 
+class OutputError(TidegateError):
+    """A job output tidegate must not write to as it is."""
+
+
+class UnsafeOutput(OutputError):
+    """A dataset directory in a job output is a symbolic link (or a path leaves it)."""
+
+
+class OutputLocked(OutputError):
+    """Another run holds the job output's lock."""
+
+
+def _is_part_file(name: str) -> bool:
+    return bool(PART_RE.match(name)) or (name.startswith(_TMP_PREFIX) and name.endswith(".tmp"))
+
+
+def safe_path(root: Path, rel: str) -> Path:
+    """``root / rel`` with its parent directories created, none of them a symbolic link,
+    so that no part is ever written through a link out of the output."""
+    parts = PurePosixPath(rel).parts
+    if not parts or PurePosixPath(rel).is_absolute() or any(p in ("", ".", "..") for p in parts):
+        raise UnsafeOutput(f"{rel!r} is not a path inside the job output {root}")
+    d = root
+    for part in parts[:-1]:
+        d = d / part
+        if d.is_symlink():
+            raise UnsafeOutput(f"{d} is a symbolic link; tidegate does not write through "
+                               "links in a job output (replace it with a directory)")
+        d.mkdir(exist_ok=True)
+    return d / parts[-1]
+
+
+def linked_dataset_dirs(root: Path) -> list[Path]:
+    """The dataset directories under ``root`` that are symbolic links (never followed)."""
+    links: list[Path] = []
+    for top in DATASET_DIRS:
+        for dirpath, dirnames, _ in _walk(root / top, links):
+            links += [Path(dirpath, d) for d in dirnames if Path(dirpath, d).is_symlink()]
+    return links
+
+
+def check_no_links(root: Path) -> None:
+    """UnsafeOutput naming the first dataset directory that is a symbolic link."""
+    links = linked_dataset_dirs(root)
+    if links:
+        raise UnsafeOutput(
+            f"{links[0]} is a symbolic link; tidegate neither writes nor deletes through "
+            f"links in a job output ({len(links)} found; replace them with directories)"
+        )
+
+
+def _walk(top: Path, links: list[Path]) -> Iterator[tuple[str, list[str], list[str]]]:
+    """os.walk of ``top`` that never follows a link; a linked ``top`` goes to ``links``."""
+    if top.is_symlink():
+        links.append(top)
+        return iter(())
+    return os.walk(top, followlinks=False)
+
+
 def remove_unrecorded(root: Path, recorded: set[str]) -> list[str]:
     """Delete part files (and temporaries) under ``root`` that the ledger does not name.
+    Links are never followed (and a linked file is never counted as a part).
 
     Returns the relative paths removed.
     """
     removed: list[str] = []
     for top in DATASET_DIRS:
-        base = root / top
-        if not base.is_dir():
-            continue
-        for path in base.rglob("*"):
-            if not path.is_file():
-                continue
-            rel = path.relative_to(root).as_posix()
-            is_tmp = path.name.startswith(_TMP_PREFIX) and path.name.endswith(".tmp")
-            if is_tmp or (PART_RE.match(path.name) and rel not in recorded):
-                path.unlink()
-                removed.append(rel)
+        for dirpath, _, filenames in _walk(root / top, []):
+            for name in filenames:
+                path = Path(dirpath, name)
+                rel = path.relative_to(root).as_posix()
+                is_tmp = name.startswith(_TMP_PREFIX) and name.endswith(".tmp")
+                if path.is_symlink() or not (is_tmp or PART_RE.match(name)):
+                    continue
+                if is_tmp or rel not in recorded:
+                    path.unlink()
+                    removed.append(rel)
     return sorted(removed)
 
 
-def discard_output(root: Path) -> None:
-    """Remove everything tidegate writes in a job output (for --restart)."""
+def discard_output(root: Path) -> list[str]:
+    """Remove what tidegate writes in a job output (for --restart): part files and their
+    temporaries in the dataset directories (then those directories, once empty), the
+    ledger and the manifest. Nothing else, and nothing through a link. Returns the
+    relative paths removed."""
+    removed: list[str] = []
     for top in DATASET_DIRS:
-        shutil.rmtree(root / top, ignore_errors=True)
-    for name in (MANIFEST, LEDGER, LEDGER + "-wal", LEDGER + "-shm"):
-        (root / name).unlink(missing_ok=True)
+        for dirpath, _, filenames in sorted(_walk(root / top, []), reverse=True):
+            for name in filenames:
+                path = Path(dirpath, name)
+                if _is_part_file(name) and not path.is_symlink():
+                    path.unlink()
+                    removed.append(path.relative_to(root).as_posix())
+            with contextlib.suppress(OSError):  # not empty: it holds someone else's files
+                Path(dirpath).rmdir()
+    for name in (MANIFEST, f".{MANIFEST}.tmp", LEDGER, LEDGER + "-wal", LEDGER + "-shm"):
+        path = root / name
+        if path.is_file() and not path.is_symlink():
+            path.unlink()
+            removed.append(name)
+    return sorted(removed)
+
+
+def foreign_entries(root: Path) -> list[str]:
+    """What makes ``root`` a directory tidegate did not write: its entries, if it is not
+    empty and holds neither a manifest nor a ledger ([] otherwise)."""
+    try:
+        names = sorted(os.listdir(root))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    if MANIFEST in names or LEDGER in names:
+        return []
+    return [n for n in names if n not in (LOCK, f".{MANIFEST}.tmp")]
+
+
+def ledgers_around(output: Path, root: Path) -> list[Path]:
+    """Directories holding a tidegate ledger that ``output`` lies inside (up to and with
+    ``root``) or contains (below it, links not followed); ``output``'s own ledger is not
+    one of them."""
+    found = [d for d in output.parents if d.is_relative_to(root) and (d / LEDGER).exists()]
+    for dirpath, dirnames, filenames in _walk(output, []):
+        here = Path(dirpath)
+        if here == output:
+            dirnames[:] = [d for d in dirnames if d not in DATASET_DIRS]
+        elif LEDGER in filenames:
+            found.append(here)
+            dirnames.clear()
+    return found
+
+
+class OutputLock:
+    """An exclusive lock on a job output (``flock`` on its lock file), held for a run, so
+    that one output is written by one run at a time. The holder's pid and host are in
+    the file, for the refusal's message."""
+
+    def __init__(self, root: Path):
+        self.path = root / LOCK
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+            os.close(fd)
+            raise OutputLocked(f"{root} is in use by another run ({holder or 'holder unknown'})"
+                               "; wait for it to finish or stop it") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        since = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {since}\n".encode(), 0)
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the last descriptor releases the flock
+            self._fd = None
 
 
 def write_manifest(root: Path, manifest: Mapping[str, Any]) -> None:

@@ -558,9 +558,9 @@ class QueueMachine(RuleBasedStateMachine):
     def submit(self, job_id: str, priority: int) -> None:
         if self.model.get(job_id, "succeeded") not in TERMINAL:
             with pytest.raises(JobExists):
-                self.q.submit(job_id, SPEC, "/out", priority)
+                self.q.submit(job_id, SPEC, f"/out/{job_id}", priority)
             return
-        assert self.q.submit(job_id, SPEC, "/out", priority).state == "queued"
+        assert self.q.submit(job_id, SPEC, f"/out/{job_id}", priority).state == "queued"
         self.model[job_id] = "queued"
 
     @rule(job_id=IDS)
