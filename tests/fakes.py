@@ -212,6 +212,8 @@ class FakeCluster:
             if task is None:
                 continue
             self.cancelled.append(key)
+            if task.watched:  # as_completed yields a cancelled future too
+                self._ready.append(key)
             if self.linger_ticks and key in self.started and task.worker in self.workers_:
                 self.lingering[key] = (task, self.linger_ticks)
 
@@ -220,7 +222,7 @@ class FakeCluster:
 
     async def cancel_all(self) -> None:
         await self.cancel(list(self.tasks))
-        self._ready.clear()
+        self._ready.clear()  # Cluster.cancel_all clears its as_completed
 
     # --- the simulation ---------------------------------------------------------------
 

@@ -132,6 +132,10 @@ class Commit:
         self._last_flush = now
         return self.flush()
 
+    def start_clock(self, now: float) -> None:
+        """The flush interval counts from here (the loop's start, once workers joined)."""
+        self._last_flush = now
+
     def seconds_to_flush(self, now: float) -> float:
         return self.policy.seconds - (now - self._last_flush)
 

@@ -52,6 +52,17 @@ class Limiter:
         calm = all(w.calm(self.config.low_water) for w in obs.workers)
         return self.decision, calm
 
+    def decide_now(self) -> bool:
+        """The first result sizes just arrived: decide at once (once), not at the poll."""
+        arrived, self.sizes_arrived = self.sizes_arrived, False
+        return arrived
+
+    def loop_pass(self, seconds: float) -> None:
+        self.pass_seconds = seconds
+
+    def round_trip(self, seconds: float) -> None:
+        self.rtt = seconds
+
     def gathered(self) -> None:
         """A batch of completed params was gathered: observe the round trip a refill
         cannot hide. That is the completion reaching tidegate, a pass of the loop and the

@@ -83,7 +83,9 @@ def judge(
     if FailureKind.CANCELLED in kinds:
         # tidegate forgets what it cancels before cancelling it: a cancelled result
         # reaching the judge was cancelled by Dask.
-        return Retry(RetryReason.CANCELLED, attempt) if connected else Disconnected()
+        # A new attempt number gives the rerun fresh task keys: the old ones may still be
+        # known to the scheduler while their release is on its way.
+        return Retry(RetryReason.CANCELLED, attempt + 1) if connected else Disconnected()
     if FailureKind.KILLED_WORKER in kinds and attempt < KILLED_WORKER_RETRIES and not suspect:
         return Retry(RetryReason.KILLED_WORKER, attempt + 1)
     sims = tuple(r for r in results if isinstance(r, SimReturn))

@@ -110,6 +110,7 @@ class Runner:
             pending = self.source.pending(resumed.committed.__contains__)
             self.window = Window(pending, self.source.total - len(resumed.committed))
             self._decide(workers)
+            commit.start_clock(self.clock())
             await self._loop(commit, watch)
             unfinished = self.stopping or not self.window.finished
             state = JobState.INTERRUPTED if unfinished else JobState.SUCCEEDED
@@ -144,12 +145,12 @@ class Runner:
                 break
             now = self.clock()
             # Decide right after a refill, when "is the window full" is meaningful.
-            if now - last_poll >= poll_s or limiter.sizes_arrived:
-                last_poll, limiter.sizes_arrived = now, False
+            if limiter.decide_now() or now - last_poll >= poll_s:
+                last_poll = now
                 await self._poll()
             self._report()
             if pass_started is not None:
-                limiter.pass_seconds = time.perf_counter() - pass_started
+                limiter.loop_pass(time.perf_counter() - pass_started)
             timeout = min(commit.seconds_to_flush(now), poll_s - (now - last_poll))
             finished = await self._wait(max(0.01, timeout))
             pass_started = time.perf_counter()
@@ -242,7 +243,7 @@ class Runner:
         try:
             started = time.perf_counter()
             workers = await self.cluster.workers()
-            self.limiter.rtt = time.perf_counter() - started
+            self.limiter.round_trip(time.perf_counter() - started)
         except Exception as exc:  # a scheduler hiccup must not end the job
             self.stats.cluster_unreadable(exc)
             return

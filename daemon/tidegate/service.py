@@ -30,6 +30,7 @@ from tidegate.config import DaemonConfig, TokenFile
 from tidegate.errors import TidegateError
 from tidegate.exitcodes import ServeExit
 from tidegate.jobqueue import JobQueue, JobRecord, OutputInUse
+from tidegate.knobs import controller_config
 from tidegate.metrics import Metrics
 from tidegate.migrations import SchemaError
 from tidegate.report import Progress, RunSummary
@@ -230,6 +231,12 @@ class Service:
         if out == root or not out.is_relative_to(root):
             raise SpecError([FieldError("output", f"a directory strictly inside output_root "
                                         f"({root})", repr(data.get("output")))], source="request")
+        try:  # the spec's batch section over this daemon's knobs must make a valid config
+            controller_config(job, self._run_options())
+        except ValueError as exc:
+            raise SpecError([FieldError("batch", "knobs that, over this daemon's controller "
+                                        "knobs, make a valid controller config", str(exc))],
+                            source="request") from None
         try:
             check_callables(job)
         except CallableRefused as exc:
@@ -350,14 +357,13 @@ class Service:
             return
         self.current = self.queue.start(record.id)
         self._update_job_gauges()
-        runner = Runner(prepared.job, cluster, self._run_options(), metrics=self.metrics,
-                        clock=self.clock)
-        self.runner = runner
         log.info("job %s started", record.id, extra={"action": "job_started"})
         state: JobState = JobState.FAILED
         summary: dict[str, Any] | None = None
         error: str | None = None
-        try:
+        try:  # inside: a job that cannot even start must fail, not stop the daemon
+            self.runner = runner = Runner(prepared.job, cluster, self._run_options(),
+                                          metrics=self.metrics, clock=self.clock)
             result = await runner.run()
             summary = result.as_dict()
             state = self._final_state(record.id, result)

@@ -22,6 +22,7 @@ from tidegate.metrics import Metrics
 from tidegate.openapi import REF, openapi_document
 from tidegate.report import Progress
 from tidegate.service import Service
+from tidegate.spec import SpecError
 from tidegate.states import JobState
 from tidegate.views import JobView
 
@@ -144,3 +145,20 @@ def test_job_view_keeps_todays_json_shape(service: Service) -> None:
     assert (running["rate"], running["inflight"], running["worker_restarts"]) == (
         1.235, {"params": 2, "tasks": 5}, 4)
     assert JobView.model_validate(running).model_dump(mode="json") == running
+
+
+def test_a_spec_whose_knobs_clash_with_the_daemons_is_refused_at_submit(tmp_path: Path) -> None:
+    """batch.high_water 0.65 is valid alone but below this daemon's low_water 0.7: the
+    submission is a 400 naming batch, not a job that stops the daemon when it starts."""
+    config = load_config(None, {"TIDEGATE_CONTROLLER__LOW_WATER": "0.7",
+                                "TIDEGATE_CONTROLLER__HIGH_WATER": "0.9"},
+                         {"state_dir": str(tmp_path / "state"),
+                          "output_root": str(tmp_path / "out")})
+    svc = Service(config, metrics=Metrics())
+    spec = {"model": "tidegate.workloads:synthetic", "parameters": {"values": [{"k": 1}]},
+            "batch": {"high_water": 0.65}}
+    with pytest.raises(SpecError) as info:
+        svc.prepare(spec)
+    (error,) = info.value.errors
+    assert error.field == "batch" and "low_water" in error.got
+    assert svc.prepare({**spec, "batch": {"high_water": 0.8}}).job.job_id

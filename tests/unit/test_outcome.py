@@ -47,10 +47,10 @@ def test_replicate_error_is_the_root_cause() -> None:
     assert isinstance(outcome, Failed) and outcome.error == BOOM
 
 
-def test_cancelled_while_connected_retries_same_attempt() -> None:
-    """Dask cancelled it, the connection is up: run again with the same attempt."""
+def test_cancelled_while_connected_retries_as_a_new_attempt() -> None:
+    """Dask cancelled it, the connection is up: run again, as a new attempt (new keys)."""
     outcome = judge([_failure(FailureKind.CANCELLED)], attempt=1, connected=True, suspect=False)
-    assert outcome == Retry(RetryReason.CANCELLED, 1)
+    assert outcome == Retry(RetryReason.CANCELLED, 2)
 
 
 def test_cancelled_after_disconnect() -> None:
