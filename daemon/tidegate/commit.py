@@ -14,6 +14,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from tidegate import __version__
 from tidegate.knobs import FlushPolicy
 from tidegate.simreturn import SimReturn, TargetResult, TaskError
@@ -100,6 +103,7 @@ class Commit:
         if removed:
             log.info("removed %d part files not in the ledger", len(removed),
                      extra={"action": "debris_removed"})
+        self._adopt_schemas(ledger.files())
         counts = ledger.counts()
         if resumed:
             log.info("resuming job %s: %d of %d params already committed", job.job_id,
@@ -107,6 +111,20 @@ class Commit:
         self._last_flush = now
         self._manifest("running")
         return Resumed(frozenset(ledger.committed_param_ids()), counts.ok, counts.failed)
+
+    def _adopt_schemas(self, files: set[str]) -> None:
+        """Each model output's schema from its first committed part (a footer read)."""
+        first: dict[str, str] = {}
+        for rel in sorted(files):
+            parts = rel.split("/")
+            if len(parts) == 3 and parts[0] == "model_outputs":
+                first.setdefault(parts[1], rel)
+        for name, rel in first.items():
+            try:
+                schema = pq.read_schema(self.job.output_dir / rel)
+            except (OSError, pa.ArrowException):
+                continue  # an unreadable part is not this check's to judge
+            self._writer.adopt_schema(name, schema)
 
     def record(
         self,
@@ -116,8 +134,10 @@ class Commit:
         error: TaskError | None,
         sims: Sequence[SimReturn] = (),
         targets: Sequence[TargetResult] = (),
-    ) -> None:
-        self._writer.add(param_id, values, seeds, error, sims, targets)
+    ) -> TaskError | None:
+        """Buffer a completed param; returns the error recorded for it (``error``, or why
+        its outputs do not fit their datasets: then it fails alone)."""
+        return self._writer.add(param_id, values, seeds, error, sims, targets)
 
     def maybe_flush(self, now: float) -> Flushed | None:
         """Write a part if the policy says it is time."""

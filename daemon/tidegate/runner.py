@@ -230,7 +230,7 @@ class Runner:
     def _record(self, param: Param, error: TaskError | None, sims: Sequence[SimReturn],
                 targets: Sequence[TargetResult], commit: Commit) -> None:
         pid = param.param_id
-        commit.record(pid, param.values, self.job.seeds(pid), error, sims, targets)
+        error = commit.record(pid, param.values, self.job.seeds(pid), error, sims, targets)
         self.isolation.forget(pid)
         self.stats.param_done(pid, error)
 

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tidegate.errors import TidegateError
+from tidegate.schemas import SchemaMismatch, check_writable, fit
 from tidegate.simreturn import SimReturn, TargetResult, TaskError
 
 MANIFEST = "manifest.json"
@@ -84,6 +85,7 @@ class PartWriter:
             ]
         )
         self._buf = _Buffer()
+        self._schemas: dict[str, pa.Schema] = {}  # model output -> its dataset's schema
 
     @property
     def pending_params(self) -> int:
@@ -108,8 +110,18 @@ class PartWriter:
         error: TaskError | None,
         sims: Iterable[SimReturn],
         targets: Iterable[TargetResult],
-    ) -> None:
-        """Buffer one completed param: its row, its model outputs and its target rows."""
+    ) -> TaskError | None:
+        """Buffer one completed param: its row, its model outputs and its target rows.
+        Returns the error recorded for it: ``error``, or why its outputs do not fit their
+        datasets (then nothing but its row is buffered, and the rest of the part is
+        unharmed)."""
+        outputs: list[tuple[str, pa.Table]] = []
+        misfit = False
+        try:
+            outputs = self._fitted(sims)
+        except SchemaMismatch as exc:
+            misfit = True
+            error = error or TaskError("OutputSchemaMismatch", str(exc))
         row: dict[str, Any] = {"param_id": param_id}
         for name in self._param_names:
             row[f"param_{name}"] = values[name]
@@ -119,9 +131,41 @@ class PartWriter:
         row["error"] = str(error) if error else None
         row["traceback"] = (error.traceback or None) if error else None
         self._buf.param_rows.append(row)
+        for name, table in outputs:
+            self._buf.outputs.setdefault(name, []).append(table)
+            self._buf.nbytes += table.nbytes
+        if not misfit:  # a param that failed alone leaves no rows in any dataset
+            self._add_targets(param_id, targets)
+        return error
+
+    def adopt_schema(self, name: str, schema: pa.Schema) -> None:
+        """The schema of output ``name`` as its first committed part has it."""
+        self._schemas.setdefault(name, schema)
+
+    def _fitted(self, sims: Iterable[SimReturn]) -> list[tuple[str, pa.Table]]:
+        """Every wanted output table of ``sims`` with the id columns, fitted to its
+        dataset's schema; a dataset's first table fixes it (kept only if the whole param
+        fits)."""
+        fixed: dict[str, pa.Schema] = {}
+        out: list[tuple[str, pa.Table]] = []
         for sim in sims:
-            if sim.error is None:
-                self._add_sim(sim)
+            if sim.error is not None:
+                continue
+            for name in sim.outputs:
+                if not self.wants_output(name):
+                    continue
+                table = _with_ids(sim, sim.table(name))
+                schema = self._schemas.get(name) or fixed.get(name)
+                if schema is None:
+                    check_writable(name, table.schema)
+                    fixed[name] = table.schema
+                else:
+                    table = fit(name, table, schema)
+                out.append((name, table))
+        self._schemas.update(fixed)
+        return out
+
+    def _add_targets(self, param_id: str, targets: Iterable[TargetResult]) -> None:
         for result in targets:
             if result.error is None and result.target is not None:
                 self._buf.targets.setdefault(result.target, []).append(
@@ -133,20 +177,6 @@ class PartWriter:
                     }
                 )
 
-    def _add_sim(self, sim: SimReturn) -> None:
-        for name in sim.outputs:
-            if not self.wants_output(name):
-                continue
-            table = sim.table(name)
-            n = table.num_rows
-            table = (
-                table.add_column(0, "seed", pa.array([sim.seed] * n, pa.int64()))
-                .add_column(0, "replicate", pa.array([sim.replicate] * n, pa.int32()))
-                .add_column(0, "param_id", pa.array([sim.param_id] * n, pa.string()))
-            )
-            self._buf.outputs.setdefault(name, []).append(table)
-            self._buf.nbytes += table.nbytes
-
     def write_part(self, part: int) -> WrittenPart:
         """Write every buffered dataset as part ``part`` and clear the buffer."""
         buf, self._buf = self._buf, _Buffer()
@@ -155,9 +185,8 @@ class PartWriter:
             f"params/{name}": pa.Table.from_pylist(buf.param_rows, schema=self._params_schema)
         }
         for output, chunks in buf.outputs.items():
-            tables[f"model_outputs/{output}/{name}"] = pa.concat_tables(
-                chunks, promote_options="permissive"
-            )
+            # Every chunk was fitted to the dataset's schema when it was added.
+            tables[f"model_outputs/{output}/{name}"] = pa.concat_tables(chunks)
         for target, rows in buf.targets.items():
             tables[f"targets/{target}/{name}"] = pa.Table.from_pylist(rows, schema=_TARGET_SCHEMA)
         nbytes = 0
@@ -170,6 +199,15 @@ class PartWriter:
             _fsync(d, os.O_RDONLY | os.O_DIRECTORY)
         statuses = [(r["param_id"], r["status"]) for r in buf.param_rows]
         return WrittenPart(part, sorted(tables), nbytes, statuses)
+
+
+def _with_ids(sim: SimReturn, table: pa.Table) -> pa.Table:
+    n = table.num_rows
+    return (
+        table.add_column(0, "seed", pa.array([sim.seed] * n, pa.int64()))
+        .add_column(0, "replicate", pa.array([sim.replicate] * n, pa.int32()))
+        .add_column(0, "param_id", pa.array([sim.param_id] * n, pa.string()))
+    )
 
 
 _TARGET_SCHEMA = pa.schema(

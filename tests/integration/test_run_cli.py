@@ -214,3 +214,40 @@ def test_bad_flags_exit_2(tmp_path: Path, args: list[str], needle: str) -> None:
     assert proc.returncode == 2
     assert needle in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+MIXED_MODEL = '''
+import pyarrow as pa
+
+def simulate(params, seed):
+    if params["k"] == 3:
+        return {"data": pa.table({"x": ["not a number"]})}  # a string where floats were
+    if params["k"] == 5:
+        return {"data": pa.table({"x": pa.array([seed % 7], pa.int64())})}  # casts to float
+    return {"data": pa.table({"x": [seed / 3.0]})}
+'''
+
+
+def test_a_param_whose_output_misfits_fails_alone(tmp_path: Path) -> None:
+    """One param returns a string column where the others return floats, all in one part:
+    that param alone is failed with the column named; the others' rows are all written,
+    and a rerun (resume) keeps the dataset readable as one table."""
+    (tmp_path / "mixed.py").write_text(MIXED_MODEL)
+    spec = write_spec(tmp_path / "job.yaml", {
+        "job_id": "mixed", "model": "mixed:simulate", "code_paths": ["."],
+        "parameters": {"grid": {"k": list(range(8))}}, "replicates": 2, "output": "out",
+    })
+    proc = tidegate("run", spec, "--workers", "1", "--json", "--no-progress",
+                    "--flush-params", "100")
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    summary = _summary(proc)
+    assert (summary["params"]["ok"], summary["params"]["failed"]) == (7, 1)
+    (bad,) = [r for r in read_dataset(tmp_path / "out" / "params") if r["status"] == "failed"]
+    assert bad["param_k"] == 3 and bad["error_type"] == "OutputSchemaMismatch"
+    assert "x: expected double, got string" in bad["error"]
+    data = ds.dataset(tmp_path / "out" / "model_outputs" / "data").to_table()
+    assert data.schema.field("x").type == "double"
+    assert data.num_rows == 7 * 2
+    again = tidegate("run", spec, "--workers", "1", "--json", "--no-progress")
+    assert again.returncode == 1 and _summary(again)["params"]["resumed"] == 8
