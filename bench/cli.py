@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="Markdown report (default docs/BENCHMARKS.md; with --smoke "
                         "bench/results/<timestamp>-smoke.md)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--tls", action="store_true",
+                   help="mutual TLS on every cluster, as tidegate's embedded one uses")
     p.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",
                    help="run nothing: write the report (and plots) from a results file")
     args = p.parse_args(argv)
@@ -191,6 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     m = meta["machine"]
     _say(f"{command}: {len(scenarios)} scenarios on {m['cores']} cores / "
          f"{m['memory_gib']} GiB (load {m['load_avg_at_start']})")
+    if args.tls:
+        import dask
+
+        from bench.cluster import tls_everywhere
+
+        dask.config.set(tls_everywhere())
     t0 = time.monotonic()
     runs = run_scenarios(scenarios, repeats, smoke_mode=args.smoke)
     meta["duration_s"] = round(time.monotonic() - t0, 1)

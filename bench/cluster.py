@@ -21,6 +21,20 @@ from bench.scenarios import Shape
 NO_SPILL = {"distributed.worker.memory.spill": False, "distributed.worker.memory.target": False}
 
 
+def tls_everywhere() -> dict[str, Any]:
+    """Dask settings that make every cluster and client of this process use mutual TLS
+    with one generated credential, as tidegate's embedded cluster does (``--tls``)."""
+    from distributed.security import Security
+
+    sec = Security.temporary()
+    out: dict[str, Any] = {"distributed.comm.require-encryption": True,
+                           "distributed.comm.tls.ca-file": sec.tls_ca_file}
+    for role in ("scheduler", "worker", "client"):
+        out[f"distributed.comm.tls.{role}.cert"] = getattr(sec, f"tls_{role}_cert")
+        out[f"distributed.comm.tls.{role}.key"] = getattr(sec, f"tls_{role}_key")
+    return out
+
+
 class SchedulerStats(SchedulerPlugin):
     """Most tasks the scheduler held at once, and worker removals, since ``reset``."""
 

@@ -70,6 +70,8 @@ class FakeCluster:
     on_run: Callable[[FakeTask], Cause | None] | None = None
     address: str = "fake://scheduler"
     connected: bool = True
+    embedded: bool = False  # as Cluster.embedded: the daemon may restart it
+    closed: bool = False
     now: float = 0.0
     workers_: dict[str, FakeWorker] = field(default_factory=dict)
     tasks: dict[str, FakeTask] = field(default_factory=dict)
@@ -117,6 +119,19 @@ class FakeCluster:
                 task.worker = self._least_busy()
         return loss
 
+    def lose_all_workers(self) -> None:
+        """Every worker goes and none comes back (their nannies gave up); the tasks wait
+        on the scheduler for a worker, as Dask's no-worker state does."""
+        self.workers_.clear()
+
+    def add_workers(self, n: int) -> None:
+        """``n`` new workers join; waiting tasks go to them."""
+        for _ in range(n):
+            self._new_worker()
+        for task in self.tasks.values():
+            if task.state == "pending" and task.worker not in self.workers_:
+                task.worker = self._least_busy()
+
     def disconnect(self) -> None:
         """The scheduler connection breaks: Dask cancels every future."""
         self.connected = False
@@ -140,6 +155,12 @@ class FakeCluster:
 
     async def workers(self) -> list[WorkerInfo]:
         return [w.info() for w in self.workers_.values()]
+
+    async def worker_count(self) -> int:
+        return len(self.workers_)
+
+    async def close(self) -> None:
+        self.closed, self.connected = True, False
 
     async def watch_workers(self, clock: Callable[[], float]) -> FakeCluster:
         return self
@@ -231,6 +252,8 @@ class FakeCluster:
         self.workers_[address] = FakeWorker(address, self.threads, self.memory_limit)
 
     def _least_busy(self) -> str:
+        if not self.workers_:
+            return ""  # no worker: the task waits for one (add_workers)
         load = dict.fromkeys(self.workers_, 0)
         for t in self.tasks.values():
             if t.state == "pending" and t.worker in load:

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from distributed import Client, Future, LocalCluster, as_completed
 from distributed.client import FutureCancelledError
 from distributed.scheduler import KilledWorker
+from distributed.security import Security
 
 from tidegate.controller import WorkerMemory
 from tidegate.errors import TidegateError
@@ -52,6 +53,12 @@ class SchedulerLost(ClusterError):
     """The connection to the scheduler broke mid-job; the work in flight is gone."""
 
 
+class WorkersLost(SchedulerLost):
+    """The scheduler is up but has had no workers for too long: the job pauses like on a
+    lost scheduler (``interrupted``, resumed from its ledger), until workers return or
+    an embedded cluster is restarted."""
+
+
 @dataclass(frozen=True, slots=True)
 class ClusterOptions:
     address: str | None = None  # None: start an embedded LocalCluster
@@ -59,6 +66,20 @@ class ClusterOptions:
     threads_per_worker: int | None = None
     memory_limit: str | int | None = None  # per worker; "auto" by default
     connect_timeout_s: float = 10.0
+    # A remote scheduler's TLS (cluster.tls.*): the CA that signed the scheduler's
+    # certificate, and this client's certificate and key. Unset: Dask's own
+    # distributed.comm.tls.* configuration applies. The embedded cluster always uses
+    # mutual TLS with a credential generated at start (open_cluster).
+    tls_ca_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    def remote_security(self) -> Security | None:
+        """The Security for a remote scheduler, None to leave it to Dask's config."""
+        if not (self.tls_ca_file or self.tls_cert or self.tls_key):
+            return None
+        return Security(tls_ca_file=self.tls_ca_file, tls_client_cert=self.tls_cert,
+                        tls_client_key=self.tls_key, require_encryption=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +219,16 @@ class Cluster:
                 )
             )
         return out
+
+    async def worker_count(self) -> int:
+        """How many workers the scheduler has: read in this process for the embedded
+        cluster, one small scheduler call (no per-worker details) otherwise."""
+        if self.local is not None:
+            scheduler = self.local.scheduler  # in this process
+            if scheduler is not None:
+                return len(scheduler.workers)
+        ident = await self._scheduler.identity(n_workers=0)
+        return int(ident.get("n_workers", 0))
 
     async def wait_for_workers(self, timeout_s: float) -> list[WorkerInfo]:
         """The workers, once at least one is up; ClusterError after ``timeout_s``."""
@@ -462,17 +493,28 @@ async def open_cluster(options: ClusterOptions) -> Cluster:
     if options.address:
         try:
             client = await Client(
-                options.address, asynchronous=True, timeout=options.connect_timeout_s
+                options.address, asynchronous=True, timeout=options.connect_timeout_s,
+                security=options.remote_security(),
             )
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, ValueError) as exc:
             raise ClusterError(
                 f"cannot reach the Dask scheduler at {options.address}: {exc}"
             ) from None
         return Cluster(client, None)
+    # Mutual TLS with a credential generated now, held in memory by this process and
+    # handed to the workers it spawns: another local process cannot submit work to the
+    # embedded scheduler (distributed has no Unix-socket transport), with or without tls://.
+    # Security.temporary needs the cryptography package.
+    try:
+        security = Security.temporary()
+    except ImportError as exc:
+        raise ClusterError(f"cannot secure the embedded LocalCluster: {exc}") from None
     kwargs: dict[str, Any] = {
         "processes": True,
         "asynchronous": True,
         "dashboard_address": None,
+        "security": security,
+        "protocol": "tls://",
     }
     if options.workers is not None:
         kwargs["n_workers"] = options.workers
@@ -483,7 +525,7 @@ async def open_cluster(options: ClusterOptions) -> Cluster:
     try:
         with _sigint_ignored():
             local = await LocalCluster(**kwargs)
-        client = await Client(local, asynchronous=True)
+        client = await Client(local, asynchronous=True, security=security)
         # Workers the nanny restarts later are covered by the plugin.
         await client.register_plugin(IgnoreSigint(), name="tidegate-ignore-sigint")
     except Exception as exc:

@@ -171,11 +171,29 @@ class LocalClusterConfig(_Section):
         return value
 
 
+class ClusterTlsConfig(_Section):
+    """TLS to a remote scheduler (cluster.address tls://...). The embedded LocalCluster
+    always uses mutual TLS with a credential generated at start, and takes none of these."""
+
+    ca_file: AbsPath | None = Field(
+        None, description="the CA certificate that signed the scheduler's (PEM)")
+    cert: AbsPath | None = Field(None, description="this client's certificate (PEM)")
+    key: AbsPath | None = Field(
+        None, description="this client's private key (PEM); empty: inside cert")
+
+
 class ClusterConfig(_Section):
     address: str | None = Field(None, description=ADDRESS_TEXT)
     local: Annotated[LocalClusterConfig, BeforeValidator(_none_is_empty)] = Field(
         default_factory=_defaults(LocalClusterConfig)
     )
+    tls: Annotated[ClusterTlsConfig, BeforeValidator(_none_is_empty)] = Field(
+        default_factory=_defaults(ClusterTlsConfig)
+    )
+    no_workers_timeout_s: Float = _finite(
+        30.0, gt=0,
+        description="seconds without workers before a job pauses (interrupted) and the "
+                    "embedded cluster is restarted")
 
     @field_validator("address", mode="before")
     @classmethod
@@ -204,6 +222,14 @@ class ClusterConfig(_Section):
                 "no local settings when cluster.address is set (they size the embedded "
                 "cluster only)",
                 ", ".join(f"{k}={v}" for k, v in given.items()),
+            )
+        tls = {k: v for k, v in self.tls.model_dump().items() if v is not None}
+        if self.address is None and tls:
+            raise invalid(
+                "tls",
+                "no tls settings without cluster.address (the embedded cluster generates "
+                "its own credential)",
+                ", ".join(f"{k}={v}" for k, v in tls.items()),
             )
         return self
 

@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-from tidegate.cluster import ClusterPort, LossSource, SchedulerLost, WorkerInfo
+from tidegate.cluster import ClusterPort, LossSource, SchedulerLost, WorkerInfo, WorkersLost
 from tidegate.commit import Commit
 from tidegate.knobs import RunOptions, controller_config
 from tidegate.limiter import Limiter
@@ -51,6 +51,7 @@ class Runner:
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.monotonic,
         source: ParamSource | None = None,
+        no_workers_timeout_s: float = 30.0,
     ):
         self.job, self.cluster, self.clock = job, cluster, clock
         self.options = options or RunOptions()
@@ -64,6 +65,10 @@ class Runner:
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()  # a drain request interrupts the wait for results
         self._drain_deadline: float | None = None
+        # A cluster without workers runs nothing: after this long the job pauses
+        # (WorkersLost) rather than hang as running.
+        self.no_workers_timeout_s = no_workers_timeout_s
+        self._no_workers_since: float | None = None
 
     # --- control -------------------------------------------------------------------
 
@@ -247,7 +252,20 @@ class Runner:
         except Exception as exc:  # a scheduler hiccup must not end the job
             self.stats.cluster_unreadable(exc)
             return
+        self._check_workers(workers)
         self._decide(workers)
+
+    def _check_workers(self, workers: Sequence[WorkerInfo]) -> None:
+        now = self.clock()
+        if workers:
+            self._no_workers_since = None
+        elif self._no_workers_since is None:
+            self._no_workers_since = now
+            log.warning("the cluster at %s has no workers", self.cluster.address,
+                        extra={"action": "no_workers"})
+        elif now - self._no_workers_since >= self.no_workers_timeout_s:
+            raise WorkersLost(f"the cluster at {self.cluster.address} has had no workers "
+                              f"for {now - self._no_workers_since:.0f} s")
 
     def _decide(self, workers: Sequence[WorkerInfo]) -> None:
         self.stats.cluster_read(workers)

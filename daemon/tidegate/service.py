@@ -25,7 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from tidegate.api import Forbidden, make_server
-from tidegate.cluster import Cluster, ClusterError, ClusterOptions, SchedulerLost, open_cluster
+from tidegate.cluster import (
+    Cluster,
+    ClusterError,
+    ClusterOptions,
+    SchedulerLost,
+    WorkersLost,
+    open_cluster,
+)
 from tidegate.config import DaemonConfig, TokenFile
 from tidegate.errors import TidegateError
 from tidegate.exitcodes import ServeExit
@@ -52,6 +59,7 @@ log = logging.getLogger(__name__)
 
 QUEUE_DB = "jobs.sqlite"
 _RECONNECT_MAX_S = 30.0
+_WORKERS_POLL_S = 1.0  # how often the worker count behind /readyz is read
 
 
 class StartupError(TidegateError):
@@ -92,6 +100,9 @@ class Service:
         self._draining = False
         self._server: Any = None
         self._tasks: list[asyncio.Task[Any]] = []
+        # The cluster's workers as last read (_watch_workers): /readyz is false without.
+        self.has_workers = False
+        self._no_workers_since: float | None = None
 
     @property
     def token(self) -> str | None:
@@ -123,9 +134,11 @@ class Service:
         except OSError as exc:
             raise StartupError(f"listen: cannot listen on {cfg.listen}: {exc}") from None
         await self._connect(first=True)
+        await self._count_workers()
         self._tasks = [
             asyncio.create_task(self._job_loop(), name="tidegate-job-loop"),
             asyncio.create_task(self._heartbeat(), name="tidegate-heartbeat"),
+            asyncio.create_task(self._watch_workers(), name="tidegate-workers"),
         ]
         for task in self._tasks:
             task.add_done_callback(self._task_done)
@@ -179,6 +192,9 @@ class Service:
             workers=c.local.workers,
             threads_per_worker=c.local.threads_per_worker,
             memory_limit=c.local.memory_limit,
+            tls_ca_file=str(c.tls.ca_file) if c.tls.ca_file else None,
+            tls_cert=str(c.tls.cert) if c.tls.cert else None,
+            tls_key=str(c.tls.key) if c.tls.key else None,
         )
 
     async def _connect(self, *, first: bool = False) -> None:
@@ -206,6 +222,71 @@ class Service:
     @property
     def scheduler_ok(self) -> bool:
         return self.cluster is not None and self.cluster.connected
+
+    async def _count_workers(self) -> int | None:
+        """The cluster's workers now (None: no cluster, or it could not be read); keeps
+        ``has_workers`` and the time since the cluster last had any."""
+        cluster = self.cluster
+        n: int | None = None
+        if cluster is not None and cluster.connected:
+            with contextlib.suppress(Exception):
+                n = await cluster.worker_count()
+        self.has_workers = bool(n)
+        if n:
+            self._no_workers_since = None
+        elif n == 0 and self._no_workers_since is None:
+            self._no_workers_since = self.clock()
+            log.warning("the cluster has no workers", extra={"action": "no_workers"})
+        return n
+
+    def _workers_gone_too_long(self) -> bool:
+        since = self._no_workers_since
+        return since is not None and (
+            self.clock() - since >= self.config.cluster.no_workers_timeout_s)
+
+    async def _watch_workers(self) -> None:
+        """Reads the worker count for /readyz; wakes the job loop when an idle embedded
+        cluster has been without workers for cluster.no_workers_timeout_s (the job loop
+        restarts it: the one place the cluster is replaced)."""
+        while True:
+            await self._count_workers()
+            if self.runner is None and self._workers_gone_too_long():
+                self._jobs_changed.set()
+            await asyncio.sleep(_WORKERS_POLL_S)
+
+    async def _restart_cluster(self, reason: str) -> None:
+        """Replace the embedded LocalCluster by a new one (tidegate owns it)."""
+        log.warning("restarting the embedded cluster: %s", reason,
+                    extra={"action": "cluster_restarted"})
+        self._no_workers_since = None
+        await self._reconnect()
+        await self._count_workers()
+
+    async def _await_workers(self) -> bool:
+        """Before a job starts: workers on the cluster. An embedded cluster without any
+        for cluster.no_workers_timeout_s is restarted; on a remote one the job waits
+        (``queued`` or ``interrupted``) until workers join. False: shutting down."""
+        waiting = False
+        while not self._draining and not self._shutdown.is_set():
+            if self.cluster is None or not self.cluster.connected:
+                await self._reconnect()
+                continue
+            n = await self._count_workers()
+            if n:
+                if waiting:
+                    log.info("workers joined the cluster", extra={"action": "workers_back"})
+                return True
+            if self.cluster.embedded and self._workers_gone_too_long():
+                await self._restart_cluster("no workers for "
+                                            f"{self.config.cluster.no_workers_timeout_s:g} s")
+                continue
+            if not waiting:
+                waiting = True
+                log.warning("waiting for workers to join the scheduler at %s",
+                            self.cluster.address, extra={"action": "workers_wait"})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._shutdown.wait(), _WORKERS_POLL_S)
+        return False
 
     # --- jobs ------------------------------------------------------------------------
 
@@ -337,14 +418,22 @@ class Service:
                 self._jobs_changed.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._jobs_changed.wait(), 5.0)
+                await self._idle_check()
                 continue
             await self._run(record)
         self._shutdown.set()
 
+    async def _idle_check(self) -> None:
+        """Between jobs: restart an embedded cluster that has lost all its workers."""
+        cluster = self.cluster
+        if cluster is not None and cluster.embedded and self._workers_gone_too_long():
+            await self._restart_cluster(
+                f"no workers for {self.config.cluster.no_workers_timeout_s:g} s")
+
     async def _run(self, record: JobRecord) -> None:
         assert self.queue is not None
-        if self.cluster is None or not self.cluster.connected:
-            await self._reconnect()
+        if not await self._await_workers():
+            return  # shutting down: the job waits for the next start
         try:  # expanding a large job takes seconds: off the event loop
             prepared = await asyncio.get_running_loop().run_in_executor(
                 None, self.prepare, record.spec)
@@ -361,14 +450,17 @@ class Service:
         state: JobState = JobState.FAILED
         summary: dict[str, Any] | None = None
         error: str | None = None
+        workers_lost = False
         try:  # inside: a job that cannot even start must fail, not stop the daemon
-            self.runner = runner = Runner(prepared.job, cluster, self._run_options(),
-                                          metrics=self.metrics, clock=self.clock)
+            self.runner = runner = Runner(
+                prepared.job, cluster, self._run_options(), metrics=self.metrics,
+                clock=self.clock, no_workers_timeout_s=self.config.cluster.no_workers_timeout_s)
             result = await runner.run()
             summary = result.as_dict()
             state = self._final_state(record.id, result)
         except SchedulerLost as exc:
             state, error = JobState.INTERRUPTED, str(exc)
+            workers_lost = isinstance(exc, WorkersLost)
             log.warning("job %s paused: %s", record.id, exc, extra={"action": "job_paused"})
         except Exception as exc:  # a job's failure must not take the daemon down
             error = f"{type(exc).__name__}: {exc}"
@@ -379,7 +471,12 @@ class Service:
             self._update_job_gauges()
             log.info("job %s %s", record.id, state, extra={"action": "job_finished"})
         if state == JobState.INTERRUPTED and not self._draining:
-            await self._reconnect()
+            if workers_lost and cluster.embedded:
+                await self._restart_cluster(error or "no workers")
+            elif not workers_lost:
+                await self._reconnect()
+            # A remote cluster without workers: the job waits as interrupted in
+            # _await_workers until they return.
 
     def _final_state(self, job_id: str, result: RunSummary) -> JobState:
         assert self.queue is not None
@@ -404,7 +501,9 @@ class Service:
 
     def ready(self) -> dict[str, bool]:
         store = self.queue is not None and self.queue.writable()
-        return {"scheduler": self.scheduler_ok, "store": store}
+        scheduler = self.scheduler_ok
+        return {"scheduler": scheduler, "workers": scheduler and self.has_workers,
+                "store": store}
 
     def _update_job_gauges(self) -> None:
         if self.queue is None:
@@ -426,6 +525,8 @@ class Service:
                 status = "serving; no job running"
             if not self.scheduler_ok:
                 status += "; scheduler unreachable"
+            elif not self.has_workers:
+                status += "; no workers"
             self.notifier.status(status)
             if interval:
                 self.notifier.watchdog()

@@ -317,7 +317,10 @@ def run_sim(
     """Run one replicate: call the model, convert its tables to IPC bytes.
 
     Any exception from the model (or from converting what it returned) becomes the
-    SimReturn's error: the param is recorded as failed and the job goes on.
+    SimReturn's error: the param is recorded as failed and the job goes on. That
+    includes BaseExceptions (SystemExit, KeyboardInterrupt, GeneratorExit): raised on a
+    worker's thread they would kill the worker, and the nanny's restarts would run the
+    same param into the same exit until the cluster had no workers left.
     """
     start = time.perf_counter()
     with _WorkingMemory() as memory:
@@ -325,7 +328,7 @@ def run_sim(
             fn = import_callable(model)
             outputs = outputs_to_ipc(fn(dict(params), seed))
             error = None
-        except Exception as exc:
+        except BaseException as exc:  # user code: see the docstring
             outputs, error = {}, TaskError.from_exception(exc)
     return SimReturn(
         param_id=param_id,
@@ -344,7 +347,8 @@ def run_target(
     """Evaluate one target on all SimReturns of a param.
 
     With ``function`` None this only summarises the replicates (used when neither model
-    outputs nor targets need the tables to leave the cluster).
+    outputs nor targets need the tables to leave the cluster). The target's exceptions,
+    BaseExceptions included (as in run_sim), become the result's error.
     """
     summaries = tuple(r.summary() for r in returns)
     failed = next((r for r in returns if r.error is not None), None)
@@ -360,7 +364,7 @@ def run_target(
     try:
         loss, diagnostics = _loss_of(import_callable(function)(list(returns)))
         error = None
-    except Exception as exc:
+    except BaseException as exc:  # user code, as in run_sim
         loss, diagnostics, error = None, {}, TaskError.from_exception(exc)
     return TargetResult(
         param_id, target, loss, diagnostics, error, summaries, time.perf_counter() - start

@@ -178,4 +178,5 @@ class Readiness(_View):
 
     ready: bool
     scheduler: bool
+    workers: bool = True  # the cluster has a worker (earlier daemons did not report it)
     store: bool
