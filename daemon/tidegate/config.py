@@ -335,6 +335,14 @@ class LogConfig(_Section):
         return value.upper() if isinstance(value, str) else value
 
 
+# A sub-section: absent or null in the file is its defaults.
+Sub = Annotated[_Model, BeforeValidator(_none_is_empty)]
+
+
+def _sub(model: type[_Model]) -> Any:
+    return Field(default_factory=_defaults(model))
+
+
 class DaemonConfig(_Section):
     """Everything `tidegate serve` needs, validated before anything starts."""
 
@@ -343,27 +351,15 @@ class DaemonConfig(_Section):
     output_root: AbsPath = Field(
         Path("/var/lib/tidegate/outputs"), description="where job outputs go"
     )
-    cluster: Annotated[ClusterConfig, BeforeValidator(_none_is_empty)] = Field(
-        default_factory=_defaults(ClusterConfig)
-    )
-    controller: Annotated[ControllerKnobs, BeforeValidator(_none_is_empty)] = Field(
-        default_factory=_defaults(ControllerKnobs)
-    )
-    flush: Annotated[FlushConfig, BeforeValidator(_none_is_empty)] = Field(
-        default_factory=_defaults(FlushConfig)
-    )
+    cluster: Sub[ClusterConfig] = _sub(ClusterConfig)
+    controller: Sub[ControllerKnobs] = _sub(ControllerKnobs)
+    flush: Sub[FlushConfig] = _sub(FlushConfig)
     drain_timeout_s: Float = _finite(
         30.0, ge=0, description="seconds a stop waits for in-flight params to be written"
     )
-    security: Annotated[SecurityConfig, BeforeValidator(_none_is_empty)] = Field(
-        default_factory=_defaults(SecurityConfig)
-    )
-    limits: Annotated[LimitsConfig, BeforeValidator(_none_is_empty)] = Field(
-        default_factory=_defaults(LimitsConfig)
-    )
-    log: Annotated[LogConfig, BeforeValidator(_none_is_empty)] = Field(
-        default_factory=_defaults(LogConfig)
-    )
+    security: Sub[SecurityConfig] = _sub(SecurityConfig)
+    limits: Sub[LimitsConfig] = _sub(LimitsConfig)
+    log: Sub[LogConfig] = _sub(LogConfig)
 
     @field_validator("listen", mode="before")
     @classmethod
