@@ -114,6 +114,9 @@ def _sigint_ignored() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+_CLOSE_TIMEOUT_S = 30.0
+
+
 def _key_part(text: str) -> str:
     return "".join(c if c.isalnum() or c in "._" else "_" for c in text)
 
@@ -191,7 +194,10 @@ class Cluster:
                 self.client.unsubscribe_topic(topic)
         self._topics.clear()
         with contextlib.suppress(Exception):
-            await self.client.close()
+            # Dask's default close timeout is short: on a loaded machine it expired,
+            # leaving the client "closing", and its __del__ later tried to close it on a
+            # loop already gone (an unraisable RuntimeError).
+            await self.client.close(timeout=_CLOSE_TIMEOUT_S)
         if self.local is not None:
             with contextlib.suppress(Exception):
                 # Asynchronous: close() returns an awaitable (annotated as optional).
