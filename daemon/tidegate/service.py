@@ -321,6 +321,7 @@ class Service:
             result = await runner.run()
             summary = result.as_dict()
             state = self._final_state(record.id, result)
+            error = result.error  # a failed output write (disk full): named in the job
         except SchedulerLost as exc:
             state, error = JobState.INTERRUPTED, str(exc)
             log.warning("job %s paused: %s", record.id, exc, extra={"action": "job_paused"})
