@@ -20,7 +20,7 @@ from typing import Any
 
 from tidegate import __version__
 from tidegate.errors import TidegateError
-from tidegate.exitcodes import RunExit, ServeExit, epilog
+from tidegate.exitcodes import RunExit, ServeExit, VerifyExit, epilog
 from tidegate.logs import quiet_dask_logs, setup_logging
 
 log = logging.getLogger("tidegate")
@@ -133,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     _command(sub, "schema", "print the JSON Schema of the job spec")
 
+    verify = _command(sub, "verify", "check a job output against its ledger (sizes, "
+                      "checksums, Parquet, param ids)")
+    verify.add_argument("output", type=Path, metavar="OUTPUT_DIR", help="a job's output")
+    verify.add_argument("--repair", action="store_true",
+                        help="un-commit damaged parts (a rerun recomputes their params), "
+                        "roll back unfinished ones, or rebuild a lost ledger from the parts")
+    verify.add_argument("--json", action="store_true", help="print the report as JSON")
+
     serve = _command(sub, "serve", "run the daemon: job queue, HTTP API, /metrics")
     serve.add_argument("--config", type=Path, metavar="FILE",
                        help="daemon config (YAML); TIDEGATE_* variables and flags override it")
@@ -185,12 +193,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     setup_logging(args.log_level)
     handlers = {"run": cmd_run, "validate": cmd_validate, "schema": cmd_schema,
-                "serve": cmd_serve}
+                "serve": cmd_serve, "verify": cmd_verify}
     from tidegate.migrations import SchemaError
     from tidegate.spec import SpecError
     from tidegate.store import LedgerMismatch
     from tidegate.validation import ValidationFailed
-    from tidegate.writer import OutputError
+    from tidegate.verify import OutputDamaged
+    from tidegate.writer import OutputError, OutputWriteError
 
     if args.command not in handlers:
         from tidegate.client import run_client_command
@@ -199,9 +208,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except (SpecError, LedgerMismatch, SchemaError, UsageError, ValidationFailed,
-            OutputError) as exc:
+            OutputError, OutputDamaged) as exc:
         print(f"tidegate: error: {exc}", file=sys.stderr)
         return ServeExit.CONFIG if args.command == "serve" else RunExit.USAGE
+    except OutputWriteError as exc:  # before the run started: nothing was written
+        print(f"tidegate: error: {exc}", file=sys.stderr)
+        return RunExit.INTERRUPTED if exc.no_space else RunExit.FAILED
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -209,6 +221,68 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
     print(json.dumps(spec_json_schema(), indent=2))
     return RunExit.OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Check an output; exit 0 clean, 1 damage found, 2 bad input."""
+    from tidegate.store import Ledger
+    from tidegate.verify import (
+        Repaired,
+        check_parts,
+        part_files_on_disk,
+        rebuild_ledger,
+        report_json,
+        roll_intents,
+        uncommit_damaged,
+    )
+    from tidegate.writer import LEDGER, MANIFEST
+
+    root: Path = args.output
+    if not root.is_dir():
+        raise UsageError(f"OUTPUT_DIR: expected a job output directory, got {str(root)!r} "
+                         "(not a directory)")
+    notes: list[str] = []
+    repaired: Repaired | None = None
+    damage: list[Any] = []
+    if not (root / LEDGER).exists():
+        parts = part_files_on_disk(root)
+        if not parts:
+            raise UsageError(f"OUTPUT_DIR: {root} holds no {LEDGER}, {MANIFEST} or part "
+                             "files: not a tidegate output")
+        if not args.repair:
+            damage = [f"the ledger {LEDGER} is missing beside {len(parts)} part files"]
+        else:
+            repaired = rebuild_ledger(root)
+            notes.append(f"rebuilt {LEDGER} from {len(parts)} part files")
+    if not damage:
+        with Ledger(root / LEDGER) as ledger:
+            for line in roll_intents(root, ledger) if args.repair else []:
+                notes.append(line)
+            if not args.repair and ledger.intents():
+                notes.append(f"{len(ledger.intents())} unfinished part(s); the next run "
+                             "(or --repair) rolls them forward or back")
+            damage = check_parts(root, ledger, full=True)
+            if damage and args.repair:
+                repaired = uncommit_damaged(root, ledger, damage)
+                notes.append(f"{repaired.params_uncommitted} params un-committed; a rerun "
+                             "recomputes them")
+                damage = check_parts(root, ledger, full=True)
+            counts = ledger.counts()
+            notes.insert(0, f"{counts.parts} parts, {counts.params} params ({counts.ok} ok, "
+                         f"{counts.failed} failed), ledger schema {ledger.schema_version}")
+    if args.json:
+        print(report_json(root, damage, repaired, notes))
+    else:
+        lines = [f"{root}:"] + [f"  {n}" for n in notes]
+        lines += [f"  repaired: {r}" for r in (repaired.lines if repaired else [])]
+        lines += [f"  damaged: {d}" for d in damage]
+        if damage:
+            lines.append(f"damage found; `tidegate verify {root} --repair` un-commits the "
+                         "damaged parts so that a rerun recomputes their params")
+        else:
+            lines.append("clean")
+        print("\n".join(lines))
+    return VerifyExit.DAMAGED if damage else VerifyExit.OK
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -397,4 +471,7 @@ def _print_summary(s: Any) -> None:
     ]
     for e in s.errors[:5]:
         lines.append(f"  failed   {e['param_id']}: {e['error'].splitlines()[0][:200]}")
+    if s.error:
+        lines.append(f"tidegate: error: {s.error}; free space and rerun to resume"
+                     if s.state == "interrupted" else f"tidegate: error: {s.error}")
     print("\n".join(lines), file=sys.stderr)

@@ -1,39 +1,53 @@
 """One job's durable output behind one object: the ledger, the part writer, the flush
 policy and the manifest.
 
-A part is written under a hidden name, fsynced and renamed (writer.py), and counts only
-once the ledger has recorded it and its param ids in one SQLite transaction (store.py);
-files the ledger does not know are removed on resume.
+A part is written under hidden names and fsynced (writer.py), the ledger records the
+intent, the files are renamed into place, and the part counts only once the ledger has
+recorded it and its param ids in one SQLite transaction (store.py). Resume rolls a
+leftover intent forward or back, refuses damaged parts or a lost ledger (verify.py), and
+removes files the ledger does not know.
+
+A failed write (disk full) raises :class:`~tidegate.writer.OutputWriteError` from
+``flush``; the part's files are removed and its params, never committed, rerun on resume.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sqlite3
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from tidegate import __version__
 from tidegate.knobs import FlushPolicy
 from tidegate.simreturn import SimReturn, TargetResult, TaskError
 from tidegate.spec import Job
-from tidegate.store import Ledger
+from tidegate.states import JobState
+from tidegate.store import Ledger, RecordedFile
+from tidegate.verify import (
+    OutputDamaged,
+    check_parts,
+    first_schemas,
+    part_files_on_disk,
+    roll_intents,
+)
 from tidegate.writer import (
     LEDGER,
     OutputLock,
+    OutputWriteError,
     PartWriter,
     check_no_links,
     discard_output,
+    publish,
     remove_unrecorded,
+    unpublish,
     write_manifest,
 )
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +63,16 @@ class Flushed:
     params: int
     nbytes: int
     seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    flushed: Flushed | None
+    parts: int
+    state: JobState  # the state asked for, or interrupted/failed if the last write failed
+    error: OutputWriteError | None
+    ok: int  # committed, per the ledger
+    failed: int
 
 
 class Commit:
@@ -84,26 +108,38 @@ class Commit:
         files no committed part names, and write the manifest as ``running``."""
         job = self.job
         out = job.output_dir
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputWriteError(out, exc) from exc
         self._lock = OutputLock(out)
         try:
             check_no_links(out)
             if self._restart:
                 discard_output(out)
+            if not (out / LEDGER).exists() and (parts := part_files_on_disk(out)):
+                # Never clean these away as "not in the ledger": they may be all the results.
+                raise OutputDamaged(out, [f"{len(parts)} part files, e.g. {parts[0]}"],
+                                    what=f"the ledger {LEDGER} is missing beside")
             self._ledger = ledger = Ledger(out / LEDGER)
         except BaseException:
             self.close_ledger()
             raise
         try:
             resumed = ledger.bind(job.job_id, job.fingerprint, job.identity())
+            for line in roll_intents(out, ledger):
+                log.info("%s", line, extra={"action": "intent_resolved"})
+            damage = check_parts(out, ledger, full=False)
+            if damage:
+                raise OutputDamaged(out, damage)
             removed = remove_unrecorded(out, ledger.files())
+            self._writer.schemas.update(first_schemas(out, ledger))
         except BaseException:
             self.close_ledger()
             raise
         if removed:
             log.info("removed %d part files not in the ledger", len(removed),
                      extra={"action": "debris_removed"})
-        self._adopt_schemas(ledger.files())
         counts = ledger.counts()
         if resumed:
             log.info("resuming job %s: %d of %d params already committed", job.job_id,
@@ -111,20 +147,6 @@ class Commit:
         self._last_flush = now
         self._manifest("running")
         return Resumed(frozenset(ledger.committed_param_ids()), counts.ok, counts.failed)
-
-    def _adopt_schemas(self, files: set[str]) -> None:
-        """Each model output's schema from its first committed part (a footer read)."""
-        first: dict[str, str] = {}
-        for rel in sorted(files):
-            parts = rel.split("/")
-            if len(parts) == 3 and parts[0] == "model_outputs":
-                first.setdefault(parts[1], rel)
-        for name, rel in first.items():
-            try:
-                schema = pq.read_schema(self.job.output_dir / rel)
-            except (OSError, pa.ArrowException):
-                continue  # an unreadable part is not this check's to judge
-            self._writer.adopt_schema(name, schema)
 
     def record(
         self,
@@ -135,8 +157,8 @@ class Commit:
         sims: Sequence[SimReturn] = (),
         targets: Sequence[TargetResult] = (),
     ) -> TaskError | None:
-        """Buffer a completed param; returns the error recorded for it (``error``, or why
-        its outputs do not fit their datasets: then it fails alone)."""
+        """Buffer a completed param; returns the error it is recorded with (its own, or
+        an OutputSchemaError if its outputs do not fit their datasets)."""
         return self._writer.add(param_id, values, seeds, error, sims, targets)
 
     def maybe_flush(self, now: float) -> Flushed | None:
@@ -165,20 +187,47 @@ class Commit:
         ledger = self.ledger
         part = ledger.next_part()
         t0 = time.perf_counter()
-        written = self._writer.write_part(part)
-        ledger.commit(written.part, written.files, written.statuses, written.nbytes)
+        written = self._writer.stage_part(part)  # OutputWriteError: temporaries removed
+        sizes = {f: RecordedFile(i.nbytes, i.sha256, i.tmp) for f, i in written.info.items()}
+        out = self.job.output_dir
+        try:
+            ledger.record_intent(part, sizes, written.statuses)
+            publish(out, written)
+            ledger.commit(written.part, written.files, written.statuses, written.nbytes,
+                          sizes)
+        except (OSError, sqlite3.Error, OutputWriteError) as exc:
+            unpublish(out, written)
+            with contextlib.suppress(sqlite3.Error):  # else resume rolls it back
+                ledger.drop_intent(part)
+            if isinstance(exc, OutputWriteError):
+                raise
+            raise OutputWriteError(ledger.path, exc) from exc
         # No manifest rewrite here: it carries the whole spec (13.5 MB for 100k inline
         # values, 0.5 s fsynced per part); the ledger has the counts, and the manifest is
         # written when the run starts and ends.
         return Flushed(part, len(written.statuses), written.nbytes, time.perf_counter() - t0)
 
-    def close(self, state: str) -> tuple[Flushed | None, int]:
-        """Flush what is buffered, write the manifest with ``state`` and close the ledger;
-        returns the last part written (if any) and the number of committed parts."""
+    def close(self, state: JobState, error: OutputWriteError | None = None) -> Closed:
+        """Flush what is buffered (unless a write already failed: ``error``), write the
+        manifest with the final state and close the ledger. A failed write makes the
+        state interrupted (no space: a rerun resumes once space is freed) or failed."""
+        flushed = None
         try:
-            flushed = self.flush()
-            self._manifest(state)
-            return flushed, self.ledger.counts().parts
+            if error is None:
+                try:
+                    flushed = self.flush()
+                except OutputWriteError as exc:
+                    error = exc
+            if error is not None:
+                state = JobState.INTERRUPTED if error.no_space else JobState.FAILED
+            try:
+                self._manifest(state)
+            except OutputWriteError as exc:
+                log.warning("manifest not updated: %s", exc,
+                            extra={"action": "manifest_unwritten"})
+                error = error or exc
+            counts = self.ledger.counts()
+            return Closed(flushed, counts.parts, state, error, counts.ok, counts.failed)
         finally:
             self.close_ledger()
 

@@ -29,10 +29,20 @@ class RunExit(ExitCode):
 
     OK = 0, "success (`run`: every param ok)"
     FAILED = 1, "the job finished with failed params, or failed"
-    USAGE = 2, "bad input (the message names the field, what was expected and what came)"
+    USAGE = 2, ("bad input (the message names the field, what was expected and what came), "
+                "or an output whose committed parts are damaged or whose ledger is lost "
+                "(see `tidegate verify`)")
     CLUSTER = 3, "the cluster could not be reached or started"
-    INTERRUPTED = 130, ("interrupted by Ctrl-C or SIGTERM (params that had completed are "
-                        "written; a rerun resumes)")
+    INTERRUPTED = 130, ("interrupted by Ctrl-C or SIGTERM, or the output's disk is full "
+                        "(committed params stay; a rerun resumes)")
+
+
+class VerifyExit(ExitCode):
+    """``tidegate verify``."""
+
+    OK = 0, "clean (`--repair`: nothing is left damaged)"
+    DAMAGED = 1, "damage found: a committed part is missing, truncated, changed or unreadable"
+    USAGE = 2, "bad input: not a directory, not a tidegate output, or an unreadable ledger"
 
 
 class ServeExit(ExitCode):
@@ -63,6 +73,7 @@ COMMANDS: dict[str, tuple[ExitCode, ...]] = {
     "run": tuple(RunExit),
     "validate": (RunExit.OK, RunExit.USAGE),
     "schema": (RunExit.OK, RunExit.USAGE),
+    "verify": tuple(VerifyExit),
     "serve": tuple(ServeExit),
     "submit": tuple(ClientExit),
     "status": _ASKING,

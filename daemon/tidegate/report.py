@@ -62,6 +62,7 @@ class RunSummary:
     peak_inflight_tasks: int = 0
     worker_losses: dict[str, int] = field(default_factory=dict)  # cause -> count
     quarantined: int = 0
+    error: str | None = None  # why the run stopped early (a failed output write)
 
     def __post_init__(self) -> None:
         self.state = JobState(self.state)
@@ -98,4 +99,5 @@ class RunSummary:
             "parts": self.parts,
             "peak_inflight_tasks": self.peak_inflight_tasks,
             "errors": self.errors,
+            **({"error": self.error} if self.error else {}),
         }

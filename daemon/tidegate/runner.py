@@ -32,6 +32,7 @@ from tidegate.spec import Job, Param
 from tidegate.states import JobState
 from tidegate.stats import RunStats
 from tidegate.window import Admission, Entry, Lane, TaskKeys, Window
+from tidegate.writer import OutputWriteError
 
 __all__ = ["RunOptions", "Runner"]
 
@@ -108,6 +109,7 @@ class Runner:
         resumed = commit.resume(self.clock())
         self.stats.start(resumed.ok, resumed.failed)
         state = JobState.FAILED
+        write_error: OutputWriteError | None = None
         try:
             await self.cluster.add_code_paths([str(p) for p in self.job.code_paths])
             workers = await self.cluster.wait_for_workers(timeout_s=60)
@@ -122,13 +124,22 @@ class Runner:
         except SchedulerLost:
             state = JobState.INTERRUPTED  # the ledger has what completed; a rerun resumes
             raise
+        except OutputWriteError as exc:  # disk full: the buffered params rerun on resume
+            write_error = exc
         finally:
             self.window.drop_all()
             await self.cluster.cancel_all()
-            flushed, parts = commit.close(state)
-            self.stats.part_written(flushed)
+            closed = commit.close(state, write_error)
+            state = closed.state
+            self.stats.part_written(closed.flushed)
+            if closed.error is not None:
+                log.error("%s; %d params are committed, a rerun resumes", closed.error,
+                          closed.ok + closed.failed, extra={"action": "output_write_failed"})
+                self.stats.committed_only(closed.ok, closed.failed)
             self._report()
-        return self.stats.summary(state, str(self.job.output_dir), parts)
+        summary = self.stats.summary(state, str(self.job.output_dir), closed.parts)
+        summary.error = str(closed.error) if closed.error else None
+        return summary
 
     async def _loop(self, commit: Commit, watch: LossSource) -> None:
         poll_s, limiter = self.options.poll_seconds, self.limiter

@@ -458,6 +458,7 @@ class Service:
             result = await runner.run()
             summary = result.as_dict()
             state = self._final_state(record.id, result)
+            error = result.error  # a failed output write (disk full): named in the job
         except SchedulerLost as exc:
             state, error = JobState.INTERRUPTED, str(exc)
             workers_lost = isinstance(exc, WorkersLost)

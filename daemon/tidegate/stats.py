@@ -58,6 +58,11 @@ class RunStats:
         self.ok, self.failed, self.resumed = ok, failed, ok + failed
         self.started = self.clock()
 
+    def committed_only(self, ok: int, failed: int) -> None:
+        """A part could not be written: the counts fall back to what the ledger holds
+        (the lost part's params are recomputed by the next run)."""
+        self.ok, self.failed = ok, failed
+
     @property
     def worker_restarts(self) -> int:
         return sum(n for cause, n in self.losses.items() if cause != Cause.PLANNED)

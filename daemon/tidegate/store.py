@@ -1,9 +1,11 @@
 """The ledger: the durable record (SQLite, WAL) of which params are in which committed part.
 
-A part's Parquet files are written and renamed into place first; the part counts as
+A part's Parquet files are written under hidden temporary names first; the ledger
+records the intent (:meth:`Ledger.record_intent`: the part, its files with their sizes
+and sha256, its params), the files are renamed into place, and the part counts as
 written only once :meth:`Ledger.commit` has recorded it, its files and its param ids in
-one transaction. Anything on disk the ledger does not name is debris from a run that
-died between the two, and is removed on resume.
+one transaction. Resume rolls a leftover intent forward or back (verify.py); part files
+the ledger names neither as committed nor as intended are debris, removed on resume.
 """
 
 from __future__ import annotations
@@ -41,9 +43,31 @@ CREATE TABLE IF NOT EXISTS params (
 );
 """
 
+# Version 2: each committed file's size and sha256 (resume and `tidegate verify` check
+# them; parts of version 1 have none, and are checked by their total size), and the
+# intents: a part whose files are written and about to be renamed into place.
+_V2 = """
+CREATE TABLE part_files (
+    part   INTEGER NOT NULL REFERENCES parts(part) ON DELETE CASCADE,
+    file   TEXT    NOT NULL,         -- relative to the job output
+    bytes  INTEGER NOT NULL,
+    sha256 TEXT    NOT NULL,
+    PRIMARY KEY (part, file)
+);
+CREATE TABLE intents (
+    part       INTEGER PRIMARY KEY,
+    files      TEXT NOT NULL,        -- JSON {file: {"tmp": ..., "bytes": ..., "sha256": ...}}
+    statuses   TEXT NOT NULL,        -- JSON [[param_id, status], ...]
+    created_at REAL NOT NULL
+);
+"""
+
 LEDGER_SCHEMA = Schema(
     what="tidegate ledger",
-    migrations=(Migration(1, "meta, parts and params tables", _V1),),
+    migrations=(
+        Migration(1, "meta, parts and params tables", _V1),
+        Migration(2, "per-file sizes and checksums; part intents", _V2),
+    ),
     legacy={
         "meta": frozenset({"key", "value"}),
         "parts": frozenset({"part", "files", "n_params", "n_failed", "bytes", "committed_at"}),
@@ -65,6 +89,28 @@ class LedgerMismatch(TidegateError):
             f"(differs in: {', '.join(differs)}); point `output` elsewhere or rerun "
             f"with --restart to discard them"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedFile:
+    bytes: int
+    sha256: str
+    tmp: str = ""  # intents only: the temporary name the file was written under
+
+
+@dataclass(frozen=True, slots=True)
+class Intent:
+    part: int
+    files: dict[str, RecordedFile]
+    statuses: list[tuple[str, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class CommittedPart:
+    part: int
+    files: list[str]
+    nbytes: int  # the total the part was recorded with
+    sizes: dict[str, RecordedFile]  # empty for parts committed by ledger version 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,8 +195,44 @@ class Ledger:
         return LedgerCounts(int(ok), int(failed), int(parts))
 
     def next_part(self) -> int:
-        (last,) = self._db.execute("SELECT COALESCE(MAX(part), -1) FROM parts").fetchone()
+        (last,) = self._db.execute(
+            "SELECT MAX(COALESCE((SELECT MAX(part) FROM parts), -1), "
+            "COALESCE((SELECT MAX(part) FROM intents), -1))"
+        ).fetchone()
         return int(last) + 1
+
+    def meta(self) -> dict[str, str]:
+        return self._meta()
+
+    def parts(self) -> list[CommittedPart]:
+        sizes: dict[int, dict[str, RecordedFile]] = {}
+        for part, file, nbytes, sha in self._db.execute(
+            "SELECT part, file, bytes, sha256 FROM part_files"
+        ):
+            sizes.setdefault(part, {})[file] = RecordedFile(nbytes, sha)
+        return [
+            CommittedPart(part, json.loads(files), nbytes, sizes.get(part, {}))
+            for part, files, nbytes in self._db.execute(
+                "SELECT part, files, bytes FROM parts ORDER BY part"
+            )
+        ]
+
+    def part_param_ids(self, part: int) -> list[str]:
+        return [r[0] for r in self._db.execute("SELECT param_id FROM params WHERE part = ?",
+                                               (part,))]
+
+    def intents(self) -> list[Intent]:
+        out = []
+        for part, files, statuses in self._db.execute(
+            "SELECT part, files, statuses FROM intents ORDER BY part"
+        ):
+            out.append(Intent(
+                part,
+                {f: RecordedFile(i["bytes"], i["sha256"], i["tmp"])
+                 for f, i in json.loads(files).items()},
+                [(pid, st) for pid, st in json.loads(statuses)],
+            ))
+        return out
 
     def files(self) -> set[str]:
         out: set[str] = set()
@@ -165,9 +247,15 @@ class Ledger:
     # --- writing --------------------------------------------------------------------
 
     def commit(
-        self, part: int, files: Iterable[str], statuses: Iterable[tuple[str, str]], nbytes: int
+        self,
+        part: int,
+        files: Iterable[str],
+        statuses: Iterable[tuple[str, str]],
+        nbytes: int,
+        sizes: Mapping[str, RecordedFile] | None = None,
     ) -> None:
-        """Record a part, its files and its params in one transaction."""
+        """Record a part, its files (with their sizes and checksums) and its params in one
+        transaction, and drop its intent."""
         statuses = list(statuses)
         n_failed = sum(1 for _, s in statuses if s == "failed")
         with self._transaction():
@@ -176,9 +264,50 @@ class Ledger:
                 (part, json.dumps(sorted(files)), len(statuses), n_failed, nbytes, time.time()),
             )
             self._db.executemany(
+                "INSERT INTO part_files (part, file, bytes, sha256) VALUES (?, ?, ?, ?)",
+                ((part, f, r.bytes, r.sha256) for f, r in (sizes or {}).items()),
+            )
+            self._db.executemany(
                 "INSERT INTO params (param_id, part, status) VALUES (?, ?, ?)",
                 ((pid, part, status) for pid, status in statuses),
             )
+            self._db.execute("DELETE FROM intents WHERE part = ?", (part,))
+
+    def record_intent(
+        self, part: int, files: Mapping[str, RecordedFile], statuses: Iterable[tuple[str, str]]
+    ) -> None:
+        """Record that part ``part``'s files are written under their temporary names and
+        about to be renamed into place."""
+        body = {f: {"tmp": r.tmp, "bytes": r.bytes, "sha256": r.sha256}
+                for f, r in files.items()}
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO intents VALUES (?, ?, ?, ?)",
+                (part, json.dumps(body, sort_keys=True), json.dumps(list(statuses)),
+                 time.time()),
+            )
+
+    def commit_intent(self, intent: Intent) -> None:
+        """Roll an intent forward: commit its part as recorded."""
+        self.commit(intent.part, intent.files, intent.statuses,
+                    sum(r.bytes for r in intent.files.values()),
+                    {f: RecordedFile(r.bytes, r.sha256) for f, r in intent.files.items()})
+
+    def drop_intent(self, part: int) -> None:
+        with self._transaction():
+            self._db.execute("DELETE FROM intents WHERE part = ?", (part,))
+
+    def uncommit(self, parts: Iterable[int]) -> int:
+        """Forget committed parts (their params are then recomputed by the next run);
+        returns the number of params forgotten."""
+        parts = list(parts)
+        n = 0
+        with self._transaction():
+            for part in parts:
+                n += self._db.execute("DELETE FROM params WHERE part = ?", (part,)).rowcount
+                self._db.execute("DELETE FROM part_files WHERE part = ?", (part,))
+                self._db.execute("DELETE FROM parts WHERE part = ?", (part,))
+        return n
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
@@ -192,4 +321,13 @@ class _Transaction:
         self._db.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, exc_type: object, *_: object) -> None:
-        self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        if exc_type is not None:
+            self._db.execute("ROLLBACK")
+            return
+        try:
+            self._db.execute("COMMIT")
+        except BaseException:
+            # A COMMIT that fails (SQLITE_FULL) leaves the transaction open.
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise

@@ -1,20 +1,29 @@
 """Parquet parts: buffer completed params, write each dataset's part durably, and the
 job manifest.
 
-Durability order for a part: write every file under a dot-prefixed temporary name,
-fsync it, rename it into place, fsync the directories; only then does the caller record
-the part in the ledger. A crash before the ledger commit leaves files the ledger does
-not know; :func:`remove_unrecorded` deletes them on resume.
+Durability order for a part (commit.py drives it): :meth:`PartWriter.stage_part` writes
+every file under a hidden temporary name (``.part-000001.parquet.tmp``: ignored by
+pyarrow.dataset discovery and by ``*.parquet`` globs) and fsyncs it; the ledger records
+the intent (the part, its files, sizes and sha256); :func:`publish` renames the files
+into place and fsyncs the directories; the ledger commits the part. Resume rolls an
+intent forward or back (verify.py).
+
+Each model output dataset has one schema, fixed by its first part: a param whose tables
+do not fit it (lossless widening casts aside) fails alone, when it is recorded
+(:meth:`PartWriter.add`), so that writing a part never fails because of one param.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
 import socket
+import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +34,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tidegate.errors import TidegateError
-from tidegate.schemas import SchemaMismatch, check_writable, fit
 from tidegate.simreturn import SimReturn, TargetResult, TaskError
 
 MANIFEST = "manifest.json"
@@ -42,12 +50,50 @@ def part_name(part: int) -> str:
     return f"part-{part:06d}.parquet"
 
 
+# errnos that mean "no room": the disk (or a quota, or RLIMIT_FSIZE) is full.
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+class OutputWriteError(TidegateError):
+    """Writing the job output failed (disk full, permissions, ...); nothing half-written
+    is left under a final name, and what the ledger committed before stays."""
+
+    def __init__(self, path: Path, exc: BaseException):
+        self.path = path
+        self.no_space = _is_no_space(exc)
+        reason = "no space left on device" if self.no_space else _reason(exc)
+        super().__init__(f"cannot write {path}: {reason}")
+
+
+def _is_no_space(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+        return True
+    if isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == 13:
+        return True  # SQLITE_FULL
+    text = str(exc).lower()
+    return "no space left" in text or "disk is full" in text or "file too large" in text
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno).lower()
+    return str(exc) or type(exc).__name__
+
+
+@dataclass(frozen=True, slots=True)
+class FileInfo:
+    tmp: str  # the hidden temporary name, relative to the job output
+    nbytes: int
+    sha256: str
+
+
 @dataclass(frozen=True, slots=True)
 class WrittenPart:
     part: int
     files: list[str]  # relative to the job output
     nbytes: int
     statuses: list[tuple[str, str]]  # (param_id, "ok" | "failed")
+    info: dict[str, FileInfo] = field(default_factory=dict)  # final name -> temporary
 
 
 @dataclass(slots=True)
@@ -56,6 +102,73 @@ class _Buffer:
     outputs: dict[str, list[pa.Table]] = field(default_factory=dict)
     targets: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     nbytes: int = 0
+
+
+class SchemaMismatch(TidegateError):
+    """A param's output table does not fit its dataset's schema."""
+
+
+def tmp_name(path: str) -> str:
+    """The hidden temporary name a part file is written under before its rename."""
+    head, _, name = path.rpartition("/")
+    tmp = _TMP_PREFIX + name.removeprefix("part-") + ".tmp"
+    return f"{head}/{tmp}" if head else tmp
+
+
+def _widens(got: pa.DataType, want: pa.DataType) -> bool:
+    """True if every value of type ``got`` is kept exactly as type ``want``: the same type,
+    null to anything, int to float, int to a wider int, float32 to float64, string and
+    binary to their large forms."""
+    if got == want or pa.types.is_null(got):
+        return True
+    t = pa.types
+    if t.is_integer(got):
+        if t.is_float32(want) or t.is_float64(want):
+            return True
+        if t.is_integer(want):
+            if t.is_signed_integer(got) == t.is_signed_integer(want):
+                return bool(want.bit_width >= got.bit_width)
+            return t.is_unsigned_integer(got) and bool(want.bit_width > got.bit_width)
+        return False
+    if t.is_floating(got) and t.is_floating(want):
+        return bool(want.bit_width >= got.bit_width)
+    return (got, want) in ((pa.string(), pa.large_string()), (pa.binary(), pa.large_binary()))
+
+
+def fit(table: pa.Table, schema: pa.Schema, output: str) -> pa.Table:
+    """``table`` as ``schema`` (columns in its order); SchemaMismatch naming every column
+    that does not fit, with the expected and the actual type."""
+    got = {f.name: f.type for f in table.schema}
+    problems: list[str] = []
+    for f in schema:
+        if f.name not in got:
+            problems.append(f"{f.name!r}: expected {f.type}, got no such column")
+        elif not _widens(got[f.name], f.type):
+            problems.append(f"{f.name!r}: expected {f.type}, got {got[f.name]}")
+    extra = [n for n in got if schema.get_field_index(n) < 0]
+    problems += [f"{n!r}: not in the dataset (got {got[n]})" for n in extra]
+    if problems:
+        raise SchemaMismatch(
+            f"output {output!r} does not fit the schema its dataset got from its first "
+            f"part: {'; '.join(problems)}"
+        )
+    if table.schema.remove_metadata() == schema:
+        return table
+    return table.select(schema.names).cast(schema)
+
+
+def storable_schema(table: pa.Table, output: str) -> pa.Schema:
+    """The schema ``table`` has once written to and read back from Parquet (what a
+    dataset's first part fixes); SchemaMismatch if Parquet cannot store it."""
+    sink = pa.BufferOutputStream()
+    try:
+        pq.write_table(table.schema.empty_table(), sink)
+    except (pa.ArrowException, ValueError, TypeError) as exc:
+        types = ", ".join(f"{f.name!r} {f.type}" for f in table.schema)
+        raise SchemaMismatch(
+            f"output {output!r} cannot be stored in Parquet (columns {types}): {exc}"
+        ) from None
+    return pq.read_schema(pa.BufferReader(sink.getvalue())).remove_metadata()
 
 
 class PartWriter:
@@ -85,7 +198,9 @@ class PartWriter:
             ]
         )
         self._buf = _Buffer()
-        self._schemas: dict[str, pa.Schema] = {}  # model output -> its dataset's schema
+        # Each model output's schema, fixed by its first part (read back on resume) or,
+        # before any, by the first param that produced it.
+        self.schemas: dict[str, pa.Schema] = {}
 
     @property
     def pending_params(self) -> int:
@@ -112,16 +227,17 @@ class PartWriter:
         targets: Iterable[TargetResult],
     ) -> TaskError | None:
         """Buffer one completed param: its row, its model outputs and its target rows.
-        Returns the error recorded for it: ``error``, or why its outputs do not fit their
-        datasets (then nothing but its row is buffered, and the rest of the part is
-        unharmed)."""
-        outputs: list[tuple[str, pa.Table]] = []
-        misfit = False
+
+        Returns the error recorded for it: ``error``, or, when its outputs do not fit
+        their datasets' schemas, an ``OutputSchemaError`` (the param then fails alone and
+        none of its tables or target rows is written)."""
+        sims, targets = list(sims), list(targets)
+        tables: dict[str, list[pa.Table]] = {}
         try:
-            outputs = self._fitted(sims)
+            tables = self._fitted(sims)
         except SchemaMismatch as exc:
-            misfit = True
-            error = error or TaskError("OutputSchemaMismatch", str(exc))
+            error = TaskError("OutputSchemaError", str(exc))
+            tables, targets = {}, []
         row: dict[str, Any] = {"param_id": param_id}
         for name in self._param_names:
             row[f"param_{name}"] = values[name]
@@ -131,41 +247,9 @@ class PartWriter:
         row["error"] = str(error) if error else None
         row["traceback"] = (error.traceback or None) if error else None
         self._buf.param_rows.append(row)
-        for name, table in outputs:
-            self._buf.outputs.setdefault(name, []).append(table)
-            self._buf.nbytes += table.nbytes
-        if not misfit:  # a param that failed alone leaves no rows in any dataset
-            self._add_targets(param_id, targets)
-        return error
-
-    def adopt_schema(self, name: str, schema: pa.Schema) -> None:
-        """The schema of output ``name`` as its first committed part has it."""
-        self._schemas.setdefault(name, schema)
-
-    def _fitted(self, sims: Iterable[SimReturn]) -> list[tuple[str, pa.Table]]:
-        """Every wanted output table of ``sims`` with the id columns, fitted to its
-        dataset's schema; a dataset's first table fixes it (kept only if the whole param
-        fits)."""
-        fixed: dict[str, pa.Schema] = {}
-        out: list[tuple[str, pa.Table]] = []
-        for sim in sims:
-            if sim.error is not None:
-                continue
-            for name in sim.outputs:
-                if not self.wants_output(name):
-                    continue
-                table = _with_ids(sim, sim.table(name))
-                schema = self._schemas.get(name) or fixed.get(name)
-                if schema is None:
-                    check_writable(name, table.schema)
-                    fixed[name] = table.schema
-                else:
-                    table = fit(name, table, schema)
-                out.append((name, table))
-        self._schemas.update(fixed)
-        return out
-
-    def _add_targets(self, param_id: str, targets: Iterable[TargetResult]) -> None:
+        for name, chunks in tables.items():
+            self._buf.outputs.setdefault(name, []).extend(chunks)
+            self._buf.nbytes += sum(t.nbytes for t in chunks)
         for result in targets:
             if result.error is None and result.target is not None:
                 self._buf.targets.setdefault(result.target, []).append(
@@ -176,38 +260,93 @@ class PartWriter:
                         "diagnostics": json.dumps(result.diagnostics, sort_keys=True, default=str),
                     }
                 )
+        return error
+
+    def _fitted(self, sims: Sequence[SimReturn]) -> dict[str, list[pa.Table]]:
+        """The param's tables per output, each cast to its dataset's schema; a schema
+        seen first here is fixed only once the whole param fits."""
+        new: dict[str, pa.Schema] = {}
+        out: dict[str, list[pa.Table]] = {}
+        for sim in sims:
+            if sim.error is not None:
+                continue
+            for name in sim.outputs:
+                if not self.wants_output(name):
+                    continue
+                table = sim.table(name)
+                n = table.num_rows
+                table = (
+                    table.add_column(0, "seed", pa.array([sim.seed] * n, pa.int64()))
+                    .add_column(0, "replicate", pa.array([sim.replicate] * n, pa.int32()))
+                    .add_column(0, "param_id", pa.array([sim.param_id] * n, pa.string()))
+                )
+                schema = self.schemas.get(name) or new.get(name)
+                if schema is None:
+                    schema = new[name] = storable_schema(table, name)
+                out.setdefault(name, []).append(fit(table, schema, name))
+        self.schemas.update(new)
+        return out
 
     def write_part(self, part: int) -> WrittenPart:
-        """Write every buffered dataset as part ``part`` and clear the buffer."""
+        """Write every buffered dataset as part ``part`` (staged, then published) and
+        clear the buffer; without a ledger in between (tests, tools)."""
+        staged = self.stage_part(part)
+        publish(self.root, staged)
+        return staged
+
+    def stage_part(self, part: int) -> WrittenPart:
+        """Write every buffered dataset as part ``part`` under hidden temporary names,
+        fsynced, and clear the buffer; OutputWriteError (temporaries removed) if a write
+        fails. Nothing is visible to readers until :func:`publish`."""
         buf, self._buf = self._buf, _Buffer()
         name = part_name(part)
         tables: dict[str, pa.Table] = {
             f"params/{name}": pa.Table.from_pylist(buf.param_rows, schema=self._params_schema)
         }
         for output, chunks in buf.outputs.items():
-            # Every chunk was fitted to the dataset's schema when it was added.
+            # Every chunk already has the dataset's schema (add() cast it).
             tables[f"model_outputs/{output}/{name}"] = pa.concat_tables(chunks)
         for target, rows in buf.targets.items():
             tables[f"targets/{target}/{name}"] = pa.Table.from_pylist(rows, schema=_TARGET_SCHEMA)
-        nbytes = 0
-        dirs: set[Path] = set()
-        for rel, table in tables.items():
-            path = safe_path(self.root, rel)
-            nbytes += _write_durably(table, path)
-            dirs.add(path.parent)
-        for d in dirs:
-            _fsync(d, os.O_RDONLY | os.O_DIRECTORY)
+        info: dict[str, FileInfo] = {}
+        try:
+            for rel, table in tables.items():
+                info[rel] = _write_durably(table, self.root, rel)
+        except BaseException as exc:
+            for rel in tables:
+                (self.root / tmp_name(rel)).unlink(missing_ok=True)
+            if isinstance(exc, OSError | pa.ArrowException):
+                raise OutputWriteError(self.root / tmp_name(rel), exc) from exc
+            raise
         statuses = [(r["param_id"], r["status"]) for r in buf.param_rows]
-        return WrittenPart(part, sorted(tables), nbytes, statuses)
+        nbytes = sum(i.nbytes for i in info.values())
+        return WrittenPart(part, sorted(tables), nbytes, statuses, info)
 
 
-def _with_ids(sim: SimReturn, table: pa.Table) -> pa.Table:
-    n = table.num_rows
-    return (
-        table.add_column(0, "seed", pa.array([sim.seed] * n, pa.int64()))
-        .add_column(0, "replicate", pa.array([sim.replicate] * n, pa.int32()))
-        .add_column(0, "param_id", pa.array([sim.param_id] * n, pa.string()))
-    )
+def publish(root: Path, part: WrittenPart) -> None:
+    """Rename a staged part's files into place and fsync their directories."""
+    dirs: set[Path] = set()
+    for rel, info in part.info.items():
+        path = root / rel
+        try:
+            os.replace(root / info.tmp, path)
+        except OSError as exc:
+            raise OutputWriteError(path, exc) from exc
+        dirs.add(path.parent)
+    for d in dirs:
+        _fsync(d, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def unpublish(root: Path, part: WrittenPart) -> None:
+    """Remove a part's files, final and temporary (a part the ledger could not commit)."""
+    for rel, info in part.info.items():
+        (root / rel).unlink(missing_ok=True)
+        (root / info.tmp).unlink(missing_ok=True)
+
+
+def sha256_of(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 _TARGET_SCHEMA = pa.schema(
@@ -220,13 +359,13 @@ _TARGET_SCHEMA = pa.schema(
 )
 
 
-def _write_durably(table: pa.Table, path: Path) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(_TMP_PREFIX + path.name.removeprefix("part-") + ".tmp")
+def _write_durably(table: pa.Table, root: Path, rel: str) -> FileInfo:
+    tmp_rel = tmp_name(rel)
+    tmp = safe_path(root, tmp_rel)  # no directory on the way is a link out of the output
     pq.write_table(table, tmp, compression="zstd")
     _fsync(tmp)
-    os.replace(tmp, path)
-    return path.stat().st_size
+    # The checksum is read back from the page cache right after the write.
+    return FileInfo(tmp_rel, tmp.stat().st_size, sha256_of(tmp))
 
 
 def _fsync(path: Path, flags: int = os.O_RDONLY) -> None:
@@ -398,11 +537,15 @@ class OutputLock:
 
 def write_manifest(root: Path, manifest: Mapping[str, Any]) -> None:
     """Replace manifest.json atomically."""
-    root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
-    _fsync(tmp)
-    os.replace(tmp, root / MANIFEST)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+        _fsync(tmp)
+        os.replace(tmp, root / MANIFEST)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputWriteError(root / MANIFEST, exc) from exc
 
 
 def read_manifest(root: Path) -> dict[str, Any] | None:

@@ -244,8 +244,8 @@ def test_a_param_whose_output_misfits_fails_alone(tmp_path: Path) -> None:
     summary = _summary(proc)
     assert (summary["params"]["ok"], summary["params"]["failed"]) == (7, 1)
     (bad,) = [r for r in read_dataset(tmp_path / "out" / "params") if r["status"] == "failed"]
-    assert bad["param_k"] == 3 and bad["error_type"] == "OutputSchemaMismatch"
-    assert "x: expected double, got string" in bad["error"]
+    assert bad["param_k"] == 3 and bad["error_type"] == "OutputSchemaError"
+    assert "'x': expected double, got string" in bad["error"]
     data = ds.dataset(tmp_path / "out" / "model_outputs" / "data").to_table()
     assert data.schema.field("x").type == "double"
     assert data.num_rows == 7 * 2

@@ -19,7 +19,8 @@ def _summary(proc) -> dict:
 
 def test_output_of_the_unversioned_release_resumes(tmp_path: Path) -> None:
     """The fixture (2 of 3 params committed by the old release) reruns to 3 params, each
-    once: the 2 are skipped, their parts untouched, the third lands in a new part."""
+    once: its ledger is migrated to version 2, the 2 are skipped, their parts untouched,
+    the third lands in a new part with its file sizes and checksums recorded."""
     root = shutil.copytree(OUTPUT_V1, tmp_path / "output_v1")
     out = root / "out"
     old_parts = {p.relative_to(out): p.read_bytes() for p in out.rglob("part-*.parquet")}
@@ -32,9 +33,10 @@ def test_output_of_the_unversioned_release_resumes(tmp_path: Path) -> None:
     ids = [r["param_id"] for r in read_dataset(out / "params")]
     assert len(ids) == len(set(ids)) == 3
     with Ledger(out / "_ledger.sqlite") as ledger:
-        assert ledger.schema_version == 1
+        assert ledger.schema_version == 2
         assert ledger.committed_param_ids() == set(ids)
         assert ledger.next_part() == 3
+        assert [bool(p.sizes) for p in ledger.parts()] == [False, False, True]
     assert {rel: (out / rel).read_bytes() for rel in old_parts} == old_parts
     assert len(read_dataset(out / "model_outputs" / "data")) > 0
     assert sorted(r["param_id"] for r in read_dataset(out / "targets" / "score")) == sorted(ids)

@@ -131,22 +131,22 @@ def test_new_ledger_records_its_schema_version(tmp_path: Path) -> None:
     """A fresh ledger is created through the migrations and carries the newest version."""
     path = tmp_path / LEDGER
     with Ledger(path) as ledger:
-        assert ledger.schema_version == SCHEMA_VERSION == 1
-    assert _user_version(path) == 1
+        assert ledger.schema_version == SCHEMA_VERSION == 2
+    assert _user_version(path) == 2
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (
-            "1",
+            "2",
         )
 
 
-def test_ledger_of_the_unversioned_release_opens_unchanged(tmp_path: Path) -> None:
-    """The fixture's ledger (user_version 0) is version 1, resumes its job, is not rewritten."""
+def test_ledger_of_the_unversioned_release_migrates_to_v2(tmp_path: Path) -> None:
+    """The fixture's ledger (user_version 0, read as version 1) is migrated to version 2
+    on open and resumes its job with its parts, params and counts as they were."""
     root = shutil.copytree(OUTPUT_V1, tmp_path / "output_v1")
     path = root / "out" / LEDGER
-    before = path.read_bytes()
     job = load_job(root / "job.yaml")
     with Ledger(path) as ledger:
-        assert ledger.schema_version == 1
+        assert ledger.schema_version == 2
         assert ledger.bind(job.job_id, job.fingerprint, job.identity()) is True
         committed = ledger.committed_param_ids()
         counts = ledger.counts()
@@ -156,8 +156,10 @@ def test_ledger_of_the_unversioned_release_opens_unchanged(tmp_path: Path) -> No
     assert len(files) == 6 and all((root / "out" / f).is_file() for f in files)
     by_k = {p.values["k"]: p.param_id for p in job.params}
     assert committed == {by_k[0], by_k[1]}
-    assert _user_version(path) == 0
-    assert path.read_bytes() == before
+    assert _user_version(path) == 2
+    with Ledger(path) as ledger:
+        assert [p.sizes for p in ledger.parts()] == [{}, {}]  # v1 parts: total size only
+        assert ledger.intents() == []
 
 
 @pytest.mark.parametrize("content", [b"", b"\x00garbage" * 500], ids=["short", "long"])

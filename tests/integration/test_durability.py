@@ -1,0 +1,114 @@
+"""Disk full on a real (tmpfs) filesystem, and one param's unstorable output, through the
+real `tidegate run`: a LocalCluster, Parquet and SQLite."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import read_dataset, synthetic_spec, tidegate, write_spec
+from tidegate.store import Ledger
+
+
+def _summary(proc: subprocess.CompletedProcess[str]) -> dict:
+    assert proc.stdout.strip(), proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs (needs root, as in CI); skipped where it cannot be mounted."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_full_interrupts_cleanly_and_resumes_exactly_once(tmp_path: Path,
+                                                               small_fs: Path) -> None:
+    """On a full disk `run` exits 130 with a message naming the path and no traceback,
+    the job `interrupted` with the counts the ledger holds, no temporary file left; once
+    the filesystem is grown, a rerun completes every param exactly once."""
+    n = 40
+    spec = synthetic_spec(n, parameters={"values": [{"k": i, "output_bytes": 64 * 1024}
+                                                    for i in range(n)]})
+    path = write_spec(tmp_path / "job.yaml", spec)
+    out = small_fs / "out"
+    args = ("run", path, "--output", out, "--workers", "1", "--flush-params", "2",
+            "--json", "--no-progress")
+    proc = tidegate(*args)
+    assert proc.returncode == 130, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert f"cannot write {out}" in proc.stderr and "no space left on device" in proc.stderr
+    summary = _summary(proc)
+    assert summary["state"] == "interrupted"
+    with Ledger(out / "_ledger.sqlite") as ledger:
+        committed = ledger.counts()
+    assert 0 < committed.params < n
+    assert summary["params"]["ok"] == committed.ok
+    assert [p.name for p in out.rglob(".*")] == []
+    ids = [r["param_id"] for r in read_dataset(out / "params")]
+    assert len(ids) == len(set(ids)) == committed.params
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_fs)], check=True)
+    again = tidegate(*args)
+    assert again.returncode == 0, again.stderr
+    s = _summary(again)
+    assert s["state"] == "succeeded" and s["params"]["resumed"] == committed.params
+    ids = [r["param_id"] for r in read_dataset(out / "params")]
+    assert len(ids) == len(set(ids)) == n
+    data = read_dataset(out / "model_outputs" / "data")
+    assert len({(r["param_id"], r["replicate"]) for r in data}) == 2 * n
+    assert tidegate("verify", out).returncode == 0
+
+
+MODEL = '''
+import pyarrow as pa
+
+def model(params, seed):
+    if params["k"] == 1:  # a column Parquet cannot store
+        x = pa.UnionArray.from_sparse(pa.array([0, 1], pa.int8()),
+                                      [pa.array([1, 2]), pa.array(["a", "b"])])
+    else:
+        x = pa.array([1.0, 2.0])
+    return {"data": pa.table({"x": x})}
+'''
+
+
+def test_one_unstorable_output_fails_only_its_param(tmp_path: Path) -> None:
+    """A param returning a union column fails alone (exit 1, its message names the
+    column); the other params of the same part are written, and a rerun has nothing to
+    redo."""
+    (tmp_path / "badmodel.py").write_text(MODEL)
+    n = 6
+    spec = synthetic_spec(n, model="badmodel:model", code_paths=["."], targets=[],
+                          parameters={"values": [{"k": i} for i in range(n)]})
+    path = write_spec(tmp_path / "job.yaml", spec)
+    args = ("run", path, "--workers", "1", "--json", "--no-progress")
+    proc = tidegate(*args)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    s = _summary(proc)
+    assert s["state"] == "succeeded"
+    assert (s["params"]["ok"], s["params"]["failed"]) == (n - 1, 1)
+    # Unstorable if it came first, else not the first part's type: either way named.
+    assert s["errors"][0]["error"].startswith("OutputSchemaError: output 'data'")
+    assert "'x'" in s["errors"][0]["error"] and "sparse_union" in s["errors"][0]["error"]
+    params = read_dataset(tmp_path / "out" / "params")
+    assert len(params) == n
+    assert [r["error_type"] for r in params if r["status"] == "failed"] == ["OutputSchemaError"]
+    assert len(read_dataset(tmp_path / "out" / "model_outputs" / "data")) == 2 * 2 * (n - 1)
+    again = _summary(tidegate(*args))
+    assert again["params"]["resumed"] == n
