@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import read_dataset, synthetic_spec, tidegate, write_spec
 from tidegate.store import Ledger
+from tidegate.writer import LOCK
 
 
 def _summary(proc: subprocess.CompletedProcess[str]) -> dict:
@@ -59,7 +60,7 @@ def test_disk_full_interrupts_cleanly_and_resumes_exactly_once(tmp_path: Path,
         committed = ledger.counts()
     assert 0 < committed.params < n
     assert summary["params"]["ok"] == committed.ok
-    assert [p.name for p in out.rglob(".*")] == []
+    assert [p.name for p in out.rglob(".*")] == [LOCK]  # no temporaries; the lock stays
     ids = [r["param_id"] for r in read_dataset(out / "params")]
     assert len(ids) == len(set(ids)) == committed.params
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_fs)], check=True)
