@@ -103,6 +103,7 @@ class Service:
         # The cluster's workers as last read (_watch_workers): /readyz is false without.
         self.has_workers = False
         self._no_workers_since: float | None = None
+        self._write_backoff_s = 0.0  # after a failed output write (disk full)
 
     @property
     def token(self) -> str | None:
@@ -450,7 +451,7 @@ class Service:
         state: JobState = JobState.FAILED
         summary: dict[str, Any] | None = None
         error: str | None = None
-        workers_lost = False
+        workers_lost = write_failed = False
         try:  # inside: a job that cannot even start must fail, not stop the daemon
             self.runner = runner = Runner(
                 prepared.job, cluster, self._run_options(), metrics=self.metrics,
@@ -459,6 +460,7 @@ class Service:
             summary = result.as_dict()
             state = self._final_state(record.id, result)
             error = result.error  # a failed output write (disk full): named in the job
+            write_failed = result.error is not None
         except SchedulerLost as exc:
             state, error = JobState.INTERRUPTED, str(exc)
             workers_lost = isinstance(exc, WorkersLost)
@@ -471,8 +473,18 @@ class Service:
             self.queue.finish(record.id, state, summary=summary, error=error)
             self._update_job_gauges()
             log.info("job %s %s", record.id, state, extra={"action": "job_finished"})
+        if not write_failed:
+            self._write_backoff_s = 0.0
         if state == JobState.INTERRUPTED and not self._draining:
-            if workers_lost and cluster.embedded:
+            if write_failed:
+                # Disk full (or the like): the cluster is fine; retrying at once would
+                # loop hot while the disk stays full. Wait, doubling up to a minute.
+                self._write_backoff_s = min(60.0, max(1.0, 2 * self._write_backoff_s))
+                log.warning("job %s could not write its output; retrying in %.0f s", record.id,
+                            self._write_backoff_s, extra={"action": "write_backoff"})
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._shutdown.wait(), self._write_backoff_s)
+            elif workers_lost and cluster.embedded:
                 await self._restart_cluster(error or "no workers")
             elif not workers_lost:
                 await self._reconnect()

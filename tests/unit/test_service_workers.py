@@ -136,3 +136,45 @@ def test_idle_embedded_cluster_without_workers_is_restarted(
             await svc.close()
 
     asyncio.run(scenario())
+
+
+def test_a_full_disk_backs_off_instead_of_looping_or_reconnecting(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every part write fails with ENOSPC: the job is interrupted with the path named, the
+    daemon keeps its cluster (no reconnect) and retries after a growing wait, not at once;
+    once writes work again the job succeeds."""
+    import errno
+
+    from tidegate import writer
+
+    made: list[FakeCluster] = []
+    svc = _service(tmp_path, monkeypatch, made, FakeCluster)
+    real = writer._write_durably
+    full = True
+    attempts = 0
+
+    def write(*args: Any, **kwargs: Any) -> Any:
+        nonlocal attempts
+        if full:
+            attempts += 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(writer, "_write_durably", write)
+
+    async def scenario() -> None:
+        nonlocal full
+        await svc.start()
+        try:
+            svc.submit(synthetic_spec(6))
+            await _until(lambda: svc._write_backoff_s >= 2.0, "a second, longer back-off")
+            record = svc.queue.get("synthetic")  # type: ignore[union-attr]
+            assert "no space left on device" in (record.error or "")
+            assert attempts in (2, 3) and len(made) == 1  # no hot loop; the same cluster
+            full = False
+            await _until(lambda: _state(svc, "synthetic") == "succeeded", "success", 30)
+            assert len(made) == 1
+        finally:
+            await svc.close()
+
+    asyncio.run(scenario())
