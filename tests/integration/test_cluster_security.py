@@ -5,6 +5,7 @@ cluster that lost its workers makes /readyz false until tidegate restarts it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -50,12 +51,15 @@ def test_embedded_cluster_refuses_clients_without_its_credential() -> None:
                 (cluster.address, Security.temporary()),
             ]
             for address, security in attempts:
-                with pytest.raises(Exception):  # noqa: B017 (each transport fails its own way)
-                    other = await Client(address, asynchronous=True, timeout=3,
-                                         security=security)
-                    try:
+                # Made first and closed in any case: a half-made Client left to the garbage
+                # collector tries to close itself on a loop that may be gone by then.
+                other = Client(address, asynchronous=True, timeout=3, security=security)
+                try:
+                    with pytest.raises(Exception):  # noqa: B017 (each transport fails its own way)
+                        await other
                         await asyncio.wait_for(other.submit(_whoami, pure=False), 5)
-                    finally:
+                finally:
+                    with contextlib.suppress(Exception):
                         await other.close()
         finally:
             await cluster.close()
