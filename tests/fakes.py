@@ -34,6 +34,22 @@ def _sim(model: str, values: dict[str, Any], pid: str, rep: int, seed: int,
     return run_sim(model, values, pid, rep, seed)
 
 
+def after_aggs(n: int, action: Callable[[], None]) -> Callable[[FakeTask], Cause | None]:
+    """An ``on_run`` hook calling ``action`` as the ``n``-th agg task starts (say, to
+    disconnect or lose every worker mid-job)."""
+    done = 0
+
+    def hook(task: FakeTask) -> Cause | None:
+        nonlocal done
+        if task.key.startswith("agg-"):
+            done += 1
+            if done == n:
+                action()
+        return None
+
+    return hook
+
+
 @dataclass(slots=True)
 class FakeWorker:
     address: str

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import read_dataset, synthetic_spec
-from tests.fakes import FakeCluster, FakeTask
+from tests.fakes import FakeCluster, FakeTask, after_aggs
 from tidegate.cluster import SchedulerLost
 from tidegate.losses import Cause
 from tidegate.metrics import Metrics
@@ -188,18 +188,8 @@ def test_disconnect_interrupts_and_a_rerun_resumes(tmp_path: Path) -> None:
     """The scheduler goes away after some params: SchedulerLost, the manifest says
     interrupted, the committed params stay; a rerun runs only the rest, once each."""
     job = _job(tmp_path, 20)
-    fake: FakeCluster
-    done = 0
-
-    def count(task: FakeTask) -> Cause | None:
-        nonlocal done
-        if task.key.startswith("agg-"):
-            done += 1
-            if done == 9:
-                fake.disconnect()
-        return None
-
-    fake = FakeCluster(on_run=count)
+    fake = FakeCluster()
+    fake.on_run = after_aggs(9, fake.disconnect)
     with pytest.raises(SchedulerLost):
         _run(job, fake, flush_params=3)
     manifest = read_manifest(job.output_dir)

@@ -10,9 +10,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import read_dataset, synthetic_spec
-from tests.fakes import FakeCluster, FakeTask
+from tests.fakes import FakeCluster, after_aggs
 from tidegate.cluster import WorkersLost
-from tidegate.losses import Cause
 from tidegate.runner import Runner, RunOptions
 from tidegate.simreturn import SimReturn, run_sim, run_target
 from tidegate.spec import job_from_dict
@@ -74,18 +73,8 @@ def test_a_cluster_without_workers_pauses_the_job(tmp_path: Path) -> None:
     """All workers gone mid-job and none back: WorkersLost after no_workers_timeout_s
     (fake clock), the manifest says interrupted, and a rerun with workers finishes it."""
     job = job_from_dict(synthetic_spec(20), base_dir=tmp_path)
-    fake: FakeCluster
-    done = 0
-
-    def lose(task: FakeTask) -> Cause | None:
-        nonlocal done
-        if task.key.startswith("agg-"):
-            done += 1
-            if done == 8:
-                fake.lose_all_workers()
-        return None
-
-    fake = FakeCluster(on_run=lose)
+    fake = FakeCluster()
+    fake.on_run = after_aggs(8, fake.lose_all_workers)
     runner = Runner(job, fake, RunOptions(flush_params=3), clock=fake.clock,
                     no_workers_timeout_s=5.0)
     with pytest.raises(WorkersLost, match="no workers for"):
