@@ -130,8 +130,3 @@ def openapi_document() -> dict[str, Any]:
         },
         "security": [{"bearer": []}],
     }
-
-
-def model_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """One model's JSON Schema with the document's refs, for validating an answer."""
-    return model.model_json_schema(ref_template=REF)

@@ -16,11 +16,6 @@ class JobState(StrEnum):
     CANCELLED = "cancelled"
     INTERRUPTED = "interrupted"
 
-    @property
-    def terminal(self) -> bool:
-        """Finished for good: nothing will run it again unless it is resubmitted."""
-        return self in TERMINAL
-
 
 TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 # What a run can end as; the queue records a cancel requested mid-run as cancelled.

@@ -201,9 +201,6 @@ class Ledger:
         ).fetchone()
         return int(last) + 1
 
-    def meta(self) -> dict[str, str]:
-        return self._meta()
-
     def parts(self) -> list[CommittedPart]:
         sizes: dict[int, dict[str, RecordedFile]] = {}
         for part, file, nbytes, sha in self._db.execute(
