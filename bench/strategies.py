@@ -53,7 +53,7 @@ class Strategy:
         self.cluster = cluster
         self.job = job
         self.output = output
-        self.n = len(job.params)
+        self.n = job.n_params
         self.done = 0
 
     @property

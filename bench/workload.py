@@ -59,13 +59,14 @@ class Tasks:
     def __init__(self, client: Client, job: Job):
         self.client = client
         self.job = job
+        self.all_params = list(job.params)  # a benchmark's jobs are small; indexed by position
         self.tag = key_tag(job.job_id)
         self.outputs = job.spec.outputs != "none"
         self.targets = bool(job.spec.targets)
 
     def submit(self, indices: list[int]) -> list[Submitted]:
         job, reps = self.job, self.job.spec.replicates
-        params = [job.params[i] for i in indices]
+        params = [self.all_params[i] for i in indices]
         seeds = [job.seeds(p.param_id) for p in params]
         sims = self.client.map(
             run_sim,

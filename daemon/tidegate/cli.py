@@ -302,7 +302,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     check_callables(job)
     info = {
         "job_id": job.job_id,
-        "params": len(job.params),
+        "params": job.n_params,
         "replicates": job.spec.replicates,
         "targets": len(job.spec.targets),
         "tasks": job.n_tasks,
@@ -314,7 +314,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(
             f"{args.spec}: ok\n"
             f"  job_id   {job.job_id}\n"
-            f"  params   {len(job.params)} x {job.spec.replicates} replicates, "
+            f"  params   {job.n_params} x {job.spec.replicates} replicates, "
             f"{len(job.spec.targets)} targets\n"
             f"  tasks    {job.n_tasks}\n"
             f"  output   {job.output_dir}"

@@ -126,7 +126,8 @@ class Commit:
             self.close_ledger()
             raise
         try:
-            resumed = ledger.bind(job.job_id, job.fingerprint, job.identity())
+            resumed = ledger.bind(job.job_id, job.fingerprint, job.identity(),
+                                  legacy=job.legacy_identity)
             for line in roll_intents(out, ledger):
                 log.info("%s", line, extra={"action": "intent_resolved"})
             damage = check_parts(out, ledger, full=False)
@@ -143,7 +144,7 @@ class Commit:
         counts = ledger.counts()
         if resumed:
             log.info("resuming job %s: %d of %d params already committed", job.job_id,
-                     counts.params, len(job.params), extra={"action": "job_resumed"})
+                     counts.params, job.n_params, extra={"action": "job_resumed"})
         self._last_flush = now
         self._manifest("running")
         return Resumed(frozenset(ledger.committed_param_ids()), counts.ok, counts.failed)
@@ -254,7 +255,7 @@ class Commit:
                 "spec": spec.model_dump(mode="json"),
                 "source": job.source,
                 "counts": {
-                    "total": len(job.params),
+                    "total": job.n_params,
                     "ok": counts.ok,
                     "failed": counts.failed,
                     "parts": counts.parts,

@@ -25,7 +25,7 @@ from tidegate.limiter import Limiter
 from tidegate.losses import Isolation, Quarantine, WorkerLoss
 from tidegate.metrics import Metrics
 from tidegate.outcome import Disconnected, Failed, Result, Retry, RetryReason, judge, measure
-from tidegate.params import ListSource, ParamSource
+from tidegate.params import ParamSource
 from tidegate.report import Progress, ProgressSink, RunSummary
 from tidegate.simreturn import SimReturn, TargetResult, TaskError
 from tidegate.spec import Job, Param
@@ -57,7 +57,7 @@ class Runner:
         self.job, self.cluster, self.clock = job, cluster, clock
         self.options = options or RunOptions()
         self.progress = progress
-        self.source = source or ListSource(job.params)
+        self.source = source or job.params
         self.limiter = Limiter.of(controller_config(job, self.options), job.spec.replicates,
                                   len(job.spec.targets))
         self.stats = RunStats(job.job_id, self.source.total, metrics or Metrics(), clock)

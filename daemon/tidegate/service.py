@@ -386,7 +386,7 @@ class Service:
         output, root = prepared.job.output_dir, self.config.output_root.resolve()
         record = self.queue.submit(prepared.job.job_id, prepared.spec, str(output), priority,
                                    guard=lambda: _check_output_dir(output, root))
-        log.info("job %s queued (%d params)", record.id, len(prepared.job.params),
+        log.info("job %s queued (%d params)", record.id, prepared.job.n_params,
                  extra={"action": "job_queued"})
         self._update_job_gauges()
         self._jobs_changed.set()
@@ -435,9 +435,12 @@ class Service:
         assert self.queue is not None
         if not await self._await_workers():
             return  # shutting down: the job waits for the next start
-        try:  # expanding a large job takes seconds: off the event loop
+        # The record's id and output are the job's, whatever a later release would derive
+        # from its spec (derived ids have changed between releases).
+        spec = {**record.spec, "job_id": record.id, "output": record.output}
+        try:  # importing the model and reading a params file take time: off the event loop
             prepared = await asyncio.get_running_loop().run_in_executor(
-                None, self.prepare, record.spec)
+                None, self.prepare, spec)
         except (SpecError, Forbidden) as exc:  # the config changed since it was queued
             self.queue.finish(record.id, JobState.FAILED, error=str(exc))
             self._update_job_gauges()

@@ -9,7 +9,6 @@ name, no duplicates) and param files are checked while expanding.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
 import re
@@ -39,6 +38,7 @@ from pydantic import (
 
 from tidegate import simreturn, validation
 from tidegate.knobs import BatchSpec
+from tidegate.params import GridSource, ListSource, Param, ParamSource, Scalar, param_id_of
 from tidegate.validation import (
     ERROR_TYPE,
     ErrorTranslator,
@@ -55,7 +55,6 @@ PARAM_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"  # becomes the Parquet column p
 CALLABLE_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
 PARAM_FILE_SUFFIXES = (".csv", ".parquet", ".jsonl")
 
-Scalar = bool | int | float | str
 
 # A param named "id" would be stored as the column param_id, which is tidegate's own.
 _RESERVED_PARAM_NAMES = frozenset({"id"})
@@ -299,19 +298,6 @@ def parse_yaml(
 # --- params -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Param:
-    param_id: str
-    values: dict[str, Scalar]  # in Job.param_names order
-
-
-def param_id_of(values: Mapping[str, Scalar]) -> str:
-    """Stable id of a parameter set: 1 and 1.0 differ, key order does not matter."""
-    # json writes floats with repr, the shortest spelling that round-trips.
-    text = json.dumps(dict(values), sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def replicate_seed(job_seed: int, param_id: str, replicate: int) -> int:
     digest = hashlib.sha256(f"{job_seed}:{param_id}:{replicate}".encode()).digest()
     return int.from_bytes(digest[:8], "big") & (2**63 - 1)
@@ -321,7 +307,7 @@ def replicate_seed(job_seed: int, param_id: str, replicate: int) -> int:
 class _Expanded:
     names: list[str]
     types: dict[str, str]
-    rows: list[dict[str, Scalar]]
+    source: ParamSource
 
 
 _GROUP_TEXT = {"bool": "true or false", "number": "a number", "str": "a string"}
@@ -374,8 +360,7 @@ def _expand_grid(grid: Mapping[str, list[Scalar]]) -> _Expanded:
         columns.append(column)
     if errors:
         raise SpecError(errors)
-    rows = [dict(zip(names, combo, strict=True)) for combo in itertools.product(*columns)]
-    return _Expanded(names, types, rows)
+    return _Expanded(names, types, GridSource(names, columns))
 
 
 def _expand_rows(rows: list[tuple[str, Mapping[str, Any]]]) -> _Expanded:
@@ -411,7 +396,9 @@ def _expand_rows(rows: list[tuple[str, Mapping[str, Any]]]) -> _Expanded:
         raise SpecError(
             [FieldError(rows[j][0], "unique parameter sets", f"a duplicate of {rows[i][0]}")]
         )
-    return _Expanded(names, types, [dict(zip(names, k, strict=True)) for k in keys])
+    params = [Param(param_id_of(values), values)
+              for values in (dict(zip(names, k, strict=True)) for k in keys)]
+    return _Expanded(names, types, ListSource(params))
 
 
 _READERS: dict[str, Callable[[Path], pa.Table]] = {
@@ -536,13 +523,13 @@ def _expand(spec: JobSpec, base_dir: Path, limits: SpecLimits) -> _Expanded:
 
 @dataclass(frozen=True)
 class Job:
-    """A validated, expanded, path-resolved spec."""
+    """A validated, path-resolved spec; its params are a source, expanded as they run."""
 
     spec: JobSpec
     source: str
     base_dir: Path
     job_id: str
-    params: list[Param]
+    params: ParamSource
     param_names: list[str]
     param_types: dict[str, str]
     code_paths: list[Path]
@@ -553,19 +540,32 @@ class Job:
         return [replicate_seed(self.spec.seed, param_id, r) for r in range(self.spec.replicates)]
 
     @property
+    def n_params(self) -> int:
+        return self.params.total
+
+    @property
     def n_tasks(self) -> int:
-        return len(self.params) * (self.spec.replicates + len(self.spec.targets))
+        return self.n_params * (self.spec.replicates + len(self.spec.targets))
 
     def identity(self) -> dict[str, Any]:
-        return _identity(self.spec, self.params, self.param_names)
+        return _identity(self.spec, self.params.digest, self.param_names)
+
+    def legacy_identity(self) -> dict[str, Any]:
+        """The identity releases before lazy params recorded: every param id, listed.
+        A pass over every param, made only to adopt such a ledger (see Ledger.bind)."""
+        identity = _identity(self.spec, "", self.param_names)
+        del identity["params"]
+        identity["param_ids"] = [p.param_id for p in self.params]
+        return identity
 
 
-def _identity(spec: JobSpec, params: list[Param], names: list[str]) -> dict[str, Any]:
+def _identity(spec: JobSpec, params_digest: str, names: list[str]) -> dict[str, Any]:
     """What makes two runs the same job. Not job_id, code_paths, output or batch: B may
-    change between runs of one job and its output can move."""
+    change between runs of one job and its output can move. The params enter by their
+    source's digest, computed from the spec's shape without expanding a grid."""
     return {
         "model": spec.model,
-        "param_ids": [p.param_id for p in params],
+        "params": params_digest,
         "param_names": list(names),
         "replicates": spec.replicates,
         "seed": spec.seed,
@@ -608,8 +608,7 @@ def job_from_dict(
         expanded = _expand(spec, base_dir, limits)
     except SpecError as exc:
         raise SpecError(exc.errors, source) from None
-    params = [Param(param_id_of(values), values) for values in expanded.rows]
-    fingerprint = _fingerprint(_identity(spec, params, expanded.names))
+    fingerprint = _fingerprint(_identity(spec, expanded.source.digest, expanded.names))
     job_id = spec.job_id or _derived_job_id(spec.model, fingerprint)
     if output is not None:
         output_dir = Path(output).resolve()
@@ -622,7 +621,7 @@ def job_from_dict(
         source=source,
         base_dir=base_dir,
         job_id=job_id,
-        params=params,
+        params=expanded.source,
         param_names=expanded.names,
         param_types=expanded.types,
         code_paths=[(base_dir / p).resolve() for p in spec.code_paths],

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,27 +156,39 @@ class Ledger:
 
     # --- identity -------------------------------------------------------------------
 
-    def bind(self, job_id: str, fingerprint: str, identity: Mapping[str, Any]) -> bool:
+    def bind(self, job_id: str, fingerprint: str, identity: Mapping[str, Any],
+             legacy: Callable[[], Mapping[str, Any]] | None = None) -> bool:
         """Claim this ledger for a job; True if it already held the same job (a resume).
 
-        Raises LedgerMismatch if it holds a job with another fingerprint.
+        A ledger recorded by a release that listed every param id in the identity is
+        adopted when ``legacy()`` (that form of this job's identity) matches it; the pass
+        over every param it costs is paid once, by such a ledger only. Raises
+        LedgerMismatch if it holds a job with another fingerprint.
         """
         stored = self._meta()
         if "fingerprint" in stored:
             if stored["fingerprint"] == fingerprint:
                 return True
             old = json.loads(stored.get("identity", "{}"))
-            differs = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+            if ("param_ids" in old and legacy is not None
+                    and json.loads(_identity_text(legacy())) == old):
+                self._write_identity(job_id, fingerprint, identity)
+                return True
+            differs = sorted({"params" if k == "param_ids" else k
+                              for k in set(old) | set(identity) if old.get(k) != identity.get(k)})
             raise LedgerMismatch(self.path, differs or ["fingerprint"])
+        self._write_identity(job_id, fingerprint, identity)
+        return False
+
+    def _write_identity(self, job_id: str, fingerprint: str, identity: Mapping[str, Any]) -> None:
         rows = {
             "schema_version": str(SCHEMA_VERSION),
             "job_id": job_id,
             "fingerprint": fingerprint,
-            "identity": json.dumps(identity, sort_keys=True, separators=(",", ":")),
+            "identity": _identity_text(identity),
         }
         with self._transaction():
             self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", rows.items())
-        return False
 
     def _meta(self) -> dict[str, str]:
         return dict(self._db.execute("SELECT key, value FROM meta").fetchall())
@@ -328,3 +340,7 @@ class _Transaction:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             raise
+
+
+def _identity_text(identity: Mapping[str, Any]) -> str:
+    return json.dumps(identity, sort_keys=True, separators=(",", ":"))

@@ -44,7 +44,7 @@ def _commit(job: Job) -> Commit:
 
 
 def _record(commit: Commit, job: Job, i: int, table: pa.Table) -> Any:
-    p = job.params[i]
+    p = list(job.params)[i]
     return commit.record(p.param_id, p.values, job.seeds(p.param_id), None,
                          [_sim(p.param_id, 0, table)])
 
@@ -196,7 +196,7 @@ def test_an_intent_whose_files_are_in_place_rolls_forward(tmp_path: Path) -> Non
     job = _job(tmp_path)
     _intent(job, published=True)
     resumed = _commit(job).resume(0)
-    assert resumed.committed == {job.params[0].param_id}
+    assert resumed.committed == {next(iter(job.params)).param_id}
     with Ledger(job.output_dir / LEDGER) as ledger:
         assert ledger.intents() == [] and len(ledger.parts()[0].sizes) == 2
 
@@ -283,7 +283,7 @@ def test_verify_finds_a_bit_flip_resume_does_not_see(tmp_path: Path,
     assert "part 1: un-committed" in capsys.readouterr().out
     assert main(["verify", str(out)]) == 0
     resumed = _commit(job).resume(0)
-    assert resumed.committed == {job.params[0].param_id}
+    assert resumed.committed == {next(iter(job.params)).param_id}
 
 
 def test_verify_rebuilds_a_lost_ledger_from_the_parts(tmp_path: Path,
@@ -298,7 +298,7 @@ def test_verify_rebuilds_a_lost_ledger_from_the_parts(tmp_path: Path,
     assert main(["verify", str(out), "--repair", "--json"]) == 0
     assert '"clean": true' in capsys.readouterr().out
     resumed = _commit(job).resume(0)
-    assert resumed.committed == {job.params[0].param_id, job.params[1].param_id}
+    assert resumed.committed == {next(iter(job.params)).param_id, list(job.params)[1].param_id}
     assert (resumed.ok, resumed.failed) == (2, 0)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from tidegate.migrations import SchemaError, SchemaTooNew
 from tidegate.simreturn import TaskError, run_sim, run_target
@@ -141,12 +142,18 @@ def test_new_ledger_records_its_schema_version(tmp_path: Path) -> None:
 
 def test_ledger_of_the_unversioned_release_migrates_to_v2(tmp_path: Path) -> None:
     """The fixture's ledger (user_version 0, read as version 1) is migrated to version 2
-    on open and resumes its job with its parts, params and counts as they were."""
+    on open and resumes its job with its parts, params and counts as they were. Its
+    identity lists every param id (as that release recorded it): it is adopted once, by
+    comparing that form, and holds the digest form afterwards."""
     root = shutil.copytree(OUTPUT_V1, tmp_path / "output_v1")
     path = root / "out" / LEDGER
     job = load_job(root / "job.yaml")
     with Ledger(path) as ledger:
         assert ledger.schema_version == 2
+        with pytest.raises(LedgerMismatch, match=r"differs in: params\)"):
+            ledger.bind(job.job_id, job.fingerprint, job.identity())  # no legacy form given
+        assert ledger.bind(job.job_id, job.fingerprint, job.identity(),
+                           legacy=job.legacy_identity) is True
         assert ledger.bind(job.job_id, job.fingerprint, job.identity()) is True
         committed = ledger.committed_param_ids()
         counts = ledger.counts()
@@ -160,6 +167,23 @@ def test_ledger_of_the_unversioned_release_migrates_to_v2(tmp_path: Path) -> Non
     with Ledger(path) as ledger:
         assert [p.sizes for p in ledger.parts()] == [{}, {}]  # v1 parts: total size only
         assert ledger.intents() == []
+
+
+def test_ledger_of_the_unversioned_release_refuses_other_params(tmp_path: Path) -> None:
+    """Adopting a ledger that lists param ids compares them: one more param is another
+    job, refused naming the params, and the ledger keeps its old identity."""
+    root = shutil.copytree(OUTPUT_V1, tmp_path / "output_v1")
+    spec = yaml.safe_load((root / "job.yaml").read_text())
+    spec["parameters"]["values"].append({"k": 3, "output_bytes": 256, "run_seconds": 0.0})
+    (root / "job.yaml").write_text(yaml.safe_dump(spec))
+    job = load_job(root / "job.yaml")
+    path = root / "out" / LEDGER
+    with Ledger(path) as ledger:
+        before = ledger._meta()
+    with Ledger(path) as ledger, pytest.raises(LedgerMismatch, match=r"differs in: params\)"):
+        ledger.bind(job.job_id, job.fingerprint, job.identity(), legacy=job.legacy_identity)
+    with Ledger(path) as ledger:
+        assert ledger._meta() == before
 
 
 @pytest.mark.parametrize("content", [b"", b"\x00garbage" * 500], ids=["short", "long"])

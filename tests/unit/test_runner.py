@@ -72,7 +72,7 @@ def test_killed_worker_is_resubmitted_then_recorded(tmp_path: Path) -> None:
     """A param whose every worker crashes gets KilledWorker, is resubmitted twice (keys
     -r1, -r2) and then recorded failed; a crash is no memory kill, so no quarantine."""
     job = _job(tmp_path, 6)
-    bad = job.params[2].param_id
+    bad = list(job.params)[2].param_id
 
     def crash(task: FakeTask) -> Cause | None:
         return Cause.CRASH if task.param_id == bad and task.key.startswith("sim-") else None
@@ -92,7 +92,7 @@ def test_poison_param_is_isolated_then_quarantined(tmp_path: Path) -> None:
     runs alone (nothing else in flight), is killed alone and quarantined with the
     worker's limit in the message; every other param completes."""
     job = _job(tmp_path, 12)
-    poison = job.params[1].param_id
+    poison = list(job.params)[1].param_id
     alone_runs: list[set[str]] = []
     fake: FakeCluster
 
@@ -119,7 +119,7 @@ def test_a_suspect_waits_for_cancelled_tasks_still_running(tmp_path: Path) -> No
     must not be running "alone" beside it (it was quarantined so under load, when a
     fixed wait after the cancellation was the only guard)."""
     job = _job(tmp_path, 2)
-    poison, innocent = job.params[0].param_id, job.params[1].param_id
+    poison, innocent = next(iter(job.params)).param_id, list(job.params)[1].param_id
 
     def kill(task: FakeTask) -> Cause | None:
         return Cause.MEMORY_TERMINATE if task.param_id == poison else None
@@ -139,7 +139,7 @@ def test_a_suspect_waits_for_cancelled_tasks_still_running(tmp_path: Path) -> No
 def test_innocent_suspect_completes_alone(tmp_path: Path) -> None:
     """A param on two memory-killed workers that runs fine alone is not quarantined."""
     job = _job(tmp_path, 8)
-    suspect = job.params[0].param_id
+    suspect = next(iter(job.params)).param_id
     kills = 0
 
     def kill(task: FakeTask) -> Cause | None:

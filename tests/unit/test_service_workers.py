@@ -5,6 +5,7 @@ cluster that lost its workers is restarted."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -178,3 +179,29 @@ def test_a_full_disk_backs_off_instead_of_looping_or_reconnecting(
             await svc.close()
 
     asyncio.run(scenario())
+
+
+def test_a_queued_job_keeps_its_recorded_id_and_output(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job queued under an id its spec would not derive today (ids derived by another
+    release) runs as that id, into its recorded output, not into a newly derived one."""
+    made: list[FakeCluster] = []
+    svc = _service(tmp_path, monkeypatch, made, lambda: FakeCluster())
+    spec = synthetic_spec(4)
+    del spec["job_id"]
+    output = tmp_path / "out" / "synthetic-0ld1d000"
+
+    async def scenario() -> None:
+        await svc.start()
+        try:
+            assert svc.queue is not None
+            svc.queue.submit("synthetic-0ld1d000", spec, str(output))
+            svc._jobs_changed.set()
+            await _until(lambda: _state(svc, "synthetic-0ld1d000") == "succeeded", "succeeded")
+        finally:
+            await svc.close()
+
+    asyncio.run(scenario())
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["job_id"] == "synthetic-0ld1d000"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [output.name]

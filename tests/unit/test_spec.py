@@ -9,6 +9,7 @@ import math
 import re
 import sys
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from hypothesis import given, settings
 from tests.strategies import grids
 from tidegate.spec import (
     ID_PATTERN,
+    RUN_LIMITS,
     FieldError,
     Job,
     SpecError,
@@ -107,9 +109,10 @@ def test_seeds_are_stable_and_distinct(tmp_path: Path) -> None:
     job, again = load(tmp_path, spec()), load(tmp_path, spec())
     seeds = [s for p in job.params for s in job.seeds(p.param_id)]
     assert seeds == [s for p in again.params for s in again.seeds(p.param_id)]
-    assert len(seeds) == len(job.params) * 3 == len(set(seeds))
+    assert len(seeds) == job.n_params * 3 == len(set(seeds))
     assert all(0 <= s < 2**63 for s in seeds)
-    assert job.seeds(job.params[0].param_id)[1] == replicate_seed(2024, job.params[0].param_id, 1)
+    first = next(iter(job.params)).param_id
+    assert job.seeds(first)[1] == replicate_seed(2024, first, 1)
 
 
 def test_values_form_equals_grid(tmp_path: Path) -> None:
@@ -117,7 +120,7 @@ def test_values_form_equals_grid(tmp_path: Path) -> None:
     grid_job = load(tmp_path, spec())
     values = [p.values for p in grid_job.params]
     values_job = load(tmp_path, spec(parameters={"values": values}))
-    assert values_job.params == grid_job.params
+    assert list(values_job.params) == list(grid_job.params)
     assert values_job.param_types == grid_job.param_types
 
 
@@ -147,7 +150,7 @@ def test_file_form_equals_grid(tmp_path: Path, suffix: str) -> None:
     _write_param_file(tmp_path / "data" / f"params{suffix}", [p.values for p in grid_job.params])
     file_job = load(tmp_path, spec(parameters={"file": f"data/params{suffix}"}))
     assert file_job.param_types == {"beta": "float", "n": "int", "kind": "str", "flag": "bool"}
-    assert file_job.params == grid_job.params
+    assert list(file_job.params) == list(grid_job.params)
 
 
 def test_int_and_float_unify_to_float(tmp_path: Path) -> None:
@@ -155,18 +158,18 @@ def test_int_and_float_unify_to_float(tmp_path: Path) -> None:
     mixed = load(tmp_path, spec(parameters={"grid": {"beta": [1, 0.5]}}))
     floats = load(tmp_path, spec(parameters={"grid": {"beta": [1.0, 0.5]}}))
     assert mixed.param_types == {"beta": "float"}
-    assert mixed.params[0].values == {"beta": 1.0}
-    assert isinstance(mixed.params[0].values["beta"], float)
+    assert next(iter(mixed.params)).values == {"beta": 1.0}
+    assert isinstance(next(iter(mixed.params)).values["beta"], float)
     assert [p.param_id for p in mixed.params] == [p.param_id for p in floats.params]
     values = load(tmp_path, spec(parameters={"values": [{"beta": 1}, {"beta": 0.5}]}))
-    assert values.params == floats.params
+    assert list(values.params) == list(floats.params)
 
 
 def test_ints_stay_ints_and_differ_from_floats(tmp_path: Path) -> None:
     """A name whose values are all ints stays int, and 1 is not the same param as 1.0."""
     job = load(tmp_path, spec(parameters={"grid": {"n": [1, 2]}}))
     assert job.param_types == {"n": "int"}
-    assert job.params[0].param_id != param_id_of({"n": 1.0})
+    assert next(iter(job.params)).param_id != param_id_of({"n": 1.0})
 
 
 def test_defaults(tmp_path: Path) -> None:
@@ -212,9 +215,26 @@ def test_fingerprint_ignores_where_and_how_but_not_what(tmp_path: Path) -> None:
     job = load(tmp_path, spec())
     identity = job.identity()
     assert set(identity) == {
-        "model", "param_ids", "param_names", "replicates", "seed", "targets", "outputs"
+        "model", "params", "param_names", "replicates", "seed", "targets", "outputs"
     }
     assert json.loads(json.dumps(identity)) == identity
+
+
+def test_a_grid_is_never_expanded_to_be_counted_or_identified(tmp_path: Path) -> None:
+    """A grid of 10^12 params (limits raised) loads with its size, fingerprint and first
+    param at once: nothing walks the product until the params are asked for."""
+    axes = {f"x{i}": list(range(100)) for i in range(6)}
+    limits = replace(RUN_LIMITS, max_params=10**12, max_tasks=10**14)
+    job = job_from_dict(spec(parameters={"grid": axes}), base_dir=tmp_path, limits=limits)
+    assert job.n_params == 10**12
+    assert job.n_tasks == 10**12 * (3 + 1)
+    first = next(iter(job.params))
+    assert first.values == dict.fromkeys(axes, 0)
+    again = job_from_dict(spec(parameters={"grid": axes}), base_dir=tmp_path, limits=limits)
+    assert again.fingerprint == job.fingerprint
+    reordered = {**axes, "x5": list(reversed(range(100)))}
+    other = job_from_dict(spec(parameters={"grid": reordered}), base_dir=tmp_path, limits=limits)
+    assert other.fingerprint != job.fingerprint  # same set, another order: another job
 
 
 def test_spec_json_schema_lists_the_fields() -> None:
@@ -508,6 +528,6 @@ def test_any_grid_expands_deterministically(grid: dict[str, list[Any]]) -> None:
     ids = [p.param_id for p in first.params]
     assert len(ids) == math.prod(len(v) for v in grid.values())
     assert len(set(ids)) == len(ids)
-    assert first.params == again.params
+    assert list(first.params) == list(again.params)
     assert first.fingerprint == again.fingerprint
-    assert first.params[-1].values == {k: v[-1] for k, v in grid.items()}
+    assert list(first.params)[-1].values == {k: v[-1] for k, v in grid.items()}
