@@ -20,6 +20,9 @@ from typing import Any, cast
 UNMANAGED_WINDOW = 30
 # Shortest run time Little's law uses, so a 0 s measurement cannot divide by zero.
 MIN_RUN_S = 1e-4
+# A sim's memory request is rounded up to whole MiB: requests that differ by a few bytes
+# of measurement noise pack the same way, and the log stays readable.
+REQUEST_STEP = 2**20
 
 
 def _is_int(value: object) -> bool:
@@ -140,12 +143,19 @@ class WorkerMemory:
     address: str
     nthreads: int
     memory_limit: int  # bytes; 0 = no limit, so this worker imposes no memory ceiling
-    used: int  # process RSS
+    used: int  # RSS of the worker's process tree where it reports one, else of its process
     managed: int  # bytes of results Dask holds on it
     paused: bool = False
+    # The worker's tidegate-memory resource: bytes of its memory limit, registered by
+    # tidegate's worker plugin. 0: not registered (per-worker admission is off for it).
+    capacity: int = 0
+    # Its process tree's RSS the last time it ran nothing; None while unknown.
+    idle: int | None = None
 
     def __post_init__(self) -> None:
-        _check_counts(self, nthreads=1, memory_limit=0, used=0, managed=0)
+        _check_counts(self, nthreads=1, memory_limit=0, used=0, managed=0, capacity=0)
+        if self.idle is not None:
+            _check_counts(self, idle=0)
 
     def pressed(self, high_water: float) -> bool:
         limited = self.memory_limit > 0
@@ -189,6 +199,14 @@ class Decision:
     admit: bool  # False under memory pressure: the runner stops admitting
     action: Action
     reason: str
+    # Per-worker admission: bytes of tidegate-memory each sim requests (0: off) and the
+    # sims each worker may run at once under it, (address, slots) in the workers' order.
+    sim_request: int = 0
+    slots: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def total_slots(self) -> int:
+        return sum(n for _, n in self.slots)
 
 
 def params_fitting(
@@ -242,6 +260,50 @@ def useful_ceiling(
     return math.ceil(threads * (run + latency) / run * saturation / replicates)
 
 
+def sim_request(capacities: Iterable[int], work: int | None, fraction: float) -> int:
+    """Bytes of the tidegate-memory resource one sim requests; 0 when no worker has it.
+
+    Dask starts a restricted task on a worker only while the requests of the tasks it
+    runs fit the worker's total, so requesting ``work / fraction`` keeps the working
+    memory of the sims running on one worker within ``fraction`` of its limit. Before any
+    sim was measured (``work`` None) a sim requests the smallest worker's whole capacity:
+    one sim per worker, since one could need all of it. Never more than the largest
+    worker's capacity, so a sim always has a worker to wait for (Dask would leave a larger
+    request in ``no-worker`` forever); one that then needs more is killed alone there and
+    quarantined.
+    """
+    caps = [c for c in capacities if c > 0]
+    if not caps:
+        return 0
+    if work is None:
+        return min(caps)
+    need = max(1, math.ceil(max(0, work) / fraction))
+    need = -(-need // REQUEST_STEP) * REQUEST_STEP
+    return min(need, max(caps))
+
+
+def worker_slots(w: WorkerMemory, request: int) -> int:
+    """Sims the worker runs at once: its threads, fewer where its capacity holds fewer
+    requests (0 on a worker too small for one: Dask places none there)."""
+    if request <= 0 or w.capacity <= 0:
+        return w.nthreads
+    return min(w.nthreads, w.capacity // request)
+
+
+def results_ceiling(
+    budgets_slots: Sequence[tuple[int, int]], cost: int, total_slots: int
+) -> int | None:
+    """The params whose results the workers hold: each worker's budget for results
+    (its limit at high water less its idle memory and its running sims' working memory)
+    over what one param's results cost, scaled by the share of the params it runs
+    (its slots of all). The fullest worker sets the ceiling; None if none bounds it."""
+    if cost <= 0 or total_slots <= 0:
+        return None
+    ceilings = [max(0, budget) * total_slots // (cost * slots)
+                for budget, slots in budgets_slots if slots > 0]
+    return min(ceilings, default=None)
+
+
 def _quantile(values: Iterable[int], q: float) -> int:
     ordered = sorted(values)  # nearest rank: a sample that was seen, no interpolation
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
@@ -254,6 +316,13 @@ class _Estimate:
     useful_ceiling: int | None
     budget_bytes: int
     cost_bytes: int
+    sim_request: int = 0
+    slots: tuple[tuple[str, int], ...] = ()
+    floor: int = 1  # params that give every slot a sim: B never goes below it
+
+    @property
+    def total_slots(self) -> int:
+        return sum(n for _, n in self.slots)
 
 
 class Controller:
@@ -325,7 +394,10 @@ class Controller:
         est = self._estimate()
         if self.config.pinned is not None:
             return self._emit(self.config.pinned, est, Action.HOLD, "pinned")
-        new = self._clamp(min(est.target, math.floor(b * self.config.backoff)))
+        # Not below the floor: per-worker requests already keep sims that cannot share a
+        # worker apart, and the bumped estimate has just raised them; halving B further
+        # would only idle workers.
+        new = self._clamp(max(est.floor, min(est.target, math.floor(b * self.config.backoff))))
         admit = not any(w.pressed(self.config.high_water) for w in self._workers())
         reason = f"OOM event #{self._oom_events}: {b} -> {new}"
         return self._emit(new, est, Action.BACKOFF, reason, admit=admit)
@@ -348,6 +420,10 @@ class Controller:
             return self._emit(new, est, Action.SHRINK, reason, admit=False)
         if target < b:
             return self._emit(target, est, Action.SHRINK, f"ceiling: {b} -> {target}")
+        if b < est.floor and obs.pending > 0:
+            # Every slot a sim, at once: the requests keep each worker within its memory.
+            reason = f"slots: {b} -> {est.floor} ({est.total_slots} sims fit at once)"
+            return self._emit(est.floor, est, Action.GROW, reason)
         if not self._sim_bytes:
             return self._emit(b, est, Action.HOLD, "slow start: growth waits for result sizes")
         if self._last_oom is not None and obs.now < self._last_oom + cfg.cooldown_s:
@@ -374,7 +450,8 @@ class Controller:
         if self.config.pinned is None:
             self._batch = size
         return Decision(size, est.target, est.memory_ceiling, est.useful_ceiling,
-                        est.budget_bytes, est.cost_bytes, admit, action, reason)
+                        est.budget_bytes, est.cost_bytes, admit, action, reason,
+                        est.sim_request, est.slots)
 
     # --- estimates --------------------------------------------------------------------
 
@@ -391,9 +468,12 @@ class Controller:
         cfg = self.config
         if cfg.initial_size is not None:
             return cfg.initial_size
-        threads = sum(w.nthreads for w in obs.workers) if obs is not None else 0
-        replicates = obs.replicates if obs is not None else 1
-        return self._clamp(max(1, threads // replicates))
+        if obs is None:
+            return self._clamp(1)
+        # One sim per slot, a slot per worker until working memory is measured.
+        request = sim_request((w.capacity for w in obs.workers), None, cfg.memory_fraction)
+        slots = sum(worker_slots(w, request) for w in obs.workers)
+        return self._clamp(max(1, slots // obs.replicates))
 
     def _remember(self, obs: Observation) -> None:
         seen = {w.address for w in obs.workers}
@@ -419,19 +499,58 @@ class Controller:
     def _estimate(self) -> _Estimate:
         cfg, workers = self.config, self._workers()
         r, t = (self._last.replicates, self._last.targets) if self._last is not None else (1, 0)
-        threads = sum(w.nthreads for w in workers)
-        budgets = [(self._budget(w), w.nthreads) for w in workers if w.memory_limit > 0]
-        cost = mem = useful = None
+        work = cost = None
         if self._sim_bytes:
             q = cfg.quantile
             agg = _quantile(self._agg_bytes, q) if self._agg_bytes else 0
             cost = self._bumped(r * _quantile(self._sim_bytes, q) + t * agg)
             work = self._bumped(_quantile(self._work_bytes, q))
+        request = sim_request((w.capacity for w in workers), work, cfg.memory_fraction)
+        if request:
+            return self._per_worker(workers, r, cost, work, request)
+        # No worker carries the resource: the cluster-wide model, from worker threads.
+        threads = sum(w.nthreads for w in workers)
+        budgets = [(self._budget(w), w.nthreads) for w in workers if w.memory_limit > 0]
+        mem = useful = None
+        if cost is not None and work is not None:
             mem = memory_ceiling(budgets, cost, work, r, total_threads=threads)
-        if self._run_s and threads > 0:
-            run = statistics.median(self._run_s)
-            latency = min(self._latency_s, default=0.0)  # BBR-style min: queueing excluded
-            useful = useful_ceiling(threads, run, latency, cfg.saturation, r)
+        useful = self._useful(threads, r)
         known = [c for c in (mem, useful) if c is not None]
         target = self._clamp(min(known) if known else self.batch_size)
-        return _Estimate(target, mem, useful, sum(b for b, _ in budgets), cost or 0)
+        slots = tuple((w.address, w.nthreads) for w in workers)
+        return _Estimate(target, mem, useful, sum(b for b, _ in budgets), cost or 0,
+                         0, slots, 1)
+
+    def _per_worker(self, workers: Sequence[WorkerMemory], r: int, cost: int | None,
+                    work: int | None, request: int) -> _Estimate:
+        """Dask keeps each worker's running sims within its capacity (the requests); B
+        bounds the results the workers hold, and never leaves a slot without a sim."""
+        slots = tuple((w.address, worker_slots(w, request)) for w in workers)
+        total = sum(n for _, n in slots)
+        floor = self._clamp(max(1, math.ceil(total / r)))
+        budgets = []
+        for w, (_, n) in zip(workers, slots, strict=True):
+            if w.memory_limit > 0:
+                budgets.append((self._results_budget(w, n, work or 0), n))
+        mem = None
+        if cost is not None:
+            fits = results_ceiling(budgets, cost, total)
+            mem = None if fits is None else max(floor, fits)
+        useful = self._useful(total, r)
+        known = [c for c in (mem, useful) if c is not None]
+        target = self._clamp(max(floor, min(known)) if known else max(floor, self.batch_size))
+        return _Estimate(target, mem, useful, sum(max(0, b) for b, _ in budgets), cost or 0,
+                         request, slots, floor)
+
+    def _results_budget(self, w: WorkerMemory, slots: int, work: int) -> int:
+        # The idle tree RSS where the worker reports it: the windowed minimum of RSS less
+        # results also holds the working memory of sims that never stop running.
+        base = w.idle if w.idle is not None else min(self._unmanaged[w.address])
+        return math.floor(self.config.high_water * w.memory_limit) - base - slots * work
+
+    def _useful(self, threads: int, r: int) -> int | None:
+        if not self._run_s or threads <= 0:
+            return None
+        run = statistics.median(self._run_s)
+        latency = min(self._latency_s, default=0.0)  # BBR-style min: queueing excluded
+        return useful_ceiling(threads, run, latency, self.config.saturation, r)

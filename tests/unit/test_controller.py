@@ -26,7 +26,9 @@ from tidegate.controller import (
     WorkerMemory,
     memory_ceiling,
     params_fitting,
+    sim_request,
     useful_ceiling,
+    worker_slots,
 )
 
 MiB = 2**20
@@ -478,3 +480,120 @@ def test_ceiling_drop_shrinks_at_once() -> None:
     controller.observe_sim(40 * MiB, 1.0, 0)
     d = controller.decide(observe(workers))
     assert (d.memory_ceiling, d.batch_size, d.action) == (10, 10, Action.SHRINK)
+
+
+# --- per-worker admission (workers carrying the tidegate-memory resource) ---------------
+
+
+def capped(address: str = "a", *, threads: int = 1, limit: int = 400 * MiB, used: int = 0,
+           idle: int | None = 100 * MiB) -> WorkerMemory:
+    """A worker whose memory limit is registered as its tidegate-memory capacity."""
+    return WorkerMemory(address, threads, limit, used, 0, capacity=limit, idle=idle)
+
+
+def test_sim_request_before_measurement_is_the_smallest_whole_worker() -> None:
+    assert sim_request([400 * MiB, 800 * MiB], None, 0.5) == 400 * MiB
+    assert sim_request([0, 0], None, 0.5) == 0
+    assert sim_request([], 100, 0.5) == 0
+
+
+def test_sim_request_is_work_over_fraction_in_whole_mib_capped_at_the_largest_worker() -> None:
+    assert sim_request([400 * MiB], 120 * MiB, 0.5) == 240 * MiB
+    assert sim_request([400 * MiB], 120 * MiB + 1, 0.5) == 241 * MiB
+    assert sim_request([400 * MiB], 0, 0.5) == MiB
+    # 230 MiB / 0.5 is more than any worker holds: the largest whole worker, never more.
+    assert sim_request([450 * MiB, 300 * MiB], 230 * MiB, 0.5) == 450 * MiB
+
+
+def test_worker_slots_are_threads_bounded_by_capacity() -> None:
+    w = capped(threads=4, limit=1000 * MiB)
+    assert worker_slots(w, 300 * MiB) == 3
+    assert worker_slots(w, 100 * MiB) == 4
+    assert worker_slots(w, 1001 * MiB) == 0
+    assert worker_slots(worker(threads=4), 300 * MiB) == 4  # no capacity: admission is off
+
+
+def _measured(c: Controller, *, nbytes: int, run: float, work: int, n: int = 5) -> None:
+    for _ in range(n):
+        c.observe_sim(nbytes, run, work)
+    c.observe_latency(0.01)
+
+
+def test_first_window_is_one_sim_per_worker() -> None:
+    c = Controller()
+    d = c.decide(observe((capped("a", threads=2), capped("b", threads=2)), inflight=0))
+    assert d.sim_request == 400 * MiB
+    assert d.slots == (("a", 1), ("b", 1))
+    assert d.batch_size == 2
+
+
+def test_pile_up_keeps_both_workers_busy_and_bounds_results_per_worker() -> None:
+    """2 workers x 1 thread x 400 MB, 120 MB working memory, 4 MB results: a sim per
+    worker always, B bounded by the results the fullest worker holds, not by the
+    working memory of every thread (the cluster-wide model gave B 1)."""
+    c = Controller()
+    workers = (capped("a"), capped("b"))
+    c.decide(observe(workers, 0.0, inflight=0))
+    _measured(c, nbytes=4 * MiB, run=1.0, work=120 * MiB)
+    d = c.decide(observe(workers, 1.0, inflight=2))
+    assert d.sim_request == 240 * MiB
+    assert d.total_slots == 2
+    # (0.75 * 400 - 100 - 120) MiB of results per worker, 4 MiB a param, half the params each
+    assert d.memory_ceiling == (300 - 100 - 120) // 4 * 2
+    assert d.batch_size >= 2
+
+
+def test_sims_that_cannot_share_a_worker_get_one_each() -> None:
+    """2 workers x 2 threads x 450 MB, 230 MB of working memory: one sim per worker."""
+    c = Controller()
+    workers = (capped("a", threads=2, limit=450 * MiB), capped("b", threads=2, limit=450 * MiB))
+    c.decide(observe(workers, 0.0, inflight=0))
+    _measured(c, nbytes=MiB, run=1.0, work=230 * MiB)
+    d = c.decide(observe(workers, 1.0, inflight=2))
+    assert d.sim_request == 450 * MiB
+    assert d.slots == (("a", 1), ("b", 1))
+
+
+def test_every_thread_gets_a_sim_once_measurements_say_they_fit() -> None:
+    c = Controller()
+    workers = (capped("a", threads=2, limit=1000 * MiB), capped("b", threads=2, limit=1000 * MiB))
+    d0 = c.decide(observe(workers, 0.0, inflight=0))
+    assert d0.batch_size == 2
+    _measured(c, nbytes=MiB, run=1.0, work=100 * MiB)
+    d = c.decide(observe(workers, 1.0, inflight=2))
+    assert d.total_slots == 4
+    assert d.batch_size >= 4  # at once, not over growth steps
+
+
+def test_an_oom_never_leaves_a_slot_without_a_sim() -> None:
+    c = Controller()
+    workers = (capped("a"), capped("b"))
+    c.decide(observe(workers, 0.0, inflight=0))
+    _measured(c, nbytes=4 * MiB, run=1.0, work=120 * MiB)
+    c.decide(observe(workers, 1.0, inflight=2))
+    for i in range(3):
+        d = c.observe_oom(2.0 + i)
+        assert d.batch_size >= 2
+        assert d.total_slots == 2
+
+
+@given(st.lists(st.tuples(st.integers(1, 8), st.integers(50, 4000)), min_size=1, max_size=6),
+       st.integers(0, 5000), st.integers(1, 4))
+def test_requests_never_oversubscribe_a_worker(
+    shapes: list[tuple[int, int]], work_mib: int, replicates: int
+) -> None:
+    """Whatever was measured: slots x request fit each worker's capacity, every worker able
+    to hold a sim has one, and B gives every slot a sim."""
+    workers = tuple(capped(f"w{i}", threads=t, limit=m * MiB, idle=0)
+                    for i, (t, m) in enumerate(shapes))
+    c = Controller()
+    c.decide(observe(workers, 0.0, inflight=0, replicates=replicates))
+    _measured(c, nbytes=MiB, run=1.0, work=work_mib * MiB)
+    d = c.decide(observe(workers, 1.0, inflight=10**6, replicates=replicates))
+    largest = max(w.capacity for w in workers)
+    assert 0 < d.sim_request <= largest
+    for w, (_, n) in zip(workers, d.slots, strict=True):
+        assert n * d.sim_request <= w.capacity
+        assert n <= w.nthreads
+    assert any(n > 0 for _, n in d.slots)  # the largest worker always runs one
+    assert d.batch_size >= min(c.config.max_size, math.ceil(d.total_slots / replicates))
