@@ -2,7 +2,10 @@
 
 It models workers (address, threads, memory limit, which worker runs what, a restart
 that comes back under a new address) and runs the real task functions in this process,
-a thread's worth of tasks per worker at each ``completed`` call. Tests drive it: a
+a thread's worth of tasks per worker at each ``completed`` call. With ``resources`` its
+workers carry the tidegate-memory resource (their memory limit) and a pass runs sims on
+a worker only while their requests fit it, as Dask's constrained queue does; a loss then
+names the task that was running. Tests drive it: a
 ``on_run`` hook may kill the worker a task runs on, ``hold`` keeps tasks from running,
 ``disconnect`` drops the scheduler connection. Its clock advances ``tick`` seconds at
 each ``completed`` call, so the run loop's timing rules run in milliseconds.
@@ -18,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tidegate.cluster import WorkerInfo
-from tidegate.losses import Cause, WorkerLoss
+from tidegate.losses import Cause, MemoryKill, WorkerLoss
 from tidegate.outcome import FailureKind, Result, TaskFailure
 from tidegate.simreturn import TaskError, run_sim
 from tidegate.window import TaskKeys
@@ -57,10 +60,12 @@ class FakeWorker:
     memory_limit: int
     rss: int = 0
     status: str = "running"
+    capacity: int = 0
+    name: str = ""
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(self.address, self.nthreads, self.memory_limit, self.rss, 0, 0,
-                          self.status)
+                          self.status, name=self.name, capacity=self.capacity)
 
 
 @dataclass(slots=True)
@@ -71,6 +76,8 @@ class FakeTask:
     deps: tuple[str, ...]
     worker: str
     watched: bool
+    request: int = 0
+    priority: int = 0
     result: Any = None
     state: str = "pending"  # pending | finished | erred | cancelled
     deaths: int = 0
@@ -102,6 +109,10 @@ class FakeCluster:
     on_linger_end: Callable[[FakeTask], Cause | None] | None = None
     lingering: dict[str, tuple[FakeTask, int]] = field(default_factory=dict)
     started: set[str] = field(default_factory=set)  # keys whose function began
+    resources: bool = False  # workers carry the tidegate-memory resource
+    # (worker address, keys) of each pass that ran sims together on one worker
+    together: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
+    _kills: list[MemoryKill] = field(default_factory=list)
     _ready: list[str] = field(default_factory=list)
     _losses: list[WorkerLoss] = field(default_factory=list)
     _names: itertools.count = field(default_factory=itertools.count)
@@ -115,15 +126,18 @@ class FakeCluster:
 
     # --- the test's controls ----------------------------------------------------------
 
-    def kill_worker(self, address: str, cause: Cause, rss: int | None = None) -> WorkerLoss:
+    def kill_worker(self, address: str, cause: Cause, rss: int | None = None,
+                    executing: tuple[str, ...] | None = None) -> WorkerLoss:
         """The worker dies; the nanny brings up a new one under a new address; the tasks
-        it was processing go to the least busy worker, or fail with KilledWorker."""
+        it was processing go to the least busy worker, or fail with KilledWorker.
+        ``executing``: the keys it was running (None: not reported)."""
         processing = tuple(k for k, t in self.tasks.items()
                            if t.worker == address and t.state == "pending")
+        name = self.workers_[address].name
         del self.workers_[address]
-        self._new_worker()
+        self._new_worker(name)
         exitcode = {Cause.OOM_KILL: -9, Cause.EVICTED: -15, Cause.CRASH: 3}.get(cause)
-        loss = WorkerLoss(address, cause, exitcode, rss, processing, self.now)
+        loss = WorkerLoss(address, cause, exitcode, rss, processing, self.now, executing)
         self._losses.append(loss)
         for key in processing:
             task = self.tasks[key]
@@ -132,8 +146,16 @@ class FakeCluster:
                 self._fail(task, FailureKind.KILLED_WORKER,
                            TaskError("KilledWorker", f"{key} was on {task.deaths} dying workers"))
             else:
-                task.worker = self._least_busy()
+                task.worker = self._least_busy(task.request)
         return loss
+
+    def kill_child(self, key: str, child_rss: int) -> MemoryKill:
+        """tidegate's worker plugin kills the child process of the sim ``key``."""
+        task = self.tasks[key]
+        kill = MemoryKill(task.worker, key, 4242, child_rss, self.memory_limit,
+                          self.memory_limit, self.now)
+        self._kills.append(kill)
+        return kill
 
     def lose_all_workers(self) -> None:
         """Every worker goes and none comes back (their nannies gave up); the tasks wait
@@ -146,7 +168,7 @@ class FakeCluster:
             self._new_worker()
         for task in self.tasks.values():
             if task.state == "pending" and task.worker not in self.workers_:
-                task.worker = self._least_busy()
+                task.worker = self._least_busy(task.request)
 
     def disconnect(self) -> None:
         """The scheduler connection breaks: Dask cancels every future."""
@@ -185,6 +207,13 @@ class FakeCluster:
         out, self._losses = self._losses, []
         return out
 
+    def memory_kills(self) -> list[MemoryKill]:
+        out, self._kills = self._kills, []
+        return out
+
+    async def host_layout(self) -> dict[str, dict[str, Any]]:
+        return {}
+
     def submit_params(
         self,
         job_key: str,
@@ -192,15 +221,20 @@ class FakeCluster:
         model: str,
         targets: Sequence[tuple[str, str]],
         want_outputs: bool,
+        requests: Sequence[int] | None = None,
+        priorities: Sequence[int] | None = None,
     ) -> list[TaskKeys]:
         out = []
-        for pid, values, seeds, attempt in params:
+        for i, (pid, values, seeds, attempt) in enumerate(params):
+            request = requests[i] if requests is not None and self.resources else 0
+            priority = priorities[i] if priorities is not None else 0
             suffix = f"-r{attempt}" if attempt else ""
             sims = []
             for rep, seed in enumerate(seeds):
                 key = f"sim-{job_key}-{pid}-{rep}{suffix}"
                 run = functools.partial(_sim, model, dict(values), pid, rep, seed)
-                self._add(FakeTask(key, pid, run, (), self._least_busy(), False))
+                self._add(FakeTask(key, pid, run, (), self._least_busy(request), False,
+                                   request, priority))
                 sims.append(key)
             specs = list(targets) or ([] if want_outputs else [(None, None)])
             finals = []
@@ -263,14 +297,19 @@ class FakeCluster:
 
     # --- the simulation ---------------------------------------------------------------
 
-    def _new_worker(self) -> None:
-        address = f"tcp://fake-{next(self._names)}"
-        self.workers_[address] = FakeWorker(address, self.threads, self.memory_limit)
+    def _new_worker(self, name: str | None = None) -> None:
+        n = next(self._names)
+        address = f"tcp://fake-{n}"
+        self.workers_[address] = FakeWorker(
+            address, self.threads, self.memory_limit,
+            capacity=self.memory_limit if self.resources else 0,
+            name=name if name is not None else str(n))
 
-    def _least_busy(self) -> str:
-        if not self.workers_:
+    def _least_busy(self, request: int = 0) -> str:
+        eligible = [a for a, w in self.workers_.items() if request <= w.capacity or not request]
+        if not eligible:
             return ""  # no worker: the task waits for one (add_workers)
-        load = dict.fromkeys(self.workers_, 0)
+        load = dict.fromkeys(eligible, 0)
         for t in self.tasks.values():
             if t.state == "pending" and t.worker in load:
                 load[t.worker] += 1
@@ -306,19 +345,33 @@ class FakeCluster:
     def _run_some(self) -> None:
         """Each worker runs up to its threads' worth of runnable tasks."""
         for address in list(self.workers_):
+            if address not in self.workers_:  # an earlier task's hook removed it
+                continue
             budget = self.threads
-            for task in list(self.tasks.values()):
+            free = self.workers_[address].capacity
+            ran: list[str] = []
+            queue = sorted(self.tasks.values(), key=lambda t: -t.priority)  # stable
+            for task in queue:
                 if budget == 0 or address not in self.workers_:
                     break
                 if task.worker != address or not self._runnable(task):
                     continue
+                if task.request and task.request > free:
+                    break  # head of line: the worker's constrained queue waits
                 budget -= 1
+                free -= task.request
                 self.started.add(task.key)
+                ran.append(task.key)
                 cause = self.on_run(task) if self.on_run is not None else None
                 if cause is not None:
-                    self.kill_worker(address, cause, rss=self.memory_limit)
+                    executing = (task.key,) if self.resources else None
+                    self.kill_worker(address, cause, rss=self.memory_limit,
+                                     executing=executing)
                     break
                 deps = [self.tasks[d].result for d in task.deps]
                 task.result, task.state = task.run(deps), "finished"
                 if task.watched:
                     self._ready.append(task.key)
+            sims = tuple(k for k in ran if k.startswith("sim-"))
+            if len(sims) > 1:
+                self.together.append((address, sims))

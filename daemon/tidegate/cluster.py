@@ -29,16 +29,23 @@ from distributed.security import Security
 
 from tidegate.controller import WorkerMemory
 from tidegate.errors import TidegateError
-from tidegate.losses import LossTracker, WorkerLoss
+from tidegate.losses import LossTracker, MemoryKill, WorkerLoss
 from tidegate.outcome import FailureKind, Result, TaskFailure
 from tidegate.simreturn import TaskError, add_code_paths, run_sim
 from tidegate.window import TaskKeys
 from tidegate.worker import (
+    EXECUTING_TOPIC,
     EXIT_TOPIC,
+    IDLE_RSS_METRIC,
+    MEMORY_KILL_TOPIC,
+    MEMORY_RESOURCE,
+    TREE_RSS_METRIC,
     CodePaths,
     ExitCodes,
     IgnoreSigint,
     executing_keys,
+    host_layout,
+    memory_watch_plugin,
     run_target_list,
 )
 
@@ -91,12 +98,19 @@ class WorkerInfo:
     managed: int
     spilled: int
     status: str
+    name: str = ""  # Dask's worker name: kept across the nanny's restarts, unlike address
+    capacity: int = 0  # its tidegate-memory resource (bytes); 0 while not registered
+    tree_rss: int | None = None  # RSS of its process tree, children included
+    idle: int | None = None  # its tree's RSS when it last ran nothing
 
     def memory(self) -> WorkerMemory:
-        """The controller's view of this worker."""
+        """The controller's view of this worker: its whole process tree where known
+        (a pod's cgroup counts the children too)."""
         return WorkerMemory(
-            self.address, self.nthreads, self.memory_limit, self.rss, self.managed,
-            paused=self.status == "paused",
+            self.address, self.nthreads, self.memory_limit,
+            self.rss if self.tree_rss is None else max(self.rss, self.tree_rss),
+            self.managed, paused=self.status == "paused", capacity=self.capacity,
+            idle=self.idle,
         )
 
 
@@ -117,6 +131,11 @@ def _sigint_ignored() -> Iterator[None]:
 _CLOSE_TIMEOUT_S = 30.0
 
 
+def _bytes_or_none(value: Any) -> int | None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+    return int(value) if ok else None
+
+
 def _key_part(text: str) -> str:
     return "".join(c if c.isalnum() or c in "._" else "_" for c in text)
 
@@ -128,6 +147,10 @@ ParamRow = tuple[str, Mapping[str, Any], Sequence[int], int]
 class LossSource(Protocol):
     def losses(self) -> list[WorkerLoss]:
         """Worker losses classified since the last call."""
+        ...
+
+    def memory_kills(self) -> list[MemoryKill]:
+        """Child process trees tidegate's workers killed for memory since the last call."""
         ...
 
 
@@ -144,8 +167,10 @@ class ClusterPort(Protocol):
     async def workers(self) -> list[WorkerInfo]: ...
     async def watch_workers(self, clock: Callable[[], float]) -> LossSource: ...
     def submit_params(self, job_key: str, params: Sequence[ParamRow], model: str,
-                      targets: Sequence[tuple[str, str]], want_outputs: bool
-                      ) -> list[TaskKeys]: ...
+                      targets: Sequence[tuple[str, str]], want_outputs: bool,
+                      requests: Sequence[int] | None = None,
+                      priorities: Sequence[int] | None = None) -> list[TaskKeys]: ...
+    async def host_layout(self) -> dict[str, dict[str, Any]]: ...
     async def completed(self, timeout: float) -> list[str]: ...
     async def gather(self, keys: Sequence[str]) -> list[Result]: ...
     def release(self, keys: Sequence[str]) -> None: ...
@@ -166,6 +191,7 @@ class Cluster:
         # releases the task on the cluster within milliseconds.
         self._futures: dict[str, Future] = {}
         self._completed = as_completed(loop=client.loop)
+        self._watch: WorkerWatch | None = None
 
     @property
     def _scheduler(self) -> Any:
@@ -211,6 +237,7 @@ class Cluster:
         out = []
         for addr, w in ident.get("workers", {}).items():
             metrics = w.get("metrics", {})
+            resources = w.get("resources") or {}
             out.append(
                 WorkerInfo(
                     address=addr,
@@ -222,6 +249,10 @@ class Cluster:
                     if isinstance(metrics.get("spilled_bytes"), dict)
                     else int(metrics.get("spilled_bytes", 0) or 0),
                     status=str(w.get("status", "")),
+                    name=str(w.get("name", "")),
+                    capacity=int(resources.get(MEMORY_RESOURCE, 0) or 0),
+                    tree_rss=_bytes_or_none(metrics.get(TREE_RSS_METRIC)),
+                    idle=_bytes_or_none(metrics.get(IDLE_RSS_METRIC)),
                 )
             )
         return out
@@ -250,12 +281,15 @@ class Cluster:
     # --- worker losses --------------------------------------------------------------
 
     async def watch_workers(self, clock: Callable[[], float]) -> WorkerWatch:
-        """Start collecting worker removals, memory kills and exit codes."""
-        watch = WorkerWatch(clock)
+        """Start collecting worker removals, memory kills, exit codes and the starts of
+        sims; register the plugins that report them and the memory resource."""
+        watch = self._watch = WorkerWatch(clock)
         for topic, handler in (
             ("all", watch.on_all),
             ("worker-restart-memory", watch.on_memory_kill),
             (EXIT_TOPIC, watch.on_exit),
+            (EXECUTING_TOPIC, watch.on_executing),
+            (MEMORY_KILL_TOPIC, watch.on_tree_kill),
         ):
             self.client.subscribe_topic(topic, handler)
             self._topics.append(topic)
@@ -268,7 +302,28 @@ class Cluster:
                     "worker exit codes unavailable (%s); losses are classified from "
                     "scheduler events", exc, extra={"action": "exit_codes_unavailable"},
                 )
+        if "memory-watch" not in self._registered:
+            plugin = memory_watch_plugin()
+            try:
+                # Workers that join or restart later run its setup too; the resource it
+                # registers is the worker's memory limit in bytes.
+                await self.client.register_plugin(plugin, name=plugin.name)
+                self._registered.add("memory-watch")
+            except Exception as exc:
+                log.warning(
+                    "per-worker admission unavailable: tidegate's memory watch failed on "
+                    "the workers (%s); B alone bounds memory, cluster-wide", exc,
+                    extra={"action": "memory_watch_unavailable"},
+                )
         return watch
+
+    async def host_layout(self) -> dict[str, dict[str, Any]]:
+        """Each worker's host, host memory, cgroup and cgroup limit (empty if unknown)."""
+        try:
+            found = await self.client.run(host_layout)
+        except Exception:
+            return {}
+        return {str(k): v for k, v in found.items() if isinstance(v, dict)}
 
     # --- code ---------------------------------------------------------------------
 
@@ -292,10 +347,43 @@ class Cluster:
         model: str,
         targets: Sequence[tuple[str, str]],  # (name, "module:function")
         want_outputs: bool,
+        requests: Sequence[int] | None = None,
+        priorities: Sequence[int] | None = None,
     ) -> list[TaskKeys]:
         """Submit the sim and agg tasks of ``params`` [(param_id, values, seeds, attempt)]
         and return each param's task keys; completions of its watched keys then come
-        from ``completed``.
+        from ``completed``. ``requests``: per param, the bytes of the tidegate-memory
+        resource each of its sims holds while it runs (0: none); ``priorities``: per
+        param, Dask's priority for its tasks (a suspect's run first on their worker).
+        """
+        n = len(params)
+        requests = list(requests) if requests is not None else [0] * n
+        priorities = list(priorities) if priorities is not None else [0] * n
+        if len(requests) != n or len(priorities) != n:
+            raise ValueError(f"{len(requests)} requests and {len(priorities)} priorities "
+                             f"for {n} params")
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, group in enumerate(zip(requests, priorities, strict=True)):
+            groups.setdefault(group, []).append(i)
+        out: dict[int, TaskKeys] = {}
+        for (request, priority), idx in groups.items():
+            resources = {MEMORY_RESOURCE: float(request)} if request > 0 else None
+            keys = self._submit_group(job_key, [params[i] for i in idx], model, targets,
+                                      want_outputs, resources, priority)
+            out.update(zip(idx, keys, strict=True))
+        return [out[i] for i in range(n)]
+
+    def _submit_group(
+        self,
+        job_key: str,
+        params: Sequence[ParamRow],
+        model: str,
+        targets: Sequence[tuple[str, str]],
+        want_outputs: bool,
+        resources: dict[str, float] | None,
+        priority: int,
+    ) -> list[TaskKeys]:
+        """Submit params whose sims share one resource request and priority.
 
         Keys are ``sim-<job>-<param_id>-<rep>`` and ``agg-<job>-<param_id>-<target>``
         (hyphen after the prefix so the dashboard groups them), with ``-r<attempt>``
@@ -317,6 +405,8 @@ class Cluster:
             [a[2] for a in sim_args],
             key=[f"sim-{job}-{a[0]}-{a[1]}{a[4]}" for a in sim_args],
             pure=False,
+            resources=resources,
+            priority=priority,
         )
         by_param: list[list[Future]] = []
         i = 0
@@ -344,6 +434,7 @@ class Cluster:
                     f"agg-{job}-{a[2]}-{_key_part(a[1] or 'summary')}{a[4]}" for a in agg_args
                 ],
                 pure=False,
+                priority=priority,
             )
         else:
             agg_futs = []
@@ -380,6 +471,8 @@ class Cluster:
         their results) as soon as no client holds them."""
         for key in keys:
             self._futures.pop(key, None)
+        if self._watch is not None:
+            self._watch.forget(keys)
 
     async def cancel(self, keys: Sequence[str]) -> None:
         """Cancel a few tasks. Scheduler-side cancellation is O(n^2) in the number of
@@ -463,21 +556,32 @@ async def failure_of(future: Future) -> TaskFailure:
 
 
 class WorkerWatch:
-    """Feeds the scheduler's and nannies' events about worker ends to a LossTracker."""
+    """Feeds the scheduler's and nannies' events about worker ends to a LossTracker; keeps
+    which worker started each sim, so a loss names the sims that were running (not those
+    queued behind them); collects tidegate's own kills of child processes."""
 
     def __init__(self, clock: Callable[[], float]):
         self.clock = clock
         self.tracker = LossTracker()
+        # key -> the worker it last started on; pruned as the run loop releases keys.
+        self._started: dict[str, str] = {}
+        self._starts_seen = False
+        self._kills: list[MemoryKill] = []
 
     def on_all(self, event: tuple[float, Any]) -> None:
         msg = event[1]
         if isinstance(msg, dict) and msg.get("action") == "remove-worker":
+            worker = str(msg.get("worker"))
+            processing = [str(k) for k in msg.get("processing-tasks", ())]
+            executing = None
+            if self._starts_seen:
+                executing = [k for k in processing if self._started.get(k) == worker]
             self.tracker.on_removed(
-                str(msg.get("worker")),
-                [str(k) for k in msg.get("processing-tasks", ())],
+                worker, processing,
                 expected=bool(msg.get("expected")),
                 stimulus_id=str(msg.get("stimulus_id", "")),
                 now=self.clock(),
+                executing=executing,
             )
 
     def on_memory_kill(self, event: tuple[float, Any]) -> None:
@@ -490,8 +594,36 @@ class WorkerWatch:
         if isinstance(msg, dict) and msg.get("worker"):
             self.tracker.on_exit(str(msg["worker"]), msg.get("exitcode"), self.clock())
 
+    def on_executing(self, event: tuple[float, Any]) -> None:
+        msg = event[1]
+        if isinstance(msg, dict) and msg.get("worker") and msg.get("key"):
+            self._starts_seen = True
+            self._started[str(msg["key"])] = str(msg["worker"])
+
+    def on_tree_kill(self, event: tuple[float, Any]) -> None:
+        msg = event[1]
+        if not (isinstance(msg, dict) and msg.get("worker") and msg.get("key")):
+            return
+        try:
+            kill = MemoryKill(
+                str(msg["worker"]), str(msg["key"]), int(msg.get("child_pid", 0)),
+                int(msg.get("child_rss", 0)), int(msg.get("tree_rss", 0)),
+                int(msg.get("limit", 0)), self.clock(),
+            )
+        except (TypeError, ValueError):
+            return
+        self._kills.append(kill)
+
+    def forget(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            self._started.pop(key, None)
+
     def losses(self) -> list[WorkerLoss]:
         return self.tracker.ready(self.clock())
+
+    def memory_kills(self) -> list[MemoryKill]:
+        kills, self._kills = self._kills, []
+        return kills
 
 
 async def open_cluster(options: ClusterOptions) -> Cluster:

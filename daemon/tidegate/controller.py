@@ -175,9 +175,14 @@ class Observation:
     pending: int  # params not yet admitted (0 at the tail of a job)
     replicates: int
     targets: int
+    # The fraction of each worker's limit the budget counts on: below 1 where the limits
+    # of workers sharing a host or cgroup add up to more than it holds.
+    memory_scale: float = 1.0
 
     def __post_init__(self) -> None:
         _check_counts(self, inflight=0, pending=0, replicates=1, targets=0)
+        if not (_is_real(self.memory_scale) and 0 < self.memory_scale <= 1):
+            raise ValueError(f"memory_scale must be in (0, 1], got {self.memory_scale!r}")
 
 
 class Action(StrEnum):
@@ -505,7 +510,8 @@ class Controller:
             agg = _quantile(self._agg_bytes, q) if self._agg_bytes else 0
             cost = self._bumped(r * _quantile(self._sim_bytes, q) + t * agg)
             work = self._bumped(_quantile(self._work_bytes, q))
-        request = sim_request((w.capacity for w in workers), work, cfg.memory_fraction)
+        scale = self._last.memory_scale if self._last is not None else 1.0
+        request = sim_request((w.capacity for w in workers), work, cfg.memory_fraction * scale)
         if request:
             return self._per_worker(workers, r, cost, work, request)
         # No worker carries the resource: the cluster-wide model, from worker threads.
@@ -546,7 +552,9 @@ class Controller:
         # The idle tree RSS where the worker reports it: the windowed minimum of RSS less
         # results also holds the working memory of sims that never stop running.
         base = w.idle if w.idle is not None else min(self._unmanaged[w.address])
-        return math.floor(self.config.high_water * w.memory_limit) - base - slots * work
+        scale = self._last.memory_scale if self._last is not None else 1.0
+        limit = math.floor(self.config.high_water * scale * w.memory_limit)
+        return limit - base - slots * work
 
     def _useful(self, threads: int, r: int) -> int | None:
         if not self._run_s or threads <= 0:

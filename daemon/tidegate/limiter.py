@@ -7,12 +7,17 @@ memory kills, its own pass times and the time.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from tidegate.cluster import WorkerInfo
 from tidegate.controller import Controller, ControllerConfig, Decision, Observation
 from tidegate.outcome import Measured
+
+log = logging.getLogger(__name__)
+_MiB = 2**20
 
 
 @dataclass(slots=True)
@@ -22,6 +27,9 @@ class Limiter:
     targets: int
     decision: Decision | None = None
     limits: dict[str, int] = field(default_factory=dict)  # worker address -> memory limit
+    capacities: dict[str, int] = field(default_factory=dict)  # -> its memory resource
+    # Below 1 when the workers' limits add up to more than their host or cgroup holds.
+    memory_scale: float = 1.0
     # The first result sizes end the slow start at once, not at the next poll.
     sizes_arrived: bool = False
     rtt: float = 0.001  # a scheduler round trip, measured by every poll
@@ -44,13 +52,23 @@ class Limiter:
     ) -> tuple[Decision, bool]:
         """A decision from a fresh snapshot, and whether every worker was calm in it."""
         self.limits = {w.address: w.memory_limit for w in workers}
+        self.capacities = {w.address: w.capacity for w in workers if w.capacity > 0}
         obs = Observation(
             now=now, workers=tuple(w.memory() for w in workers), inflight=inflight,
             pending=pending, replicates=self.replicates, targets=self.targets,
+            memory_scale=self.memory_scale,
         )
         self.decision = self.controller.decide(obs)
         calm = all(w.calm(self.config.low_water) for w in obs.workers)
         return self.decision, calm
+
+    def request(self, *, solo: bool) -> int:
+        """Bytes of the memory resource each sim of a param requests: a suspect claims
+        the largest worker's whole capacity (nothing else runs beside it there, and Dask
+        may place it on no smaller worker); others, the controller's sim request."""
+        if solo:
+            return max(self.capacities.values(), default=0)
+        return self.decision.sim_request if self.decision is not None else 0
 
     def decide_now(self) -> bool:
         """The first result sizes just arrived: decide at once (once), not at the poll."""
@@ -88,3 +106,44 @@ class Limiter:
         limit = self.limits.get(worker) or max(self.limits.values(), default=0)
         self.decision = self.controller.observe_oom(now)
         return self.decision, limit
+
+
+def check_layout(layout: Mapping[str, Mapping[str, Any]], workers: Sequence[WorkerInfo]) -> float:
+    """Warn once when the memory limits of the workers on one host, or in one cgroup (a
+    pod), add up to more than it holds: the kernel, or the cgroup's OOM killer, then
+    kills workers that are all within their limits, every worker of a pod at once.
+    Returns the fraction of their limits the budget may count on (1.0: all of it)."""
+    limits = {w.address: w.memory_limit for w in workers}
+    hosts: dict[tuple[str, str], list[str]] = {}
+    groups: dict[tuple[str, str, str], list[str]] = {}
+    for address, info in layout.items():
+        if address not in limits or not limits[address]:
+            continue
+        host = (str(info.get("hostname", "")), str(info.get("boot_id", "")))
+        hosts.setdefault(host, []).append(address)
+        if info.get("cgroup_limit"):
+            groups.setdefault((*host, str(info.get("cgroup", ""))), []).append(address)
+    scale = 1.0
+    checks: list[tuple[str, list[str], int]] = []
+    for host, members in hosts.items():
+        total = _int(layout[members[0]].get("host_memory"))
+        checks.append((f"host {host[0]}", members, total))
+    for group, members in groups.items():
+        total = _int(layout[members[0]].get("cgroup_limit"))
+        checks.append((f"cgroup {group[2] or '/'} on {group[0]}", members, total))
+    for where, members, holds in checks:
+        wanted = sum(limits[a] for a in members)
+        if holds <= 0 or wanted <= holds:
+            continue
+        scale = min(scale, holds / wanted)
+        log.warning(
+            "the memory limits of %d workers on %s add up to %.0f MiB, more than its "
+            "%.0f MiB: a kernel or cgroup OOM kill can take them all at once; the memory "
+            "budget counts %.0f%% of each limit", len(members), where, wanted / _MiB,
+            holds / _MiB, 100 * holds / wanted, extra={"action": "memory_overcommitted"},
+        )
+    return scale
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0

@@ -35,10 +35,40 @@ class WorkerLoss:
     rss: int | None  # at the nanny's memory kill
     processing: tuple[str, ...]  # task keys assigned to the worker when it went
     at: float
+    # Of those, the keys it had started executing (tidegate's workers report each start);
+    # None where no start was ever reported (workers without tidegate's plugin): then
+    # ``processing`` is all there is, queued tasks included.
+    executing: tuple[str, ...] | None = None
+
+    @property
+    def culprits(self) -> tuple[str, ...]:
+        """The keys that may have used the memory it was killed for: those running, not
+        those queued behind them (which hold nothing)."""
+        return self.processing if self.executing is None else self.executing
 
     @property
     def is_oom(self) -> bool:
         return self.cause in MEMORY_CAUSES
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryKill:
+    """tidegate's worker plugin killed a sim's child process tree: the worker's whole
+    tree had passed the terminate fraction of its limit (the worker itself lives on)."""
+
+    worker: str
+    key: str  # the sim charged with the child
+    child_pid: int
+    child_rss: int
+    tree_rss: int
+    limit: int
+    at: float
+
+    def text(self) -> str:
+        mib = 2**20
+        return (f"child process {self.child_pid} ({self.child_rss / mib:.0f} MiB) killed: "
+                f"worker {self.worker}'s process tree reached {self.tree_rss / mib:.0f} MiB "
+                f"of its {self.limit / mib:.0f} MiB limit")
 
 
 def classify(*, exitcode: int | None, memory_kill: bool, planned: bool) -> Cause:
@@ -60,6 +90,7 @@ def classify(*, exitcode: int | None, memory_kill: bool, planned: bool) -> Cause
 class _Pending:
     removed_at: float | None = None
     processing: tuple[str, ...] = ()
+    executing: tuple[str, ...] | None = None
     planned: bool = False
     exitcode: int | None = None
     exited: bool = False
@@ -102,10 +133,12 @@ class LossTracker:
         expected: bool,
         stimulus_id: str,
         now: float,
+        executing: Sequence[str] | None = None,
     ) -> None:
         entry = self._entry(worker, now)
         entry.removed_at = now
         entry.processing = tuple(processing)
+        entry.executing = None if executing is None else tuple(executing)
         entry.planned = bool(expected) or stimulus_id.startswith("retire-workers")
 
     def ready(self, now: float) -> list[WorkerLoss]:
@@ -122,7 +155,8 @@ class LossTracker:
             ):
                 continue
             cause = classify(exitcode=e.exitcode, memory_kill=e.memory_kill, planned=e.planned)
-            out.append(WorkerLoss(worker, cause, e.exitcode, e.rss, e.processing, e.removed_at))
+            out.append(WorkerLoss(worker, cause, e.exitcode, e.rss, e.processing, e.removed_at,
+                                  e.executing))
             del self._pending[worker]
         return out
 

@@ -25,6 +25,8 @@ _BYTES_BUCKETS = tuple(float(1024 * 4**i) for i in range(12))
 _FLUSH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
+BLOCK_REASONS = ("memory", "threads", "pinned", "draining", "solo")
+
 # Every metric's name and help text, the contract the dashboard and alert rules read.
 _HELP = {
     "tidegate_batch_size": "B: the most params allowed in flight now",
@@ -40,6 +42,21 @@ _HELP = {
     "tidegate_worker_restarts": "Workers lost, by classified cause",
     "tidegate_oom_events": (
         "Workers lost to memory: kernel OOM kills and the nanny's memory terminations"
+    ),
+    "tidegate_child_kills": (
+        "Child process trees of a sim tidegate killed: the worker's whole tree passed the "
+        "terminate fraction of its limit (also counted in tidegate_oom_events)"
+    ),
+    "tidegate_admission_blocked_seconds": (
+        "Seconds admission was held back, by reason: memory (pressure), threads (window "
+        "full at B), pinned (full at a pinned B), draining, solo (a suspect waits to run alone)"
+    ),
+    "tidegate_sim_request_bytes": (
+        "Bytes of the tidegate-memory resource each sim requests (0: per-worker admission off)"
+    ),
+    "tidegate_slots": "Sims all workers may run at once under the sim request",
+    "tidegate_worker_slots": (
+        "Sims one worker may run at once under the sim request, by Dask worker name"
     ),
     "tidegate_simreturn_bytes": "Size of each SimReturn's outputs (Arrow IPC bytes)",
     "tidegate_cluster_memory_bytes": (
@@ -71,6 +88,11 @@ class Metrics:
         self.inflight_tasks = self._gauge("tidegate_inflight_tasks", "kind")
         self.worker_restarts = self._counter("tidegate_worker_restarts", "cause")
         self.oom_events = self._counter("tidegate_oom_events")
+        self.child_kills = self._counter("tidegate_child_kills")
+        self.admission_blocked = self._counter("tidegate_admission_blocked_seconds", "reason")
+        self.sim_request = self._gauge("tidegate_sim_request_bytes")
+        self.slots_total = self._gauge("tidegate_slots")
+        self.worker_slots = self._gauge("tidegate_worker_slots", "worker")
         self.simreturn_bytes = self._histogram("tidegate_simreturn_bytes", _BYTES_BUCKETS)
         self.cluster_memory = self._gauge("tidegate_cluster_memory_bytes", "kind")
         self.decisions = self._counter("tidegate_controller_decisions", "action")
@@ -86,6 +108,8 @@ class Metrics:
         self.build_info.info({"version": __version__})
         for cause in Cause:
             self.worker_restarts.labels(cause=cause.value)
+        for reason in BLOCK_REASONS:
+            self.admission_blocked.labels(reason=reason)
         for outcome in ("ok", "failed"):
             self.params.labels(outcome=outcome)
             for kind in ("sim", "agg"):

@@ -21,8 +21,8 @@ from collections.abc import Callable, Sequence
 from tidegate.cluster import ClusterPort, LossSource, SchedulerLost, WorkerInfo, WorkersLost
 from tidegate.commit import Commit
 from tidegate.knobs import RunOptions, controller_config
-from tidegate.limiter import Limiter
-from tidegate.losses import Isolation, Quarantine, WorkerLoss
+from tidegate.limiter import Limiter, check_layout
+from tidegate.losses import Isolation, MemoryKill, Quarantine, WorkerLoss
 from tidegate.metrics import Metrics
 from tidegate.outcome import Disconnected, Failed, Result, Retry, RetryReason, judge, measure
 from tidegate.params import ParamSource
@@ -70,6 +70,9 @@ class Runner:
         # (WorkersLost) rather than hang as running.
         self.no_workers_timeout_s = no_workers_timeout_s
         self._no_workers_since: float | None = None
+        self._watch: LossSource | None = None
+        self._requests: dict[str, int] = {}  # param id in flight -> its sims' request
+        self._child_killed: dict[str, MemoryKill] = {}  # param id -> the kill it caused
 
     # --- control -------------------------------------------------------------------
 
@@ -113,9 +116,14 @@ class Runner:
         try:
             await self.cluster.add_code_paths([str(p) for p in self.job.code_paths])
             workers = await self.cluster.wait_for_workers(timeout_s=60)
-            watch = await self.cluster.watch_workers(self.clock)
+            watch = self._watch = await self.cluster.watch_workers(self.clock)
+            # Read again: the memory watch has just registered each worker's capacity.
+            workers = await self.cluster.workers() or workers
+            self.limiter.memory_scale = check_layout(await self.cluster.host_layout(),
+                                                     workers)
             pending = self.source.pending(resumed.committed.__contains__)
-            self.window = Window(pending, self.source.total - len(resumed.committed))
+            self.window = Window(pending, self.source.total - len(resumed.committed),
+                                 solo_beside=any(w.capacity > 0 for w in workers))
             self._decide(workers)
             commit.start_clock(self.clock())
             await self._loop(commit, watch)
@@ -192,27 +200,57 @@ class Runner:
     # --- admission -----------------------------------------------------------------
 
     async def _admit(self) -> None:
-        """Fill the window up to B; or, when a suspect waits, drain and run it alone."""
+        """Fill the window up to B. A suspect claims a whole worker and is admitted
+        beside the rest where workers carry the memory resource; elsewhere the window
+        drains and the suspect runs alone on the cluster."""
         w = self.window
-        if not w.solo_waiting:
+        if w.solo_beside or not w.solo_waiting:
             w.fill(self.batch_size - w.params, self._submit)
         elif (not w.params and self.isolation.calm_since_cancel  # before asking the workers
               and self.isolation.solo_may_start(await self.cluster.executing(self.job.job_id))):
             w.fill_solo(self._submit)
         self.stats.admitted(w.tasks)
+        self.stats.blocked(self._blocked_reason())
+
+    def _blocked_reason(self) -> str | None:
+        w = self.window
+        if w.to_admit == 0:
+            return None
+        if self.draining:
+            return "draining"
+        if not self.limiter.admit:
+            return "memory"
+        if w.solo_waiting and not w.solo_beside:
+            return "solo"
+        if w.params >= self.batch_size:
+            return "pinned" if self.limiter.config.pinned is not None else "threads"
+        return None
 
     def _submit(self, batch: Sequence[Admission[Param]]) -> Sequence[TaskKeys]:
         job, spec = self.job, self.job.spec
-        return self.cluster.submit_params(
+        requests = [self.limiter.request(solo=a.solo) for a in batch]
+        keys = self.cluster.submit_params(
             job.job_id,
             [(a.param.param_id, a.param.values, job.seeds(a.param.param_id), a.attempt)
              for a in batch],
             spec.model, [(t.name, t.function) for t in spec.targets], spec.outputs != "none",
+            requests=requests,
+            # A suspect's sims go first in its worker's queue: it waits for the sims
+            # running there to end, not for those queued behind it.
+            priorities=[1 if a.solo else 0 for a in batch],
         )
+        for a, request in zip(batch, requests, strict=True):
+            self._requests[a.param.param_id] = request
+        return keys
 
     # --- completion ----------------------------------------------------------------
 
     async def _collect(self, finished: list[str], commit: Commit) -> None:
+        # Kills first: a param's result is judged knowing the kill it caused, when the
+        # event came first (else its sim's own MemoryExceeded error tells).
+        if self._watch is not None:
+            for kill in self._watch.memory_kills():
+                self._on_child_killed(kill)
         ready = self.window.complete(finished)
         if not ready:
             return
@@ -222,6 +260,7 @@ class Runner:
         for entry in ready:
             chunk, i = results[i : i + len(entry.keys.gather)], i + len(entry.keys.gather)
             self.window.remove(entry.param_id)
+            self._requests.pop(entry.param_id, None)
             self.cluster.release(entry.keys.all)
             self._judge(entry, chunk, commit)
 
@@ -241,6 +280,20 @@ class Runner:
         self.limiter.collected(measured)
         self.stats.measured(measured)
         error = outcome.error if isinstance(outcome, Failed) else None
+        kill = self._child_killed.pop(pid, None)
+        if kill is not None or (error is not None and error.type == "MemoryExceeded"):
+            why = kill.text() if kill is not None else (error.message if error else "")
+            if not entry.solo:
+                # The tree of every sim on the worker counted: rerun it alone to know.
+                self.isolation.judge.forget(pid)
+                self.stats.isolate(pid, 1)
+                self.window.requeue(entry.param, entry.attempt + 1, Lane.SOLO)
+                return
+            message = (f"param {pid} needs more memory than a worker holds: ran alone on a "
+                       f"worker, {why}. Give workers more memory or make this simulation "
+                       "allocate less.")
+            self.stats.quarantine(pid, message)
+            error = TaskError("MemoryExceeded", message)
         self._record(entry.param, error, outcome.sims, outcome.targets, commit)
 
     def _record(self, param: Param, error: TaskError | None, sims: Sequence[SimReturn],
@@ -265,6 +318,25 @@ class Runner:
             return
         self._check_workers(workers)
         self._decide(workers)
+        await self._unstrand(workers)
+
+    async def _unstrand(self, workers: Sequence[WorkerInfo]) -> None:
+        """Params whose request no worker can hold any more (the largest worker left)
+        would wait in Dask's no-worker state forever: submit them again, sized anew."""
+        largest = max((w.capacity for w in workers), default=0)
+        if not largest:
+            return
+        for pid, request in list(self._requests.items()):
+            entry = self.window.get(pid)
+            if entry is None or request <= largest:
+                continue
+            self.window.remove(pid)
+            self._requests.pop(pid, None)
+            await self.cluster.cancel(entry.keys.all)
+            log.info("param %s: its %d MiB request exceeds every worker now; resubmitting",
+                     pid, request // 2**20, extra={"action": "param_resized"})
+            self.window.requeue(entry.param, entry.attempt + 1,
+                                Lane.SOLO if entry.solo else Lane.RETRY)
 
     def _check_workers(self, workers: Sequence[WorkerInfo]) -> None:
         now = self.clock()
@@ -284,6 +356,7 @@ class Runner:
         decision, calm = self.limiter.decide(
             workers, inflight=self.window.params, pending=self.window.to_admit, now=now)
         self.stats.decided(decision)
+        self.stats.slots(decision, {w.address: w.name for w in workers})
         if calm:
             self.isolation.calm(now)
 
@@ -295,8 +368,14 @@ class Runner:
         self.stats.oom_backoff(loss, limit, self.window.params)
         self.stats.decided(decision)
         w = self.window
-        running = [pid for key in loss.processing if (pid := w.owner(key)) is not None]
-        for action in self.isolation.on_memory_kill(loss, running, alone=w.solo_active,
+        running = [pid for key in loss.culprits if (pid := w.owner(key)) is not None]
+        alone = w.solo_active
+        if w.solo_beside and loss.executing is not None:
+            # A suspect holds its worker's whole memory resource: executing there, it
+            # ran alone (cancelled tasks still running hold their share until they end).
+            owners = set(running)
+            alone = next(iter(owners)) if len(owners) == 1 and w.is_solo(*owners) else None
+        for action in self.isolation.on_memory_kill(loss, running, alone=alone,
                                                     limit=limit):
             if (entry := w.get(action.param_id)) is None:
                 continue
@@ -312,6 +391,16 @@ class Runner:
             else:
                 self.stats.isolate(action.param_id, action.strikes)
                 w.requeue(entry.param, entry.attempt + 1, Lane.SOLO)
+
+    def _on_child_killed(self, kill: MemoryKill) -> None:
+        """A worker's tree passed its terminate fraction and the plugin killed a sim's
+        child: an OOM event (back off) that the sim's result then carries."""
+        pid = self.window.owner(kill.key)
+        self.stats.child_killed(kill, pid)
+        decision, _ = self.limiter.memory_killed(kill.worker, self.clock())
+        self.stats.decided(decision)
+        if pid is not None:
+            self._child_killed[pid] = kill
 
     def _report(self) -> None:
         self.stats.gauges(self.window)

@@ -3,6 +3,7 @@ caller of Metrics."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from typing import Any, Protocol
 from tidegate.cluster import WorkerInfo
 from tidegate.commit import Flushed
 from tidegate.controller import Decision
-from tidegate.losses import MEMORY_CAUSES, Cause, WorkerLoss
+from tidegate.losses import MEMORY_CAUSES, Cause, MemoryKill, WorkerLoss
 from tidegate.metrics import Metrics
 from tidegate.outcome import Measured
 from tidegate.report import Progress, RunSummary
@@ -52,6 +53,11 @@ class RunStats:
     batch_max: int = 0
     peak_inflight_tasks: int = 0
     started: float = 0.0
+    child_kills: int = 0  # child process trees tidegate's workers killed for memory
+    # Admission held back, by reason: seconds, and since when the current hold lasts.
+    _blocked_reason: str | None = None
+    _blocked_since: float = 0.0
+    _slot_labels: set[str] = field(default_factory=set)
 
     def start(self, ok: int, failed: int) -> None:
         """The run starts with ``ok + failed`` params already committed."""
@@ -69,7 +75,8 @@ class RunStats:
 
     @property
     def oom_events(self) -> int:
-        return sum(self.losses.get(cause, 0) for cause in MEMORY_CAUSES)
+        """Memory kills: workers lost to memory, and child trees tidegate killed."""
+        return sum(self.losses.get(cause, 0) for cause in MEMORY_CAUSES) + self.child_kills
 
     @property
     def done_this_run(self) -> int:
@@ -155,6 +162,40 @@ class RunStats:
         self.metrics.flush_seconds.observe(part.seconds)
         log.debug("part %d: %d params, %d bytes, %.3f s", part.part, part.params, part.nbytes,
                   part.seconds, extra={"action": "part_committed"})
+
+    def child_killed(self, kill: MemoryKill, param_id: str | None) -> None:
+        self.child_kills += 1
+        self.metrics.oom_events.inc()
+        self.metrics.child_kills.inc()
+        log.warning("param %s: %s; backing off", param_id or "?", kill.text(),
+                    extra={"action": "child_killed"})
+
+    def blocked(self, reason: str | None) -> None:
+        """Admission is held back for ``reason`` (memory, threads, pinned, draining,
+        solo) from now on, or flows (None); counts the seconds of the hold that ends."""
+        now = self.clock()
+        if self._blocked_reason is not None:
+            self.metrics.admission_blocked.labels(self._blocked_reason).inc(
+                max(0.0, now - self._blocked_since))
+        self._blocked_reason, self._blocked_since = reason, now
+
+    def slots(self, decision: Decision, names: dict[str, str]) -> None:
+        """Per-worker slots under the sim request, labelled by worker name (a restarted
+        worker keeps its name; a gone worker's label is removed), at most 256 labels."""
+        m = self.metrics
+        m.sim_request.set(decision.sim_request)
+        m.slots_total.set(decision.total_slots)
+        seen = set()
+        for address, n in decision.slots:
+            label = names.get(address) or address
+            if label not in self._slot_labels and len(self._slot_labels) >= 256:
+                continue
+            seen.add(label)
+            m.worker_slots.labels(label).set(n)
+        for gone in self._slot_labels - seen:
+            with contextlib.suppress(KeyError):
+                m.worker_slots.remove(gone)
+        self._slot_labels = seen
 
     def quarantine(self, param_id: str, message: str) -> None:
         self.quarantined += 1

@@ -73,7 +73,10 @@ Submit = Callable[[Sequence[Admission[P]]], Sequence[TaskKeys]]
 class Window(Generic[P]):
     """Params in flight, by param id, and the queues that feed it."""
 
-    def __init__(self, fresh: Iterator[P], fresh_count: int):
+    def __init__(self, fresh: Iterator[P], fresh_count: int, *, solo_beside: bool = False):
+        # solo_beside: a suspect claims a whole worker (the cluster keeps everything else
+        # off it), so it is admitted beside the others instead of after a drain.
+        self.solo_beside = solo_beside
         self._fresh = fresh
         self._fresh_left = fresh_count  # params the source has yet to yield
         self._retry: deque[Admission[P]] = deque()
@@ -113,6 +116,10 @@ class Window(Generic[P]):
         entry = next(iter(self._inflight.values()))
         return entry.param_id if entry.solo else None
 
+    def is_solo(self, param_id: str) -> bool:
+        entry = self._inflight.get(param_id)
+        return entry is not None and entry.solo
+
     @property
     def solo_waiting(self) -> bool:
         return bool(self._solo)
@@ -135,9 +142,13 @@ class Window(Generic[P]):
         """Admit up to ``room`` params (retries first, then new ones) through ``submit``,
         which returns each one's task keys; returns how many were admitted. If ``submit``
         raises, the params go back where they came from."""
-        if room <= 0 or self._solo or self.solo_active is not None:
+        if room <= 0:
+            return 0
+        if not self.solo_beside and (self._solo or self.solo_active is not None):
             return 0
         batch: list[Admission[P]] = []
+        while self.solo_beside and self._solo and len(batch) < room:
+            batch.append(self._solo.popleft())
         while self._retry and len(batch) < room:
             batch.append(self._retry.popleft())
         taken_fresh = 0

@@ -18,6 +18,11 @@ from distributed.diagnostics.plugin import NannyPlugin, WorkerPlugin
 from tidegate.simreturn import add_code_paths, run_target
 
 EXIT_TOPIC = "tidegate-worker-exit"
+MEMORY_RESOURCE = "tidegate-memory"
+MEMORY_KILL_TOPIC = "tidegate-memory-kill"
+EXECUTING_TOPIC = "tidegate-executing"
+TREE_RSS_METRIC = "tidegate_tree_rss"
+IDLE_RSS_METRIC = "tidegate_idle_rss"
 
 
 class CodePaths(WorkerPlugin):
@@ -84,3 +89,20 @@ def executing_keys(prefixes: Sequence[str], dask_worker: Any = None) -> list[str
     state = getattr(dask_worker, "state", None)
     running = getattr(state, "executing", set()) | getattr(state, "long_running", set())
     return [str(ts.key) for ts in running if str(ts.key).startswith(tuple(prefixes))]
+
+
+class MemoryWatch(WorkerPlugin):  # placeholder until the worker-side watch lands
+    name = "tidegate-memory-watch"
+
+    async def setup(self, worker: Any) -> None:
+        limit = int(getattr(worker.memory_manager, "memory_limit", 0) or 0)
+        if limit:
+            await worker.set_resources(**{MEMORY_RESOURCE: float(limit)})
+
+
+def memory_watch_plugin() -> MemoryWatch:
+    return MemoryWatch()
+
+
+def host_layout(dask_worker: Any = None) -> dict[str, Any]:
+    return {}

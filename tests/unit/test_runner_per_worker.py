@@ -1,0 +1,131 @@
+"""Per-worker admission in the run loop, on a FakeCluster whose workers carry the
+tidegate-memory resource (the real cluster's side runs in tests/integration)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import read_dataset, synthetic_spec
+from tests.fakes import FakeCluster, FakeTask
+from tidegate.losses import Cause
+from tidegate.metrics import Metrics
+from tidegate.runner import Runner, RunOptions
+from tidegate.spec import Job, job_from_dict
+
+MiB = 2**20
+
+
+def _job(tmp_path: Path, values: list[dict[str, Any]], **overrides: Any) -> Job:
+    spec = synthetic_spec(0, parameters={"values": values}, replicates=1, **overrides)
+    return job_from_dict(spec, base_dir=tmp_path)
+
+
+def _run(job: Job, fake: FakeCluster, metrics: Metrics | None = None, **options: Any) -> Any:
+    runner = Runner(job, fake, RunOptions(**options), clock=fake.clock, metrics=metrics)
+    return asyncio.run(runner.run())
+
+
+def _pairs_on_one_worker(fake: FakeCluster) -> int:
+    return len(fake.together)
+
+
+def test_sims_that_cannot_share_a_worker_never_run_on_one(tmp_path: Path) -> None:
+    """2 workers x 2 threads x 450 MiB, sims of 230 MiB working memory: whatever B is
+    (pinned at 8 here), no two run on one worker; both workers are used."""
+    values = [{"k": i, "alloc_bytes": 230 * MiB} for i in range(8)]
+    job = _job(tmp_path, values)
+    used: set[str] = set()
+
+    def record(task: FakeTask) -> Cause | None:
+        used.add(task.worker)
+        return None
+
+    fake = FakeCluster(threads=2, memory_limit=450 * MiB, resources=True, on_run=record)
+    summary = _run(job, fake, batch_size=8)
+    assert summary.ok == 8
+    assert _pairs_on_one_worker(fake) == 0
+    assert len(used) == 2
+    assert summary.worker_restarts == 0
+
+
+def test_small_sims_fill_every_thread_once_measured(tmp_path: Path) -> None:
+    """The control for the test above: sims of 1 MiB share a worker's two threads once
+    the first results say they fit (before that, one per worker)."""
+    values = [{"k": i, "alloc_bytes": MiB} for i in range(24)]
+    job = _job(tmp_path, values)
+    fake = FakeCluster(threads=2, memory_limit=450 * MiB, resources=True)
+    summary = _run(job, fake, batch_size=8)
+    assert summary.ok == 24
+    assert _pairs_on_one_worker(fake) > 0
+
+
+def test_a_suspect_runs_alone_on_one_worker_while_the_others_work(tmp_path: Path) -> None:
+    """A poison param: each kill strikes only the sim that was running (not those queued
+    on the worker); after two it claims a whole worker, runs there with nothing beside
+    it while the other worker goes on, is killed alone and quarantined; no innocent
+    param is quarantined."""
+    values = [{"k": i} for i in range(16)]
+    job = _job(tmp_path, values)
+    poison = list(job.params)[3].param_id
+    beside: list[set[str]] = []
+    fake: FakeCluster
+
+    def kill(task: FakeTask) -> Cause | None:
+        if task.param_id != poison or not task.key.startswith("sim-"):
+            return None
+        if task.request == fake.memory_limit and re.search(r"-r\d+$", task.key):
+            beside.append({t.param_id for t in fake.tasks.values()
+                           if t.worker == task.worker and t.key in fake.started
+                           and t.state == "pending"} - {poison})
+        return Cause.MEMORY_TERMINATE
+
+    fake = FakeCluster(n_workers=2, threads=2, memory_limit=400 * MiB, resources=True,
+                       on_run=kill)
+    summary = _run(job, fake)
+    assert (summary.ok, summary.failed, summary.quarantined) == (15, 1, 1)
+    rows = {r["param_id"]: r for r in read_dataset(job.output_dir / "params")}
+    assert rows[poison]["error_type"] == "MemoryExceeded"
+    assert all(r["status"] == "ok" for pid, r in rows.items() if pid != poison)
+    assert beside and all(not s for s in beside)
+
+
+def test_a_child_killed_for_memory_isolates_then_quarantines(tmp_path: Path) -> None:
+    """The worker plugin killed a sim's child process: an OOM event and a backoff; the
+    param reruns alone, and killed alone it is quarantined with the kill's numbers."""
+    values = [{"k": i} for i in range(6)]
+    job = _job(tmp_path, values)
+    heavy = list(job.params)[2].param_id
+    fake: FakeCluster
+
+    def child(task: FakeTask) -> Cause | None:
+        if task.param_id == heavy and task.key.startswith("sim-"):
+            fake.kill_child(task.key, 390 * MiB)
+        return None
+
+    fake = FakeCluster(threads=2, memory_limit=400 * MiB, resources=True, on_run=child)
+    metrics = Metrics()
+    summary = _run(job, fake, metrics)
+    assert (summary.ok, summary.failed, summary.quarantined) == (5, 1, 1)
+    assert summary.oom_events == 2 and summary.worker_restarts == 0
+    row = next(r for r in read_dataset(job.output_dir / "params") if r["param_id"] == heavy)
+    assert row["error_type"] == "MemoryExceeded"
+    assert "390 MiB" in row["error"] and "ran alone" in row["error"]
+    assert metrics.registry.get_sample_value("tidegate_child_kills_total") == 2
+
+
+def test_slots_and_the_sim_request_are_exported_per_worker_name(tmp_path: Path) -> None:
+    values = [{"k": i} for i in range(4)]
+    job = _job(tmp_path, values)
+    metrics = Metrics()
+    fake = FakeCluster(threads=2, memory_limit=400 * MiB, resources=True)
+    _run(job, fake, metrics)
+    reg = metrics.registry
+    assert reg.get_sample_value("tidegate_sim_request_bytes") and \
+        reg.get_sample_value("tidegate_sim_request_bytes") <= 400 * MiB
+    names = {w.name for w in fake.workers_.values()}
+    for name in names:
+        assert reg.get_sample_value("tidegate_worker_slots", {"worker": name}) >= 1
+    assert reg.get_sample_value("tidegate_slots") >= 2
