@@ -157,14 +157,16 @@ class WorkerMemory:
         if self.idle is not None:
             _check_counts(self, idle=0)
 
-    def pressed(self, high_water: float) -> bool:
+    def pressed(self, high_water: float, allowance: int = 0) -> bool:
+        """Paused, or at high water: ``allowance`` bytes (the working memory the sims
+        running on it are allowed) not counted."""
         limited = self.memory_limit > 0
-        return self.paused or (limited and self.used / self.memory_limit >= high_water)
+        used = max(0, self.used - allowance)
+        return self.paused or (limited and used / self.memory_limit >= high_water)
 
-    def calm(self, low_water: float) -> bool:
-        return not self.paused and (
-            self.memory_limit == 0 or self.used / self.memory_limit < low_water
-        )
+    def calm(self, low_water: float, allowance: int = 0) -> bool:
+        used = max(0, self.used - allowance)
+        return not self.paused and (self.memory_limit == 0 or used / self.memory_limit < low_water)
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,6 +326,7 @@ class _Estimate:
     sim_request: int = 0
     slots: tuple[tuple[str, int], ...] = ()
     floor: int = 1  # params that give every slot a sim: B never goes below it
+    work_bytes: int | None = None  # one sim's working memory as budgeted; None unknown
 
     @property
     def total_slots(self) -> int:
@@ -403,7 +406,8 @@ class Controller:
         # worker apart, and the bumped estimate has just raised them; halving B further
         # would only idle workers.
         new = self._clamp(max(est.floor, min(est.target, math.floor(b * self.config.backoff))))
-        admit = not any(w.pressed(self.config.high_water) for w in self._workers())
+        admit = not any(w.pressed(self.config.high_water, self._allowance(w, est))
+                        for w in self._workers())
         reason = f"OOM event #{self._oom_events}: {b} -> {new}"
         return self._emit(new, est, Action.BACKOFF, reason, admit=admit)
 
@@ -417,9 +421,10 @@ class Controller:
 
     def _choose(self, b: int, obs: Observation, est: _Estimate) -> Decision:
         cfg, target = self.config, est.target
-        hot = next((w for w in obs.workers if w.pressed(cfg.high_water)), None)
+        hot = next((w for w in obs.workers
+                    if w.pressed(cfg.high_water, self._allowance(w, est))), None)
         if hot is not None:
-            new = self._clamp(min(target, b - max(1, b // 8)))
+            new = self._clamp(max(est.floor, min(target, b - max(1, b // 8))))
             why = "paused" if hot.paused else f"at {hot.used / hot.memory_limit:.0%} of its limit"
             reason = f"pressure: {hot.address} {why}: {b} -> {new}"
             return self._emit(new, est, Action.SHRINK, reason, admit=False)
@@ -434,7 +439,8 @@ class Controller:
         if self._last_oom is not None and obs.now < self._last_oom + cfg.cooldown_s:
             left = self._last_oom + cfg.cooldown_s - obs.now
             return self._emit(b, est, Action.HOLD, f"cooldown: {left:.1f} s left after OOM")
-        warm = next((w for w in obs.workers if not w.calm(cfg.low_water)), None)
+        warm = next((w for w in obs.workers
+                     if not w.calm(cfg.low_water, self._allowance(w, est))), None)
         if warm is not None:
             return self._emit(b, est, Action.HOLD, f"memory: {warm.address} above low water")
         if obs.inflight < b or obs.pending == 0:
@@ -546,7 +552,18 @@ class Controller:
         known = [c for c in (mem, useful) if c is not None]
         target = self._clamp(max(floor, min(known)) if known else max(floor, self.batch_size))
         return _Estimate(target, mem, useful, sum(max(0, b) for b, _ in budgets), cost or 0,
-                         request, slots, floor)
+                         request, slots, floor, work)
+
+    def _allowance(self, w: WorkerMemory, est: _Estimate) -> int:
+        """Working memory the requests already allow the sims running on ``w``: memory
+        pressure is what comes on top (results, leaks, a wrong estimate). Before any sim
+        was measured, whatever the worker holds above idle (one sim runs there)."""
+        if not est.sim_request or w.capacity <= 0:
+            return 0
+        if est.work_bytes is None:
+            return max(0, w.used - w.idle) if w.idle is not None else 0
+        slots = dict(est.slots).get(w.address, 0)
+        return slots * est.work_bytes
 
     def _results_budget(self, w: WorkerMemory, slots: int, work: int) -> int:
         # The idle tree RSS where the worker reports it: the windowed minimum of RSS less
