@@ -127,7 +127,15 @@ def run_scenarios(scenarios: list[Scenario], repeats: int, *, smoke_mode: bool) 
                 # Full runs start every run on fresh worker processes; smoke runs only
                 # after a run that left the cluster dirty.
                 if dirty:
-                    cluster.restart()
+                    try:
+                        cluster.restart()
+                    except TimeoutError as exc:
+                        # Seen after dask-window runs on pile-up's cluster: the nannies'
+                        # new workers never registered. A new cluster costs seconds;
+                        # ending the suite here would lose every run so far.
+                        _say(f"{scenario.name}: restart failed ({exc}); new cluster")
+                        cluster.close()
+                        cluster = BenchCluster(scenario.shape, workdir, log_executions=kills)
                 record = run_arm(cluster, scenario, arm, repeat, workdir)
                 runs.append(record)
                 _say(progress_line(record, repeats if arm.max_repeats is None
