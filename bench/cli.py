@@ -126,6 +126,7 @@ def run_scenarios(scenarios: list[Scenario], repeats: int, *, smoke_mode: bool) 
             for arm, repeat in schedule(scenario.arms, repeats):
                 # Full runs start every run on fresh worker processes; smoke runs only
                 # after a run that left the cluster dirty.
+                replaced = False
                 if dirty:
                     try:
                         cluster.restart()
@@ -136,7 +137,9 @@ def run_scenarios(scenarios: list[Scenario], repeats: int, *, smoke_mode: bool) 
                         _say(f"{scenario.name}: restart failed ({exc}); new cluster")
                         cluster.close()
                         cluster = BenchCluster(scenario.shape, workdir, log_executions=kills)
+                        replaced = True
                 record = run_arm(cluster, scenario, arm, repeat, workdir)
+                record["restart_failed"] = replaced
                 runs.append(record)
                 _say(progress_line(record, repeats if arm.max_repeats is None
                                    else min(repeats, arm.max_repeats)))

@@ -184,6 +184,10 @@ def _batch(row: dict[str, Any], scenario: dict[str, Any], runs: list[dict[str, A
 def _extra(name: str, scenario: dict[str, Any], results: dict[str, Any]) -> list[str]:
     runs = [r for r in results["runs"] if r["scenario"] == name]
     out = []
+    failed = [r for r in runs if r.get("restart_failed")]
+    if failed:
+        out.append("The restart before these runs timed out; they ran on a new cluster: "
+                   + ", ".join(f"{r['arm']} run {r['repeat']}" for r in failed) + ".")
     if name in RACES:
         tg = [r for r in runs if r["arm"] == "tidegate"]
         best = best_surviving(results["runs"], name, is_fixed_arm)
@@ -237,7 +241,9 @@ def _method(meta: dict[str, Any]) -> list[str]:
         "",
         "- **Cluster**: one `LocalCluster` per scenario shape, worker processes with "
         "nannies, the scheduler in the benchmark process on its own event-loop thread. "
-        "Every run starts on fresh worker processes (`client.restart()`). tidegate runs "
+        "Every run starts on fresh worker processes (`client.restart()`; on a new "
+        "LocalCluster when that restart times out after 30 s, which the run records as "
+        "`restart_failed`). tidegate runs "
         "`tidegate.runner.Runner` with its defaults (adaptive B, parts every 1,000 params "
         "or 10 s, fsynced, with the SQLite ledger) on a `tidegate.cluster.Cluster` wrapping "
         "an asynchronous client of that scheduler; the other strategies share one "
