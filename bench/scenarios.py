@@ -227,8 +227,8 @@ def full() -> list[Scenario]:
         ),
         Scenario(
             "working-memory",
-            "Two sims of 230 MiB working memory cannot run side by side on a 450 MiB "
-            "worker with 2 threads: the right B keeps one per worker.",
+            "Two sims of 230 MiB working memory together exceed a 450 MiB worker with 2 "
+            "threads, and with 3 or more running at once one worker runs two.",
             Shape(2, 2, 450 * MiB),
             Workload(120, alloc_bytes=230 * MiB),
             race_arms(120),
