@@ -36,9 +36,11 @@ test: $(STAMP) tools
 test-all: $(STAMP) tools
 	$(PY) -m pytest -m "slow or not slow"
 
+# BENCH_ARGS: flags for python -m bench, e.g. BENCH_ARGS="--light --scenarios pile-up".
+BENCH_ARGS ?=
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'
-	$(PY) -m bench
+	$(PY) -m bench $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -24,7 +24,7 @@ import psutil
 from bench import plots, report
 from bench.cluster import BenchCluster
 from bench.harness import needs_restart, run_arm
-from bench.scenarios import STRATEGIES, Arm, Scenario, full, select, smoke
+from bench.scenarios import LIGHT_N, STRATEGIES, Arm, Scenario, full, light, select, smoke
 from bench.summary import evaluate, summarize, targets_as_dicts
 from tidegate import __version__
 
@@ -35,6 +35,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("--smoke", action="store_true",
                    help="tiny sizes, every scenario and strategy once (CI)")
+    p.add_argument("--light", action="store_true",
+                   help="the full suite with fewer params in the memory races ("
+                        + ", ".join(f"{k} {v}" for k, v in LIGHT_N.items()) + ")")
     p.add_argument("--scenarios", type=_names, default=None, metavar="a,b",
                    help="run only these scenarios (default: all)")
     p.add_argument("--strategies", type=_names, default=None, metavar="x,y",
@@ -45,14 +48,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None,
                    help="results JSON (default bench/results/<timestamp>.json)")
     p.add_argument("--report", type=Path, default=None,
-                   help="Markdown report (default docs/BENCHMARKS.md; with --smoke "
-                        "bench/results/<timestamp>-smoke.md)")
+                   help="Markdown report (default docs/BENCHMARKS.md; with --smoke or "
+                        "--light bench/results/<timestamp>-smoke.md or -light.md)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--tls", action="store_true",
                    help="mutual TLS on every cluster, as tidegate's embedded one uses")
     p.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",
                    help="run nothing: write the report (and plots) from a results file")
     args = p.parse_args(argv)
+    if args.light and args.smoke:
+        p.error("--light and --smoke are different sizes: pick one")
     if args.repeats is not None and args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
     return args
@@ -121,9 +126,20 @@ def run_scenarios(scenarios: list[Scenario], repeats: int, *, smoke_mode: bool) 
             for arm, repeat in schedule(scenario.arms, repeats):
                 # Full runs start every run on fresh worker processes; smoke runs only
                 # after a run that left the cluster dirty.
+                replaced = False
                 if dirty:
-                    cluster.restart()
+                    try:
+                        cluster.restart()
+                    except TimeoutError as exc:
+                        # Seen after dask-window runs on pile-up's cluster: the nannies'
+                        # new workers never registered. A new cluster costs seconds;
+                        # ending the suite here would lose every run so far.
+                        _say(f"{scenario.name}: restart failed ({exc}); new cluster")
+                        cluster.close()
+                        cluster = BenchCluster(scenario.shape, workdir, log_executions=kills)
+                        replaced = True
                 record = run_arm(cluster, scenario, arm, repeat, workdir)
+                record["restart_failed"] = replaced
                 runs.append(record)
                 _say(progress_line(record, repeats if arm.max_repeats is None
                                    else min(repeats, arm.max_repeats)))
@@ -137,13 +153,17 @@ def run_scenarios(scenarios: list[Scenario], repeats: int, *, smoke_mode: bool) 
 
 def progress_line(r: dict[str, Any], repeats: int) -> str:
     parts = [
-        f"{r['scenario']:<12} {r['arm']:<20} run {r['repeat']}/{repeats}",
+        f"{r['scenario']:<14} {r['arm']:<20} run {r['repeat']}/{repeats}",
         f"{r['status']:<14}",
         f"wall {r['wall_s']:7.2f} s",
         f"params {r['params_ok']}/{r['params_total']}",
         f"deaths {r['worker_deaths']}",
         f"peak mem {r['peak_worker_mem_frac']:.0%}",
     ]
+    if r["oom_events"]:
+        parts.append(f"OOM events {r['oom_events']}")
+    if r["peak_tree_mem_frac"] is not None:
+        parts.append(f"peak tree {r['peak_tree_mem_frac']:.0%}")
     if r["utilization"] is not None:
         parts.append(f"util {r['utilization']:.2f}")
     if r["params_per_s"] is not None:
@@ -176,19 +196,23 @@ def main(argv: list[str] | None = None) -> int:
     # lines (distributed's and tidegate's) out of the progress output.
     for name in ("distributed", "tidegate"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    scenarios = select(smoke() if args.smoke else full(), args.scenarios, args.strategies)
+    suite = smoke() if args.smoke else light() if args.light else full()
+    scenarios = select(suite, args.scenarios, args.strategies)
     if not scenarios:
         print("nothing to run: no arm matches --scenarios/--strategies", file=sys.stderr)
         return 2
     repeats = args.repeats or (1 if args.smoke else 3)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    out = args.out or REPO / "bench" / "results" / f"{stamp}{'-smoke' if args.smoke else ''}.json"
+    # Only a full run replaces docs/BENCHMARKS.md.
+    kind = "-smoke" if args.smoke else "-light" if args.light else ""
+    out = args.out or REPO / "bench" / "results" / f"{stamp}{kind}.json"
     report_path = args.report or (
-        REPO / "bench" / "results" / f"{stamp}-smoke.md" if args.smoke
+        REPO / "bench" / "results" / f"{stamp}{kind}.md" if kind
         else REPO / "docs" / "BENCHMARKS.md"
     )
     command = " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])])
     meta = {"command": command, "machine": machine(), "started": stamp, "smoke": args.smoke,
+            "light": args.light,
             "repeats": repeats, "scenarios": [_describe(s) for s in scenarios]}
     m = meta["machine"]
     _say(f"{command}: {len(scenarios)} scenarios on {m['cores']} cores / "
@@ -207,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1, allow_nan=False))
     _say(f"results: {out}")
+    for t in results["targets"]:
+        verdict = {True: "PASS", False: "FAIL", None: "n/a"}[t["met"]]
+        _say(f"{verdict:<4} {t['scenario']}: {t['name']} {t['wanted']}: {t['measured']}")
     write_report(results, report_path, args.no_plots)
     return 0
 
@@ -246,8 +273,10 @@ def _describe(s: Scenario) -> dict[str, Any]:
         "workload": {
             "n_params": w.n_params, "replicates": w.replicates, "targets": w.targets,
             "outputs": w.outputs, "output_bytes": w.output_bytes, "alloc_bytes": w.alloc_bytes,
-            "run_seconds": w.run_seconds, "run_sigma": w.run_sigma,
+            "run_seconds": w.run_seconds, "run_sigma": w.run_sigma, "busy": w.busy,
+            "child_alloc_bytes": w.child_alloc_bytes, "child_seconds": w.child_seconds,
         },
+        "sample_trees": s.sample_trees,
         "arms": [
             {"label": a.label, "strategy": a.strategy, "batch": a.batch,
              "n_params": a.n_params or w.n_params, "kill": a.kill,

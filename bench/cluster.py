@@ -18,6 +18,8 @@ from bench.scenarios import Shape
 
 # Set before the LocalCluster starts: each nanny copies the config it is created with and
 # hands it to its worker processes, restarts included.
+RESTART_TIMEOUT_S = 30
+
 NO_SPILL = {"distributed.worker.memory.spill": False, "distributed.worker.memory.target": False}
 
 
@@ -130,7 +132,8 @@ class BenchCluster:
 
     def restart(self) -> None:
         """Fresh worker processes, every worker back (also after a kill or a timeout)."""
-        self.client.restart(wait_for_workers=True)
+        # A restart takes 1-3 s here; Dask's default wait is 120 s.
+        self.client.restart(timeout=RESTART_TIMEOUT_S, wait_for_workers=True)
         self.client.wait_for_workers(self.shape.workers, timeout=120)
 
     def reset(self) -> None:

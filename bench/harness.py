@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.cluster import BenchCluster
-from bench.sampler import Probe, Sampler
+from bench.sampler import Probe, Sampler, TreeSampler
 from bench.scenarios import Arm, Scenario
 from bench.strategies import STRATEGY_CLASSES, Outcome
 from bench.workload import build_job, key_tag
@@ -71,6 +71,8 @@ def run_arm(
     strategy = STRATEGY_CLASSES[arm.strategy](arm, cluster, job, output)
     killer = Killer(cluster, strategy.probe, workload.n_params // 2) if arm.kill else None
     sampler = Sampler(cluster, strategy.probe).start()
+    limit = scenario.shape.memory_limit
+    trees = TreeSampler(cluster, limit).start() if scenario.sample_trees and limit else None
     if killer:
         killer.start()
     error = None
@@ -82,6 +84,8 @@ def run_arm(
         error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
     finally:
         sampler.stop()
+        if trees:
+            trees.stop()
         if killer:
             killer.stop()
     shutil.rmtree(output, ignore_errors=True)
@@ -98,11 +102,18 @@ def run_arm(
         "time_limit_s": arm.time_limit,
         "wall_s": round(wall, 3),
         "params_total": workload.n_params,
+        "threads": scenario.shape.nthreads,
         "params_ok": outcome.params_ok,
         "params_failed": outcome.params_failed,
         "params_per_s": round(outcome.params_ok / wall, 2) if finished and wall > 0 else None,
         "worker_deaths": cluster.stats.removed,
         "peak_worker_mem_frac": round(sampler.peak_mem_frac, 4),
+        # tidegate's own counts (its loss classifier); None for the plain-Dask strategies,
+        # whose losses are in worker_deaths only.
+        "oom_events": outcome.detail.get("oom_events"),
+        "worker_restarts": outcome.detail.get("worker_restarts"),
+        "peak_tree_mem_frac": max(trees.peak_frac.values(), default=None) if trees else None,
+        "peak_tree_by_worker": trees.peak_frac if trees else None,
         "utilization": (
             round(workload.task_seconds() / (scenario.shape.nthreads * wall), 4)
             if finished and workload.run_seconds > 0 else None

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
+
+from bench.summary import RACES, best_surviving, is_fixed_arm
 
 ANALYSIS = Path(__file__).with_name("analysis.md")
 
@@ -38,6 +41,22 @@ COLUMNS: dict[str, list[tuple[str, str, str]]] = {
         ("params written", "params_ok", "{:.0f}"),
     ],
 }
+# The races: wall, params, losses (tidegate's OOM events: its own classifier; the
+# plain-Dask arms have worker deaths only).
+RACE_COLUMNS = [
+    ("wall s", "wall_s", "{:.1f}"),
+    ("params ok", "params_ok", "{:.0f}"),
+    ("worker deaths", "worker_deaths", "{:.0f}"),
+    ("OOM events (tidegate)", "oom_events", "{:.0f}"),
+    ("peak worker memory / limit", "peak_worker_mem_frac", "{:.0%}"),
+]
+for _name in RACES:
+    COLUMNS[_name] = list(RACE_COLUMNS)
+COLUMNS["child-process"].append(
+    ("peak process tree / limit", "peak_tree_mem_frac", "{:.0%}"))
+COLUMNS["tight-memory"].insert(1, ("params/s", "params_per_s", "{:.1f}"))
+
+VERDICT = {True: "PASS", False: "**FAIL**", None: "n/a"}
 
 
 def cell(stat: dict[str, float] | None, fmt: str) -> str:
@@ -81,11 +100,11 @@ def render(results: dict[str, Any], figures: dict[str, str], plot_note: str) -> 
         "",
         "## Targets",
         "",
-        "| scenario | target | measured | wanted | met | margin |",
+        "| scenario | target | measured | wanted | result | margin |",
         "|---|---|---|---|---|---|",
     ]
     for t in results["targets"]:
-        met = {True: "yes", False: "**no**", None: "n/a"}[t["met"]]
+        met = VERDICT[t["met"]]
         lines.append(f"| {t['scenario']} | {t['name']} | {t['measured']} | {t['wanted']} "
                      f"| {met} | {t['by']} |")
     lines.append("")
@@ -128,6 +147,11 @@ def _scenario(
         out.append(f"| {row['arm']} | {_batch(row, scenario, runs)} | {row['runs']} | {status} | "
                    + " | ".join(cells) + " |")
     out.append("")
+    targets = [t for t in results["targets"] if t["scenario"] == name]
+    if targets:
+        out += [f"Target: {t['name']} {t['wanted']}: measured {t['measured']}, "
+                f"**{VERDICT[t['met']].strip('*')}**." for t in targets]
+        out.append("")
     out += _extra(name, scenario, results)
     if name in figures:
         out += [f"![{name}: batch size, in-flight tasks and worker memory over time]"
@@ -144,6 +168,9 @@ def _per_arm_sizes(scenario: dict[str, Any]) -> str:
 
 
 def _batch(row: dict[str, Any], scenario: dict[str, Any], runs: list[dict[str, Any]]) -> str:
+    arm = next(a for a in scenario["arms"] if a["label"] == row["arm"])
+    if row["strategy"] == "tidegate" and arm["batch"]:
+        return f"pinned {arm['batch']}"
     if row["strategy"] == "tidegate":
         rs = [r for r in runs if r["scenario"] == row["scenario"] and r["arm"] == row["arm"]]
         lo = min(r["detail"].get("batch_min", 0) for r in rs)
@@ -151,13 +178,32 @@ def _batch(row: dict[str, Any], scenario: dict[str, Any], runs: list[dict[str, A
         return f"adaptive {lo}-{hi}"
     if row["strategy"] == "naive":
         return f"all {row['params_total']}"
-    arm = next(a for a in scenario["arms"] if a["label"] == row["arm"])
     return str(arm["batch"])
 
 
 def _extra(name: str, scenario: dict[str, Any], results: dict[str, Any]) -> list[str]:
     runs = [r for r in results["runs"] if r["scenario"] == name]
     out = []
+    failed = [r for r in runs if r.get("restart_failed")]
+    if failed:
+        out.append("The restart before these runs timed out; they ran on a new cluster: "
+                   + ", ".join(f"{r['arm']} run {r['repeat']}" for r in failed) + ".")
+    if name in RACES:
+        tg = [r for r in runs if r["arm"] == "tidegate"]
+        best = best_surviving(results["runs"], name, is_fixed_arm)
+        if tg and best:
+            wall = statistics.median(r["wall_s"] for r in tg)
+            out.append(f"Adaptive against the best arm, pinned or window, that lost no "
+                       f"worker ({best[0]}, {best[1]:.1f} s): {wall / best[1]:.2f}x.")
+        elif tg:
+            out.append("No pinned or window arm finished every run without losing a worker.")
+    if name == "child-process":
+        peaks = [f"{r['arm']} run {r['repeat']}: " + ", ".join(
+                    f"{w.rsplit(':', 1)[-1]} {f:.0%}" for w, f in r["peak_tree_by_worker"].items())
+                 for r in runs if r.get("peak_tree_by_worker")]
+        if peaks:
+            out.append("Peak process-tree RSS / limit, per worker (by port): "
+                       + "; ".join(peaks) + ".")
     if name == "heavy-tail" and scenario.get("ideal_s"):
         work, threads, bound = (scenario[k] for k in ("task_seconds", "threads",
                                                       "in_order_bound_s"))
@@ -195,7 +241,9 @@ def _method(meta: dict[str, Any]) -> list[str]:
         "",
         "- **Cluster**: one `LocalCluster` per scenario shape, worker processes with "
         "nannies, the scheduler in the benchmark process on its own event-loop thread. "
-        "Every run starts on fresh worker processes (`client.restart()`). tidegate runs "
+        "Every run starts on fresh worker processes (`client.restart()`; on a new "
+        "LocalCluster when that restart times out after 30 s, which the run records as "
+        "`restart_failed`). tidegate runs "
         "`tidegate.runner.Runner` with its defaults (adaptive B, parts every 1,000 params "
         "or 10 s, fsynced, with the SQLite ledger) on a `tidegate.cluster.Cluster` wrapping "
         "an asynchronous client of that scheduler; the other strategies share one "
@@ -210,6 +258,16 @@ def _method(meta: dict[str, Any]) -> list[str]:
         "- **in-flight tasks**: the client's own futures, `len(client.futures)`; **B**: "
         "the runner's batch size for tidegate, the fixed B or window for the others, every "
         "param for naive.",
+        "- **process tree** (child-process): each worker's RSS plus its descendants' (psutil, "
+        "every 20 ms from the benchmark process; worker pids from `client.run(os.getpid)`), "
+        "as a fraction of its memory limit.",
+        "- **OOM events**: tidegate's own count of workers lost for memory, as its loss "
+        "classifier sees them (a SIGKILL counts); the plain-Dask arms report worker deaths "
+        "only.",
+        "- **races** (pile-up, working-memory, child-process, short-sims, tight-memory's "
+        "windows): an arm *survives* when every run finished, wrote every param and lost no "
+        "worker; the best surviving arm is the one with the lowest median wall (highest "
+        "params/s for tight-memory).",
         "- **worker deaths**: workers removed from the scheduler during the run (a "
         "SchedulerPlugin's `remove_worker`), the deliberate kill included.",
         "- **utilization**: sum of the sim tasks' run times / (threads x wall).",

@@ -1,10 +1,13 @@
 """A background thread that samples a run: every 0.1 s this process's RSS, every 0.5 s
 the workers' memory (tidegate.cluster.Cluster.workers(), the scheduler's identity), the
-client's own futures, the strategy's batch size and the scheduler's task count."""
+client's own futures, the strategy's batch size and the scheduler's task count; and,
+where a scenario asks, every 20 ms each worker's process tree (TreeSampler)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -104,3 +107,67 @@ class Sampler:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.series)
+
+
+TREE_EVERY_S = 0.02
+
+
+class TreeSampler:
+    """Peak RSS of each worker's process tree (the worker process and all its
+    descendants), every 20 ms, read with psutil from this process.
+
+    The scheduler's view (worker heartbeats, the worker's own RSS) misses memory a task
+    holds in a child process; the kernel's OOM killer and a cgroup limit do not. Worker
+    pids come from ``client.run(os.getpid)`` and are asked again when one disappears (a
+    restarted worker is a new process)."""
+
+    def __init__(self, cluster: BenchCluster, memory_limit: int):
+        self.cluster = cluster
+        self.limit = memory_limit
+        self.peak: dict[str, int] = {}  # worker address -> peak tree RSS in bytes
+        self._pids: dict[str, int] = {}
+        self._procs: dict[str, psutil.Process] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="bench-trees", daemon=True)
+
+    def start(self) -> TreeSampler:
+        self._refresh()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    @property
+    def peak_frac(self) -> dict[str, float]:
+        return {w: round(b / self.limit, 4) for w, b in sorted(self.peak.items())}
+
+    def _refresh(self) -> None:
+        try:
+            pids = dict(self.cluster.monitor.run(os.getpid))
+        except Exception:  # a worker restarting: try again on the next sample
+            return
+        self._pids = pids
+        self._procs = {}
+        for worker, pid in pids.items():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                self._procs[worker] = psutil.Process(pid)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(TREE_EVERY_S):
+            gone = False
+            for worker, proc in list(self._procs.items()):
+                try:
+                    tree = [proc, *proc.children(recursive=True)]
+                except psutil.NoSuchProcess:
+                    gone = True
+                    continue
+                total = 0
+                for p in tree:
+                    with contextlib.suppress(psutil.NoSuchProcess):  # a child that just exited
+                        total += p.memory_info().rss
+                if total > self.peak.get(worker, 0):
+                    self.peak[worker] = total
+            if gone or len(self._procs) < len(self._pids) or not self._procs:
+                self._refresh()

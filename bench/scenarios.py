@@ -1,6 +1,7 @@
 """The named scenarios: a cluster shape, a workload and the arms (strategy + settings)
 that run on it. Sizes are set so the full suite takes about 15 minutes on 2 cores;
-``smoke`` shrinks every scenario to seconds and keeps every arm."""
+``smoke`` shrinks scenarios to seconds and keeps every arm; ``light`` runs the memory
+races at fewer params, every arm kept."""
 
 from __future__ import annotations
 
@@ -52,6 +53,11 @@ class Workload:
     alloc_bytes: int = 0
     run_seconds: float = 0.0  # the median when run_sigma > 0
     run_sigma: float = 0.0  # lognormal spread of the run times
+    busy: bool = False  # spin a CPU for run_seconds instead of sleeping
+    # Memory held in a child process of the task (the synthetic model's child_alloc_bytes
+    # and child_seconds): invisible to the worker's own RSS, visible to its process tree.
+    child_alloc_bytes: int = 0
+    child_seconds: float = 0.0
     seed: int = 42
 
     def __post_init__(self) -> None:
@@ -93,7 +99,14 @@ class Workload:
 
     def parameters(self) -> dict[str, Any]:
         """The spec's ``parameters`` section."""
-        fixed = {"output_bytes": self.output_bytes, "alloc_bytes": self.alloc_bytes}
+        fixed: dict[str, Any] = {"output_bytes": self.output_bytes,
+                                 "alloc_bytes": self.alloc_bytes}
+        # Only when set: a spec of the other scenarios stays what it was.
+        if self.busy:
+            fixed["busy"] = True
+        if self.child_alloc_bytes or self.child_seconds:
+            fixed |= {"child_alloc_bytes": self.child_alloc_bytes,
+                      "child_seconds": self.child_seconds}
         if self.run_sigma <= 0:
             # A grid expands 100,000 params far faster than as many inline values.
             grid = {"i": list(range(self.n_params)), "run_seconds": [self.run_seconds]}
@@ -110,11 +123,15 @@ class Workload:
         parts.append(f"{_size(self.output_bytes)} output per sim (outputs: {self.outputs})")
         if self.alloc_bytes:
             parts.append(f"{_size(self.alloc_bytes)} working memory per sim")
+        if self.child_alloc_bytes:
+            parts.append(f"{_size(self.child_alloc_bytes)} held in a child process for "
+                         f"{self.child_seconds:g} s")
         if self.run_sigma > 0:
             parts.append(f"run time lognormal, median {self.run_seconds:g} s, "
                          f"sigma {self.run_sigma:g}")
         elif self.run_seconds > 0:
-            parts.append(f"{self.run_seconds:g} s per sim (sleeping)")
+            how = "busy" if self.busy else "sleeping"
+            parts.append(f"{self.run_seconds:g} s per sim ({how})")
         else:
             parts.append("no run time")
         return "; ".join(parts)
@@ -152,11 +169,28 @@ class Scenario:
     shape: Shape
     workload: Workload
     arms: tuple[Arm, ...]
+    # Sample each worker's process tree (worker + descendants) every 20 ms from this
+    # process: memory held by a task's child process is not in the worker's own RSS.
+    sample_trees: bool = False
 
     def workload_for(self, arm: Arm) -> Workload:
         if arm.n_params is None:
             return self.workload
         return replace(self.workload, n_params=arm.n_params)
+
+
+SWEEP = (1, 2, 4, 8)  # the pinned batch sizes and the dask-window windows of a race
+
+
+def race_arms(time_limit: float) -> tuple[Arm, ...]:
+    """tidegate adaptive against tidegate pinned (``--batch-size``) and the dask-window at
+    each size of SWEEP, in one run: the best fixed choice in hindsight is what adaptive
+    has to come close to without being told."""
+    arms = [Arm("tidegate", "tidegate", time_limit=time_limit)]
+    arms += [Arm(f"tidegate-b{b}", "tidegate", batch=b, time_limit=time_limit) for b in SWEEP]
+    arms += [Arm(f"dask-window-{w}", "dask-window", batch=w, time_limit=time_limit)
+             for w in SWEEP]
+    return tuple(arms)
 
 
 def full() -> list[Scenario]:
@@ -175,9 +209,46 @@ def full() -> list[Scenario]:
                 # B=8 holds 192 MiB of results, under half the cluster's memory, yet
                 # with the working memory on top a worker can pause: a stall, hence 60 s.
                 Arm("fixed-8", "fixed", batch=8, time_limit=60),
-                Arm("dask-window-8", "dask-window", batch=8, time_limit=60),
+                # The throughput race: the fastest window that loses no worker is the
+                # bar, whichever of 1, 2, 4, 8 it is on this machine.
+                *(Arm(f"dask-window-{w}", "dask-window", batch=w, time_limit=60)
+                  for w in SWEEP),
                 Arm("tidegate", "tidegate", time_limit=120),
             ),
+        ),
+        Scenario(
+            "pile-up",
+            "Working memory and results together: at B above the thread count, queued "
+            "params' 4 MiB results and running params' 120 MiB allocations pile up on a "
+            "400 MiB worker.",
+            Shape(2, 1, 400 * MiB),
+            Workload(300, output_bytes=4 * MiB, alloc_bytes=120 * MiB),
+            race_arms(120),
+        ),
+        Scenario(
+            "working-memory",
+            "Two sims of 230 MiB working memory together exceed a 450 MiB worker with 2 "
+            "threads, and with 3 or more running at once one worker runs two.",
+            Shape(2, 2, 450 * MiB),
+            Workload(120, alloc_bytes=230 * MiB),
+            race_arms(120),
+        ),
+        Scenario(
+            "child-process",
+            "Each sim holds 200 MiB in a child process for 0.5 s: memory Dask does not "
+            "see in the worker's RSS, only in its process tree.",
+            Shape(2, 2, 500 * MiB),
+            Workload(40, child_alloc_bytes=200 * MiB, child_seconds=0.5),
+            race_arms(120),
+            sample_trees=True,
+        ),
+        Scenario(
+            "short-sims",
+            "Few, short sims (10 params x 3 replicates of 1 s): the start-up of the "
+            "adaptive window against a window that is right from the first task.",
+            Shape(2, 1),
+            Workload(10, replicates=3, run_seconds=1.0),
+            race_arms(60),
         ),
         Scenario(
             "heavy-tail",
@@ -241,10 +312,17 @@ def smoke() -> list[Scenario]:
         "overhead": {"n_params": 200},
         "scale": {"n_params": 100},
         "worker-kill": {"n_params": 40, "run_seconds": 0.05},
+        # The one race in smoke (its 9 arms on their own cluster): tiny allocations.
+        "pile-up": {"n_params": 8, "output_bytes": 64 * 1024, "alloc_bytes": MiB},
     }
     small_n = {"tidegate-100k": 300}
     out = []
     for s in full():
+        if s.name not in sizes:
+            # working-memory, child-process, short-sims: the same harness paths as
+            # pile-up's race (child-process adds tree sampling) at 9 arms each, which
+            # would double the smoke run; run them light or full.
+            continue
         arms = tuple(
             replace(a, time_limit=30, max_repeats=1,
                     n_params=small_n.get(a.label, a.n_params and 100))
@@ -252,6 +330,16 @@ def smoke() -> list[Scenario]:
         )
         out.append(replace(s, workload=replace(s.workload, **sizes[s.name]), arms=arms))
     return out
+
+
+LIGHT_N = {"pile-up": 60, "working-memory": 30, "child-process": 12}
+
+
+def light() -> list[Scenario]:
+    """The full suite with the memory races at fewer params (LIGHT_N): the same
+    clusters, per-sim costs and arms, in a few minutes per scenario."""
+    return [replace(s, workload=replace(s.workload, n_params=LIGHT_N[s.name]))
+            if s.name in LIGHT_N else s for s in full()]
 
 
 def select(

@@ -211,6 +211,7 @@ class Tidegate(Strategy):
             "batch_max": summary.batch_max,
             "batch_final": summary.batch_final,
             "oom_events": summary.oom_events,
+            "worker_restarts": summary.worker_restarts,
             "worker_losses": summary.worker_losses,
             "peak_inflight_tasks": summary.peak_inflight_tasks,
             "parts": summary.parts,

@@ -4,7 +4,7 @@ checks."""
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -22,7 +22,12 @@ METRICS = (
     "peak_scheduler_tasks",
     "window_tasks",
     "recomputed",
+    "oom_events",
+    "worker_restarts",
+    "peak_tree_mem_frac",
 )
+
+RACES = ("pile-up", "working-memory", "child-process", "short-sims")
 
 
 def spread(values: Iterable[float | int | None]) -> dict[str, float] | None:
@@ -104,6 +109,91 @@ def evaluate(runs: list[dict[str, Any]]) -> list[Target]:
         out += _scale(runs)
     if "worker-kill" in ran:
         out += _kill(runs)
+    for name in RACES:
+        if name in ran:
+            out += _race(runs, name)
+    return out
+
+
+def survived(rs: list[dict[str, Any]]) -> bool:
+    """Every run of an arm finished, wrote every param and lost no worker."""
+    return bool(rs) and all(
+        r["status"] == "ok" and r["worker_deaths"] == 0 and r["params_ok"] == r["params_total"]
+        for r in rs
+    )
+
+
+def best_surviving(
+    runs: list[dict[str, Any]], scenario: str, keep: Callable[[dict[str, Any]], bool],
+    metric: str = "wall_s",
+) -> tuple[str, float] | None:
+    """The arm (label, median ``metric``) with the lowest median wall (the highest
+    params/s for ``metric="params_per_s"``) among the arms whose first run passes ``keep``
+    and whose every run survived; None when none did."""
+    arms: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        if r["scenario"] == scenario:
+            arms.setdefault(r["arm"], []).append(r)
+    best: tuple[str, float] | None = None
+    for label, rs in arms.items():
+        if not keep(rs[0]) or not survived(rs):
+            continue
+        value = _median(rs, metric)
+        if value is None:
+            continue
+        higher_wins = metric == "params_per_s"
+        if best is None or (value > best[1] if higher_wins else value < best[1]):
+            best = (label, value)
+    return best
+
+
+def is_pinned(r: dict[str, Any]) -> bool:
+    return r["strategy"] == "tidegate" and r["arm"] != "tidegate"
+
+
+def is_fixed_arm(r: dict[str, Any]) -> bool:
+    """A pinned tidegate arm or a dask-window arm: a B chosen in advance."""
+    return is_pinned(r) or r["strategy"] == "dask-window"
+
+
+def _race(runs: list[dict[str, Any]], name: str) -> list[Target]:
+    tg = _runs(runs, name, "tidegate")
+    wall = _median(tg, "wall_s") if survived(tg) else None
+    out = []
+    if name == "short-sims":
+        # The window a user would pick for sims this short: one param per thread.
+        threads = tg[0]["threads"] if tg else 0
+        label = f"dask-window-{threads}"
+        dw = _runs(runs, name, label)
+        den = _median(dw, "wall_s") if survived(dw) else None
+        out.append(_ratio_target(name, f"tidegate wall / {label} wall", wall, den, "<=", 1.10,
+                                 f"{wall or 0:.1f} s vs {den or 0:.1f} s"))
+    elif name in ("pile-up", "working-memory"):
+        best = best_surviving(runs, name, is_pinned)
+        den = best[1] if best else None
+        arm = best[0] if best else "none survived"
+        out.append(_ratio_target(name, "tidegate wall / best surviving pinned wall", wall, den,
+                                 "<=", 1.25, f"{wall or 0:.1f} s vs {den or 0:.1f} s, {arm}"))
+    if name == "working-memory":
+        ooms = [r["oom_events"] for r in tg]
+        worst = max((o for o in ooms if o is not None), default=None)
+        out.append(Target(name, "tidegate OOM events", f"{worst} (worst run)"
+                          if worst is not None else "n/a", "<= 2",
+                          None if worst is None else worst <= 2,
+                          "did not finish" if worst is None else f"{worst - 2:+d} vs the limit"))
+    if name == "child-process":
+        peaks = [r["peak_tree_mem_frac"] for r in tg if r["peak_tree_mem_frac"] is not None]
+        ok = min((r["params_ok"] for r in tg), default=0)
+        total = tg[0]["params_total"] if tg else 0
+        peak = max(peaks, default=None)
+        met = None if peak is None else peak <= 0.95 and ok == total
+        out.append(Target(name, "tidegate: peak worker process tree / limit, params ok",
+                          f"{peak:.0%} (worst worker, worst run), {ok}/{total} params"
+                          if peak is not None else "n/a",
+                          f"<= 95%, {total}/{total}", met,
+                          "not sampled" if peak is None else
+                          f"{(peak / 0.95 - 1) * 100:+.0f}% vs the limit"
+                          + ("" if ok == total else f", {total - ok} params short")))
     return out
 
 
@@ -138,6 +228,15 @@ def _tight(runs: list[dict[str, Any]]) -> list[Target]:
         out.append(Target("tight-memory", "naive loses workers or fails", what,
                           "every run loses a worker or fails", met,
                           f"{len(failed)}/{len(naive)} runs"))
+    if tg:
+        rate = _median(tg, "params_per_s") if survived(tg) else None
+        best = best_surviving(runs, "tight-memory", lambda r: r["strategy"] == "dask-window",
+                              "params_per_s")
+        den = best[1] if best else None
+        arm = best[0] if best else "no window survived"
+        out.append(_ratio_target(
+            "tight-memory", "tidegate params/s / fastest surviving dask-window params/s",
+            rate, den, ">=", 0.9, f"{rate or 0:.1f} vs {den or 0:.1f} params/s, {arm}"))
     return out
 
 

@@ -30,7 +30,7 @@ def test_bench_smoke_writes_every_scenario_and_strategy(tmp_path: Path) -> None:
     results = json.loads(out.read_text())
     planned = {(s["name"], a["label"]) for s in results["meta"]["scenarios"] for a in s["arms"]}
     assert {s["name"] for s in results["meta"]["scenarios"]} == {
-        "tight-memory", "heavy-tail", "overhead", "scale", "worker-kill"}
+        "tight-memory", "pile-up", "heavy-tail", "overhead", "scale", "worker-kill"}
     assert {a["strategy"] for s in results["meta"]["scenarios"] for a in s["arms"]} == {
         "naive", "fixed", "dask-window", "tidegate"}
     assert {(r["scenario"], r["arm"]) for r in results["runs"]} == planned
@@ -49,3 +49,31 @@ def test_bench_smoke_writes_every_scenario_and_strategy(tmp_path: Path) -> None:
     text = report.read_text()
     assert all(f"## {name}" in text for name, _ in planned)
     assert "plots skipped (--no-plots)" in text
+
+
+def test_bench_smoke_pile_up_races_every_arm_and_reports_its_target(tmp_path: Path) -> None:
+    """The pile-up race alone, tiny: adaptive, pinned 1-8 and dask-window 1-8 each run,
+    and its target is printed with a verdict, in the report and on stdout."""
+    out, report = tmp_path / "results.json", tmp_path / "BENCHMARKS.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--scenarios", "pile-up", "--no-plots",
+         "--out", str(out), "--report", str(report)],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads(out.read_text())
+    arms = {r["arm"] for r in results["runs"]}
+    assert arms == {"tidegate", *(f"tidegate-b{b}" for b in (1, 2, 4, 8)),
+                    *(f"dask-window-{w}" for w in (1, 2, 4, 8))}
+    for run in results["runs"]:
+        assert run["status"] == "ok" and run["params_ok"] == run["params_total"], run["arm"]
+        assert (run["oom_events"] is not None) == (run["strategy"] == "tidegate"), run["arm"]
+    (target,) = [t for t in results["targets"] if t["scenario"] == "pile-up"]
+    assert target["name"] == "tidegate wall / best surviving pinned wall"
+    # Every arm finished, so the ratio is evaluated (met is True or False, not None).
+    assert target["met"] in (True, False)
+    verdict = "PASS" if target["met"] else "FAIL"
+    text = report.read_text()
+    assert f"**{verdict}**." in text
+    assert "Adaptive against the best arm, pinned or window, that lost no worker" in text
+    assert f"{verdict} pile-up: tidegate wall / best surviving pinned wall" in proc.stdout

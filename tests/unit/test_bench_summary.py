@@ -1,0 +1,72 @@
+"""bench.summary's races: which arms count as surviving and what each target compares."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.summary import best_surviving, evaluate, is_fixed_arm, is_pinned
+
+
+def run(scenario: str, arm: str, wall: float, *, strategy: str | None = None,
+        deaths: int = 0, ok: int = 10, status: str = "ok", **extra: Any) -> dict[str, Any]:
+    strategy = strategy or ("dask-window" if arm.startswith("dask-window") else "tidegate")
+    return {"scenario": scenario, "arm": arm, "strategy": strategy, "status": status,
+            "wall_s": wall, "params_ok": ok, "params_total": 10, "worker_deaths": deaths,
+            "params_per_s": ok / wall if status == "ok" else None, "threads": 2,
+            "oom_events": 0 if strategy == "tidegate" else None, "kill_arm": False,
+            "peak_tree_mem_frac": None, **extra}
+
+
+def target(runs: list[dict[str, Any]], scenario: str, name: str) -> Any:
+    (t,) = [t for t in evaluate(runs) if t.scenario == scenario and t.name == name]
+    return t
+
+
+def test_the_fastest_arm_that_lost_a_worker_is_not_the_bar() -> None:
+    runs = [run("pile-up", "tidegate", 12.0), run("pile-up", "tidegate-b8", 5.0, deaths=1),
+            run("pile-up", "tidegate-b2", 10.0), run("pile-up", "dask-window-4", 8.0)]
+    assert best_surviving(runs, "pile-up", is_pinned) == ("tidegate-b2", 10.0)
+    assert best_surviving(runs, "pile-up", is_fixed_arm) == ("dask-window-4", 8.0)
+    t = target(runs, "pile-up", "tidegate wall / best surviving pinned wall")
+    assert t.met is True and t.measured.startswith("1.20")
+
+
+def test_an_arm_short_of_params_or_stopped_does_not_survive_in_any_run() -> None:
+    runs = [run("pile-up", "tidegate", 30.0), run("pile-up", "tidegate-b1", 10.0, ok=9),
+            run("pile-up", "tidegate-b2", 12.0), run("pile-up", "tidegate-b2", 60.0,
+                                                     status="did not finish", ok=4),
+            run("pile-up", "tidegate-b4", 20.0)]
+    t = target(runs, "pile-up", "tidegate wall / best surviving pinned wall")
+    assert "tidegate-b4" in t.measured and t.met is False
+
+
+def test_working_memory_counts_tidegate_oom_events() -> None:
+    runs = [run("working-memory", "tidegate", 10.0, oom_events=3),
+            run("working-memory", "tidegate-b1", 10.0)]
+    assert target(runs, "working-memory", "tidegate OOM events").met is False
+
+
+def test_child_process_fails_past_95_percent_of_the_limit() -> None:
+    name = "tidegate: peak worker process tree / limit, params ok"
+    ok = [run("child-process", "tidegate", 5.0, peak_tree_mem_frac=0.9)]
+    over = [run("child-process", "tidegate", 5.0, peak_tree_mem_frac=0.96)]
+    short = [run("child-process", "tidegate", 5.0, peak_tree_mem_frac=0.5, ok=9)]
+    assert target(ok, "child-process", name).met is True
+    assert target(over, "child-process", name).met is False
+    assert target(short, "child-process", name).met is False
+
+
+def test_short_sims_compares_with_the_window_of_one_param_per_thread() -> None:
+    runs = [run("short-sims", "tidegate", 16.0), run("short-sims", "dask-window-1", 30.0),
+            run("short-sims", "dask-window-2", 15.0), run("short-sims", "dask-window-8", 14.0)]
+    t = target(runs, "short-sims", "tidegate wall / dask-window-2 wall")
+    assert t.met is True and t.measured.startswith("1.07")
+
+
+def test_tight_memory_races_the_fastest_window_that_lost_no_worker() -> None:
+    runs = [run("tight-memory", "tidegate", 10.0), run("tight-memory", "dask-window-8", 5.0,
+                                                       deaths=2),
+            run("tight-memory", "dask-window-4", 8.0), run("tight-memory", "dask-window-1", 20.0)]
+    t = target(runs, "tight-memory",
+               "tidegate params/s / fastest surviving dask-window params/s")
+    assert t.met is False and "dask-window-4" in t.measured and t.measured.startswith("0.80")
