@@ -153,9 +153,9 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def test_working_memory_keeps_b_below_threads(tmp_path: Path, no_spill) -> None:
-    """Two simulations at once on one worker exceed its limit: the job completes with
-    every param and B settles below the thread count."""
+def test_working_memory_keeps_heavy_sims_apart(tmp_path: Path, no_spill) -> None:
+    """Two simulations at once on one worker exceed its limit: per-worker admission runs
+    one per worker, on both, whatever B is; every param completes and no worker dies."""
     n = 40
     values = [{"k": i, "alloc_bytes": 170 * MiB, "output_bytes": MiB, "run_seconds": 0.1}
               for i in range(n)]
@@ -167,7 +167,7 @@ def test_working_memory_keeps_b_below_threads(tmp_path: Path, no_spill) -> None:
     summary = _summary(proc)
     assert summary["params"]["ok"] == n
     assert summary["params"]["quarantined"] == 0
-    assert summary["batch_size"]["final"] < 4
+    assert summary["oom_events"] == 0 and summary["worker_restarts"] == 0, summary
 
 
 def test_poison_param_is_quarantined(tmp_path: Path, no_spill) -> None:
