@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -654,12 +655,7 @@ async def open_cluster(options: ClusterOptions) -> Cluster:
         "security": security,
         "protocol": "tls://",
     }
-    if options.workers is not None:
-        kwargs["n_workers"] = options.workers
-    if options.threads_per_worker is not None:
-        kwargs["threads_per_worker"] = options.threads_per_worker
-    if options.memory_limit is not None:
-        kwargs["memory_limit"] = options.memory_limit
+    kwargs.update(_embedded_workers(options))
     try:
         with _sigint_ignored():
             local = await LocalCluster(**kwargs)
@@ -669,6 +665,37 @@ async def open_cluster(options: ClusterOptions) -> Cluster:
     except Exception as exc:
         raise ClusterError(f"cannot start the embedded LocalCluster: {exc}") from None
     return Cluster(client, local)
+
+
+def _embedded_workers(options: ClusterOptions) -> dict[str, Any]:
+    """The embedded workers' count, threads and memory limit as LocalCluster would
+    choose them, and the tidegate-memory resource (the limit in bytes) given at spawn.
+
+    At spawn, not by the memory watch plugin later: a worker registers with its
+    resources, and the scheduler places tasks waiting for a worker (every worker died
+    at once) only when a worker registers, not when a worker's resources are set
+    afterwards; they would wait in no-worker although a worker could run them.
+    """
+    from dask.system import CPU_COUNT
+    from distributed.deploy.utils import nprocesses_nthreads
+    from distributed.worker_memory import parse_memory_limit as dask_memory_limit
+
+    n, threads = options.workers, options.threads_per_worker
+    if n is None and threads is None:
+        n, threads = nprocesses_nthreads()
+    elif n is None:
+        n = max(1, CPU_COUNT // (threads or 1))
+    elif threads is None:
+        threads = max(1, math.ceil(CPU_COUNT / max(n, 1)))
+    if options.memory_limit is None:
+        limit = dask_memory_limit("auto", 1, max(n, 1), logger=log)
+    else:
+        limit = dask_memory_limit(options.memory_limit, threads or 1, logger=log)
+    out: dict[str, Any] = {"n_workers": n, "threads_per_worker": threads,
+                           "memory_limit": limit}
+    if limit:
+        out["resources"] = {MEMORY_RESOURCE: float(limit)}
+    return out
 
 
 def parse_memory_limit(text: str, *, field: str) -> int | str:

@@ -370,9 +370,11 @@ class Runner:
         w = self.window
         running = [pid for key in loss.culprits if (pid := w.owner(key)) is not None]
         alone = w.solo_active
-        if w.solo_beside and loss.executing is not None:
-            # A suspect holds its worker's whole memory resource: executing there, it
-            # ran alone (cancelled tasks still running hold their share until they end).
+        if w.solo_beside:
+            # A suspect holds its worker's whole memory resource: executing there, it ran
+            # alone (cancelled tasks still running hold their share until they end). Its
+            # sims head their worker's queue, so without start reports (``culprits`` is
+            # then every task assigned there) a suspect the only param there ran too.
             owners = set(running)
             alone = next(iter(owners)) if len(owners) == 1 and w.is_solo(*owners) else None
         for action in self.isolation.on_memory_kill(loss, running, alone=alone,

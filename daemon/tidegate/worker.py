@@ -96,7 +96,9 @@ class MemoryWatch(WorkerPlugin):  # placeholder until the worker-side watch land
 
     async def setup(self, worker: Any) -> None:
         limit = int(getattr(worker.memory_manager, "memory_limit", 0) or 0)
-        if limit:
+        # Given at spawn already (the embedded cluster): setting it again would reset
+        # the scheduler's count of what the worker's running tasks hold.
+        if limit and worker.state.total_resources.get(MEMORY_RESOURCE) != float(limit):
             await worker.set_resources(**{MEMORY_RESOURCE: float(limit)})
 
 
