@@ -214,6 +214,9 @@ class FakeCluster:
     async def host_layout(self) -> dict[str, dict[str, Any]]:
         return {}
 
+    async def place_waiting(self) -> int:
+        return 0
+
     def submit_params(
         self,
         job_key: str,

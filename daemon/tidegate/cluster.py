@@ -47,6 +47,7 @@ from tidegate.worker import (
     executing_keys,
     host_layout,
     memory_watch_plugin,
+    place_waiting,
     run_target_list,
 )
 
@@ -172,6 +173,7 @@ class ClusterPort(Protocol):
                       requests: Sequence[int] | None = None,
                       priorities: Sequence[int] | None = None) -> list[TaskKeys]: ...
     async def host_layout(self) -> dict[str, dict[str, Any]]: ...
+    async def place_waiting(self) -> int: ...
     async def completed(self, timeout: float) -> list[str]: ...
     async def gather(self, keys: Sequence[str]) -> list[Result]: ...
     def release(self, keys: Sequence[str]) -> None: ...
@@ -317,6 +319,14 @@ class Cluster:
                     extra={"action": "memory_watch_unavailable"},
                 )
         return watch
+
+    async def place_waiting(self) -> int:
+        """Have the scheduler place tasks left in no-worker that a worker can now run
+        (see tidegate.worker.place_waiting); 0 if it cannot be asked."""
+        try:
+            return int(await self.client.run_on_scheduler(place_waiting))
+        except Exception:
+            return 0
 
     async def host_layout(self) -> dict[str, dict[str, Any]]:
         """Each worker's host, host memory, cgroup and cgroup limit (empty if unknown)."""

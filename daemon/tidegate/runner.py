@@ -71,6 +71,8 @@ class Runner:
         self.no_workers_timeout_s = no_workers_timeout_s
         self._no_workers_since: float | None = None
         self._watch: LossSource | None = None
+        self._known_workers: set[str] = set()
+        self._lost_since_join = False
         self._requests: dict[str, int] = {}  # param id in flight -> its sims' request
         self._child_killed: dict[str, MemoryKill] = {}  # param id -> the kill it caused
 
@@ -319,6 +321,16 @@ class Runner:
         self._check_workers(workers)
         self._decide(workers)
         await self._unstrand(workers)
+        joined = {w.address for w in workers if w.capacity > 0} - self._known_workers
+        self._known_workers = {w.address for w in workers if w.capacity > 0}
+        if joined and self._lost_since_join and self.window.params:
+            # Every worker may have died at once: their tasks then wait in no-worker,
+            # and a worker whose resource was set after it joined does not wake them.
+            self._lost_since_join = False
+            placed = await self.cluster.place_waiting()
+            if placed:
+                log.info("%d tasks waiting for a worker placed on the workers that joined",
+                         placed, extra={"action": "tasks_placed"})
 
     async def _unstrand(self, workers: Sequence[WorkerInfo]) -> None:
         """Params whose request no worker can hold any more (the largest worker left)
@@ -362,6 +374,7 @@ class Runner:
 
     async def _on_loss(self, loss: WorkerLoss, commit: Commit) -> None:
         self.stats.worker_lost(loss)
+        self._lost_since_join = True
         if not loss.is_oom:
             return
         decision, limit = self.limiter.memory_killed(loss.worker, self.clock())

@@ -108,3 +108,23 @@ def memory_watch_plugin() -> MemoryWatch:
 
 def host_layout(dask_worker: Any = None) -> dict[str, Any]:
     return {}
+
+
+def place_waiting(dask_scheduler: Any = None) -> int:
+    """Run on the scheduler (``client.run_on_scheduler``): place the tasks waiting in
+    no-worker on the running workers that can now run them. The scheduler does so when a
+    worker joins or resumes, but not when a joined worker's resources are set afterwards
+    (tidegate's plugin on a remote cluster), so after every worker died at once the
+    tasks restricted to tidegate-memory would wait until some other event. Returns how
+    many tasks it recommended; 0 where this Dask lacks the hook."""
+    s = dask_scheduler
+    bulk = getattr(s, "bulk_schedule_unrunnable_after_adding_worker", None)
+    if bulk is None or not getattr(s, "unrunnable", None):
+        return 0
+    placed = 0
+    for ws in list(getattr(s, "running", ())):
+        recs = bulk(ws)
+        if recs:
+            placed += len(recs)
+            s.transitions(recs, stimulus_id="tidegate-place-waiting")
+    return placed
