@@ -337,7 +337,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tidegate.knobs import controller_config, run_overrides
     from tidegate.runner import RunOptions
     from tidegate.spec import RUN_LIMITS, check_callables, load_job
-    from tidegate.writer import foreign_entries
+    from tidegate.writer import check_not_nested, foreign_entries
 
     if args.scheduler and any(
         v is not None for v in (args.workers, args.threads_per_worker, args.memory_limit)
@@ -358,6 +358,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     })
     job = load_job(args.spec, output=args.output, limits=limits)
     check_callables(job)
+    # Before --force and --restart: neither may reach into another job's output.
+    check_not_nested(job.output_dir)
     foreign = foreign_entries(job.output_dir)
     if foreign and not args.force:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")

@@ -491,11 +491,28 @@ def foreign_entries(root: Path) -> list[str]:
     return [n for n in names if n not in (LOCK, f".{MANIFEST}.tmp")]
 
 
-def ledgers_around(output: Path, root: Path) -> list[Path]:
+# Entries the search below an output reads before it gives up: a directory that large
+# is not a job output, and walking a whole home directory would stall the start.
+NESTED_SEARCH_LIMIT = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Around:
+    """Other jobs' outputs around an output (:func:`ledgers_around`)."""
+
+    found: list[Path]  # directories holding a tidegate ledger, outer ones first
+    gave_up: bool  # the search below stopped after NESTED_SEARCH_LIMIT entries
+
+
+def ledgers_around(output: Path, root: Path, *,
+                   limit: int = NESTED_SEARCH_LIMIT) -> Around:
     """Directories holding a tidegate ledger that ``output`` lies inside (up to and with
-    ``root``) or contains (below it, links not followed); ``output``'s own ledger is not
-    one of them."""
-    found = [d for d in output.parents if d.is_relative_to(root) and (d / LEDGER).exists()]
+    ``root``) or contains (below it, links not followed, at most ``limit`` entries
+    read); ``output``'s own ledger is not one of them."""
+    output = Path(os.path.abspath(output))
+    found = [d for d in reversed(output.parents)
+             if d.is_relative_to(root) and (d / LEDGER).exists()]
+    seen = 0
     for dirpath, dirnames, filenames in _walk(output, []):
         here = Path(dirpath)
         if here == output:
@@ -503,7 +520,33 @@ def ledgers_around(output: Path, root: Path) -> list[Path]:
         elif LEDGER in filenames:
             found.append(here)
             dirnames.clear()
-    return found
+        seen += len(dirnames) + len(filenames)
+        if seen > limit:
+            return Around(found, gave_up=True)
+    return Around(found, gave_up=False)
+
+
+class NestedOutput(OutputError):
+    """An output lies inside, or contains, another job's output."""
+
+
+def check_not_nested(output: Path, root: Path = Path("/")) -> None:
+    """NestedOutput naming the other job's output around ``output``, or saying that the
+    search below ``output`` gave up."""
+    output = Path(os.path.abspath(output))
+    around = ledgers_around(output, root)
+    for other in around.found:
+        how = "is inside" if output.is_relative_to(other) else "contains"
+        raise NestedOutput(
+            f"output: {output} {how} another job's output {other} (it holds a tidegate "
+            f"ledger, {LEDGER}); give the job an output of its own (--force and "
+            "--restart do not change this)")
+    if around.gave_up:
+        raise NestedOutput(
+            f"output: {output} holds more than {NESTED_SEARCH_LIMIT} entries besides "
+            "tidegate's own; the search for other jobs' outputs below it stopped there, "
+            "so tidegate cannot tell that it would not write into one; give the job an "
+            "output of its own")
 
 
 class OutputLock:

@@ -330,3 +330,40 @@ def test_embedded_cluster_restarts_are_bounded(tmp_path: Path) -> None:
     assert "interrupted" in proc.stderr and "params" in proc.stderr  # the summary
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["state"] == "interrupted"
+
+
+def test_outputs_nested_in_another_jobs_output_are_refused(tmp_path: Path) -> None:
+    """An output inside another job's output, or containing one, is refused with exit 2
+    naming it, whatever --force or --restart say; the job's own output resumes."""
+    first = write_spec(tmp_path / "first.yaml", synthetic_spec(3, output="outs/first"))
+    assert tidegate("run", first, "--no-progress").returncode == 0
+    outer = tmp_path / "outs" / "first"
+    second = write_spec(tmp_path / "second.yaml", synthetic_spec(3, job_id="second"))
+    for output, how in ((outer / "inner", "is inside"), (outer / "params" / "x", "is inside"),
+                        (tmp_path / "outs", "contains")):
+        for extra in ([], ["--force"], ["--restart"], ["--force", "--restart"]):
+            proc = tidegate("run", second, "--output", output, "--no-progress", *extra)
+            assert proc.returncode == 2, (output, extra, proc.stderr)
+            assert f"{how} another job's output {outer}" in proc.stderr, proc.stderr
+            assert "Traceback" not in proc.stderr
+    assert not (outer / "inner").exists() and not (outer / "params" / "x").exists()
+    assert not (tmp_path / "outs" / "_ledger.sqlite").exists()
+    again = tidegate("run", first, "--json", "--no-progress")
+    assert again.returncode == 0, again.stderr
+    assert _summary(again)["params"]["resumed"] == 3
+    _assert_exactly_once(outer, 3)
+
+
+def test_nested_search_is_bounded(tmp_path: Path) -> None:
+    """Below an output with more entries than the search reads, tidegate says it gave
+    up (exit 2) rather than walk on or write blind; a job's output inside it is found
+    before the limit."""
+    big = tmp_path / "big"
+    (big / "files").mkdir(parents=True)
+    for i in range(10_001):
+        (big / "files" / f"f{i}").touch()
+    spec = write_spec(tmp_path / "job.yaml", synthetic_spec(2, output="big"))
+    proc = tidegate("run", spec, "--force", "--no-progress")
+    assert proc.returncode == 2, proc.stderr
+    assert "more than 10000 entries" in proc.stderr and "stopped there" in proc.stderr
+    assert not (big / "_ledger.sqlite").exists()
