@@ -245,12 +245,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
         roll_intents,
         uncommit_damaged,
     )
-    from tidegate.writer import LEDGER, MANIFEST
+    from tidegate.writer import LEDGER, MANIFEST, check_own_files
 
     root: Path = args.output
     if not root.is_dir():
         raise UsageError(f"OUTPUT_DIR: expected a job output directory, got {str(root)!r} "
                          "(not a directory)")
+    check_own_files(root)  # the ledger is opened, and --repair writes it
     notes: list[str] = []
     repaired: Repaired | None = None
     damage: list[Any] = []
