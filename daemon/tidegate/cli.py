@@ -25,6 +25,11 @@ from tidegate.logs import quiet_dask_logs, setup_logging
 
 log = logging.getLogger("tidegate")
 
+# Restarts of the embedded cluster one `tidegate run` makes after its workers are lost
+# for good: enough to ride out a bad moment, few enough that a job that kills its
+# workers every time ends instead of looping.
+CLUSTER_RESTARTS = 3
+
 
 class UsageError(TidegateError):
     """Bad input on the command line."""
@@ -96,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--memory-limit", metavar="SIZE",
                      help="embedded cluster: memory limit per worker, e.g. 2GiB (default: "
                      "the machine's memory divided among the workers)")
+    run.add_argument("--no-workers-timeout", type=_positive_float("--no-workers-timeout"),
+                     metavar="S", help="seconds the cluster may have no workers before the "
+                     "run pauses; an embedded cluster is then restarted and the job resumes "
+                     f"(up to {CLUSTER_RESTARTS} times), on --scheduler the run exits 130 "
+                     "(default 30; env TIDEGATE_CLUSTER__NO_WORKERS_TIMEOUT_S)")
     run.add_argument("--output", type=Path, metavar="DIR",
                      help="job output directory (default: the spec's `output`)")
     run.add_argument("--batch-size", type=_positive_int("--batch-size"), metavar="N",
@@ -235,12 +245,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
         roll_intents,
         uncommit_damaged,
     )
-    from tidegate.writer import LEDGER, MANIFEST
+    from tidegate.writer import LEDGER, MANIFEST, check_own_files
 
     root: Path = args.output
     if not root.is_dir():
         raise UsageError(f"OUTPUT_DIR: expected a job output directory, got {str(root)!r} "
                          "(not a directory)")
+    check_own_files(root)  # the ledger is opened, and --repair writes it
     notes: list[str] = []
     repaired: Repaired | None = None
     damage: list[Any] = []
@@ -327,7 +338,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tidegate.knobs import controller_config, run_overrides
     from tidegate.runner import RunOptions
     from tidegate.spec import RUN_LIMITS, check_callables, load_job
-    from tidegate.writer import foreign_entries
+    from tidegate.writer import check_not_nested, foreign_entries
 
     if args.scheduler and any(
         v is not None for v in (args.workers, args.threads_per_worker, args.memory_limit)
@@ -348,6 +359,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     })
     job = load_job(args.spec, output=args.output, limits=limits)
     check_callables(job)
+    # Before --force and --restart: neither may reach into another job's output.
+    check_not_nested(job.output_dir)
     foreign = foreign_entries(job.output_dir)
     if foreign and not args.force:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
@@ -367,6 +380,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         controller_config(job, options)  # validate before any cluster starts
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    args.no_workers_timeout = args.no_workers_timeout or no_workers_timeout(os.environ)
     cluster_options = ClusterOptions(
         address=args.scheduler,
         workers=args.workers,
@@ -377,7 +391,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 async def _run(job: Any, cluster_options: Any, options: Any, args: argparse.Namespace) -> int:
-    from tidegate.cluster import ClusterError, open_cluster
+    from tidegate.cluster import ClusterError, WorkersLost, open_cluster
     from tidegate.metrics import Metrics
     from tidegate.progress import LogLines, TerminalBar
     from tidegate.runner import Runner
@@ -400,10 +414,46 @@ async def _run(job: Any, cluster_options: Any, options: Any, args: argparse.Name
             raise UsageError(
                 f"--metrics-port: cannot listen on {args.metrics_port}: {exc}"
             ) from None
-    runner = Runner(job, cluster, options, progress=progress, metrics=metrics)
-    restore = _install_stop_handlers(runner)
+    stopper = _Stopper()
+    restore = _install_stop_handlers(stopper)
+    restarts = 0
+    message: str | None = None
     try:
-        summary = await runner.run()
+        while True:
+            runner = stopper.runner = Runner(
+                job, cluster, options, progress=progress, metrics=metrics,
+                no_workers_timeout_s=args.no_workers_timeout)
+            if stopper.requested:  # a signal while the cluster restarted
+                runner.stop()
+            try:
+                summary = await runner.run()
+                break
+            except WorkersLost as exc:
+                assert runner.summary is not None
+                summary = runner.summary
+                if not cluster.embedded:
+                    message = (f"{exc}; completed params are committed: rerun when workers "
+                               "have joined the scheduler again, and the job resumes")
+                    break
+                if stopper.requested:
+                    message = f"{exc}; stopped; a rerun resumes"
+                    break
+                if restarts >= CLUSTER_RESTARTS:
+                    message = (f"{exc}, after {restarts} restarts of the embedded cluster; "
+                               "completed params are committed and a rerun resumes. "
+                               "If the model kills its workers, give them more memory "
+                               "(--memory-limit) or fewer threads")
+                    break
+                # tidegate owns this cluster: replace it and resume from the ledger, as
+                # the daemon does (Service._restart_cluster).
+                restarts += 1
+                log.warning("restarting the embedded cluster (%d of %d): %s; the job "
+                            "resumes from its ledger", restarts, CLUSTER_RESTARTS, exc,
+                            extra={"action": "cluster_restarted"})
+                await cluster.close()
+                # This run's output is now the job's own: never discard it again.
+                options = dataclasses.replace(options, restart=False)
+                cluster = await open_cluster(cluster_options)
     except ClusterError as exc:
         print(f"tidegate: error: {exc}", file=sys.stderr)
         return RunExit.CLUSTER
@@ -412,11 +462,30 @@ async def _run(job: Any, cluster_options: Any, options: Any, args: argparse.Name
             progress.clear()
         restore()
         await cluster.close()
+    if message is not None and summary.error is None:
+        summary.error = message
     if args.json:
         print(json.dumps(summary.as_dict()))
     else:
-        _print_summary(summary)
+        _print_summary(summary, hint=message is None)
+    if message is not None and args.json:
+        print(f"tidegate: error: {message}", file=sys.stderr)
     return summary.exit_code
+
+
+def no_workers_timeout(env: Mapping[str, str]) -> float:
+    """cluster.no_workers_timeout_s for `tidegate run`, as the daemon reads it."""
+    name = "TIDEGATE_CLUSTER__NO_WORKERS_TIMEOUT_S"
+    text = env.get(name, "").strip()
+    if not text:
+        return 30.0
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise UsageError(f"{name}: expected a number > 0, got {text!r}")
+    return value
 
 
 def pinned_batch_size(env: Mapping[str, str]) -> int | None:
@@ -434,19 +503,29 @@ def pinned_batch_size(env: Mapping[str, str]) -> int | None:
     return None
 
 
-def _install_stop_handlers(runner: Any) -> Callable[[], None]:
+@dataclasses.dataclass
+class _Stopper:
+    """The run a signal stops: the current Runner, replaced when the cluster restarts."""
+
+    runner: Any = None
+    requested: bool = False
+
+
+def _install_stop_handlers(stopper: _Stopper) -> Callable[[], None]:
     """First SIGINT/SIGTERM: stop admitting, flush what completed, exit 130. Second: now."""
     loop = asyncio.get_running_loop()
 
     def on_signal(signum: int) -> None:
-        if runner.stopping:
+        if stopper.requested:
             # Committed parts are safe; the buffered ones a rerun recomputes.
             os._exit(RunExit.INTERRUPTED)
         log.warning(
             "%s: stopping; completed params are flushed, a rerun resumes (again to quit now)",
             signal.Signals(signum).name, extra={"action": "stop_requested"},
         )
-        runner.stop()
+        stopper.requested = True
+        if stopper.runner is not None:
+            stopper.runner.stop()
 
     signums = (signal.SIGINT, signal.SIGTERM)
     for s in signums:
@@ -459,7 +538,7 @@ def _install_stop_handlers(runner: Any) -> Callable[[], None]:
     return restore
 
 
-def _print_summary(s: Any) -> None:
+def _print_summary(s: Any, *, hint: bool = True) -> None:
     lines = [
         f"job {s.job_id}: {s.state} in {s.wall_seconds:.1f} s",
         f"  params   {s.ok} ok, {s.failed} failed of {s.total} ({s.resumed} from earlier runs)",
@@ -473,5 +552,5 @@ def _print_summary(s: Any) -> None:
         lines.append(f"  failed   {e['param_id']}: {e['error'].splitlines()[0][:200]}")
     if s.error:
         lines.append(f"tidegate: error: {s.error}; free space and rerun to resume"
-                     if s.state == "interrupted" else f"tidegate: error: {s.error}")
+                     if s.state == "interrupted" and hint else f"tidegate: error: {s.error}")
     print("\n".join(lines), file=sys.stderr)

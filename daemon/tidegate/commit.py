@@ -40,6 +40,7 @@ from tidegate.writer import (
     OutputWriteError,
     PartWriter,
     check_no_links,
+    check_own_files,
     discard_output,
     publish,
     remove_unrecorded,
@@ -112,6 +113,7 @@ class Commit:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputWriteError(out, exc) from exc
+        check_own_files(out)  # the lock's too: opened without following links, it would fail
         self._lock = OutputLock(out)
         try:
             check_no_links(out)

@@ -33,8 +33,9 @@ class RunExit(ExitCode):
                 "or an output whose committed parts are damaged or whose ledger is lost "
                 "(see `tidegate verify`)")
     CLUSTER = 3, "the cluster could not be reached or started"
-    INTERRUPTED = 130, ("interrupted by Ctrl-C or SIGTERM, or the output's disk is full "
-                        "(committed params stay; a rerun resumes)")
+    INTERRUPTED = 130, ("interrupted by Ctrl-C or SIGTERM, the output's disk is full, or "
+                        "the cluster has no workers (`--scheduler`, or the embedded one "
+                        "after 3 restarts) (committed params stay; a rerun resumes)")
 
 
 class VerifyExit(ExitCode):

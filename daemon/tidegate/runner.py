@@ -75,6 +75,8 @@ class Runner:
         self._lost_since_join = False
         self._requests: dict[str, int] = {}  # param id in flight -> its sims' request
         self._child_killed: dict[str, MemoryKill] = {}  # param id -> the kill it caused
+        # Also set when the run ends by SchedulerLost: `tidegate run` prints it then.
+        self.summary: RunSummary | None = None
 
     # --- control -------------------------------------------------------------------
 
@@ -115,6 +117,7 @@ class Runner:
         self.stats.start(resumed.ok, resumed.failed)
         state = JobState.FAILED
         write_error: OutputWriteError | None = None
+        lost: SchedulerLost | None = None
         try:
             await self.cluster.add_code_paths([str(p) for p in self.job.code_paths])
             workers = await self.cluster.wait_for_workers(timeout_s=60)
@@ -131,9 +134,9 @@ class Runner:
             await self._loop(commit, watch)
             unfinished = self.stopping or not self.window.finished
             state = JobState.INTERRUPTED if unfinished else JobState.SUCCEEDED
-        except SchedulerLost:
+        except SchedulerLost as exc:
             state = JobState.INTERRUPTED  # the ledger has what completed; a rerun resumes
-            raise
+            lost = exc
         except OutputWriteError as exc:  # disk full: the buffered params rerun on resume
             write_error = exc
         finally:
@@ -149,6 +152,9 @@ class Runner:
             self._report()
         summary = self.stats.summary(state, str(self.job.output_dir), closed.parts)
         summary.error = str(closed.error) if closed.error else None
+        self.summary = summary
+        if lost is not None:
+            raise lost
         return summary
 
     async def _loop(self, commit: Commit, watch: LossSource) -> None:

@@ -53,7 +53,7 @@ from tidegate.spec import (
 )
 from tidegate.states import JobState
 from tidegate.views import SHOWN_ERRORS, JobView
-from tidegate.writer import foreign_entries, ledgers_around
+from tidegate.writer import NESTED_SEARCH_LIMIT, foreign_entries, ledgers_around
 
 log = logging.getLogger(__name__)
 
@@ -552,9 +552,13 @@ class Service:
 def _check_output_dir(output: Path, root: Path) -> None:
     """OutputInUse if ``output`` lies inside or contains a directory holding a tidegate
     ledger, or already holds files tidegate did not write."""
-    for other in ledgers_around(output, root):
+    around = ledgers_around(output, root)
+    for other in around.found:
         how = "is inside" if output.is_relative_to(other) else "contains"
         raise OutputInUse(str(output), f"another tidegate output ({other})", how)
+    if around.gave_up:
+        raise OutputInUse(str(output), f"more than {NESTED_SEARCH_LIMIT} entries (the search "
+                          "for other tidegate outputs below it stopped there)", "holds")
     foreign = foreign_entries(output)
     if foreign:
         raise OutputInUse(str(output), f"files tidegate did not write ({', '.join(foreign[:3])})",

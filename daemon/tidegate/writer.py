@@ -362,10 +362,21 @@ _TARGET_SCHEMA = pa.schema(
 def _write_durably(table: pa.Table, root: Path, rel: str) -> FileInfo:
     tmp_rel = tmp_name(rel)
     tmp = safe_path(root, tmp_rel)  # no directory on the way is a link out of the output
-    pq.write_table(table, tmp, compression="zstd")
-    _fsync(tmp)
+    with os.fdopen(_create_new(tmp), "wb") as f:
+        pq.write_table(table, f, compression="zstd")
+        f.flush()
+        os.fsync(f.fileno())
     # The checksum is read back from the page cache right after the write.
     return FileInfo(tmp_rel, tmp.stat().st_size, sha256_of(tmp))
+
+
+def _create_new(path: Path) -> int:
+    """A descriptor on a new file at ``path``, for writing: a stale temporary is removed
+    first, and the file is created exclusively without following links, so that a link
+    planted under a temporary's name is never written through."""
+    path.unlink(missing_ok=True)  # unlinks a link itself, never its target
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                   0o644)
 
 
 def _fsync(path: Path, flags: int = os.O_RDONLY) -> None:
@@ -415,6 +426,22 @@ def linked_dataset_dirs(root: Path) -> list[Path]:
         for dirpath, dirnames, _ in _walk(root / top, links):
             links += [Path(dirpath, d) for d in dirnames if Path(dirpath, d).is_symlink()]
     return links
+
+
+# tidegate's own files at the top of a job output: SQLite and the manifest would write
+# through a link planted under one of these names (the lock opens with O_NOFOLLOW).
+OWN_FILES = (LOCK, LEDGER, LEDGER + "-journal", LEDGER + "-wal", LEDGER + "-shm", MANIFEST)
+
+
+def check_own_files(root: Path) -> None:
+    """UnsafeOutput naming the first of tidegate's own files in ``root`` that is a
+    symbolic link."""
+    for name in OWN_FILES:
+        if (root / name).is_symlink():
+            raise UnsafeOutput(
+                f"{root / name} is a symbolic link; tidegate neither writes nor deletes "
+                "through links in a job output (remove the link; tidegate recreates its "
+                "own files)")
 
 
 def check_no_links(root: Path) -> None:
@@ -471,7 +498,8 @@ def discard_output(root: Path) -> list[str]:
                     removed.append(path.relative_to(root).as_posix())
             with contextlib.suppress(OSError):  # not empty: it holds someone else's files
                 Path(dirpath).rmdir()
-    for name in (MANIFEST, f".{MANIFEST}.tmp", LEDGER, LEDGER + "-wal", LEDGER + "-shm"):
+    for name in (MANIFEST, f".{MANIFEST}.tmp", LEDGER, LEDGER + "-journal", LEDGER + "-wal",
+                 LEDGER + "-shm"):
         path = root / name
         if path.is_file() and not path.is_symlink():
             path.unlink()
@@ -491,11 +519,28 @@ def foreign_entries(root: Path) -> list[str]:
     return [n for n in names if n not in (LOCK, f".{MANIFEST}.tmp")]
 
 
-def ledgers_around(output: Path, root: Path) -> list[Path]:
+# Entries the search below an output reads before it gives up: a directory that large
+# is not a job output, and walking a whole home directory would stall the start.
+NESTED_SEARCH_LIMIT = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Around:
+    """Other jobs' outputs around an output (:func:`ledgers_around`)."""
+
+    found: list[Path]  # directories holding a tidegate ledger, outer ones first
+    gave_up: bool  # the search below stopped after NESTED_SEARCH_LIMIT entries
+
+
+def ledgers_around(output: Path, root: Path, *,
+                   limit: int = NESTED_SEARCH_LIMIT) -> Around:
     """Directories holding a tidegate ledger that ``output`` lies inside (up to and with
-    ``root``) or contains (below it, links not followed); ``output``'s own ledger is not
-    one of them."""
-    found = [d for d in output.parents if d.is_relative_to(root) and (d / LEDGER).exists()]
+    ``root``) or contains (below it, links not followed, at most ``limit`` entries
+    read); ``output``'s own ledger is not one of them."""
+    output = Path(os.path.abspath(output))
+    found = [d for d in reversed(output.parents)
+             if d.is_relative_to(root) and (d / LEDGER).exists()]
+    seen = 0
     for dirpath, dirnames, filenames in _walk(output, []):
         here = Path(dirpath)
         if here == output:
@@ -503,7 +548,33 @@ def ledgers_around(output: Path, root: Path) -> list[Path]:
         elif LEDGER in filenames:
             found.append(here)
             dirnames.clear()
-    return found
+        seen += len(dirnames) + len(filenames)
+        if seen > limit:
+            return Around(found, gave_up=True)
+    return Around(found, gave_up=False)
+
+
+class NestedOutput(OutputError):
+    """An output lies inside, or contains, another job's output."""
+
+
+def check_not_nested(output: Path, root: Path = Path("/")) -> None:
+    """NestedOutput naming the other job's output around ``output``, or saying that the
+    search below ``output`` gave up."""
+    output = Path(os.path.abspath(output))
+    around = ledgers_around(output, root)
+    for other in around.found:
+        how = "is inside" if output.is_relative_to(other) else "contains"
+        raise NestedOutput(
+            f"output: {output} {how} another job's output {other} (it holds a tidegate "
+            f"ledger, {LEDGER}); give the job an output of its own (--force and "
+            "--restart do not change this)")
+    if around.gave_up:
+        raise NestedOutput(
+            f"output: {output} holds more than {NESTED_SEARCH_LIMIT} entries besides "
+            "tidegate's own; the search for other jobs' outputs below it stopped there, "
+            "so tidegate cannot tell that it would not write into one; give the job an "
+            "output of its own")
 
 
 class OutputLock:
@@ -540,8 +611,10 @@ def write_manifest(root: Path, manifest: Mapping[str, Any]) -> None:
     tmp = root / f".{MANIFEST}.tmp"
     try:
         root.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
-        _fsync(tmp)
+        with os.fdopen(_create_new(tmp), "w", encoding="utf-8") as f:
+            f.write(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, root / MANIFEST)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

@@ -220,3 +220,51 @@ def test_second_run_on_a_held_output_exits_2_naming_the_holder(tmp_path: Path) -
         lock.release()
     assert proc.returncode == 2, proc.stderr
     assert f"pid {os.getpid()}" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("name", [".tidegate.lock", LEDGER, f"{LEDGER}-journal",
+                                  f"{LEDGER}-wal", f"{LEDGER}-shm", "manifest.json"])
+def test_run_refuses_a_link_at_its_own_files(tmp_path: Path, name: str) -> None:
+    """A symbolic link under the name of one of tidegate's own files in the output: exit
+    2 naming it, and the link's target is neither written nor removed, with --restart
+    or --force too."""
+    first = write_spec(tmp_path / "job.yaml", synthetic_spec(3))
+    assert tidegate("run", first, "--no-progress").returncode == 0
+    out = tmp_path / "out"
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"someone else's")
+    (out / name).unlink(missing_ok=True)
+    (out / name).symlink_to(victim)
+    for extra in ([], ["--restart"], ["--force"]):
+        proc = tidegate("run", first, "--no-progress", *extra)
+        assert proc.returncode == 2, proc.stderr
+        assert f"{out / name} is a symbolic link" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert victim.read_bytes() == b"someone else's"
+        assert (out / name).is_symlink()
+    verify = tidegate("verify", out, "--repair")
+    assert verify.returncode == 2 and f"{out / name} is a symbolic link" in verify.stderr
+    assert victim.read_bytes() == b"someone else's"
+
+
+def test_links_planted_at_staged_temporaries_are_never_followed(tmp_path: Path) -> None:
+    """Links under the names the next parts' and manifest's temporaries take: the run
+    replaces them with files of its own and succeeds; their targets stay as they were."""
+    spec = write_spec(tmp_path / "job.yaml", synthetic_spec(6))
+    assert tidegate("run", spec, "--no-progress").returncode == 0
+    out = tmp_path / "out"
+    victims: list[Path] = []
+    for d in ("", "params/", "model_outputs/data/", "targets/score/"):
+        names = [".manifest.json.tmp"] if not d else [
+            f".part-{i:06d}.parquet.tmp" for i in range(6)]
+        for name in names:
+            victim = tmp_path / f"victim-{len(victims)}"
+            victim.write_bytes(b"someone else's")
+            (out / d / name).symlink_to(victim)
+            victims.append(victim)
+    proc = tidegate("run", spec, "--restart", "--flush-params", "1", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert all(v.read_bytes() == b"someone else's" for v in victims)
+    ids = [r["param_id"] for r in read_dataset(out / "params")]
+    assert len(ids) == len(set(ids)) == 6
+    assert not [p for p in out.rglob("*.tmp") if p.is_symlink()]

@@ -105,3 +105,28 @@ def test_remote_worker_sigkill_is_classified(tmp_path: Path, remote_cluster: Rem
     assert summary["oom_events"] == 1
     ids = [r["param_id"] for r in read_dataset(tmp_path / "out" / "params")]
     assert len(ids) == len(set(ids)) == 60
+
+
+def test_remote_cluster_without_workers_ends_the_run_interrupted(
+        tmp_path: Path, remote_cluster: RemoteCluster) -> None:
+    """The remote cluster's nannies and workers die for good: tidegate does not own
+    that cluster, so after --no-workers-timeout the run exits 130 saying to rerun when
+    workers return, no traceback; a rerun resumes."""
+    values = [{"k": i, "run_seconds": 0.1} for i in range(40)]
+    spec = write_spec(tmp_path / "job.yaml", synthetic_spec(40, parameters={"values": values}))
+    proc = start_tidegate("run", spec, "--scheduler", remote_cluster.address,
+                          "--no-progress", "--flush-params", "2", "--batch-size", "2",
+                          "--no-workers-timeout", "1")
+    assert wait_for_part(proc, tmp_path / "out"), proc.communicate()[1]
+    pids = remote_cluster.worker_pids()
+    for nanny in remote_cluster.nannies:
+        nanny.kill()
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr, stderr
+    assert "has had no workers" in stderr
+    assert "rerun when workers have joined the scheduler again" in stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["state"] == "interrupted"

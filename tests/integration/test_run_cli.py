@@ -7,6 +7,8 @@ import os
 import random
 import signal
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.dataset as ds
@@ -251,3 +253,117 @@ def test_a_param_whose_output_misfits_fails_alone(tmp_path: Path) -> None:
     assert data.num_rows == 7 * 2
     again = tidegate("run", spec, "--workers", "1", "--json", "--no-progress")
     assert again.returncode == 1 and _summary(again)["params"]["resumed"] == 8
+
+
+# A model whose workers close for good (the worker and its nanny, as after a worker
+# closed itself) while they belong to a doomed scheduler: the first `doomed` one to run
+# param k == 6 dooms its own scheduler, or every scheduler with DOOM_ALL set.
+_DYING_MODEL = '''
+import os, pathlib
+from distributed import get_worker
+from tidegate.workloads import synthetic
+
+HERE = pathlib.Path(__file__).parent
+
+def model(params, seed):
+    worker = get_worker()
+    address = worker.scheduler.address
+    doomed = HERE / "doomed"
+    if params["k"] == 6 and (os.environ.get("DOOM_ALL") or not doomed.exists()):
+        tmp = HERE / f"doomed.{os.getpid()}"
+        tmp.write_text(address)
+        os.replace(tmp, doomed)
+    if doomed.exists() and doomed.read_text() == address:
+        worker.loop.add_callback(worker.close, nanny=True, reason="test: workers gone")
+    return synthetic(params, seed)
+'''
+
+
+def _dying_spec(tmp_path: Path, n: int) -> Path:
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "dying.py").write_text(_DYING_MODEL)
+    values = [{"k": i, "run_seconds": 0.05} for i in range(n)]
+    spec = synthetic_spec(n, parameters={"values": values}, model="dying:model",
+                          code_paths=[str(code)])
+    return write_spec(tmp_path / "job.yaml", spec)
+
+
+def test_embedded_cluster_without_workers_is_restarted_and_the_job_resumes(
+        tmp_path: Path) -> None:
+    """The embedded cluster's workers and nannies close for good mid-run: tidegate
+    restarts its own cluster once (a WARNING naming why) and the same run finishes
+    succeeded, every param exactly once in the Parquet output."""
+    spec = _dying_spec(tmp_path, 30)
+    proc = tidegate("run", spec, "--workers", "2", "--threads-per-worker", "1",
+                    "--flush-params", "2", "--no-workers-timeout", "1", "--json",
+                    "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "code" / "doomed").exists()  # the workers did close
+    restarts = [line for line in proc.stderr.splitlines()
+                if "restarting the embedded cluster (1 of 3)" in line]
+    assert len(restarts) == 1 and "WARNING" in restarts[0], proc.stderr
+    assert "no workers for" in restarts[0]
+    assert "restarting the embedded cluster (2 of 3)" not in proc.stderr
+    summary = _summary(proc)
+    assert summary["state"] == "succeeded"
+    assert summary["params"]["ok"] == 30
+    _assert_exactly_once(tmp_path / "out", 30)
+
+
+def test_embedded_cluster_restarts_are_bounded(tmp_path: Path) -> None:
+    """Workers that close on every cluster: three restarts, then exit 130 with the
+    summary and a message, no traceback; what completed is committed."""
+    spec = _dying_spec(tmp_path, 30)
+    env = dict(os.environ, DOOM_ALL="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "tidegate", "run", str(spec), "--workers", "1",
+         "--threads-per-worker", "1", "--flush-params", "1", "--batch-size", "1",
+         "--no-workers-timeout", "1", "--no-progress"],
+        capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert proc.returncode == 130, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    for i in (1, 2, 3):
+        assert f"restarting the embedded cluster ({i} of 3)" in proc.stderr
+    assert "(4 of 3)" not in proc.stderr
+    assert "after 3 restarts of the embedded cluster" in proc.stderr
+    assert "interrupted" in proc.stderr and "params" in proc.stderr  # the summary
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["state"] == "interrupted"
+
+
+def test_outputs_nested_in_another_jobs_output_are_refused(tmp_path: Path) -> None:
+    """An output inside another job's output, or containing one, is refused with exit 2
+    naming it, whatever --force or --restart say; the job's own output resumes."""
+    first = write_spec(tmp_path / "first.yaml", synthetic_spec(3, output="outs/first"))
+    assert tidegate("run", first, "--no-progress").returncode == 0
+    outer = tmp_path / "outs" / "first"
+    second = write_spec(tmp_path / "second.yaml", synthetic_spec(3, job_id="second"))
+    for output, how in ((outer / "inner", "is inside"), (outer / "params" / "x", "is inside"),
+                        (tmp_path / "outs", "contains")):
+        for extra in ([], ["--force"], ["--restart"], ["--force", "--restart"]):
+            proc = tidegate("run", second, "--output", output, "--no-progress", *extra)
+            assert proc.returncode == 2, (output, extra, proc.stderr)
+            assert f"{how} another job's output {outer}" in proc.stderr, proc.stderr
+            assert "Traceback" not in proc.stderr
+    assert not (outer / "inner").exists() and not (outer / "params" / "x").exists()
+    assert not (tmp_path / "outs" / "_ledger.sqlite").exists()
+    again = tidegate("run", first, "--json", "--no-progress")
+    assert again.returncode == 0, again.stderr
+    assert _summary(again)["params"]["resumed"] == 3
+    _assert_exactly_once(outer, 3)
+
+
+def test_nested_search_is_bounded(tmp_path: Path) -> None:
+    """Below an output with more entries than the search reads, tidegate says it gave
+    up (exit 2) rather than walk on or write blind; a job's output inside it is found
+    before the limit."""
+    big = tmp_path / "big"
+    (big / "files").mkdir(parents=True)
+    for i in range(10_001):
+        (big / "files" / f"f{i}").touch()
+    spec = write_spec(tmp_path / "job.yaml", synthetic_spec(2, output="big"))
+    proc = tidegate("run", spec, "--force", "--no-progress")
+    assert proc.returncode == 2, proc.stderr
+    assert "more than 10000 entries" in proc.stderr and "stopped there" in proc.stderr
+    assert not (big / "_ledger.sqlite").exists()

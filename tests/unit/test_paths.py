@@ -19,6 +19,7 @@ from tidegate.spec import CallableRefused, SpecError, check_callables, job_from_
 from tidegate.writer import (
     LEDGER,
     MANIFEST,
+    Around,
     OutputLock,
     OutputLocked,
     UnsafeOutput,
@@ -169,9 +170,23 @@ def test_ledgers_around_finds_outer_and_inner_outputs(tmp_path: Path) -> None:
     (root / "outer" / "mine" / "deep" / "inner").mkdir(parents=True)
     for d in ("outer", "outer/mine", "outer/mine/deep/inner"):
         (root / d / LEDGER).write_text("")
-    found = ledgers_around(root / "outer" / "mine", root)
-    assert set(found) == {root / "outer", root / "outer" / "mine" / "deep" / "inner"}
-    assert ledgers_around(root / "elsewhere", root) == []
+    around = ledgers_around(root / "outer" / "mine", root)
+    assert around.found == [root / "outer", root / "outer" / "mine" / "deep" / "inner"]
+    assert not around.gave_up
+    assert ledgers_around(root / "elsewhere", root).found == []
+
+
+def test_ledgers_around_gives_up_after_the_limit(tmp_path: Path) -> None:
+    """The search below an output reads a bounded number of entries and says so."""
+    out = tmp_path / "out"
+    (out / "many").mkdir(parents=True)
+    for i in range(30):
+        (out / "many" / f"f{i}").write_text("")
+    (out / "params").mkdir()  # the output's own dataset directories are not searched
+    for i in range(30):
+        (out / "params" / f"part-{i:06d}.parquet").write_text("")
+    assert ledgers_around(out, tmp_path, limit=40) == Around([], gave_up=False)
+    assert ledgers_around(out, tmp_path, limit=20) == Around([], gave_up=True)
 
 
 # --- links, foreign files, locks -------------------------------------------------------------
@@ -264,3 +279,16 @@ def test_param_file_errors_never_echo_its_contents(
     text = str(info.value)
     assert "hunter2" not in text and "DB_PASSWORD" not in text
     assert info.value.errors[0].field.startswith("parameters.file")
+
+
+def test_daemon_refuses_an_output_too_large_to_search(tmp_path: Path) -> None:
+    """The daemon's overlap guard shares the bounded search and says that it gave up."""
+    from tidegate.service import _check_output_dir
+
+    root = tmp_path / "root"
+    (root / "job" / "many").mkdir(parents=True)
+    (root / "job" / LEDGER).write_text("")  # its own ledger: not foreign, not nested
+    for i in range(10_001):
+        (root / "job" / "many" / f"f{i}").touch()
+    with pytest.raises(OutputInUse, match="more than 10000 entries"):
+        _check_output_dir(root / "job", root)
