@@ -222,8 +222,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tidegate: error: {exc}", file=sys.stderr)
         return ServeExit.CONFIG if args.command == "serve" else RunExit.USAGE
     except OutputWriteError as exc:  # before the run started: nothing was written
+        if exc.no_space:  # the output's directory, lock or ledger: the disk may free up
+            print(f"tidegate: error: {exc}; free space and rerun", file=sys.stderr)
+            return RunExit.INTERRUPTED
         print(f"tidegate: error: {exc}", file=sys.stderr)
-        return RunExit.INTERRUPTED if exc.no_space else RunExit.FAILED
+        return RunExit.FAILED
 
 
 def cmd_schema(args: argparse.Namespace) -> int:

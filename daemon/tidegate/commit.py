@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Mapping, Sequence
@@ -36,12 +37,14 @@ from tidegate.verify import (
 )
 from tidegate.writer import (
     LEDGER,
+    LOCK,
     OutputLock,
     OutputWriteError,
     PartWriter,
     check_no_links,
     check_own_files,
     discard_output,
+    is_no_space,
     publish,
     remove_unrecorded,
     unpublish,
@@ -114,7 +117,10 @@ class Commit:
         except OSError as exc:
             raise OutputWriteError(out, exc) from exc
         check_own_files(out)  # the lock's too: opened without following links, it would fail
-        self._lock = OutputLock(out)
+        try:
+            self._lock = OutputLock(out)
+        except OSError as exc:  # its holder line is written: a full disk fails here
+            raise OutputWriteError(out / LOCK, exc) from exc
         try:
             check_no_links(out)
             if self._restart:
@@ -123,13 +129,24 @@ class Commit:
                 # Never clean these away as "not in the ledger": they may be all the results.
                 raise OutputDamaged(out, [f"{len(parts)} part files, e.g. {parts[0]}"],
                                     what=f"the ledger {LEDGER} is missing beside")
+            if not (out / LEDGER).exists():
+                # Made here, not by SQLite: it says only "unable to open database file"
+                # when the disk has no inode left; os.open says ENOSPC (a 0-byte file is
+                # an empty database to SQLite).
+                os.close(os.open(out / LEDGER, os.O_CREAT | os.O_EXCL | os.O_WRONLY
+                                 | os.O_NOFOLLOW, 0o644))
             self._ledger = ledger = Ledger(out / LEDGER)
+            resumed = ledger.bind(job.job_id, job.fingerprint, job.identity(),
+                                  legacy=job.legacy_identity)
+        except (OSError, sqlite3.Error) as exc:
+            self.close_ledger()
+            if is_no_space(exc):  # a job starting on a full disk: interrupted, not failed
+                raise OutputWriteError(out / LEDGER, exc) from exc
+            raise
         except BaseException:
             self.close_ledger()
             raise
         try:
-            resumed = ledger.bind(job.job_id, job.fingerprint, job.identity(),
-                                  legacy=job.legacy_identity)
             for line in roll_intents(out, ledger):
                 log.info("%s", line, extra={"action": "intent_resolved"})
             damage = check_parts(out, ledger, full=False)

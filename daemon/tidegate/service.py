@@ -53,7 +53,7 @@ from tidegate.spec import (
 )
 from tidegate.states import JobState
 from tidegate.views import SHOWN_ERRORS, JobView
-from tidegate.writer import NESTED_SEARCH_LIMIT, foreign_entries, ledgers_around
+from tidegate.writer import NESTED_SEARCH_LIMIT, OutputWriteError, foreign_entries, ledgers_around
 
 log = logging.getLogger(__name__)
 
@@ -468,6 +468,14 @@ class Service:
             state, error = JobState.INTERRUPTED, str(exc)
             workers_lost = isinstance(exc, WorkersLost)
             log.warning("job %s paused: %s", record.id, exc, extra={"action": "job_paused"})
+        except OutputWriteError as exc:  # at start: the output's directory, lock or ledger
+            error = str(exc)
+            if exc.no_space:  # the disk may free up: retried after the back-off, as mid-run
+                state, write_failed = JobState.INTERRUPTED, True
+                log.warning("job %s could not start: %s", record.id, exc,
+                            extra={"action": "output_write_failed"})
+            else:
+                log.error("job %s failed: %s", record.id, exc, extra={"action": "job_failed"})
         except Exception as exc:  # a job's failure must not take the daemon down
             error = f"{type(exc).__name__}: {exc}"
             log.exception("job %s failed", record.id, extra={"action": "job_failed"})

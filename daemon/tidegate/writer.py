@@ -60,12 +60,12 @@ class OutputWriteError(TidegateError):
 
     def __init__(self, path: Path, exc: BaseException):
         self.path = path
-        self.no_space = _is_no_space(exc)
+        self.no_space = is_no_space(exc)
         reason = "no space left on device" if self.no_space else _reason(exc)
         super().__init__(f"cannot write {path}: {reason}")
 
 
-def _is_no_space(exc: BaseException) -> bool:
+def is_no_space(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
         return True
     if isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == 13:
@@ -596,8 +596,13 @@ class OutputLock:
             os.close(fd)
             raise
         since = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {since}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {since}\n"
+                      .encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
         self._fd: int | None = fd
 
     def release(self) -> None:

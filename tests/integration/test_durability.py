@@ -3,13 +3,17 @@ real `tidegate run`: a LocalCluster, Parquet and SQLite."""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import read_dataset, synthetic_spec, tidegate, write_spec
 from tidegate.store import Ledger
@@ -21,14 +25,13 @@ def _summary(proc: subprocess.CompletedProcess[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MiB tmpfs (needs root, as in CI); skipped where it cannot be mounted."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
+@contextlib.contextmanager
+def _mount_tmpfs(mnt: Path, options: str) -> Iterator[Path]:
+    """A tmpfs at ``mnt`` (needs root, as in CI); skipped where it cannot be mounted."""
+    mnt.mkdir(exist_ok=True)
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)],
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
@@ -36,6 +39,33 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs."""
+    with _mount_tmpfs(tmp_path / "small", "size=2m") as mnt:
+        yield mnt
+
+
+def _fill(fs: Path) -> Path:
+    """Fill ``fs``'s blocks (a file) and inodes (empty files) until it says ENOSPC.
+    Only a small tmpfs mounted at ``fs``: on any other filesystem this would fill the
+    machine's disk."""
+    assert os.path.ismount(fs), f"{fs} is not a mount point"
+    assert shutil.disk_usage(fs).total <= 64 * 2**20, f"{fs} is larger than 64 MiB"
+    filler = fs / "filler"
+    filler.mkdir()
+    with contextlib.suppress(OSError), (filler / "blocks").open("wb") as f:
+        while True:
+            f.write(b"\0" * 65536)
+            f.flush()
+    with contextlib.suppress(OSError):
+        for i in itertools.count():
+            (filler / f"inode-{i}").touch()
+    with pytest.raises(OSError):
+        (fs / "probe").write_bytes(b"x")
+    return filler
 
 
 def test_disk_full_interrupts_cleanly_and_resumes_exactly_once(tmp_path: Path,
@@ -113,3 +143,62 @@ def test_one_unstorable_output_fails_only_its_param(tmp_path: Path) -> None:
     assert len(read_dataset(tmp_path / "out" / "model_outputs" / "data")) == 2 * 2 * (n - 1)
     again = _summary(tidegate(*args))
     assert again["params"]["resumed"] == n
+
+
+@pytest.mark.parametrize("where", ["directory", "lock", "ledger"])
+def test_disk_full_at_start_interrupts_cleanly(tmp_path: Path, where: str) -> None:
+    """No room to create the output directory, its lock or its ledger: `run` exits 130
+    naming the path, no traceback; once there is room a rerun completes the job."""
+    with _mount_tmpfs(tmp_path / "fs", "size=1m,nr_inodes=64") as fs:
+        out = fs / "out"
+        if where == "ledger":  # as after an earlier attempt: the lock file exists
+            out.mkdir()
+            (out / LOCK).write_text("pid 1 on elsewhere since then\n")
+        filler = _fill(fs)
+        if where == "lock":  # blocks full, one inode free: the directory is made
+            (filler / "inode-0").unlink()
+        path = write_spec(tmp_path / "job.yaml", synthetic_spec(4))
+        args = ("run", path, "--output", out, "--workers", "1", "--json", "--no-progress")
+        proc = tidegate(*args)
+        assert proc.returncode == 130, proc.stderr
+        assert "Traceback" not in proc.stderr, proc.stderr
+        named = {"directory": out, "lock": out / LOCK, "ledger": out / "_ledger.sqlite"}
+        assert (f"cannot write {named[where]}: no space left on device; free space and "
+                "rerun") in proc.stderr, proc.stderr
+        shutil.rmtree(filler)
+        again = tidegate(*args)
+        assert again.returncode == 0, again.stderr
+        ids = [r["param_id"] for r in read_dataset(out / "params")]
+        assert len(ids) == len(set(ids)) == 4
+
+
+def test_daemon_job_starting_on_a_full_disk_is_interrupted_and_retried(
+        tmp_path: Path) -> None:
+    """The daemon's output_root is full when a job starts: the job is `interrupted` with
+    the path and "no space left" in its error, retried after a back-off, and succeeds
+    once there is room."""
+    from tests.daemon_harness import Daemon, base_config
+
+    stack = contextlib.ExitStack()
+    fs = stack.enter_context(_mount_tmpfs(tmp_path / "outputs", "size=1m"))
+    d = Daemon(tmp_path, base_config(tmp_path, cluster={
+        "local": {"workers": 1, "threads_per_worker": 1}}))
+    try:
+        d.start()
+        filler = _fill(fs)
+        spec = synthetic_spec(4, job_id="full", output="full")
+        assert d.request("POST", "/v1/jobs", yaml.safe_dump(spec))[0] == 201
+        job = d.wait_job("full", {"interrupted", "failed", "succeeded"}, timeout=120)
+        assert job["state"] == "interrupted", job
+        assert f"cannot write {fs / 'full'}" in job["error"], job
+        assert "no space left on device" in job["error"]
+        assert "retrying in" in d.log()
+        shutil.rmtree(filler)
+        job = d.wait_job("full", {"succeeded", "failed"}, timeout=120)
+        assert job["state"] == "succeeded", d.log()
+        ids = [r["param_id"] for r in read_dataset(fs / "full" / "params")]
+        assert len(ids) == len(set(ids)) == 4
+        assert "Traceback" not in d.log()
+    finally:
+        d.stop()
+        stack.close()
