@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -334,3 +335,38 @@ def test_sd_notify_messages(tmp_path: Path) -> None:
         d.stop()
         sock.close()
     os.unlink(sock_path)
+
+
+def _kill_at_random_points(daemon: Daemon, tmp_path: Path, seed: int, kills: int) -> None:
+    """kill -9 the daemon (and its embedded cluster) at ``kills`` random moments, each
+    after a random number of parts has been committed (0: before the first), restarting
+    it each time; the job then ends succeeded with every param exactly once."""
+    rng = random.Random(seed)
+    out = tmp_path / "outputs" / "slow"
+    daemon.start()
+    assert daemon.request("POST", "/v1/jobs", yaml.safe_dump(_slow_spec()))[0] == 201
+    for _ in range(kills):
+        target = committed_parts(out) + rng.randint(0, 2)
+        deadline = time.monotonic() + 120
+        while committed_parts(out) < target:
+            status, job = daemon.request("GET", "/v1/jobs/slow")
+            if status == 200 and job["state"] in {"succeeded", "failed"}:
+                break
+            assert time.monotonic() < deadline, daemon.log()
+            time.sleep(0.05)
+        daemon.kill_all()
+        daemon.start()
+    job = daemon.wait_job("slow", {"succeeded", "failed"})
+    assert job["state"] == "succeeded", daemon.log()
+    _exactly_once(out, 60)
+
+
+def test_kill_9_at_random_points_resumes_exactly_once(daemon: Daemon, tmp_path: Path) -> None:
+    _kill_at_random_points(daemon, tmp_path, seed=17, kills=3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(4))
+def test_kill_9_at_random_points_many(daemon: Daemon, tmp_path: Path, seed: int) -> None:
+    """The whole variant: 4 seeds x 3 kills (12 kill points)."""
+    _kill_at_random_points(daemon, tmp_path, seed=seed, kills=3)
