@@ -20,12 +20,12 @@ import psutil
 from distributed.diagnostics.plugin import NannyPlugin, WorkerPlugin
 
 from tidegate.memwatch import KillReport, TreeWatch, active_watch, set_active_watch
+from tidegate.simreturn import EXECUTING_TOPIC as EXECUTING_TOPIC  # run_sim logs it
 from tidegate.simreturn import add_code_paths, run_target
 
 EXIT_TOPIC = "tidegate-worker-exit"
 MEMORY_RESOURCE = "tidegate-memory"
 MEMORY_KILL_TOPIC = "tidegate-memory-kill"
-EXECUTING_TOPIC = "tidegate-executing"
 TREE_RSS_METRIC = "tidegate_tree_rss"
 IDLE_RSS_METRIC = "tidegate_idle_rss"
 
