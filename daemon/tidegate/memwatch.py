@@ -75,7 +75,7 @@ class SimMemory:
 @dataclass(slots=True)
 class _Sim:
     key: str
-    began: float  # time.time(): comparable with psutil's create_time
+    began: float  # _since_boot(): comparable with a child's _created_since_boot
     start_rss: int
     peak_rss: int
     killed: KillReport | None = field(default=None)
@@ -178,7 +178,7 @@ class TreeWatch:
         token = next(self._tokens)
         with self._lock:
             self._note(rss)
-            self._sims[token] = _Sim(key, time.time(), rss, rss)
+            self._sims[token] = _Sim(key, _since_boot(), rss, rss)
         return token
 
     def end(self, token: object) -> SimMemory:
@@ -218,10 +218,7 @@ class TreeWatch:
         subtrees = []
         for child in children:
             size = _rss(child) + sum(_rss(d) for d in _descendants(child))
-            try:
-                created = child.create_time()
-            except _GONE:
-                created = 0.0
+            created = _created_since_boot(child)
             subtrees.append((child, size, created))
         return _Sample(own + sum(s for _, s, _ in subtrees), tuple(subtrees))
 
@@ -272,7 +269,9 @@ class TreeWatch:
             return None
         if len(sims) == 1:
             return sims[0]
-        before = [s for s in sims if s.began <= child_created]
+        # A start time is truncated to a clock tick: a sim that began within one tick
+        # before it counts as begun before.
+        before = [s for s in sims if s.began <= child_created + _TICK_S]
         return before[-1] if before else sims[-1]
 
     def _kill_subtree(self, child: psutil.Process) -> bool:
@@ -289,6 +288,32 @@ class TreeWatch:
             with contextlib.suppress(*_GONE):
                 p.send_signal(signal.SIGKILL)
         return True
+
+
+try:
+    _TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
+except (AttributeError, ValueError, OSError):
+    _TICK_S = 0.01
+
+
+def _since_boot() -> float:
+    """Now, on the clock a process's start time is kept in (Linux: CLOCK_BOOTTIME)."""
+    if hasattr(time, "CLOCK_BOOTTIME"):
+        return time.clock_gettime(time.CLOCK_BOOTTIME)
+    return time.time()
+
+
+def _created_since_boot(proc: psutil.Process) -> float:
+    """When ``proc`` started, on _since_boot's clock (0 if gone). psutil's create_time
+    adds the boot time, which Linux gives in whole seconds: compared with time.time()
+    it could be a second off, which would charge a kill to the wrong sim."""
+    try:
+        created = proc.create_time()
+    except _GONE:
+        return 0.0
+    if hasattr(time, "CLOCK_BOOTTIME"):
+        return created - psutil.boot_time()
+    return created
 
 
 # The watch of this worker process, set by tidegate.worker.MemoryWatch: run_sim finds it
