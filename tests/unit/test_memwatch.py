@@ -3,6 +3,7 @@ the largest child near the limit, and the host/cgroup layout parsing. Real proce
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -78,10 +79,8 @@ class Hog:
         self.proc.wait(timeout=10)
         for pipe in (self.proc.stdin, self.proc.stdout):
             if pipe is not None and not pipe.closed:
-                try:
+                with contextlib.suppress(BrokenPipeError):
                     pipe.close()
-                except BrokenPipeError:
-                    pass
 
 
 @pytest.fixture
@@ -276,10 +275,8 @@ def test_run_sim_fails_a_sim_whose_child_was_killed(
 def swallowing_model(params: dict[str, Any], seed: int) -> dict[str, Any]:
     from tidegate.workloads import synthetic
 
-    try:
+    with contextlib.suppress(RuntimeError):
         synthetic(params, seed)
-    except RuntimeError:
-        pass
     return {"data": {"x": [1.0]}}
 
 
