@@ -129,6 +129,33 @@ def test_tree_rss_counts_a_child_process(hogs: Callable[[], Hog]) -> None:
     assert me.memory_info().rss < after - 95 * MiB
 
 
+def test_descendants_are_found_through_grandchildren() -> None:
+    """A grandchild's memory counts too (read through /proc/<pid>/task/*/children)."""
+    me = psutil.Process()
+    code = (
+        "import subprocess, sys\n"
+        "g = subprocess.Popen([sys.executable, '-I', '-c', "
+        "'import sys; b = bytearray(80 << 20); b[::4096] = b\"\\\\x01\" * (20480); "
+        "print(1, flush=True); sys.stdin.read()'], stdout=subprocess.PIPE)\n"
+        "g.stdout.readline(); print('ready', flush=True); sys.stdin.read()\n"
+    )
+    before = tree_rss(me)
+    child = subprocess.Popen([sys.executable, "-I", "-c", code], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        kids = me.children(recursive=True)
+        assert len(kids) == 2
+        assert tree_rss(me) - before >= 75 * MiB
+    finally:
+        for k in me.children(recursive=True):  # the grandchild first, while it is ours
+            k.kill()
+        child.wait(timeout=10)
+        assert child.stdin is not None and child.stdout is not None
+        child.stdin.close()
+        child.stdout.close()
+
+
 def test_tree_rss_of_a_vanished_process_is_zero(hogs: Callable[[], Hog]) -> None:
     hog = hogs()
     proc = psutil.Process(hog.pid)
@@ -202,15 +229,18 @@ def test_the_largest_child_is_killed_near_the_limit(
 def test_no_kill_without_a_limit_or_without_children(
     watches: Callable[..., TreeWatch], hogs: Callable[[], Hog]
 ) -> None:
-    """Limit 0 never kills; a tree over the limit with no child kills nothing (the
-    nanny's business), and the watch never signals its own process."""
+    """Limit 0 never kills; a tree over the limit with no child, or whose worker
+    process alone is over it, kills nothing (the nanny's business)."""
     hog = hogs()
     hog.alloc(100 * MiB)
     unlimited = watches(0)
     assert unlimited.sample() > 100 * MiB
     assert unlimited.kills == [] and hog.proc.poll() is None
+    # This process alone is over the threshold: the nanny's case, no child is killed.
+    tiny = watches(1 * MiB)
+    tiny.sample()
+    assert tiny.kills == [] and hog.proc.poll() is None
     hog.close()
-    tiny = watches(1 * MiB)  # far below this process's own RSS
     tiny.sample()
     assert tiny.kills == []
 
