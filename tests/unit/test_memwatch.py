@@ -395,3 +395,79 @@ def test_host_layout_of_this_process() -> None:
     assert layout["memory_limit"] == 600 * MiB
     assert layout["host_memory"] == psutil.virtual_memory().total
     assert host_layout()["memory_limit"] is None
+
+
+# --- the worker plugin ----------------------------------------------------------------
+
+
+class FakeWorker:
+    """What MemoryWatch.setup touches of a distributed.Worker."""
+
+    address = "tcp://127.0.0.1:1"
+
+    def __init__(self, limit: int | None) -> None:
+        self.memory_manager = type("MM", (), {"memory_limit": limit})()
+        self.metrics: dict[str, Any] = {}
+        self.resources: dict[str, float] = {}
+        self.events: list[tuple[str, Any]] = []
+
+    async def set_resources(self, **resources: float) -> None:
+        self.resources.update(resources)
+
+    def log_event(self, topic: str, msg: Any) -> None:
+        self.events.append((topic, msg))
+
+
+@pytest.mark.parametrize(("terminate", "fraction"), [(False, 0.95), (None, 0.95), (0.9, 0.9)])
+def test_memory_watch_plugin_setup_and_teardown(terminate: object, fraction: float) -> None:
+    import asyncio
+
+    import dask.config
+
+    from tidegate.memwatch import active_watch
+    from tidegate.worker import (
+        IDLE_RSS_METRIC,
+        MEMORY_RESOURCE,
+        TREE_RSS_METRIC,
+        memory_watch_plugin,
+    )
+
+    worker = FakeWorker(600 * MiB)
+    plugin = memory_watch_plugin()
+    with dask.config.set({"distributed.worker.memory.terminate": terminate}):
+        asyncio.run(plugin.setup(worker))
+    try:
+        watch = active_watch()
+        assert watch is not None and watch is plugin.watch
+        assert watch.terminate_fraction == fraction and watch.memory_limit == 600 * MiB
+        assert worker.resources == {MEMORY_RESOURCE: float(600 * MiB)}
+        wait_for(lambda: worker.metrics[TREE_RSS_METRIC](worker) > 0)
+        assert worker.metrics[IDLE_RSS_METRIC](worker) > 0
+        assert watch.on_kill is not None
+        report = KillReport("k", 1, 2, 3, 600 * MiB)
+        watch.on_kill(report)
+        assert worker.events == [("tidegate-memory-kill", {
+            "worker": worker.address, "key": "k", "child_pid": 1, "child_rss": 2,
+            "tree_rss": 3, "limit": 600 * MiB,
+        })]
+    finally:
+        asyncio.run(plugin.teardown(worker))
+    assert active_watch() is None and plugin.watch is None
+    assert watch._thread is None
+
+
+def test_memory_watch_plugin_without_a_limit_offers_no_resource() -> None:
+    import asyncio
+
+    from tidegate.memwatch import active_watch
+    from tidegate.worker import memory_watch_plugin
+
+    worker = FakeWorker(None)
+    plugin = memory_watch_plugin()
+    asyncio.run(plugin.setup(worker))
+    try:
+        assert worker.resources == {}
+        assert active_watch() is plugin.watch and plugin.watch is not None
+        assert plugin.watch.limit_bytes == 0
+    finally:
+        asyncio.run(plugin.teardown(worker))
