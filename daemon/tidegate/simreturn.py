@@ -8,6 +8,7 @@ duck typing, never imported.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
@@ -32,6 +33,9 @@ NAME_TEXT = "a name of 1-64 letters, digits, '_' or '-', not starting with a dig
 RESERVED_OUTPUT_COLUMNS = ("param_id", "replicate", "seed")
 
 _callables: dict[str, Callable[..., Any]] = {}
+
+# The event run_sim logs as a sim starts on a watched worker (tidegate.worker exports it).
+EXECUTING_TOPIC = "tidegate-executing"
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,14 +326,45 @@ def run_sim(
     worker's thread they would kill the worker, and the nanny's restarts would run the
     same param into the same exit until the cluster had no workers left.
     """
+    watch = _active_watch()
+    if watch is None:
+        start = time.perf_counter()
+        with _WorkingMemory() as memory:
+            outputs, error = _call_model(model, params, seed)
+        return SimReturn(
+            param_id=param_id,
+            replicate=replicate,
+            seed=seed,
+            outputs=outputs,
+            error=error,
+            run_seconds=time.perf_counter() - start,
+            rss_delta_bytes=memory.bytes,
+        )
+    key, nthreads = _announce_executing()
     start = time.perf_counter()
-    with _WorkingMemory() as memory:
-        try:
-            fn = import_callable(model)
-            outputs = outputs_to_ipc(fn(dict(params), seed))
-            error = None
-        except BaseException as exc:  # user code: see the docstring
-            outputs, error = {}, TaskError.from_exception(exc)
+    token = watch.begin(key)
+    # VmHWM is per process and its reset is too: with several threads one sim's reset
+    # would erase the peak another sim is being measured by. With one thread it sees the
+    # worker process's peaks between the watch's samples.
+    peak = _WorkingMemory() if nthreads == 1 else contextlib.nullcontext()
+    try:
+        with peak:
+            outputs, error = _call_model(model, params, seed)
+    finally:
+        used = watch.end(token)
+    work = used.work_bytes
+    if isinstance(peak, _WorkingMemory):
+        work = max(work, peak.bytes)
+    if used.killed is not None:
+        k = used.killed
+        # Whatever the model made of its child's death (raised, or caught it and
+        # returned), the sim is the one that ran the tree past the limit.
+        outputs, error = {}, TaskError(
+            "MemoryExceeded",
+            f"child process {k.child_pid} was killed holding {k.child_rss / MiB:.0f} MiB: "
+            f"the worker's process tree held {k.tree_rss / MiB:.0f} MiB of its "
+            f"{k.limit / MiB:.0f} MiB memory limit",
+        )
     return SimReturn(
         param_id=param_id,
         replicate=replicate,
@@ -337,8 +372,45 @@ def run_sim(
         outputs=outputs,
         error=error,
         run_seconds=time.perf_counter() - start,
-        rss_delta_bytes=memory.bytes,
+        rss_delta_bytes=work,
     )
+
+
+MiB = 1 << 20
+
+
+def _call_model(
+    model: str, params: Mapping[str, Any], seed: int
+) -> tuple[dict[str, bytes], TaskError | None]:
+    try:
+        fn = import_callable(model)
+        return outputs_to_ipc(fn(dict(params), seed)), None
+    except BaseException as exc:  # user code: see run_sim
+        return {}, TaskError.from_exception(exc)
+
+
+def _active_watch() -> Any:
+    """This process's tree watch, if tidegate.worker.MemoryWatch set one up. Looked up
+    in sys.modules: the watch exists only where the plugin imported tidegate.memwatch,
+    and run_sim imports nothing more (psutil, Dask) anywhere else."""
+    memwatch = sys.modules.get("tidegate.memwatch")
+    return memwatch.active_watch() if memwatch is not None else None
+
+
+def _announce_executing() -> tuple[str, int]:
+    """Log the ``tidegate-executing`` event of the task running this sim; its key and
+    the worker's thread count. ("", 0) outside a Dask task."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+        key = str(worker.get_current_task())
+        nthreads = int(getattr(worker.state, "nthreads", 0) or 0)
+    except Exception:
+        return "", 0
+    with contextlib.suppress(Exception):
+        worker.log_event(EXECUTING_TOPIC, {"worker": worker.address, "key": key})
+    return key, nthreads
 
 
 def run_target(

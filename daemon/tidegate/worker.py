@@ -8,19 +8,24 @@ deserializes submitted graphs itself since 2025), which this module is, beside t
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import socket
 import threading
 from collections.abc import Sequence
 from typing import Any
 
+import dask.config
+import psutil
 from distributed.diagnostics.plugin import NannyPlugin, WorkerPlugin
 
+from tidegate.memwatch import KillReport, TreeWatch, active_watch, set_active_watch
+from tidegate.simreturn import EXECUTING_TOPIC as EXECUTING_TOPIC  # run_sim logs it
 from tidegate.simreturn import add_code_paths, run_target
 
 EXIT_TOPIC = "tidegate-worker-exit"
 MEMORY_RESOURCE = "tidegate-memory"
 MEMORY_KILL_TOPIC = "tidegate-memory-kill"
-EXECUTING_TOPIC = "tidegate-executing"
 TREE_RSS_METRIC = "tidegate_tree_rss"
 IDLE_RSS_METRIC = "tidegate_idle_rss"
 
@@ -91,23 +96,140 @@ def executing_keys(prefixes: Sequence[str], dask_worker: Any = None) -> list[str
     return [str(ts.key) for ts in running if str(ts.key).startswith(tuple(prefixes))]
 
 
-class MemoryWatch(WorkerPlugin):  # placeholder until the worker-side watch lands
+class MemoryWatch(WorkerPlugin):
+    """Watches the worker's whole process tree (tidegate.memwatch.TreeWatch) and offers
+    the worker's memory limit as the ``tidegate-memory`` resource.
+
+    The resource is how tidegate admits sims per worker: each sim asks for its expected
+    working memory, and the scheduler places it only where that much of the resource is
+    free. Dask's own memory accounting reads the worker process alone, so a child
+    process's memory would otherwise go unseen until the kernel's OOM killer picks a
+    victim; the watch kills the largest child subtree first and logs it as a
+    ``tidegate-memory-kill`` event. A restarted worker runs setup again, so the resource
+    and the watch come back with it.
+    """
+
     name = "tidegate-memory-watch"
+
+    def __init__(self) -> None:
+        self.watch: TreeWatch | None = None
 
     async def setup(self, worker: Any) -> None:
         limit = int(getattr(worker.memory_manager, "memory_limit", 0) or 0)
-        # Given at spawn already (the embedded cluster): setting it again would reset
-        # the scheduler's count of what the worker's running tasks hold.
-        if limit and worker.state.total_resources.get(MEMORY_RESOURCE) != float(limit):
+        fraction = dask.config.get("distributed.worker.memory.terminate", None)
+        fraction = float(fraction) if fraction not in (None, False) else 0.95
+        address = worker.address
+
+        def on_kill(report: KillReport) -> None:
+            # From the sampler thread: log_event is thread-safe.
+            worker.log_event(MEMORY_KILL_TOPIC, {
+                "worker": address, "key": report.key, "child_pid": report.child_pid,
+                "child_rss": report.child_rss, "tree_rss": report.tree_rss,
+                "limit": report.limit,
+            })
+
+        previous = active_watch()
+        if previous is not None:  # the plugin registered again in the same process
+            previous.stop()
+        self.watch = TreeWatch(os.getpid(), limit, fraction, on_kill=on_kill)
+        self.watch.start()
+        set_active_watch(self.watch)
+        watch = self.watch
+        worker.metrics[TREE_RSS_METRIC] = lambda _worker: watch.tree_rss
+        worker.metrics[IDLE_RSS_METRIC] = lambda _worker: watch.idle_rss
+        # Given at spawn already (the embedded cluster) it is left alone: setting it again
+        # resets the scheduler's count of what the worker's running tasks hold.
+        if limit > 0 and worker.state.total_resources.get(MEMORY_RESOURCE) != float(limit):
             await worker.set_resources(**{MEMORY_RESOURCE: float(limit)})
+
+    async def teardown(self, worker: Any) -> None:
+        if self.watch is not None:
+            self.watch.stop()
+            if active_watch() is self.watch:
+                set_active_watch(None)
+            self.watch = None
 
 
 def memory_watch_plugin() -> MemoryWatch:
     return MemoryWatch()
 
 
+# --- host layout -------------------------------------------------------------------
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+# cgroup v1 reports "no limit" as a page-rounded LONG_MAX; anything this large is none.
+UNLIMITED_BYTES = 2**60
+
+
+def parse_cgroup(text: str) -> tuple[str, int] | None:
+    """The memory cgroup in a /proc/<pid>/cgroup text: (path, version 1 or 2).
+
+    A v1 ``memory`` controller line wins over the v2 ``0::`` line: on a hybrid host
+    the v1 hierarchy is the one that holds the memory controller."""
+    unified = None
+    for line in text.splitlines():
+        hid, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if not path:
+            continue
+        if "memory" in controllers.split(","):
+            return path, 1
+        if hid == "0" and controllers == "":
+            unified = path
+    return (unified, 2) if unified is not None else None
+
+
+def parse_cgroup_limit(text: str | None) -> int | None:
+    """A memory.max / memory.limit_in_bytes value in bytes; None when unlimited
+    ("max", or >= 2**60) or unreadable."""
+    if text is None:
+        return None
+    value = text.strip()
+    if value == "max":
+        return None
+    try:
+        limit = int(value)
+    except ValueError:
+        return None
+    return limit if 0 < limit < UNLIMITED_BYTES else None
+
+
+def cgroup_limit_file(path: str, version: int, root: str = CGROUP_ROOT) -> str:
+    rel = path.lstrip("/")
+    if version == 1:
+        return os.path.join(root, "memory", rel, "memory.limit_in_bytes")
+    return os.path.join(root, rel, "memory.max")
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
 def host_layout(dask_worker: Any = None) -> dict[str, Any]:
-    return {}
+    """Where this worker runs, for ``client.run``: the host (hostname and boot id tell
+    workers on one machine apart from lookalikes), its memory, the memory cgroup and its
+    limit (workers sharing one cgroup share its limit), and the worker's own limit."""
+    boot_id = (_read("/proc/sys/kernel/random/boot_id") or "").strip()
+    found = parse_cgroup(_read("/proc/self/cgroup") or "")
+    cgroup, limit = "", None
+    if found is not None:
+        cgroup, version = found
+        limit = parse_cgroup_limit(_read(cgroup_limit_file(cgroup, version)))
+    memory_manager = getattr(dask_worker, "memory_manager", None)
+    memory_limit = getattr(memory_manager, "memory_limit", None)
+    return {
+        "hostname": socket.gethostname(),
+        "boot_id": boot_id,
+        "host_memory": int(psutil.virtual_memory().total),
+        "cgroup": cgroup,
+        "cgroup_limit": limit,
+        "memory_limit": int(memory_limit) if memory_limit else None,
+        "pid": os.getpid(),
+    }
 
 
 def place_waiting(dask_scheduler: Any = None) -> int:

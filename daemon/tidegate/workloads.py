@@ -19,9 +19,14 @@ pyarrow only, so it runs on any worker, with or without NumPy.
 |                |       |         | is held: a hard crash of the worker process                 |
 | kill_signal    | int   | 0       | when non-zero, send this signal to the own process while    |
 |                |       |         | the allocation is held (9 looks like an OOM kill)           |
+| child_alloc_bytes | int | 0      | when non-zero (or child_seconds is), run a child Python     |
+|                |       |         | process holding this much resident memory, wait for it; a   |
+|                |       |         | child killed by a signal (or failing) fails the call        |
+| child_seconds  | float | 0       | how long the child holds it (50 ms when 0)                  |
 
-The call runs in that order: allocate, build the table, wait out ``run_seconds``, crash
-(``exit_code``, then ``kill_signal``), free, fail (``fail``, then ``fail_prob``), return.
+The call runs in that order: allocate, run the child, build the table, wait out
+``run_seconds``, crash (``exit_code``, then ``kill_signal``), free, fail (``fail``, then
+``fail_prob``), return.
 
 Integer params also accept integral floats (YAML's ``1.0e+7``). Any other key is
 ignored, so a sweep can add one (say ``i: [0, 1, ..., 999]``) to make many distinct
@@ -38,6 +43,8 @@ import math
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -70,6 +77,8 @@ class SyntheticParams:
     fail_prob: float = 0.0
     exit_code: int = 0
     kill_signal: int = 0
+    child_alloc_bytes: int = 0
+    child_seconds: float = 0.0
 
     @classmethod
     def from_mapping(cls, params: Mapping[str, Any]) -> SyntheticParams:
@@ -79,7 +88,9 @@ class SyntheticParams:
         return cls(**{f.name: _parser(f.type)(params, f.name, f.default) for f in fields(cls)})
 
     def __post_init__(self) -> None:
-        for name in ("output_bytes", "alloc_bytes", "run_seconds"):
+        for name in (
+            "output_bytes", "alloc_bytes", "run_seconds", "child_alloc_bytes", "child_seconds"
+        ):
             value = getattr(self, name)
             if value < 0 or not math.isfinite(value):
                 raise ValueError(f"synthetic: param {name!r} must be >= 0, got {value!r}")
@@ -157,6 +168,8 @@ def synthetic(params: Mapping[str, Any], seed: int) -> dict[str, pa.Table]:
     settings = SyntheticParams.from_mapping(params)
     start = time.perf_counter()
     held = _allocate(settings.alloc_bytes)
+    if settings.child_alloc_bytes or settings.child_seconds:
+        _run_child(settings.child_alloc_bytes, settings.child_seconds)
     table = make_table(settings.output_bytes, seed)
     hold = settings.run_seconds
     if settings.alloc_bytes and hold == 0:
@@ -196,6 +209,37 @@ def _allocate(nbytes: int) -> bytearray:
     if nbytes:
         buf[::PAGE_BYTES] = b"\x01" * len(range(0, nbytes, PAGE_BYTES))
     return buf
+
+
+# Allocates and touches argv[1] bytes, holds them argv[2] seconds. Standard library only,
+# and -I: the child must not import the worker's site or sys.path (it needs neither).
+_CHILD_CODE = """
+import sys, time
+n, hold = int(sys.argv[1]), float(sys.argv[2])
+buf = bytearray(n)
+if n:
+    buf[::4096] = b"\\x01" * len(range(0, n, 4096))
+time.sleep(hold)
+"""
+
+
+def _run_child(nbytes: int, seconds: float) -> None:
+    """A child process holding ``nbytes`` for ``seconds``: what a model's solver binary
+    or worker pool looks like to the worker (memory outside the worker process)."""
+    hold = seconds if seconds > 0 else MIN_HOLD_SECONDS
+    child = subprocess.Popen(
+        [sys.executable, "-I", "-c", _CHILD_CODE, str(nbytes), repr(hold)],
+        stdin=subprocess.DEVNULL,
+    )
+    code = child.wait()
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        raise RuntimeError(f"synthetic: child process {child.pid} was killed by {name}")
+    if code:
+        raise RuntimeError(f"synthetic: child process {child.pid} exited with code {code}")
 
 
 def _wait_until(deadline: float, *, busy: bool) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -113,6 +115,9 @@ def test_integral_floats_are_accepted_for_ints() -> None:
         ("fail_prob", "0.1"),
         ("exit_code", True),
         ("kill_signal", 9.5),
+        ("child_alloc_bytes", "1"),
+        ("child_alloc_bytes", 1.5),
+        ("child_seconds", "0.1"),
     ],
 )
 def test_bad_param_type_raises_type_error_naming_it(name: str, value: object) -> None:
@@ -131,6 +136,9 @@ def test_bad_param_type_raises_type_error_naming_it(name: str, value: object) ->
         ("fail_prob", 1.5),
         ("exit_code", 256),
         ("kill_signal", 1000),
+        ("child_alloc_bytes", -1),
+        ("child_seconds", -0.1),
+        ("child_seconds", float("nan")),
     ],
 )
 def test_out_of_range_param_raises_value_error_naming_it(name: str, value: object) -> None:
@@ -261,6 +269,59 @@ def test_alloc_bytes_is_resident_during_the_call_and_freed_after() -> None:
     m = json.loads(child.stdout)
     assert m["peak"] - m["before"] >= 0.9 * alloc
     assert m["after"] - m["before"] < alloc / 4
+
+
+def test_child_holds_its_memory_in_a_child_process_for_child_seconds() -> None:
+    """child_alloc_bytes is resident in a child process (not this one) for
+    child_seconds, and the call waits for the child to exit."""
+    import psutil
+
+    me = psutil.Process()
+    seen: list[int] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            for c in me.children():
+                with contextlib.suppress(psutil.Error):
+                    seen.append(c.memory_info().rss)
+            done.wait(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    start = time.perf_counter()
+    try:
+        out = synthetic({"child_alloc_bytes": 100 * MiB, "child_seconds": 0.4}, 0)
+    finally:
+        done.set()
+        sampler.join()
+    assert time.perf_counter() - start >= 0.4
+    assert max(seen) >= 95 * MiB
+    assert me.children() == []
+    assert list(out) == ["data"]
+
+
+def test_a_child_killed_by_a_signal_fails_the_call() -> None:
+    import psutil
+
+    me = psutil.Process()
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            synthetic({"child_seconds": 60}, 0)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not me.children() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    me.children()[0].kill()
+    thread.join(timeout=30)
+    assert len(errors) == 1 and isinstance(errors[0], RuntimeError)
+    assert "killed by SIGKILL" in str(errors[0])
 
 
 # --- the target ------------------------------------------------------------------------

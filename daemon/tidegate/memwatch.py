@@ -1,0 +1,388 @@
+"""Process-tree memory of a worker: what its sims hold, child processes included.
+
+Dask's memory monitor and its nanny read the worker process's own RSS only; a model that
+runs a child process (a solver binary, a multiprocessing pool) holds memory Dask never
+sees, and the kernel's OOM killer ends up choosing the victim. A TreeWatch samples the
+whole tree (the worker plus every descendant) on a thread, charges each sim the rise it
+saw, and kills the largest child subtree before the tree reaches the worker's limit, so
+one sim fails with a clear error instead of the worker (and every sim on it) dying.
+
+This module imports psutil and the standard library only: it runs inside workers and is
+imported by tidegate.simreturn on the sim's own path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import psutil
+
+logger = logging.getLogger(__name__)
+
+_GONE = (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess)
+
+
+def _rss(proc: psutil.Process) -> int:
+    """RSS of one process, 0 if it vanished (or became a zombie) meanwhile."""
+    try:
+        return int(proc.memory_info().rss)
+    except _GONE:
+        return 0
+
+
+def _child_pids(pid: int) -> list[int] | None:
+    """The direct children of ``pid`` from /proc/<pid>/task/<tid>/children (Linux 3.5+),
+    None where that is unavailable. psutil finds children by reading every process's
+    /proc/<pid>/stat: on a node with hundreds of processes, sampled every 25 ms, that
+    is a good part of a core; this reads one small file per thread of the tree."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return []  # the process is gone
+    except OSError:
+        return None
+    pids: list[int] = []
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                pids.extend(int(p) for p in f.read().split())
+        except FileNotFoundError:
+            if not os.path.exists(f"/proc/{pid}/task"):
+                return []
+            if not os.path.exists(f"/proc/{pid}/task/{tid}"):
+                continue  # that thread ended meanwhile
+            return None  # no children files in this kernel
+        except (OSError, ValueError):
+            return None
+    return pids
+
+
+def _children(proc: psutil.Process) -> list[psutil.Process]:
+    pids = _child_pids(proc.pid)
+    if pids is None:
+        try:
+            return list(proc.children(recursive=False))
+        except _GONE:
+            return []
+    kids = []
+    for pid in pids:
+        with contextlib.suppress(*_GONE):
+            kids.append(psutil.Process(pid))
+    return kids
+
+
+def _descendants(proc: psutil.Process) -> list[psutil.Process]:
+    """Every descendant of ``proc``, children before grandchildren."""
+    found: list[psutil.Process] = []
+    seen = {proc.pid}
+    frontier = [proc]
+    while frontier:
+        nxt = []
+        for p in frontier:
+            for c in _children(p):
+                if c.pid not in seen:  # pid reuse cannot make a loop
+                    seen.add(c.pid)
+                    nxt.append(c)
+        found.extend(nxt)
+        frontier = nxt
+    return found
+
+
+def tree_rss(proc: psutil.Process) -> int:
+    """RSS of ``proc`` plus every descendant; processes that end mid-read count 0.
+
+    Shared pages (a forked child's copy-on-write pages) count once per process: the
+    sum can exceed what the tree really holds, an overestimate on the safe side."""
+    return _rss(proc) + sum(_rss(p) for p in _descendants(proc))
+
+
+@dataclass(frozen=True, slots=True)
+class KillReport:
+    """A child subtree the watch killed because the tree neared the memory limit."""
+
+    key: str  # the sim charged with it ("" if no sim was running)
+    child_pid: int
+    child_rss: int  # of the child's whole subtree, in bytes
+    tree_rss: int  # of the worker's whole tree at that sample
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class SimMemory:
+    """What one sim cost: its working memory, and the kill charged to it if any."""
+
+    work_bytes: int
+    killed: KillReport | None = None
+
+
+@dataclass(slots=True)
+class _Sim:
+    key: str
+    began: float  # _since_boot(): comparable with a child's _created_since_boot
+    start_rss: int
+    peak_rss: int
+    killed: KillReport | None = field(default=None)
+
+
+@dataclass(frozen=True, slots=True)
+class _Sample:
+    own: int  # the worker process alone
+    total: int
+    # (direct child, RSS of its subtree), the child's create_time
+    subtrees: tuple[tuple[psutil.Process, int, float], ...]
+
+
+class TreeWatch:
+    """Samples one worker process's tree every ``interval_s`` on a daemon thread.
+
+    ``begin(key)`` / ``end(token)`` bracket a sim on the thread that runs it. A sim's
+    ``work_bytes`` is the peak tree RSS seen while it ran minus the tree RSS at its
+    start (never below 0); begin and end take a sample themselves, so a sim shorter than
+    the interval still gets a reading. With exactly one active sim the attribution is
+    exact. With several at once each sim is charged the tree's whole rise during its run,
+    whoever caused it: conservative, an overestimate of each, never an underestimate.
+
+    When a sample exceeds ``terminate_fraction * memory_limit`` (a limit > 0) and the
+    worker has children, the largest child subtree (the child and its descendants, by
+    their summed RSS) gets SIGKILL; the worker process itself never does (with no child,
+    or when the worker process alone is over the threshold, nothing happens here: Dask's
+    nanny terminates the worker). The kill is charged to
+    the one active sim, or with several to the most recently begun one that began before
+    the child was created (else the most recent), and ``end()`` returns it in
+    ``killed`` even when the model caught the child's death and returned normally.
+    ``on_kill`` is called from the sampler thread. After a kill the watch does not kill
+    again until the killed child has left the tree (its memory freed), so a stale read
+    of the same child cannot cost a second victim.
+    """
+
+    def __init__(
+        self,
+        pid: int,
+        memory_limit: int,
+        terminate_fraction: float = 0.95,
+        interval_s: float = 0.025,
+        on_kill: Callable[[KillReport], None] | None = None,
+    ):
+        self.pid = pid
+        self.memory_limit = int(memory_limit or 0)
+        self.terminate_fraction = float(terminate_fraction)
+        self.interval_s = float(interval_s)
+        self.on_kill = on_kill
+        self._proc = psutil.Process(pid)
+        self._lock = threading.Lock()
+        self._sims: dict[int, _Sim] = {}
+        self._tokens = itertools.count()
+        self._latest = 0
+        self._idle: int | None = None
+        self._first: int | None = None
+        self._killed_pid: int | None = None  # no new kill while this child holds memory
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.kills: list[KillReport] = []
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._run, name=f"tidegate-treewatch-{self.pid}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
+
+    # --- readings --------------------------------------------------------------------
+
+    @property
+    def tree_rss(self) -> int:
+        """The latest sample of the tree's RSS (0 before the first)."""
+        return self._latest
+
+    @property
+    def idle_rss(self) -> int:
+        """The latest sample taken while no sim ran; before any, the first sample."""
+        if self._idle is not None:
+            return self._idle
+        return self._first or 0
+
+    @property
+    def limit_bytes(self) -> int:
+        """The tree RSS above which a child is killed (0: never)."""
+        return int(self.terminate_fraction * self.memory_limit) if self.memory_limit > 0 else 0
+
+    # --- sims ------------------------------------------------------------------------
+
+    def begin(self, key: str) -> object:
+        rss = tree_rss(self._proc)
+        token = next(self._tokens)
+        with self._lock:
+            self._note(rss)
+            self._sims[token] = _Sim(key, _since_boot(), rss, rss)
+        return token
+
+    def end(self, token: object) -> SimMemory:
+        rss = tree_rss(self._proc)
+        with self._lock:
+            self._note(rss)
+            sim = self._sims.pop(token, None)  # type: ignore[call-overload]
+        if sim is None:
+            return SimMemory(0, None)
+        peak = max(sim.peak_rss, rss)
+        return SimMemory(max(0, peak - sim.start_rss), sim.killed)
+
+    def _note(self, total: int) -> None:
+        """Record a reading (lock held): the latest, and every active sim's peak."""
+        self._latest = total
+        if self._first is None:
+            self._first = total
+        for sim in self._sims.values():
+            sim.peak_rss = max(sim.peak_rss, total)
+
+    # --- the sampler -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.sample()
+            except Exception:  # never let one odd read end the watch
+                logger.exception("tidegate tree watch: sample failed")
+            self._stop.wait(self.interval_s)
+
+    def _read(self) -> _Sample:
+        own = _rss(self._proc)
+        children = _children(self._proc)
+        subtrees = []
+        for child in children:
+            size = _rss(child) + sum(_rss(d) for d in _descendants(child))
+            created = _created_since_boot(child)
+            subtrees.append((child, size, created))
+        return _Sample(own, own + sum(s for _, s, _ in subtrees), tuple(subtrees))
+
+    def sample(self) -> int:
+        """Take one sample now (the thread calls this); kill if over the limit."""
+        reading = self._read()
+        report: KillReport | None = None
+        with self._lock:
+            self._note(reading.total)
+            if not self._sims:
+                self._idle = reading.total
+            if self._killed_pid is not None and not any(
+                c.pid == self._killed_pid and size > 0 for c, size, _ in reading.subtrees
+            ):
+                self._killed_pid = None
+            threshold = self.limit_bytes
+            live = [s for s in reading.subtrees if s[1] > 0]
+            # A worker over the threshold on its own is the nanny's to terminate (it reads
+            # the same fraction of the same limit off the worker process's RSS): killing
+            # a child then would only add a victim.
+            if (
+                threshold
+                and reading.total > threshold >= reading.own
+                and live
+                and self._killed_pid is None
+            ):
+                child, size, created = max(live, key=lambda s: s[1])
+                if self._kill_subtree(child):
+                    self._killed_pid = child.pid
+                    sim = self._charged(created)
+                    report = KillReport(
+                        sim.key if sim else "", child.pid, size, reading.total,
+                        self.memory_limit,
+                    )
+                    if sim is not None:
+                        sim.killed = report
+                    self.kills.append(report)
+        if report is not None:
+            logger.warning(
+                "tidegate: killed child process %d (%d MiB) of sim %r: the worker's "
+                "process tree held %d MiB of its %d MiB limit", report.child_pid,
+                report.child_rss >> 20, report.key, report.tree_rss >> 20,
+                report.limit >> 20,
+            )
+            if self.on_kill is not None:
+                try:
+                    self.on_kill(report)
+                except Exception:
+                    logger.exception("tidegate tree watch: on_kill failed")
+        return reading.total
+
+    def _charged(self, child_created: float) -> _Sim | None:
+        """The sim a child's kill is charged to (lock held)."""
+        sims = sorted(self._sims.values(), key=lambda s: s.began)
+        if not sims:
+            return None
+        if len(sims) == 1:
+            return sims[0]
+        # A start time is truncated to a clock tick: a sim that began within one tick
+        # before it counts as begun before.
+        before = [s for s in sims if s.began <= child_created + _TICK_S]
+        return before[-1] if before else sims[-1]
+
+    def _kill_subtree(self, child: psutil.Process) -> bool:
+        """SIGKILL ``child`` and its descendants (listed before the child dies, since
+        they are reparented away from it after). False if it was already gone."""
+        if child.pid == self.pid or child.pid == os.getpid():
+            return False  # a worker never kills itself from here
+        victims = [*_descendants(child)]
+        try:
+            child.send_signal(signal.SIGKILL)
+        except _GONE:
+            return False
+        for p in victims:
+            with contextlib.suppress(*_GONE):
+                p.send_signal(signal.SIGKILL)
+        return True
+
+
+try:
+    _TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
+except (AttributeError, ValueError, OSError):
+    _TICK_S = 0.01
+
+
+def _since_boot() -> float:
+    """Now, on the clock a process's start time is kept in (Linux: CLOCK_BOOTTIME)."""
+    if hasattr(time, "CLOCK_BOOTTIME"):
+        return time.clock_gettime(time.CLOCK_BOOTTIME)
+    return time.time()
+
+
+def _created_since_boot(proc: psutil.Process) -> float:
+    """When ``proc`` started, on _since_boot's clock (0 if gone). psutil's create_time
+    adds the boot time, which Linux gives in whole seconds: compared with time.time()
+    it could be a second off, which would charge a kill to the wrong sim."""
+    try:
+        created = proc.create_time()
+    except _GONE:
+        return 0.0
+    if hasattr(time, "CLOCK_BOOTTIME"):
+        return created - psutil.boot_time()
+    return created
+
+
+# The watch of this worker process, set by tidegate.worker.MemoryWatch: run_sim finds it
+# here without importing Dask.
+_active_watch: TreeWatch | None = None
+
+
+def active_watch() -> TreeWatch | None:
+    return _active_watch
+
+
+def set_active_watch(watch: TreeWatch | None) -> None:
+    global _active_watch
+    _active_watch = watch
