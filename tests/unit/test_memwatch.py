@@ -410,6 +410,8 @@ class FakeWorker:
         self.metrics: dict[str, Any] = {}
         self.resources: dict[str, float] = {}
         self.events: list[tuple[str, Any]] = []
+        # Worker.state.total_resources: what the worker was given at spawn
+        self.state = type("State", (), {"total_resources": self.resources})()
 
     async def set_resources(self, **resources: float) -> None:
         self.resources.update(resources)
@@ -469,5 +471,27 @@ def test_memory_watch_plugin_without_a_limit_offers_no_resource() -> None:
         assert worker.resources == {}
         assert active_watch() is plugin.watch and plugin.watch is not None
         assert plugin.watch.limit_bytes == 0
+    finally:
+        asyncio.run(plugin.teardown(worker))
+
+
+def test_a_resource_given_at_spawn_is_not_set_again() -> None:
+    """Setting it again would reset the scheduler's count of what running tasks hold."""
+    import asyncio
+
+    from tidegate.worker import MEMORY_RESOURCE, MemoryWatch
+
+    worker = FakeWorker(600 * 2**20)
+    worker.resources[MEMORY_RESOURCE] = float(600 * 2**20)
+    calls: list[dict[str, float]] = []
+
+    async def record(**resources: float) -> None:
+        calls.append(resources)
+
+    worker.set_resources = record  # type: ignore[method-assign]
+    plugin = MemoryWatch()
+    asyncio.run(plugin.setup(worker))
+    try:
+        assert calls == []
     finally:
         asyncio.run(plugin.teardown(worker))
