@@ -173,6 +173,7 @@ class Runner:
                     break
             elif limiter.admit:
                 await self._admit()
+            self.stats.blocked(self._blocked_reason())
             if self.window.finished:
                 break
             now = self.clock()
@@ -218,7 +219,6 @@ class Runner:
               and self.isolation.solo_may_start(await self.cluster.executing(self.job.job_id))):
             w.fill_solo(self._submit)
         self.stats.admitted(w.tasks)
-        self.stats.blocked(self._blocked_reason())
 
     def _blocked_reason(self) -> str | None:
         w = self.window

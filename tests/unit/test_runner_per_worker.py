@@ -129,3 +129,31 @@ def test_slots_and_the_sim_request_are_exported_per_worker_name(tmp_path: Path) 
     for name in names:
         assert reg.get_sample_value("tidegate_worker_slots", {"worker": name}) >= 1
     assert reg.get_sample_value("tidegate_slots") >= 2
+
+
+def test_admission_blocked_seconds_are_counted_by_reason(tmp_path: Path) -> None:
+    """A pinned window full counts as `pinned`; a worker at high water as `memory`."""
+    values = [{"k": i} for i in range(20)]
+    metrics = Metrics()
+    _run(_job(tmp_path, values), FakeCluster(resources=True), metrics, batch_size=1)
+    seconds = metrics.registry.get_sample_value
+    assert seconds("tidegate_admission_blocked_seconds_total", {"reason": "pinned"}) > 0
+    assert seconds("tidegate_admission_blocked_seconds_total", {"reason": "memory"}) == 0
+
+    hot = FakeCluster(resources=True)
+    for w in hot.workers_.values():
+        w.rss = int(0.9 * w.memory_limit)
+    original = hot.completed
+
+    async def completed(timeout: float) -> list[str]:
+        if hot.now > 2.0:  # the pressure passes after a while (the fake's clock)
+            for w in hot.workers_.values():
+                w.rss = 0
+        return await original(timeout)
+
+    hot.completed = completed  # type: ignore[method-assign]
+    metrics = Metrics()
+    summary = _run(_job(tmp_path / "hot", values), hot, metrics)
+    assert summary.ok == 20
+    seconds = metrics.registry.get_sample_value
+    assert seconds("tidegate_admission_blocked_seconds_total", {"reason": "memory"}) > 0
