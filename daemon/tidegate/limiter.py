@@ -28,6 +28,7 @@ class Limiter:
     decision: Decision | None = None
     limits: dict[str, int] = field(default_factory=dict)  # worker address -> memory limit
     capacities: dict[str, int] = field(default_factory=dict)  # -> its memory resource
+    threads: dict[str, int] = field(default_factory=dict)  # -> its threads
     # Below 1 when the workers' limits add up to more than their host or cgroup holds.
     memory_scale: float = 1.0
     # The first result sizes end the slow start at once, not at the next poll.
@@ -53,6 +54,7 @@ class Limiter:
         """A decision from a fresh snapshot, and whether every worker was calm in it."""
         self.limits = {w.address: w.memory_limit for w in workers}
         self.capacities = {w.address: w.capacity for w in workers if w.capacity > 0}
+        self.threads = {w.address: w.nthreads for w in workers}
         obs = Observation(
             now=now, workers=tuple(w.memory() for w in workers), inflight=inflight,
             pending=pending, replicates=self.replicates, targets=self.targets,
@@ -69,6 +71,12 @@ class Limiter:
         if solo:
             return max(self.capacities.values(), default=0)
         return self.decision.sim_request if self.decision is not None else 0
+
+    def ran_alone(self, worker: str, limit: int) -> bool:
+        """A sim on ``worker`` had it to itself (one thread), and no worker is larger:
+        a need it met there is more than any worker holds."""
+        largest = max(self.capacities.values(), default=0)
+        return self.threads.get(worker) == 1 and limit >= largest > 0
 
     def decide_now(self) -> bool:
         """The first result sizes just arrived: decide at once (once), not at the poll."""

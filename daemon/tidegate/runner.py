@@ -291,15 +291,17 @@ class Runner:
         kill = self._child_killed.pop(pid, None)
         if kill is not None or (error is not None and error.type == "MemoryExceeded"):
             why = kill.text() if kill is not None else (error.message if error else "")
-            if not entry.solo:
+            alone = entry.solo or (kill is not None
+                                   and self.limiter.ran_alone(kill.worker, kill.limit))
+            if not alone:
                 # The tree of every sim on the worker counted: rerun it alone to know.
                 self.isolation.judge.forget(pid)
                 self.stats.isolate(pid, 1)
                 self.window.requeue(entry.param, entry.attempt + 1, Lane.SOLO)
                 return
             message = (f"param {pid} needs more memory than a worker holds: ran alone on a "
-                       f"worker, {why}. Give workers more memory or make this simulation "
-                       "allocate less.")
+                       f"worker as large as any, {why}. Give workers more memory or make "
+                       "this simulation allocate less.")
             self.stats.quarantine(pid, message)
             error = TaskError("MemoryExceeded", message)
         self._record(entry.param, error, outcome.sims, outcome.targets, commit)

@@ -157,3 +157,25 @@ def test_admission_blocked_seconds_are_counted_by_reason(tmp_path: Path) -> None
     assert summary.ok == 20
     seconds = metrics.registry.get_sample_value
     assert seconds("tidegate_admission_blocked_seconds_total", {"reason": "memory"}) > 0
+
+
+def test_a_child_killed_alone_on_a_one_thread_worker_is_quarantined_at_once(
+    tmp_path: Path,
+) -> None:
+    """One thread per worker, all workers alike: the kill is exactly that sim's, on a
+    worker as large as any, so it is quarantined without a rerun."""
+    values = [{"k": i} for i in range(6)]
+    job = _job(tmp_path, values)
+    heavy = list(job.params)[2].param_id
+    fake: FakeCluster
+
+    def child(task: FakeTask) -> Cause | None:
+        if task.param_id == heavy and task.key.startswith("sim-"):
+            fake.kill_child(task.key, 390 * MiB)
+        return None
+
+    fake = FakeCluster(threads=1, memory_limit=400 * MiB, resources=True, on_run=child)
+    summary = _run(job, fake)
+    assert (summary.ok, summary.failed, summary.quarantined) == (5, 1, 1)
+    assert summary.oom_events == 1
+    assert not [k for k in fake.submitted if heavy in k and re.search(r"-r\d+$", k)]
