@@ -13,6 +13,7 @@ imported by tidegate.simreturn on the sim's own path.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import logging
@@ -186,7 +187,8 @@ class TreeWatch:
         self._killed_pid: int | None = None  # no new kill while this child holds memory
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.kills: list[KillReport] = []
+        # The latest kills, newest last; bounded: a worker may live for weeks.
+        self.kills: collections.deque[KillReport] = collections.deque(maxlen=64)
 
     # --- lifecycle -------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pytest
@@ -271,18 +272,32 @@ def test_alloc_bytes_is_resident_during_the_call_and_freed_after() -> None:
     assert m["after"] - m["before"] < alloc / 4
 
 
+def _synthetic_children(me: Any, others: set[int]) -> list[Any]:
+    """The child processes synthetic started (``python -I -c ...``), none of the
+    processes other tests of this session left running."""
+    import psutil
+
+    found = []
+    for c in me.children():
+        with contextlib.suppress(psutil.Error):
+            if c.pid not in others and c.cmdline()[1:3] == ["-I", "-c"]:
+                found.append(c)
+    return found
+
+
 def test_child_holds_its_memory_in_a_child_process_for_child_seconds() -> None:
     """child_alloc_bytes is resident in a child process (not this one) for
     child_seconds, and the call waits for the child to exit."""
     import psutil
 
     me = psutil.Process()
+    others = {c.pid for c in me.children()}  # other tests' processes, if any
     seen: list[int] = []
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            for c in me.children():
+            for c in _synthetic_children(me, others):
                 with contextlib.suppress(psutil.Error):
                     seen.append(c.memory_info().rss)
             done.wait(0.01)
@@ -297,7 +312,7 @@ def test_child_holds_its_memory_in_a_child_process_for_child_seconds() -> None:
         sampler.join()
     assert time.perf_counter() - start >= 0.4
     assert max(seen) >= 95 * MiB
-    assert me.children() == []
+    assert _synthetic_children(me, others) == []
     assert list(out) == ["data"]
 
 
@@ -305,6 +320,7 @@ def test_a_child_killed_by_a_signal_fails_the_call() -> None:
     import psutil
 
     me = psutil.Process()
+    others = {c.pid for c in me.children()}
     errors: list[BaseException] = []
 
     def call() -> None:
@@ -316,9 +332,9 @@ def test_a_child_killed_by_a_signal_fails_the_call() -> None:
     thread = threading.Thread(target=call)
     thread.start()
     deadline = time.monotonic() + 30
-    while not me.children() and time.monotonic() < deadline:
+    while not _synthetic_children(me, others) and time.monotonic() < deadline:
         time.sleep(0.01)
-    me.children()[0].kill()
+    _synthetic_children(me, others)[0].kill()
     thread.join(timeout=30)
     assert len(errors) == 1 and isinstance(errors[0], RuntimeError)
     assert "killed by SIGKILL" in str(errors[0])
