@@ -9,7 +9,7 @@ pyarrow only, so it runs on any worker, with or without NumPy.
 |----------------|-------|---------|-------------------------------------------------------------|
 | output_bytes   | int   | 1024    | size of the returned table's Arrow buffers, to within 16 B  |
 | run_seconds    | float | 0       | wall time of the call                                       |
-| busy           | bool  | false   | spin a CPU for run_seconds instead of sleeping              |
+| busy           | bool  | false   | spin for run_seconds of this thread's CPU time, not sleep   |
 | alloc_bytes    | int   | 0       | resident working memory held during the call, then freed;   |
 |                |       |         | held for run_seconds, or 50 ms when run_seconds is 0         |
 | fail           | str   | ""      | when non-empty, raise RuntimeError(fail) at the end         |
@@ -166,7 +166,7 @@ def _parser(annotation: str | type) -> Callable[[Mapping[str, Any], str, Any], A
 def synthetic(params: Mapping[str, Any], seed: int) -> dict[str, pa.Table]:
     """A model whose size, duration, memory and failures are set by ``params``."""
     settings = SyntheticParams.from_mapping(params)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.thread_time()
     held = _allocate(settings.alloc_bytes)
     if settings.child_alloc_bytes or settings.child_seconds:
         _run_child(settings.child_alloc_bytes, settings.child_seconds)
@@ -174,7 +174,10 @@ def synthetic(params: Mapping[str, Any], seed: int) -> dict[str, pa.Table]:
     hold = settings.run_seconds
     if settings.alloc_bytes and hold == 0:
         hold = MIN_HOLD_SECONDS
-    _wait_until(start + hold, busy=settings.busy)
+    if settings.busy:
+        _spin(cpu_start + hold)
+    else:
+        _wait_until(start + hold)
     if settings.exit_code:
         os._exit(settings.exit_code)
     if settings.kill_signal:
@@ -242,11 +245,14 @@ def _run_child(nbytes: int, seconds: float) -> None:
         raise RuntimeError(f"synthetic: child process {child.pid} exited with code {code}")
 
 
-def _wait_until(deadline: float, *, busy: bool) -> None:
-    if busy:
-        while time.perf_counter() < deadline:
-            pass
-        return
+def _spin(cpu_deadline: float) -> None:
+    # CPU time of this thread, not wall time: on a loaded machine a wall-clock spin
+    # burns less CPU than asked (and a CPU-bound model's cost is its CPU time).
+    while time.thread_time() < cpu_deadline:
+        pass
+
+
+def _wait_until(deadline: float) -> None:
     remaining = deadline - time.perf_counter()
     if remaining > 0:
         time.sleep(remaining)

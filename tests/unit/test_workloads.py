@@ -223,12 +223,13 @@ def test_run_seconds_sleeps_without_cpu() -> None:
 
 
 def test_busy_spins_cpu_for_run_seconds() -> None:
-    """With busy, the call burns CPU for about run_seconds."""
-    wall, cpu = time.perf_counter(), time.process_time()
+    """With busy, the call burns run_seconds of its thread's CPU time (so the wall time
+    is at least that, however loaded the machine is)."""
+    wall, cpu = time.perf_counter(), time.thread_time()
     synthetic({"run_seconds": 0.3, "busy": True}, 0)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    assert wall >= 0.3
-    assert cpu >= 0.2
+    wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+    assert cpu >= 0.3
+    assert wall >= cpu
 
 
 def test_allocation_is_held_for_at_least_50_ms() -> None:
