@@ -24,6 +24,7 @@ from typing import Any
 
 from tidegate import __version__
 from tidegate.knobs import FlushPolicy
+from tidegate.migrations import SchemaError
 from tidegate.simreturn import SimReturn, TargetResult, TaskError
 from tidegate.spec import Job
 from tidegate.states import JobState
@@ -138,7 +139,7 @@ class Commit:
             self._ledger = ledger = Ledger(out / LEDGER)
             resumed = ledger.bind(job.job_id, job.fingerprint, job.identity(),
                                   legacy=job.legacy_identity)
-        except (OSError, sqlite3.Error) as exc:
+        except (OSError, sqlite3.Error, SchemaError) as exc:
             self.close_ledger()
             if is_no_space(exc):  # a job starting on a full disk: interrupted, not failed
                 raise OutputWriteError(out / LEDGER, exc) from exc

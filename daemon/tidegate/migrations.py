@@ -12,6 +12,7 @@ tables: they are recognised by those tables (``Schema.legacy``) and read as vers
 
 from __future__ import annotations
 
+import errno
 import sqlite3
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ class SchemaError(TidegateError):
 
     def __init__(self, path: Path, message: str):
         self.path = path
+        self.no_space = False
         super().__init__(f"{path}: {message}")
 
 
@@ -145,12 +147,22 @@ def migrate(
                 db.execute("ROLLBACK")
             if isinstance(exc, SchemaError | KeyboardInterrupt | SystemExit):
                 raise
-            raise SchemaError(
+            failed = SchemaError(
                 path,
                 f"{schema.what} migration to version {step.version} ({step.description}) "
                 f"failed, the file is unchanged at version {version}: {exc}",
-            ) from exc
+            )
+            # A full disk is no fault of the file: the caller ends the run interrupted.
+            failed.no_space = _no_space(exc)
+            raise failed from exc
     return version
+
+
+def _no_space(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    # SQLITE_FULL
+    return isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == 13
 
 
 def check_current(db: sqlite3.Connection, schema: Schema, path: Path) -> int:

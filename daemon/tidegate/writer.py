@@ -66,6 +66,8 @@ class OutputWriteError(TidegateError):
 
 
 def is_no_space(exc: BaseException) -> bool:
+    if getattr(exc, "no_space", False) is True:  # a SchemaError of a migration
+        return True
     if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
         return True
     if isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == 13:

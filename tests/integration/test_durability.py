@@ -145,7 +145,7 @@ def test_one_unstorable_output_fails_only_its_param(tmp_path: Path) -> None:
     assert again["params"]["resumed"] == n
 
 
-@pytest.mark.parametrize("where", ["directory", "lock", "ledger"])
+@pytest.mark.parametrize("where", ["directory", "lock", "ledger", "migration"])
 def test_disk_full_at_start_interrupts_cleanly(tmp_path: Path, where: str) -> None:
     """No room to create the output directory, its lock or its ledger: `run` exits 130
     naming the path, no traceback; once there is room a rerun completes the job."""
@@ -157,12 +157,18 @@ def test_disk_full_at_start_interrupts_cleanly(tmp_path: Path, where: str) -> No
         filler = _fill(fs)
         if where == "lock":  # blocks full, one inode free: the directory is made
             (filler / "inode-0").unlink()
+        if where == "migration":  # one page and a few inodes free: the lock is written and
+            for i in range(4):   # the ledger file made, its schema's pages do not fit
+                (filler / f"inode-{i}").unlink()
+            blocks = filler / "blocks"
+            os.truncate(blocks, max(0, blocks.stat().st_size - 4096))
         path = write_spec(tmp_path / "job.yaml", synthetic_spec(4))
         args = ("run", path, "--output", out, "--workers", "1", "--json", "--no-progress")
         proc = tidegate(*args)
         assert proc.returncode == 130, proc.stderr
         assert "Traceback" not in proc.stderr, proc.stderr
-        named = {"directory": out, "lock": out / LOCK, "ledger": out / "_ledger.sqlite"}
+        named = {"directory": out, "lock": out / LOCK, "ledger": out / "_ledger.sqlite",
+                 "migration": out / "_ledger.sqlite"}
         assert (f"cannot write {named[where]}: no space left on device; free space and "
                 "rerun") in proc.stderr, proc.stderr
         shutil.rmtree(filler)
