@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from distributed import Client, Future, LocalCluster, as_completed
 from distributed.client import FutureCancelledError
+from distributed.comm.core import CommClosedError
 from distributed.scheduler import KilledWorker
 from distributed.security import Security
 
@@ -346,7 +347,13 @@ class Cluster:
             return
         name = "tidegate-code-paths-" + hashlib.sha256("\0".join(paths).encode()).hexdigest()[:12]
         if name not in self._registered:
-            await self.client.register_plugin(CodePaths(paths), name=name)
+            try:
+                await self.client.register_plugin(CodePaths(paths), name=name)
+            except CommClosedError as exc:
+                # A worker died while it set the plugin up (a fresh cluster whose workers
+                # are killed at once): no workers to run on, as far as the job can tell.
+                raise WorkersLost(f"the workers went away while tidegate set them up: "
+                                  f"{exc}") from None
             self._registered.add(name)
 
     # --- tasks --------------------------------------------------------------------
