@@ -115,13 +115,15 @@ def _check_size(spec: JobSpec, n_params: int, field: str, shape: str, limits: Sp
 
 def _case_collision(names: Sequence[str], field: str) -> FieldError | None:
     """Two param names that differ only in case: the database views cannot tell them
-    apart (param_a and param_A are one column in DuckDB)."""
-    seen: dict[str, str] = {}
-    for name in names:
-        other = seen.setdefault(name.lower(), name)
-        if other != name:
-            return FieldError(field, "parameter names that differ in more than case",
-                              f"{other!r} and {name!r}")
+    apart (param_a and param_A are one column in DuckDB). Names read from a params file
+    are its text, never echoed: the columns' positions are."""
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        j = seen.setdefault(name.lower(), i)
+        if j != i:
+            got = (f"columns {j + 1} and {i + 1}" if field.startswith("parameters.file")
+                   else f"{names[j]!r} and {name!r}")
+            return FieldError(field, "parameter names that differ in more than case", got)
     return None
 
 

@@ -163,10 +163,13 @@ def test_param_names_differing_only_in_case_are_refused(parameters: dict[str, An
 
 
 def test_file_columns_differing_only_in_case_are_refused(tmp_path: Path) -> None:
-    """The same check on a params file's columns."""
-    (tmp_path / "p.csv").write_text("x,X\n1,2\n")
+    """The same check on a params file's columns, naming their positions: a file's text
+    is never echoed (its header could hold anything)."""
+    (tmp_path / "p.csv").write_text("k,SECRET_x,secret_X\n1,2,3\n")
     (error,) = errors_of(base(parameters={"file": "p.csv"}), base_dir=tmp_path)
     assert error.startswith("parameters.file: expected parameter names that differ")
+    assert "got columns 2 and 3" in error
+    assert "secret" not in error.lower()
 
 
 def test_symlinked_csv_is_read_by_its_name(tmp_path: Path) -> None:
