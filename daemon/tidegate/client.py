@@ -439,7 +439,7 @@ class _Follower:
 
         self.job_id = job_id
         self.state: JobState | None = None
-        self.sink = TerminalBar(stream=sys.stderr) if sys.stderr.isatty() else LogLines()
+        self.sink = TerminalBar() if sys.stderr.isatty() else LogLines()
 
     def __call__(self, job: JobView) -> None:
         state = job.state

@@ -4,19 +4,18 @@ line every few seconds)."""
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections.abc import Iterator
-from typing import IO, Any
+from typing import Any
 
 from rich import progress as rp
 from rich.console import Console, ConsoleOptions, RenderResult
-from rich.file_proxy import FileProxy
 from rich.progress_bar import ProgressBar
 from rich.segment import Segment
 from rich.table import Column
 from rich.text import Text
 
+from tidegate.logs import stderr_console
 from tidegate.report import Progress
 
 log = logging.getLogger("tidegate.progress")
@@ -115,18 +114,17 @@ class _LineColumn(rp.ProgressColumn):
 
 class TerminalBar:
     """A live progress bar on a terminal, as wide as the terminal (re-read at every
-    redraw, so that a resized window is followed). While it shows, tidegate's log lines
-    and anything else written to stderr are printed above it, on lines of their own."""
+    redraw, so that a resized window is followed). It is drawn on the console that log
+    lines go through (tidegate.logs), so that they print above it on lines of their own,
+    and so does anything else written to stderr while it shows."""
 
-    def __init__(self, stream: IO[str] | None = None, refresh_per_second: float = 4):
-        self.stream = stream if stream is not None else sys.stderr
-        self.console = Console(file=self.stream)
+    def __init__(self, console: Console | None = None, refresh_per_second: float = 4):
+        self.console = console if console is not None else stderr_console()
         self.bar = rp.Progress(_LineColumn(), console=self.console, expand=True,
                                refresh_per_second=refresh_per_second,
                                redirect_stdout=False, redirect_stderr=True)
         self._task: rp.TaskID | None = None
         self._live = False
-        self._handlers: list[tuple[logging.StreamHandler[Any], Any]] = []
 
     def update(self, p: Progress) -> None:
         now = time.monotonic()
@@ -135,29 +133,15 @@ class TerminalBar:
         else:
             self.bar.update(self._task, snap=p, at=now)
         if not self._live:
-            self._start()
-
-    def _start(self) -> None:
-        self.bar.start()
-        self._live = True
-        # The log handlers hold the stderr they were made with, which the live display's
-        # redirection of sys.stderr does not reach: point them at the console meanwhile,
-        # which prints each line above the bar instead of onto it.
-        for handler in logging.getLogger().handlers:
-            if isinstance(handler, logging.StreamHandler) and handler.stream is self.stream:
-                old = handler.setStream(FileProxy(self.console, self.stream))  # type: ignore[arg-type]
-                self._handlers.append((handler, old))
+            self.bar.start()
+            self._live = True
 
     def clear(self) -> None:
         """Leave the last bar on screen and stop redrawing it; what follows is printed
         below it."""
-        if not self._live:
-            return
-        for handler, old in self._handlers:
-            handler.setStream(old)
-        self._handlers.clear()
-        self.bar.stop()
-        self._live = False
+        if self._live:
+            self.bar.stop()
+            self._live = False
 
 
 class LogLines:
