@@ -570,6 +570,8 @@ def _install_stop_handlers(stopper: _Stopper) -> Callable[[], None]:
     def on_signal(signum: int) -> None:
         if stopper.requested:
             # Committed parts are safe; the buffered ones a rerun recomputes.
+            if os.isatty(2):  # the live bar hides the cursor; no exit handler shows it
+                os.write(2, b"\x1b[?25h\n")
             os._exit(RunExit.INTERRUPTED)
         log.warning(
             "%s: stopping; completed params are flushed, a rerun resumes (again to quit now)",

@@ -3,11 +3,13 @@ terminal of a set width, and its screen, scrollback included, is read back after
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,27 +26,48 @@ def _tmux() -> str:
     return path
 
 
-def _run_in_terminal(tmp_path: Path, width: int, *args: str) -> list[str]:
-    """Run `tidegate ARGS` in a detached tmux pane WIDTH columns wide; return the pane's
-    lines, wrapped lines joined (-J), so that a line wider than the pane shows as one."""
-    tmux = [_tmux(), "-L", f"tidegate-test-{os.getpid()}-{width}", "-f", "/dev/null"]
-    command = " ".join([
-        "env", "-u", "COLUMNS", "-u", "LINES", f"PYTHONPATH={shlex.quote(str(REPO))}",
-        shlex.quote(sys.executable), "-m", "tidegate", *map(shlex.quote, args),
-    ])
-    # The pane stays open after tidegate exits (cat waits on the terminal), and the
-    # wait-for channel says when it did: no polling of the screen.
-    script = f"cd {shlex.quote(str(tmp_path))} && {command}; echo EXIT=$?; " \
-             f"{shlex.join([*tmux, 'wait-for', '-S', 'done'])}; exec cat"
-    subprocess.run([*tmux, "new-session", "-d", "-s", "t", "-x", str(width), "-y", "24",
-                    "sh", "-c", script], check=True, timeout=30)
+class _Pane:
+    """`tidegate ARGS` in a detached tmux pane WIDTH columns wide, on a tmux server of
+    its own. The pane stays open after tidegate exits (cat waits on the terminal), and
+    a wait-for channel says when it did."""
+
+    def __init__(self, tmp_path: Path, width: int, *args: str):
+        self.tmux = [_tmux(), "-L", f"tidegate-test-{os.getpid()}-{width}", "-f", "/dev/null"]
+        command = " ".join([
+            "env", "-u", "COLUMNS", "-u", "LINES", f"PYTHONPATH={shlex.quote(str(REPO))}",
+            shlex.quote(sys.executable), "-m", "tidegate", *map(shlex.quote, args),
+        ])
+        script = (f"cd {shlex.quote(str(tmp_path))} && {command}; "
+                  f"echo EXIT=$?; {shlex.join([*self.tmux, 'wait-for', '-S', 'done'])}; "
+                  "exec cat")
+        self._tmux("new-session", "-d", "-s", "t", "-x", str(width), "-y", "24",
+                   "sh", "-c", script)
+
+    def _tmux(self, *args: str, timeout: float = 30) -> str:
+        return subprocess.run([*self.tmux, *args], check=True, timeout=timeout,
+                              capture_output=True).stdout.decode("utf-8")
+
+    def screen(self) -> list[str]:
+        """The pane's lines, scrollback included, wrapped lines joined (-J): a line
+        wider than the pane shows as one."""
+        text = self._tmux("capture-pane", "-p", "-J", "-S", "-", "-t", "t")
+        return [line.rstrip() for line in text.splitlines()]
+
+    def wait_done(self) -> list[str]:
+        self._tmux("wait-for", "done", timeout=240)
+        return self.screen()
+
+    def close(self) -> None:
+        subprocess.run([*self.tmux, "kill-server"], check=False, timeout=30)
+
+
+@contextlib.contextmanager
+def _pane(tmp_path: Path, width: int, *args: str) -> Iterator[_Pane]:
+    pane = _Pane(tmp_path, width, *args)
     try:
-        subprocess.run([*tmux, "wait-for", "done"], check=True, timeout=240)
-        screen = subprocess.run([*tmux, "capture-pane", "-p", "-J", "-S", "-", "-t", "t"],
-                                check=True, timeout=30, capture_output=True).stdout
+        yield pane
     finally:
-        subprocess.run([*tmux, "kill-server"], check=False, timeout=30)
-    return [line.rstrip() for line in screen.decode("utf-8").splitlines()]
+        pane.close()
 
 
 @pytest.mark.parametrize("width", [80, 60])
@@ -55,8 +78,9 @@ def test_bar_fits_the_terminal_and_log_lines_print_above_it(
               for i in range(12)]
     write_spec(tmp_path / "job.yaml",
                synthetic_spec(12, parameters={"values": values}, replicates=1))
-    lines = _run_in_terminal(tmp_path, width, "run", "job.yaml", "--workers", "2",
-                             "--threads-per-worker", "1")
+    with _pane(tmp_path, width, "run", "job.yaml", "--workers", "2",
+               "--threads-per-worker", "1") as pane:
+        lines = pane.wait_done()
     text = "\n".join(lines)
     assert "EXIT=1" in lines, text  # one param failed
     # Everything up to the summary fits the width: log lines, warnings and the bar. The
@@ -74,3 +98,4 @@ def test_bar_fits_the_terminal_and_log_lines_print_above_it(
     assert not any(c in lines[warned[0]] for c in BAR), text
     assert warned[0] < lines.index(bars[0]), text
     assert "Traceback" not in text, text
+
