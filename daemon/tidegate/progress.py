@@ -60,7 +60,7 @@ def bar_parts(p: Progress, since: float = 0.0) -> list[str]:
 
 
 class BarLine:
-    """One line of exactly the width it is given: a rich bar and as much of the text
+    """One line no wider than it is given: a rich bar and as much of the text
     (:func:`bar_parts`) as fits beside a bar of at least :data:`MIN_BAR` cells."""
 
     def __init__(self, p: Progress, since: float = 0.0):

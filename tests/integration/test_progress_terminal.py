@@ -70,7 +70,7 @@ def _pane(tmp_path: Path, width: int, *args: str) -> Iterator[_Pane]:
         pane.close()
 
 
-@pytest.mark.parametrize("width", [80, 60])
+@pytest.mark.parametrize("width", [120, 80, 60])
 def test_bar_fits_the_terminal_and_log_lines_print_above_it(
     tmp_path: Path, width: int
 ) -> None:
