@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 # promtool and prometheus for the alert-rule and scrape tests: Debian's package, installed
 # when missing (with sudo unless root). Its own service, if the package started one, is
 # stopped: the tests start their own servers on free ports and must not find one on 9090.
+# tmux, likewise from Debian: the terminal of a set width that the progress bar's test
+# runs `tidegate run` in.
 tools:
 	@command -v promtool >/dev/null 2>&1 || { \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
@@ -24,6 +26,10 @@ tools:
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus; \
 	  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then \
 	    $$SUDO systemctl disable --now prometheus || true; fi; }
+	@command -v tmux >/dev/null 2>&1 || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends tmux; }
 
 demo: $(STAMP)
 	$(VENV)/bin/tidegate run examples/sir/job.yaml

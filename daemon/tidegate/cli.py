@@ -14,12 +14,13 @@ import logging
 import os
 import signal
 import sys
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from tidegate import __version__
-from tidegate.errors import TidegateError
+from tidegate.errors import TidegateError, error_json
 from tidegate.exitcodes import RunExit, ServeExit, VerifyExit, epilog
 from tidegate.logs import quiet_dask_logs, setup_logging
 
@@ -33,6 +34,34 @@ CLUSTER_RESTARTS = 3
 
 class UsageError(TidegateError):
     """Bad input on the command line."""
+
+
+class BadArguments(UsageError):
+    """argparse refused the command line; the message (already on stderr, with the
+    usage) says why."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, but an error is raised with its message, so that main() can
+    also print it as JSON under --json. Subcommands' parsers are of the same class."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise BadArguments(message)
+
+
+def _common_options() -> argparse.ArgumentParser:
+    """Options accepted after the subcommand as well as before it. Their default is
+    SUPPRESS, so that a subcommand's parser does not overwrite a value given before the
+    subcommand with its own default; main() fills in the default."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS,
+                        help="log level (default INFO; env TIDEGATE_LOG_LEVEL)")
+    return common
+
+
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
 def _positive_int(flag: str) -> Callable[[str], int]:
@@ -78,18 +107,22 @@ def _knob_flag(knob: str, flag: str) -> Callable[[str], Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tidegate",
         description="Run simulation parameter sweeps on Dask in a bounded, memory-aware window.",
     )
     parser.add_argument("--version", action="version", version=f"tidegate {__version__}")
+    # No default here either: main() tells a level given (before or after the command)
+    # from none, which `serve` needs, since a given one overrides its config's log.level.
     parser.add_argument(
-        "--log-level", default=os.environ.get("TIDEGATE_LOG_LEVEL", "INFO"),
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level (default INFO)",
+        "--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS,
+        help="log level (default INFO; env TIDEGATE_LOG_LEVEL); also accepted after the "
+        "command",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = _common_options()
 
-    run = _command(sub, "run", "run a job spec to completion (resumes if interrupted)")
+    run = _command(sub, common, "run", "run a job spec to completion (resumes if interrupted)")
     run.add_argument("spec", type=Path, help="job spec (YAML)")
     run.add_argument("--scheduler", metavar="ADDRESS",
                      help="an existing Dask scheduler, e.g. tcp://10.0.0.5:8786 "
@@ -137,13 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print the final summary as one JSON object on stdout")
     run.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
 
-    validate = _command(sub, "validate", "check a job spec and import its callables")
+    validate = _command(sub, common, "validate", "check a job spec and import its callables")
     validate.add_argument("spec", type=Path, help="job spec (YAML)")
     validate.add_argument("--json", action="store_true", help="print the result as JSON")
 
-    _command(sub, "schema", "print the JSON Schema of the job spec")
+    _command(sub, common, "schema", "print the JSON Schema of the job spec")
 
-    verify = _command(sub, "verify", "check a job output against its ledger (sizes, "
+    verify = _command(sub, common, "verify", "check a job output against its ledger (sizes, "
                       "checksums, Parquet, param ids)")
     verify.add_argument("output", type=Path, metavar="OUTPUT_DIR", help="a job's output")
     verify.add_argument("--repair", action="store_true",
@@ -151,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "roll back unfinished ones, or rebuild a lost ledger from the parts")
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    serve = _command(sub, "serve", "run the daemon: job queue, HTTP API, /metrics")
+    serve = _command(sub, common, "serve", "run the daemon: job queue, HTTP API, /metrics")
     serve.add_argument("--config", type=Path, metavar="FILE",
                        help="daemon config (YAML); TIDEGATE_* variables and flags override it")
     for flag, key, kind, text in _SERVE_FLAGS:
@@ -160,14 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     from tidegate.client import add_client_commands
 
-    add_client_commands(sub)
+    add_client_commands(sub, parents=[common])
     return parser
 
 
-def _command(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+def _command(sub: Any, common: argparse.ArgumentParser, name: str,
+             help_text: str) -> argparse.ArgumentParser:
     """A subcommand whose --help ends with its exit codes."""
     parser: argparse.ArgumentParser = sub.add_parser(
-        name, help=help_text, epilog=epilog(name),
+        name, help=help_text, epilog=epilog(name), parents=[common],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     return parser
@@ -197,10 +231,19 @@ _SERVE_FLAGS: list[tuple[str, str, Any, str]] = [
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse prints its own message and exits 2
+    except BadArguments as exc:  # the message is on stderr already
+        # No namespace to ask: the flag is looked for among the options (before a "--").
+        options = argv[: argv.index("--")] if "--" in argv else argv
+        if "--json" in options:
+            print(error_json(str(exc), RunExit.USAGE))
+        return RunExit.USAGE
+    except SystemExit as exc:  # --help, --version
         return int(exc.code or 0)
+    args.log_level_given = getattr(args, "log_level", None)
+    args.log_level = args.log_level_given or os.environ.get("TIDEGATE_LOG_LEVEL", "INFO")
     setup_logging(args.log_level)
     handlers = {"run": cmd_run, "validate": cmd_validate, "schema": cmd_schema,
                 "serve": cmd_serve, "verify": cmd_verify}
@@ -219,14 +262,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handlers[args.command](args)
     except (SpecError, LedgerMismatch, SchemaError, UsageError, ValidationFailed,
             OutputError, OutputDamaged) as exc:
-        print(f"tidegate: error: {exc}", file=sys.stderr)
-        return ServeExit.CONFIG if args.command == "serve" else RunExit.USAGE
+        return fail(args, str(exc),
+                    ServeExit.CONFIG if args.command == "serve" else RunExit.USAGE)
     except OutputWriteError as exc:  # before the run started: nothing was written
         if exc.no_space:  # the output's directory, lock or ledger: the disk may free up
-            print(f"tidegate: error: {exc}; free space and rerun", file=sys.stderr)
-            return RunExit.INTERRUPTED
-        print(f"tidegate: error: {exc}", file=sys.stderr)
-        return RunExit.FAILED
+            return fail(args, f"{exc}; free space and rerun", RunExit.INTERRUPTED)
+        return fail(args, str(exc), RunExit.FAILED)
+
+
+def fail(args: argparse.Namespace, message: str, code: int) -> int:
+    """Report an error that ends a command: on stderr, and under --json also as a JSON
+    object on stdout."""
+    print(f"tidegate: error: {message}", file=sys.stderr)
+    if getattr(args, "json", False):
+        print(error_json(message, code))
+    return code
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -304,6 +354,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tidegate.service import run_service
 
     overrides = {key: getattr(args, key.replace(".", "__")) for _, key, _, _ in _SERVE_FLAGS}
+    overrides["log.level"] = getattr(args, "log_level_given", None)  # --log-level, if given
     config = load_config(args.config, os.environ, overrides)
     setup_logging(config.log.level, config.log.format)
     return run_service(config)
@@ -403,8 +454,7 @@ async def _run(job: Any, cluster_options: Any, options: Any, args: argparse.Name
     try:
         cluster = await open_cluster(cluster_options)
     except ClusterError as exc:
-        print(f"tidegate: error: {exc}", file=sys.stderr)
-        return RunExit.CLUSTER
+        return fail(args, str(exc), RunExit.CLUSTER)
     progress: Any = None
     if not args.no_progress:
         progress = TerminalBar() if sys.stderr.isatty() else LogLines()
@@ -458,8 +508,7 @@ async def _run(job: Any, cluster_options: Any, options: Any, args: argparse.Name
                 options = dataclasses.replace(options, restart=False)
                 cluster = await open_cluster(cluster_options)
     except ClusterError as exc:
-        print(f"tidegate: error: {exc}", file=sys.stderr)
-        return RunExit.CLUSTER
+        return fail(args, str(exc), RunExit.CLUSTER)
     finally:
         if progress is not None:
             progress.clear()
@@ -521,6 +570,8 @@ def _install_stop_handlers(stopper: _Stopper) -> Callable[[], None]:
     def on_signal(signum: int) -> None:
         if stopper.requested:
             # Committed parts are safe; the buffered ones a rerun recomputes.
+            if os.isatty(2):  # the live bar hides the cursor; no exit handler shows it
+                os.write(2, b"\x1b[?25h\n")
             os._exit(RunExit.INTERRUPTED)
         log.warning(
             "%s: stopping; completed params are flushed, a rerun resumes (again to quit now)",

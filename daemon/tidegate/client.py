@@ -17,14 +17,14 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from tidegate.errors import TidegateError
+from tidegate.errors import TidegateError, error_json
 from tidegate.exitcodes import ClientExit, epilog
 from tidegate.report import Progress
 from tidegate.states import TERMINAL, JobState
@@ -292,11 +292,12 @@ def _priority(text: str) -> int:
         ) from None
 
 
-def add_client_commands(subparsers: Any) -> None:
+def add_client_commands(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
     """Add submit, status, jobs and cancel to a parser's subcommands; each sets
-    ``handler=run_client_command``."""
+    ``handler=run_client_command``. ``parents``: options every command takes."""
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
         p = subparsers.add_parser(name, help=help_text, epilog=epilog(name),
+                                  parents=list(parents),
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--url", help=f"the daemon (default: $TIDEGATE_URL or {DEFAULT_URL}); "
                        "the API token is read from $TIDEGATE_TOKEN")
@@ -332,21 +333,25 @@ def run_client_command(args: argparse.Namespace) -> int:
     try:
         client = Client(url, os.environ.get("TIDEGATE_TOKEN") or None)
     except ValueError as exc:
-        return _fail(str(exc), ClientExit.USAGE)
+        return _fail(args, str(exc), ClientExit.USAGE)
     try:
         return _COMMANDS[args.client_command](client, args)
     except ApiError as exc:
         if exc.status == http.HTTPStatus.UNAUTHORIZED:
-            return _fail(_unauthorized(url, exc), ClientExit.USAGE)
-        return _fail(str(exc), ClientExit.DAEMON if exc.status >= 500 else ClientExit.USAGE)
+            return _fail(args, _unauthorized(url, exc), ClientExit.USAGE)
+        return _fail(args, str(exc),
+                     ClientExit.DAEMON if exc.status >= 500 else ClientExit.USAGE)
     except DaemonUnreachable as exc:
-        return _fail(str(exc), ClientExit.DAEMON)
+        return _fail(args, str(exc), ClientExit.DAEMON)
     except KeyboardInterrupt:
         return ClientExit.INTERRUPTED
 
 
-def _fail(message: str, code: int) -> int:
+def _fail(args: argparse.Namespace, message: str, code: int) -> int:
+    """On stderr, and under --json also as a JSON object on stdout."""
     print(f"tidegate: error: {message}", file=sys.stderr)
+    if getattr(args, "json", False):
+        print(error_json(message, code))
     return code
 
 
@@ -392,7 +397,7 @@ def cmd_submit(client: Client, args: argparse.Namespace) -> int:
     try:
         text = args.spec.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        return _fail(f"cannot read job spec {args.spec}: {exc}", ClientExit.USAGE)
+        return _fail(args, f"cannot read job spec {args.spec}: {exc}", ClientExit.USAGE)
     answer = client.submit(with_absolute_paths(text, args.spec.parent), priority=args.priority)
     job_id = answer.id
     if not args.wait:
@@ -410,7 +415,7 @@ def cmd_submit(client: Client, args: argparse.Namespace) -> int:
               f"(`tidegate status {job_id}`, `tidegate cancel {job_id}`)", file=sys.stderr)
         return ClientExit.INTERRUPTED
     except DaemonUnreachable as exc:
-        return _fail(f"{exc}\n  job {job_id} was submitted; check it with "
+        return _fail(args, f"{exc}\n  job {job_id} was submitted; check it with "
                      f"`tidegate status {job_id}`", ClientExit.DAEMON)
     print(describe_job(job), file=sys.stderr)
     if args.json:
@@ -439,7 +444,7 @@ class _Follower:
 
         self.job_id = job_id
         self.state: JobState | None = None
-        self.sink = TerminalBar(stream=sys.stderr) if sys.stderr.isatty() else LogLines()
+        self.sink = TerminalBar() if sys.stderr.isatty() else LogLines()
 
     def __call__(self, job: JobView) -> None:
         state = job.state

@@ -8,6 +8,21 @@ import json
 import logging
 import sys
 import time
+from typing import Any
+
+from rich.console import Console
+from rich.file_proxy import FileProxy
+
+_console: Console | None = None
+
+
+def stderr_console() -> Console:
+    """The rich console on stderr that log lines go through on a terminal: a progress
+    bar drawn on it (tidegate.progress) keeps them above itself."""
+    global _console
+    if _console is None:
+        _console = Console(stderr=True)
+    return _console
 
 
 class _ActionDefault(logging.Filter):
@@ -35,7 +50,15 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler: logging.StreamHandler[Any]
+    if fmt != "json" and sys.stderr.isatty():
+        # On a terminal each line is printed by rich: wrapped to the terminal's width,
+        # and above the progress bar while one shows instead of pasted onto it. Python
+        # warnings (distributed's "Port 8787 is already in use") go the same way.
+        handler = logging.StreamHandler(FileProxy(stderr_console(), sys.stderr))
+        logging.captureWarnings(True)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_ActionDefault())
     handler.setFormatter(
         JsonFormatter()

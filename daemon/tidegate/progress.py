@@ -1,15 +1,28 @@
-"""Progress on a terminal (a bar redrawn in place) or in logs (a line every few seconds)."""
+"""Progress on a terminal (a rich live bar, log lines printed above it) or in logs (a
+line every few seconds)."""
 
 from __future__ import annotations
 
 import logging
-import sys
 import time
-from typing import TextIO
+from collections.abc import Iterator
+from typing import Any
 
+from rich import progress as rp
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.progress_bar import ProgressBar
+from rich.segment import Segment
+from rich.table import Column
+from rich.text import Text
+
+from tidegate.logs import stderr_console
 from tidegate.report import Progress
 
 log = logging.getLogger("tidegate.progress")
+
+# The bar is kept at least this wide while any of its text can be dropped instead: a
+# bar of two cells says nothing.
+MIN_BAR = 8
 
 
 def _duration(seconds: float | None) -> str:
@@ -30,34 +43,105 @@ def describe(p: Progress) -> str:
     )
 
 
-class TerminalBar:
-    """A progress bar redrawn in place on a terminal, at most every ``interval`` s."""
+def bar_parts(p: Progress, since: float = 0.0) -> list[str]:
+    """The bar's text, most important first: what is dropped on a narrow terminal goes
+    from the end. ``since``: seconds since the snapshot, so that elapsed and ETA move
+    between the runner's snapshots (a long param may hold the next one for minutes)."""
+    running = p.done < p.total
+    elapsed = p.elapsed + (since if running else 0.0)
+    eta = p.eta_seconds
+    if eta is not None and running:
+        eta = max(eta - since, 0.0)
+    parts = [f"{p.done}/{p.total}", f"ETA {_duration(eta)}", f"B={p.batch_size}",
+             f"OOM {p.oom_events}", f"{p.rate:.1f}/s", _duration(elapsed)]
+    if p.failed:  # also in the summary, and each failure is logged as it comes
+        parts.append(f"{p.failed} failed")
+    return parts
 
-    def __init__(self, stream: TextIO = sys.stderr, width: int = 28, interval: float = 0.2):
-        self.stream = stream
-        self.width = width
-        self.interval = interval
-        self._last = 0.0
-        self._drawn = False
+
+class BarLine:
+    """One line no wider than it is given: a rich bar and as much of the text
+    (:func:`bar_parts`) as fits beside a bar of at least :data:`MIN_BAR` cells."""
+
+    def __init__(self, p: Progress, since: float = 0.0):
+        self.p = p
+        self.since = since
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        width = options.max_width
+        parts = bar_parts(self.p, self.since)
+        text = "  ".join(parts)
+        while len(parts) > 1 and width - len(text) - 1 < MIN_BAR:
+            if "  " in text:  # tighter first, then drop from the end
+                text = " ".join(parts)
+                continue
+            parts.pop()
+            text = "  ".join(parts)
+        bar_width = width - len(text) - 1
+        if bar_width < MIN_BAR:  # not even done/total beside a bar: the text alone
+            line = Text(text, no_wrap=True, overflow="crop")
+            line.truncate(width)
+            yield line
+            return
+        total = self.p.total or 1
+        done = self.p.done if self.p.total else 1
+        drawn = list(_inline(console, options.update_width(bar_width),
+                             ProgressBar(total=total, completed=done, width=bar_width)))
+        yield from drawn
+        # Without colour rich leaves the bar's remainder undrawn: pad it, so that the
+        # text stays put as the bar grows.
+        yield Segment(" " * (bar_width - Segment.get_line_length(drawn)))
+        yield Text(" " + text, no_wrap=True, overflow="crop", end="\n")
+
+
+def _inline(console: Console, options: ConsoleOptions, renderable: Any) -> Iterator[Segment]:
+    """A one-line renderable without its line break, to be followed on the same line."""
+    for segment in console.render(renderable, options):
+        if segment.text != "\n":
+            yield segment
+
+
+class _LineColumn(rp.ProgressColumn):
+    """The whole bar line, as one column that takes the terminal's full width."""
+
+    def __init__(self) -> None:
+        super().__init__(table_column=Column(ratio=1, no_wrap=True))
+
+    def render(self, task: rp.Task) -> BarLine:
+        snap: Progress = task.fields["snap"]
+        return BarLine(snap, time.monotonic() - task.fields["at"])
+
+
+class TerminalBar:
+    """A live progress bar on a terminal, as wide as the terminal (re-read at every
+    redraw, so that a resized window is followed). It is drawn on the console that log
+    lines go through (tidegate.logs), so that they print above it on lines of their own,
+    and so does anything else written to stderr while it shows."""
+
+    def __init__(self, console: Console | None = None, refresh_per_second: float = 4):
+        self.console = console if console is not None else stderr_console()
+        self.bar = rp.Progress(_LineColumn(), console=self.console, expand=True,
+                               refresh_per_second=refresh_per_second,
+                               redirect_stdout=False, redirect_stderr=True)
+        self._task: rp.TaskID | None = None
+        self._live = False
 
     def update(self, p: Progress) -> None:
         now = time.monotonic()
-        if now - self._last < self.interval and p.done < p.total:
-            return
-        self._last = now
-        frac = p.done / p.total if p.total else 1.0
-        filled = int(frac * self.width)
-        bar = "#" * filled + "-" * (self.width - filled)
-        self.stream.write(f"\r\x1b[K[{bar}] {frac:6.1%} {describe(p)}")
-        self.stream.flush()
-        self._drawn = True
+        if self._task is None:
+            self._task = self.bar.add_task("", total=None, snap=p, at=now)
+        else:
+            self.bar.update(self._task, snap=p, at=now)
+        if not self._live:
+            self.bar.start()
+            self._live = True
 
     def clear(self) -> None:
-        """Move off the bar's line so that what follows starts on a fresh one."""
-        if self._drawn:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._drawn = False
+        """Leave the last bar on screen and stop redrawing it; what follows is printed
+        below it."""
+        if self._live:
+            self.bar.stop()
+            self._live = False
 
 
 class LogLines:

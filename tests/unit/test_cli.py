@@ -4,6 +4,8 @@ schema. Bad specs go through the real `main()`; two go through a real subprocess
 from __future__ import annotations
 
 import json
+import logging
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ import yaml
 
 from tests.conftest import SIR_DIR, tidegate
 from tests.unit.test_spec import MALFORMED
-from tidegate.cli import main
+from tidegate.cli import build_parser, main
 
 
 def _write(tmp_path: Path, data: dict[str, Any] | str) -> Path:
@@ -81,3 +83,120 @@ def test_missing_spec_file_exits_2(tmp_path: Path) -> None:
     proc = tidegate("validate", tmp_path / "nope.yaml")
     assert proc.returncode == 2
     assert "nope.yaml" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --- --json errors, options either side of the command ----------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(("argv", "code", "said"), [
+    (["run", "{spec}", "--no-progress", "--json"], 2, "parameters.grid: expected"),
+    (["validate", "{spec}", "--json"], 2, "parameters.grid: expected"),
+    (["validate", "{missing}", "--json"], 2, "nope.yaml"),
+    (["run", "--json", "--workers", "0", "{spec}"], 2, "--workers: expected a whole number"),
+    (["verify", "{missing}", "--json"], 2, "OUTPUT_DIR: expected a job output directory"),
+    (["status", "--json", "--url", "http://127.0.0.1:{port}"], 3, "cannot reach"),
+    (["submit", "{spec}", "--json", "--url", "http://127.0.0.1:{port}"], 3, "cannot reach"),
+])
+def test_json_errors_are_a_json_object_on_stdout_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], code: int, said: str,
+) -> None:
+    """Under --json a failure prints {"error", "exit_code"} on stdout, and the usual
+    message on stderr; without --json stdout stays empty."""
+    spec = _write(tmp_path, {"model": "m:f", "parameters": {"grid": {}}})
+    fill = {"spec": str(spec), "missing": str(tmp_path / "nope.yaml"), "port": _free_port()}
+    argv = [a.format(**fill) for a in argv]
+    assert main(argv) == code
+    out, err = capsys.readouterr()
+    answer = json.loads(out)
+    assert answer == {"error": answer["error"], "exit_code": code}
+    assert said in answer["error"]
+    assert said in err and "tidegate" in err and "Traceback" not in err
+    assert main([a for a in argv if a != "--json"]) == code
+    out, err = capsys.readouterr()
+    assert out == "" and said in err
+
+
+@pytest.mark.parametrize(("argv", "level"), [
+    (["--log-level", "WARNING", "run", "job.yaml"], "WARNING"),
+    (["run", "job.yaml", "--log-level", "WARNING"], "WARNING"),
+    (["run", "--log-level", "ERROR", "job.yaml"], "ERROR"),
+    (["--log-level", "ERROR", "run", "job.yaml", "--log-level", "DEBUG"], "DEBUG"),
+    (["--log-level", "ERROR", "schema"], "ERROR"),
+    (["--log-level", "ERROR", "status", "--json"], "ERROR"),
+    (["jobs", "--log-level", "DEBUG"], "DEBUG"),
+    (["serve", "--log-level", "DEBUG"], "DEBUG"),
+    (["run", "job.yaml"], None),
+])
+def test_log_level_before_or_after_the_command(argv: list[str], level: str | None) -> None:
+    """--log-level works on either side of the command; given after, it wins, and the
+    command's parser never puts a default back over a value given before it."""
+    assert getattr(build_parser().parse_args(argv), "log_level", None) == level
+
+
+def test_log_level_after_the_command_sets_the_log_level(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = logging.getLogger()
+    saved = root.level, root.handlers[:]
+    try:
+        main(["schema", "--log-level", "ERROR"])
+        assert root.level == logging.ERROR
+        main(["--log-level", "WARNING", "schema"])
+        assert root.level == logging.WARNING
+    finally:
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
+
+
+def test_log_level_environment_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    root = logging.getLogger()
+    saved = root.level, root.handlers[:]
+    monkeypatch.setenv("TIDEGATE_LOG_LEVEL", "ERROR")
+    try:
+        main(["schema"])
+        assert root.level == logging.ERROR
+        main(["schema", "--log-level", "INFO"])
+        assert root.level == logging.INFO
+        monkeypatch.delenv("TIDEGATE_LOG_LEVEL")
+        main(["schema"])
+        assert root.level == logging.INFO
+    finally:
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
+
+
+def test_bad_log_level_after_the_command_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["validate", "job.yaml", "--log-level", "LOUD", "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert "invalid choice: 'LOUD'" in json.loads(out)["error"]
+    assert "tidegate validate: error: argument --log-level" in err
+
+
+@pytest.mark.parametrize("argv", [["--log-level", "DEBUG", "serve"],
+                                  ["serve", "--log-level", "DEBUG"]])
+def test_serve_log_level_flag_overrides_the_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, argv: list[str]
+) -> None:
+    """For the daemon --log-level is the flag of config key log.level, on either side."""
+    config = tmp_path / "tidegate.yaml"
+    config.write_text(yaml.safe_dump({"log": {"level": "WARNING"},
+                                      "state_dir": str(tmp_path / "state")}))
+    seen: list[Any] = []
+    monkeypatch.setattr("tidegate.service.run_service", lambda c: seen.append(c) or 0)
+    root = logging.getLogger()
+    saved = root.level, root.handlers[:]
+    try:
+        assert main([*argv, "--config", str(config)]) == 0
+        assert main(["serve", "--config", str(config)]) == 0
+    finally:
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
+    assert [c.log.level for c in seen] == ["DEBUG", "WARNING"]

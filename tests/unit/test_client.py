@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
+from rich.text import Text
 
 from tidegate import client as client_module
 from tidegate.client import (
@@ -464,7 +465,8 @@ def test_daemon_lost_while_waiting_exits_3_and_says_the_job_was_submitted(
 def test_submit_wait_on_a_terminal_draws_the_bar(
     daemon: FakeDaemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On a terminal, --wait draws tidegate's progress bar and ends it with a newline."""
+    """On a terminal, --wait draws tidegate's progress bar (rich's, on its live display)
+    and leaves its last line before the final report."""
     class Tty(io.StringIO):
         def isatty(self) -> bool:
             return True
@@ -472,9 +474,11 @@ def test_submit_wait_on_a_terminal_draws_the_bar(
     tty = Tty()
     monkeypatch.setattr("sys.stderr", tty)
     assert tidegate("submit", spec_file(tmp_path), "--wait", "--url", daemon.url) == 0
-    text = tty.getvalue()
-    assert "\r\x1b[K[" in text and "4/4 params (0 failed)" in text
-    assert "\n  params    4 ok" in text
+    lines = [Text.from_ansi(line).plain for line in tty.getvalue().splitlines()]
+    bars = [i for i, line in enumerate(lines) if line.startswith("━") and " 4/4 " in line]
+    assert bars, lines
+    assert "job sweep-1: succeeded (priority 0)" in lines[bars[-1] + 1:], lines
+    assert "  params    4 ok" in "\n".join(lines[bars[-1] + 1:]), lines
 
 
 # --- jobs, status, cancel -----------------------------------------------------------------
