@@ -237,7 +237,31 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Check an output; exit 0 clean, 1 damage found, 2 bad input."""
+    """Check an output; exit 0 clean, 1 damage found, 2 bad input (or, with --repair, an
+    output a run holds)."""
+    from tidegate.writer import OutputLock, OutputLocked, check_own_files
+
+    root: Path = args.output
+    if not root.is_dir():
+        raise UsageError(f"OUTPUT_DIR: expected a job output directory, got {str(root)!r} "
+                         "(not a directory)")
+    check_own_files(root)  # the ledger is opened, and --repair writes it
+    if not args.repair:
+        return _verify(args, root, [])
+    # A repair un-commits parts and removes files: under a running job it would take away
+    # a part the run has counted, and the run would then report success over lost data.
+    try:
+        lock = OutputLock(root)
+    except OutputLocked as exc:
+        raise OutputLocked(f"--repair refused: {exc}; a repair under a running job would "
+                           "un-commit parts the run has counted") from None
+    try:
+        return _verify(args, root, [])
+    finally:
+        lock.release()
+
+
+def _verify(args: argparse.Namespace, root: Path, notes: list[str]) -> int:
     from tidegate.store import Ledger
     from tidegate.verify import (
         Repaired,
@@ -248,14 +272,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
         roll_intents,
         uncommit_damaged,
     )
-    from tidegate.writer import LEDGER, MANIFEST, check_own_files
+    from tidegate.writer import LEDGER, MANIFEST, lock_holder
 
-    root: Path = args.output
-    if not root.is_dir():
-        raise UsageError(f"OUTPUT_DIR: expected a job output directory, got {str(root)!r} "
-                         "(not a directory)")
-    check_own_files(root)  # the ledger is opened, and --repair writes it
-    notes: list[str] = []
+    if not args.repair and (holder := lock_holder(root)):
+        # Read-only, so allowed; but a part may be mid-commit (an intent, or files renamed
+        # ahead of the ledger's commit), and what is reported may change under it.
+        print(f"tidegate: warning: {root} is in use by a run ({holder}); this report may "
+              "show a part mid-write", file=sys.stderr)
+        notes.append(f"in use by a run ({holder}); a part may be mid-write")
     repaired: Repaired | None = None
     damage: list[Any] = []
     if not (root / LEDGER).exists():

@@ -611,6 +611,25 @@ class OutputLock:
             self._fd = None
 
 
+def lock_holder(root: Path) -> str | None:
+    """The holder line of a run holding ``root``'s lock, or None if none holds it. Read
+    only: the lock file is never created. The probe takes a shared lock for an instant
+    (flock cannot test without taking), so a run starting in that instant is refused as
+    if the output were in use; it is told to wait, and a retry succeeds."""
+    try:
+        fd = os.open(root / LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:  # no lock file (no run ever held it) or a link (refused elsewhere)
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "holder unknown"
+        return None
+    finally:
+        os.close(fd)  # releases the shared lock if it was taken
+
+
 def write_manifest(root: Path, manifest: Mapping[str, Any]) -> None:
     """Replace manifest.json atomically."""
     tmp = root / f".{MANIFEST}.tmp"

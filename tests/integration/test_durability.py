@@ -202,3 +202,35 @@ def test_daemon_job_starting_on_a_full_disk_is_interrupted_and_retried(
     finally:
         d.stop()
         stack.close()
+
+
+def test_verify_repair_refuses_an_output_a_run_holds(tmp_path: Path) -> None:
+    """While a real `tidegate run` holds the output, `verify --repair` exits 2 naming the
+    run's pid and changes nothing (it would un-commit a part under the run); a plain
+    `verify` still reports, with a warning that a run holds the output. Once the run is
+    done, the run's own result is intact."""
+    from tests.conftest import start_tidegate, wait_for_part
+
+    n = 12
+    spec = synthetic_spec(n, parameters={"values": [{"k": i, "run_seconds": 0.3}
+                                                    for i in range(n)]})
+    path = write_spec(tmp_path / "job.yaml", spec)
+    out = tmp_path / "out"
+    proc = start_tidegate("run", path, "--workers", "1", "--threads-per-worker", "1",
+                          "--flush-params", "1", "--json", "--no-progress", cwd=tmp_path)
+    try:
+        assert wait_for_part(proc, out), proc.communicate()
+        repair = tidegate("verify", out, "--repair")
+        plain = tidegate("verify", out)
+    finally:
+        stdout, stderr = proc.communicate(timeout=300)
+    assert repair.returncode == 2, repair.stdout + repair.stderr
+    assert f"pid {proc.pid} " in repair.stderr and "--repair refused" in repair.stderr
+    assert "Traceback" not in repair.stderr and repair.stdout == ""
+    assert plain.returncode in (0, 1), plain.stderr  # 1 only if it caught a part mid-write
+    assert f"in use by a run (pid {proc.pid} " in plain.stderr
+    assert proc.returncode == 0, stderr
+    assert json.loads(stdout.strip().splitlines()[-1])["state"] == "succeeded"
+    assert len(read_dataset(out / "params")) == n
+    after = tidegate("verify", out, "--repair")
+    assert after.returncode == 0 and "in use" not in after.stderr, after.stderr
