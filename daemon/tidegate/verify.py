@@ -103,6 +103,11 @@ def check_parts(root: Path, ledger: Ledger, *, full: bool) -> list[Damage]:
         if not sizes_known and not part_damaged and total != cp.nbytes:
             damage.append(Damage(cp.part, "(all files)",
                                  f"{total} bytes on disk, the ledger recorded {cp.nbytes}"))
+    for part, n in ledger.dangling_params().items():
+        # Counted as done, with no part to hold their data: resume would skip them and
+        # clean the part's files away as unknown.
+        damage.append(Damage(part, "(ledger)", f"{n} params rows name this part, which the "
+                             "ledger's parts table does not record"))
     return damage
 
 
@@ -176,7 +181,11 @@ def uncommit_damaged(root: Path, ledger: Ledger, damage: list[Damage]) -> Repair
     files = {cp.part: cp.files for cp in ledger.parts()}
     out.params_uncommitted = ledger.uncommit(bad)
     for part in bad:
-        for rel in files.get(part, []):
+        if part not in files:  # dangling params rows: the next run removes its files
+            out.lines.append(f"part {part}: its params un-committed (the part was not "
+                             "recorded)")
+            continue
+        for rel in files[part]:
             (root / rel).unlink(missing_ok=True)
         out.lines.append(f"part {part}: un-committed, its files removed")
     return out

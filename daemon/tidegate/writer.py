@@ -462,13 +462,17 @@ def _walk(top: Path, links: list[Path]) -> Iterator[tuple[str, list[str], list[s
     return os.walk(top, followlinks=False)
 
 
-def remove_unrecorded(root: Path, recorded: set[str]) -> list[str]:
+def remove_unrecorded(root: Path, recorded: set[str],
+                      referenced: Iterable[int] = ()) -> list[str]:
     """Delete part files (and temporaries) under ``root`` that the ledger does not name.
-    Links are never followed (and a linked file is never counted as a part).
+    Links are never followed (and a linked file is never counted as a part). A part file
+    whose number a params row still names (``referenced``) is kept even so: it may hold
+    the only copy of those params' data.
 
     Returns the relative paths removed.
     """
     removed: list[str] = []
+    keep = set(referenced)
     for top in DATASET_DIRS:
         for dirpath, _, filenames in _walk(root / top, []):
             for name in filenames:
@@ -476,6 +480,9 @@ def remove_unrecorded(root: Path, recorded: set[str]) -> list[str]:
                 rel = path.relative_to(root).as_posix()
                 is_tmp = name.startswith(_TMP_PREFIX) and name.endswith(".tmp")
                 if path.is_symlink() or not (is_tmp or PART_RE.match(name)):
+                    continue
+                m = PART_RE.match(name)
+                if m and rel not in recorded and int(m.group(1)) in keep:
                     continue
                 if is_tmp or rel not in recorded:
                     path.unlink()

@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ import yaml
 
 from tests.conftest import read_dataset, synthetic_spec, tidegate, write_spec
 from tidegate.store import Ledger
+from tidegate.writer import LEDGER as LEDGER_NAME
 from tidegate.writer import LOCK
 
 
@@ -234,3 +236,44 @@ def test_verify_repair_refuses_an_output_a_run_holds(tmp_path: Path) -> None:
     assert len(read_dataset(out / "params")) == n
     after = tidegate("verify", out, "--repair")
     assert after.returncode == 0 and "in use" not in after.stderr, after.stderr
+
+
+def _finished(proc: subprocess.CompletedProcess[str]) -> dict:
+    assert proc.returncode == 0, proc.stderr
+    return _summary(proc)
+
+
+def test_params_rows_of_a_deleted_parts_row_are_damage(tmp_path: Path) -> None:
+    """A ledger `parts` row (and its `part_files` rows) deleted by hand leaves params rows
+    naming a part the ledger does not record: `verify` reports it (exit 1), a rerun
+    refuses (exit 2) and keeps the part's files, `verify --repair` un-commits those
+    params, and the next rerun recomputes them: every param once, none without data."""
+    n = 3
+    path = write_spec(tmp_path / "job.yaml", synthetic_spec(n))
+    out = tmp_path / "out"
+    run = ("run", path, "--workers", "1", "--threads-per-worker", "1", "--flush-params", "1",
+           "--json", "--no-progress")
+    _finished(tidegate(*run, cwd=tmp_path))
+    with Ledger(out / LEDGER_NAME) as ledger:
+        assert len(ledger.parts()) == n
+    with contextlib.closing(sqlite3.connect(out / LEDGER_NAME)) as db, db:
+        db.execute("PRAGMA foreign_keys=OFF")
+        db.execute("DELETE FROM part_files WHERE part = 1")
+        db.execute("DELETE FROM parts WHERE part = 1")
+    files = sorted(out.rglob("part-*.parquet"))
+    check = tidegate("verify", out)
+    assert check.returncode == 1, check.stdout + check.stderr
+    assert "part 1: (ledger): 1 params rows name this part" in check.stdout
+    rerun = tidegate(*run, cwd=tmp_path)
+    assert rerun.returncode == 2, rerun.stdout + rerun.stderr
+    assert "part 1:" in rerun.stderr and "Traceback" not in rerun.stderr
+    assert sorted(out.rglob("part-*.parquet")) == files
+    repair = tidegate("verify", out, "--repair")
+    assert repair.returncode == 0, repair.stdout + repair.stderr
+    assert "part 1: its params un-committed" in repair.stdout
+    summary = _finished(tidegate(*run, cwd=tmp_path))
+    assert summary["state"] == "succeeded"
+    ids = [r["param_id"] for r in read_dataset(out / "params")]
+    assert len(ids) == len(set(ids)) == n
+    assert {r["param_id"] for r in read_dataset(out / "targets" / "score")} == set(ids)
+    assert tidegate("verify", out).returncode == 0
