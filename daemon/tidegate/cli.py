@@ -266,13 +266,19 @@ def _verify(args: argparse.Namespace, root: Path, notes: list[str]) -> int:
     from tidegate.verify import (
         Repaired,
         check_parts,
+        link_damage,
         part_files_on_disk,
         rebuild_ledger,
         report_json,
         roll_intents,
         uncommit_damaged,
     )
-    from tidegate.writer import LEDGER, MANIFEST, lock_holder
+    from tidegate.writer import LEDGER, MANIFEST, check_no_links, lock_holder
+
+    if args.repair:
+        # Nothing is repaired through a link: un-committing a linked part would remove
+        # the link and lose the copy it stands for from the output.
+        check_no_links(root)
 
     if not args.repair and (holder := lock_holder(root)):
         # Read-only, so allowed; but a part may be mid-commit (an intent, or files renamed
@@ -305,6 +311,7 @@ def _verify(args: argparse.Namespace, root: Path, notes: list[str]) -> int:
                 notes.append(f"{repaired.params_uncommitted} params un-committed; a rerun "
                              "recomputes them")
                 damage = check_parts(root, ledger, full=True)
+            damage += link_damage(root, damage)
             counts = ledger.counts()
             notes.insert(0, f"{counts.parts} parts, {counts.params} params ({counts.ok} ok, "
                          f"{counts.failed} failed), ledger schema {ledger.schema_version}")

@@ -15,26 +15,36 @@ import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tidegate.errors import TidegateError
 from tidegate.store import Ledger, RecordedFile
-from tidegate.writer import DATASET_DIRS, LEDGER, MANIFEST, PART_RE, read_manifest, sha256_of
+from tidegate.writer import (
+    DATASET_DIRS,
+    LEDGER,
+    MANIFEST,
+    PART_RE,
+    linked_dataset_dirs,
+    linked_part_files,
+    read_manifest,
+    sha256_of,
+)
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class Damage:
-    part: int
+    part: int | None  # None: a dataset directory
     file: str
     problem: str
 
     def __str__(self) -> str:
-        return f"part {self.part}: {self.file}: {self.problem}"
+        where = "" if self.part is None else f"part {self.part}: "
+        return f"{where}{self.file}: {self.problem}"
 
 
 class OutputDamaged(TidegateError):
@@ -60,8 +70,39 @@ def part_files_on_disk(root: Path) -> list[str]:
         base = root / top
         if base.is_dir() and not base.is_symlink():
             found += [p.relative_to(root).as_posix() for p in base.rglob("part-*.parquet")
-                      if p.is_file() and PART_RE.match(p.name)]
+                      if p.is_file() and not _linked(root, p.relative_to(root).as_posix())
+                      and PART_RE.match(p.name)]
     return sorted(found)
+
+
+def _linked(root: Path, rel: str) -> Path | None:
+    """The first path from ``root`` down to ``root / rel`` that is a symbolic link."""
+    path = root
+    for bit in PurePosixPath(rel).parts:
+        path = path / bit
+        if path.is_symlink():
+            return path
+    return None
+
+
+LINK_PROBLEM = ("a symbolic link; tidegate neither reads nor deletes parts through links "
+                "(replace it with the file it points to, or remove it)")
+
+
+def link_damage(root: Path, damage: list[Damage]) -> list[Damage]:
+    """The symbolic links among the dataset directories and part files that ``damage``
+    (of the committed parts) does not already name: the next run refuses each."""
+    named = {d.file for d in damage}
+    out = [Damage(None, d.relative_to(root).as_posix(), "a symbolic link; the next run "
+                  "refuses it (replace it with a directory)")
+           for d in linked_dataset_dirs(root)]
+    for f in linked_part_files(root):
+        rel = f.relative_to(root).as_posix()
+        if rel not in named:
+            m = PART_RE.match(f.name)
+            out.append(Damage(int(m.group(1)) if m else None, rel,
+                              f"not in the ledger, and {LINK_PROBLEM}"))
+    return out
 
 
 def roll_intents(root: Path, ledger: Ledger) -> list[str]:
@@ -114,6 +155,11 @@ def check_parts(root: Path, ledger: Ledger, *, full: bool) -> list[Damage]:
 def _check_file(root: Path, rel: str, recorded: RecordedFile | None, ids: list[str], *,
                 full: bool) -> tuple[str, int]:
     path = root / rel
+    if (link := _linked(root, rel)) is not None:
+        # Accepted, a copy elsewhere would be counted as this output's data, and a
+        # restart would delete the rest before refusing the link.
+        return (LINK_PROBLEM if link == path else f"{link.relative_to(root)} is "
+                + LINK_PROBLEM), 0
     if not path.is_file():
         return "missing", 0
     size = path.stat().st_size
@@ -177,7 +223,7 @@ def uncommit_damaged(root: Path, ledger: Ledger, damage: list[Damage]) -> Repair
     """Forget the damaged parts and remove their files, so that a rerun recomputes their
     params."""
     out = Repaired()
-    bad = sorted({d.part for d in damage})
+    bad = sorted({d.part for d in damage if d.part is not None})
     files = {cp.part: cp.files for cp in ledger.parts()}
     out.params_uncommitted = ledger.uncommit(bad)
     for part in bad:

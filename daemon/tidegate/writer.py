@@ -444,13 +444,34 @@ def check_own_files(root: Path) -> None:
                 "own files)")
 
 
+def linked_part_files(root: Path) -> list[Path]:
+    """Files named like parts (or their temporaries) in the dataset directories that are
+    symbolic links; linked directories are not entered."""
+    links: list[Path] = []
+    for top in DATASET_DIRS:
+        for dirpath, dirnames, filenames in _walk(root / top, []):
+            links += [Path(dirpath, n) for n in dirnames + filenames
+                      if _is_part_file(n) and Path(dirpath, n).is_symlink()]
+    return sorted(links)
+
+
 def check_no_links(root: Path) -> None:
-    """UnsafeOutput naming the first dataset directory that is a symbolic link."""
+    """UnsafeOutput naming the first dataset directory, or else the first part file, that
+    is a symbolic link. Checked before anything is deleted (``--restart`` too): a part
+    that is a link is neither read, counted nor removed, and a restart that deleted the
+    rest and then refused the link would leave nothing to resume."""
     links = linked_dataset_dirs(root)
     if links:
         raise UnsafeOutput(
             f"{links[0]} is a symbolic link; tidegate neither writes nor deletes through "
             f"links in a job output ({len(links)} found; replace them with directories)"
+        )
+    parts = linked_part_files(root)
+    if parts:
+        raise UnsafeOutput(
+            f"{parts[0]} is a symbolic link; tidegate neither reads, writes nor deletes "
+            f"parts through links ({len(parts)} found; replace each with the file it "
+            "points to, or remove it, and rerun); nothing was changed"
         )
 
 

@@ -277,3 +277,55 @@ def test_params_rows_of_a_deleted_parts_row_are_damage(tmp_path: Path) -> None:
     assert len(ids) == len(set(ids)) == n
     assert {r["param_id"] for r in read_dataset(out / "targets" / "score")} == set(ids)
     assert tidegate("verify", out).returncode == 0
+
+
+def _tree(out: Path) -> dict[str, bytes]:
+    """Every entry under ``out`` (links as their target's name), with file contents."""
+    tree: dict[str, bytes] = {}
+    for p in sorted(out.rglob("*")):
+        rel = p.relative_to(out).as_posix()
+        if p.is_symlink():
+            tree[rel] = b"-> " + os.readlink(p).encode()
+        elif p.is_file() and p.name != LOCK:
+            tree[rel] = p.read_bytes()
+    return tree
+
+
+@pytest.mark.parametrize("what", ["part file", "dataset dir"])
+def test_a_linked_part_is_refused_and_restart_changes_nothing(tmp_path: Path,
+                                                              what: str) -> None:
+    """A committed part (or its dataset directory) replaced by a symbolic link to a copy
+    elsewhere: `verify` reports it (exit 1), a rerun refuses (exit 2), `--restart` refuses
+    too and changes nothing (the ledger, manifest and other parts stay), and `verify
+    --repair` refuses naming the link."""
+    n = 3
+    path = write_spec(tmp_path / "job.yaml", synthetic_spec(n))
+    out = tmp_path / "out"
+    run = ("run", path, "--workers", "1", "--threads-per-worker", "1", "--flush-params", "1",
+           "--json", "--no-progress")
+    _finished(tidegate(*run, cwd=tmp_path))
+    (part,) = out.glob("model_outputs/*/part-000001.parquet")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    if what == "part file":
+        shutil.move(part, elsewhere / part.name)
+        part.symlink_to(elsewhere / part.name)
+        link = part
+    else:
+        link = part.parent
+        shutil.move(link, elsewhere / link.name)
+        link.symlink_to(elsewhere / link.name, target_is_directory=True)
+    before = _tree(out)
+    check = tidegate("verify", out)
+    assert check.returncode == 1, check.stdout + check.stderr
+    assert f"{link.relative_to(out)}" in check.stdout and "symbolic link" in check.stdout
+    for args in (run, (*run, "--restart")):
+        rerun = tidegate(*args, cwd=tmp_path)
+        assert rerun.returncode == 2, rerun.stdout + rerun.stderr
+        assert f"{link} is a symbolic link" in rerun.stderr, rerun.stderr
+        assert "Traceback" not in rerun.stderr
+        assert _tree(out) == before
+    repair = tidegate("verify", out, "--repair")
+    assert repair.returncode == 2 and f"{link} is a symbolic link" in repair.stderr
+    assert _tree(out) == before
+    assert len(list(elsewhere.rglob("part-*.parquet"))) == (1 if what == "part file" else n)
