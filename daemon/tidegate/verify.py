@@ -27,6 +27,7 @@ from tidegate.writer import (
     LEDGER,
     MANIFEST,
     PART_RE,
+    OutputError,
     linked_dataset_dirs,
     linked_part_files,
     read_manifest,
@@ -241,12 +242,7 @@ def rebuild_ledger(root: Path) -> Repaired:
     """A new ledger from the parts on disk: each part number whose files all read whole
     and whose param ids are new is committed with the statuses its params part holds;
     any other is removed. Needs the manifest (the job id and fingerprint)."""
-    manifest = read_manifest(root)
-    if not manifest or "fingerprint" not in manifest or "job_id" not in manifest:
-        raise TidegateError(
-            f"{root}: cannot rebuild the ledger: no {MANIFEST} naming the job (job_id, "
-            f"fingerprint); rerun with --restart to discard the output"
-        )
+    manifest = _manifest_naming_the_job(root)
     out = Repaired()
     by_part: dict[int, list[str]] = {}
     for rel in part_files_on_disk(root):
@@ -269,6 +265,43 @@ def rebuild_ledger(root: Path) -> Repaired:
             seen.update(pid for pid, _ in statuses)
             out.lines.append(f"part {part}: recorded ({len(statuses)} params)")
     return out
+
+
+class CannotRebuild(OutputError):
+    """A lost ledger cannot be rebuilt: the manifest naming the job is missing or bad."""
+
+
+def _manifest_naming_the_job(root: Path) -> dict[str, object]:
+    """The manifest, if it names the job (job_id, fingerprint); else CannotRebuild saying
+    what is wrong with it and what to do."""
+    path = root / MANIFEST
+    keep = (f"to keep the parts, move {', '.join(d + '/' for d in DATASET_DIRS)} out of "
+            f"{root} (then rerun the job, or point its output elsewhere)")
+    try:
+        manifest = read_manifest(root)
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError too
+        # A manifest, even a bad one, marks the directory as tidegate's: --restart is
+        # allowed there.
+        raise CannotRebuild(
+            f"cannot rebuild the ledger {root / LEDGER}: {path} cannot be read as JSON "
+            f"({str(exc).splitlines()[0][:200]}); it names the job the parts belong to. "
+            f"{keep[0].upper()}{keep[1:]}; or rerun with --restart to discard the output"
+        ) from None
+    if manifest is None:
+        # Without a manifest or ledger, `tidegate run` takes the directory for someone
+        # else's and refuses it (--restart too), so that is not offered.
+        raise CannotRebuild(
+            f"cannot rebuild the ledger {root / LEDGER}: {path} is missing, and it names "
+            f"the job (job_id, fingerprint) the parts belong to. {keep[0].upper()}{keep[1:]}"
+        )
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("job_id"), str) \
+            or not isinstance(manifest.get("fingerprint"), str):
+        raise CannotRebuild(
+            f"cannot rebuild the ledger {root / LEDGER}: {path} names no job (a JSON "
+            f"object with the strings job_id and fingerprint). {keep[0].upper()}{keep[1:]}"
+            "; or rerun with --restart to discard the output"
+        )
+    return manifest
 
 
 def _rebuildable(root: Path, files: list[str], seen: set[str]

@@ -343,3 +343,37 @@ def test_a_failed_write_removes_its_temporaries_and_commits_nothing(tmp_path: Pa
                  if p.name.startswith(".") and p.name != LOCK]  # the lock file stays
     assert leftovers == [] and not list(job.output_dir.rglob("part-*"))
     assert os.path.exists(job.output_dir / LEDGER)
+
+
+@pytest.mark.parametrize("manifest", ["missing", "malformed", "no job"])
+def test_verify_repair_without_a_usable_manifest_says_what_to_do(tmp_path: Path,
+                                                                 manifest: str) -> None:
+    """A lost ledger beside parts whose manifest is missing, not JSON, or names no job:
+    `verify --repair` (the real CLI) exits 2 naming the manifest and what is wrong, no
+    traceback, nothing removed; it offers --restart only where a run accepts it (without
+    a manifest or ledger `run` refuses the directory as someone else's)."""
+    from tests.conftest import tidegate
+
+    job = _two_parts(tmp_path)
+    out = job.output_dir
+    (out / LEDGER).unlink()
+    if manifest == "missing":
+        (out / "manifest.json").unlink()
+    elif manifest == "malformed":
+        (out / "manifest.json").write_text('{"job_id": "synthetic", ')
+    else:
+        (out / "manifest.json").write_text('["synthetic"]')
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    done = tidegate("verify", out, "--repair")
+    assert done.returncode == 2, done.stdout + done.stderr
+    err = done.stderr
+    assert "Traceback" not in err and err.startswith("tidegate: error: cannot rebuild")
+    assert f"{out / 'manifest.json'} " + {"missing": "is missing", "malformed": "cannot be read",
+                                          "no job": "names no job"}[manifest] in err
+    assert f"move params/, model_outputs/, targets/ out of {out}" in err
+    assert ("--restart" in err) == (manifest != "missing")
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
+    if manifest == "missing":  # what the message leaves out would indeed be refused
+        spec = tmp_path / "job.yaml"
+        refused = tidegate("run", spec, "--restart", "--no-progress", cwd=tmp_path)
+        assert refused.returncode == 2 and "--force" in refused.stderr, refused.stderr
