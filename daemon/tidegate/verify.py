@@ -284,15 +284,15 @@ def _manifest_naming_the_job(root: Path) -> dict[str, object]:
         # allowed there.
         raise CannotRebuild(
             f"cannot rebuild the ledger {root / LEDGER}: {path} cannot be read as JSON "
-            f"({str(exc).splitlines()[0][:200]}); it names the job the parts belong to. "
+            f"({str(exc).splitlines()[0][:200]}), and it names the job the parts belong to. "
             f"{keep[0].upper()}{keep[1:]}; or rerun with --restart to discard the output"
         ) from None
     if manifest is None:
         # Without a manifest or ledger, `tidegate run` takes the directory for someone
         # else's and refuses it (--restart too), so that is not offered.
         raise CannotRebuild(
-            f"cannot rebuild the ledger {root / LEDGER}: {path} is missing, and it names "
-            f"the job (job_id, fingerprint) the parts belong to. {keep[0].upper()}{keep[1:]}"
+            f"cannot rebuild the ledger {root / LEDGER}: {path} is missing (it names the "
+            f"job, job_id and fingerprint, the parts belong to). {keep[0].upper()}{keep[1:]}"
         )
     if not isinstance(manifest, dict) or not isinstance(manifest.get("job_id"), str) \
             or not isinstance(manifest.get("fingerprint"), str):
