@@ -239,13 +239,19 @@ def cmd_schema(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     """Check an output; exit 0 clean, 1 damage found, 2 bad input (or, with --repair, an
     output a run holds)."""
-    from tidegate.writer import OutputLock, OutputLocked, check_own_files
+    from tidegate.verify import part_files_on_disk
+    from tidegate.writer import LEDGER, MANIFEST, OutputLock, OutputLocked, check_own_files
 
     root: Path = args.output
     if not root.is_dir():
         raise UsageError(f"OUTPUT_DIR: expected a job output directory, got {str(root)!r} "
                          "(not a directory)")
     check_own_files(root)  # the ledger is opened, and --repair writes it
+    if not (root / LEDGER).exists() and not part_files_on_disk(root):
+        # Before the lock: --repair must not leave a lock file in a directory that is
+        # not an output.
+        raise UsageError(f"OUTPUT_DIR: {root} holds no {LEDGER}, {MANIFEST} or part "
+                         "files: not a tidegate output")
     if not args.repair:
         return _verify(args, root, [])
     # A repair un-commits parts and removes files: under a running job it would take away

@@ -305,15 +305,19 @@ def test_verify_rebuilds_a_lost_ledger_from_the_parts(tmp_path: Path,
 @pytest.mark.parametrize("make", ["missing", "file", "empty"])
 def test_verify_bad_input_exits_2(tmp_path: Path, make: str,
                                   capsys: pytest.CaptureFixture[str]) -> None:
-    """Not a directory, or a directory with no tidegate output: exit 2 naming it."""
+    """Not a directory, or a directory with no tidegate output: exit 2 naming it, with
+    --repair too, which leaves no lock file behind."""
     target = tmp_path / "x"
     if make == "file":
         target.write_text("hi")
     elif make == "empty":
         target.mkdir()
-    assert main(["verify", str(target)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("tidegate: error: OUTPUT_DIR:") and "Traceback" not in err
+    for repair in ([], ["--repair"]):
+        assert main(["verify", str(target), *repair]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("tidegate: error: OUTPUT_DIR:") and "Traceback" not in err
+    if make == "empty":  # --repair took no lock there: it is not an output
+        assert list(target.iterdir()) == []
 
 
 def test_a_failed_write_removes_its_temporaries_and_commits_nothing(tmp_path: Path) -> None:
