@@ -381,3 +381,24 @@ def test_verify_repair_without_a_usable_manifest_says_what_to_do(tmp_path: Path,
         spec = tmp_path / "job.yaml"
         refused = tidegate("run", spec, "--restart", "--no-progress", cwd=tmp_path)
         assert refused.returncode == 2 and "--force" in refused.stderr, refused.stderr
+
+
+def test_a_linked_part_file_the_ledger_does_not_name_is_reported_and_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A link named like a part that no ledger row names would be read by any dataset
+    reader as this output's data: verify reports it (exit 1), resume refuses it naming
+    it, and neither removes the link or its target."""
+    from tidegate.writer import UnsafeOutput
+
+    job = _two_parts(tmp_path)
+    out = job.output_dir
+    copy = tmp_path / "copy.parquet"
+    copy.write_bytes((out / "params" / "part-000000.parquet").read_bytes())
+    link = out / "params" / "part-000009.parquet"
+    link.symlink_to(copy)
+    assert main(["verify", str(out)]) == 1
+    assert "part 9: params/part-000009.parquet: not in the ledger, and a symbolic link" \
+        in capsys.readouterr().out
+    with pytest.raises(UnsafeOutput, match=r"part-000009\.parquet is a symbolic link"):
+        _commit(job).resume(0)
+    assert link.is_symlink() and copy.exists()
