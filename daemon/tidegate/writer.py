@@ -445,13 +445,14 @@ def check_own_files(root: Path) -> None:
 
 
 def linked_part_files(root: Path) -> list[Path]:
-    """Files named like parts (or their temporaries) in the dataset directories that are
-    symbolic links; linked directories are not entered."""
+    """Entries named like parts in the dataset directories that are symbolic links;
+    linked directories are not entered. (A link at a temporary's name is harmless: the
+    write unlinks it first, and no reader takes a temporary for data.)"""
     links: list[Path] = []
     for top in DATASET_DIRS:
         for dirpath, dirnames, filenames in _walk(root / top, []):
             links += [Path(dirpath, n) for n in dirnames + filenames
-                      if _is_part_file(n) and Path(dirpath, n).is_symlink()]
+                      if PART_RE.match(n) and Path(dirpath, n).is_symlink()]
     return sorted(links)
 
 
