@@ -287,25 +287,61 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Check an output; exit 0 clean, 1 damage found, 2 bad input."""
-    from tidegate.store import Ledger
-    from tidegate.verify import (
-        Repaired,
-        check_parts,
-        part_files_on_disk,
-        rebuild_ledger,
-        report_json,
-        roll_intents,
-        uncommit_damaged,
-    )
-    from tidegate.writer import LEDGER, MANIFEST, check_own_files
+    """Check an output; exit 0 clean, 1 damage found, 2 bad input (or, with --repair, an
+    output a run holds)."""
+    from tidegate.verify import part_files_on_disk
+    from tidegate.writer import LEDGER, MANIFEST, OutputLock, OutputLocked, check_own_files
 
     root: Path = args.output
     if not root.is_dir():
         raise UsageError(f"OUTPUT_DIR: expected a job output directory, got {str(root)!r} "
                          "(not a directory)")
     check_own_files(root)  # the ledger is opened, and --repair writes it
-    notes: list[str] = []
+    if not (root / LEDGER).exists() and not part_files_on_disk(root):
+        # Before the lock: --repair must not leave a lock file in a directory that is
+        # not an output.
+        raise UsageError(f"OUTPUT_DIR: {root} holds no {LEDGER}, {MANIFEST} or part "
+                         "files: not a tidegate output")
+    if not args.repair:
+        return _verify(args, root, [])
+    # A repair un-commits parts and removes files: under a running job it would take away
+    # a part the run has counted, and the run would then report success over lost data.
+    try:
+        lock = OutputLock(root)
+    except OutputLocked as exc:
+        raise OutputLocked(f"--repair refused: {exc}; a repair under a running job would "
+                           "un-commit parts the run has counted") from None
+    try:
+        return _verify(args, root, [])
+    finally:
+        lock.release()
+
+
+def _verify(args: argparse.Namespace, root: Path, notes: list[str]) -> int:
+    from tidegate.store import Ledger
+    from tidegate.verify import (
+        Repaired,
+        check_parts,
+        link_damage,
+        part_files_on_disk,
+        rebuild_ledger,
+        report_json,
+        roll_intents,
+        uncommit_damaged,
+    )
+    from tidegate.writer import LEDGER, MANIFEST, check_no_links, lock_holder
+
+    if args.repair:
+        # Nothing is repaired through a link: un-committing a linked part would remove
+        # the link and lose the copy it stands for from the output.
+        check_no_links(root)
+
+    if not args.repair and (holder := lock_holder(root)):
+        # Read-only, so allowed; but a part may be mid-commit (an intent, or files renamed
+        # ahead of the ledger's commit), and what is reported may change under it.
+        print(f"tidegate: warning: {root} is in use by a run ({holder}); this report may "
+              "show a part mid-write", file=sys.stderr)
+        notes.append(f"in use by a run ({holder}); a part may be mid-write")
     repaired: Repaired | None = None
     damage: list[Any] = []
     if not (root / LEDGER).exists():
@@ -331,6 +367,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 notes.append(f"{repaired.params_uncommitted} params un-committed; a rerun "
                              "recomputes them")
                 damage = check_parts(root, ledger, full=True)
+            damage += link_damage(root, damage)
             counts = ledger.counts()
             notes.insert(0, f"{counts.parts} parts, {counts.params} params ({counts.ok} ok, "
                          f"{counts.failed} failed), ledger schema {ledger.schema_version}")

@@ -153,7 +153,7 @@ class Commit:
             damage = check_parts(out, ledger, full=False)
             if damage:
                 raise OutputDamaged(out, damage)
-            removed = remove_unrecorded(out, ledger.files())
+            removed = remove_unrecorded(out, ledger.files(), ledger.referenced_parts())
             self._writer.schemas.update(first_schemas(out, ledger))
         except BaseException:
             self.close_ledger()

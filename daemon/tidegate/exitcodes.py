@@ -42,8 +42,11 @@ class VerifyExit(ExitCode):
     """``tidegate verify``."""
 
     OK = 0, "clean (`--repair`: nothing is left damaged)"
-    DAMAGED = 1, "damage found: a committed part is missing, truncated, changed or unreadable"
-    USAGE = 2, "bad input: not a directory, not a tidegate output, or an unreadable ledger"
+    DAMAGED = 1, ("damage found: a committed part is missing, truncated, changed, unreadable "
+                  "or a symbolic link, or params rows name a part the ledger does not record")
+    USAGE = 2, ("bad input: not a directory, not a tidegate output, or an unreadable ledger; "
+                "`--repair` also: a run holds the output, a symbolic link in it, or a lost "
+                "ledger without a manifest naming the job")
 
 
 class ServeExit(ExitCode):

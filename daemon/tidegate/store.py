@@ -230,6 +230,18 @@ class Ledger:
         return [r[0] for r in self._db.execute("SELECT param_id FROM params WHERE part = ?",
                                                (part,))]
 
+    def dangling_params(self) -> dict[int, int]:
+        """Params rows naming a part the ledger does not record (its ``parts`` row was
+        deleted by hand): part -> number of such params. Such params count as done but
+        have no data."""
+        return {int(part): int(n) for part, n in self._db.execute(
+            "SELECT part, COUNT(*) FROM params WHERE part NOT IN (SELECT part FROM parts) "
+            "GROUP BY part ORDER BY part")}
+
+    def referenced_parts(self) -> set[int]:
+        """Every part number a params row names (recorded or not)."""
+        return {int(r[0]) for r in self._db.execute("SELECT DISTINCT part FROM params")}
+
     def intents(self) -> list[Intent]:
         out = []
         for part, files, statuses in self._db.execute(

@@ -15,26 +15,37 @@ import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tidegate.errors import TidegateError
 from tidegate.store import Ledger, RecordedFile
-from tidegate.writer import DATASET_DIRS, LEDGER, MANIFEST, PART_RE, read_manifest, sha256_of
+from tidegate.writer import (
+    DATASET_DIRS,
+    LEDGER,
+    MANIFEST,
+    PART_RE,
+    OutputError,
+    linked_dataset_dirs,
+    linked_part_files,
+    read_manifest,
+    sha256_of,
+)
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class Damage:
-    part: int
+    part: int | None  # None: a dataset directory
     file: str
     problem: str
 
     def __str__(self) -> str:
-        return f"part {self.part}: {self.file}: {self.problem}"
+        where = "" if self.part is None else f"part {self.part}: "
+        return f"{where}{self.file}: {self.problem}"
 
 
 class OutputDamaged(TidegateError):
@@ -60,8 +71,39 @@ def part_files_on_disk(root: Path) -> list[str]:
         base = root / top
         if base.is_dir() and not base.is_symlink():
             found += [p.relative_to(root).as_posix() for p in base.rglob("part-*.parquet")
-                      if p.is_file() and PART_RE.match(p.name)]
+                      if p.is_file() and not _linked(root, p.relative_to(root).as_posix())
+                      and PART_RE.match(p.name)]
     return sorted(found)
+
+
+def _linked(root: Path, rel: str) -> Path | None:
+    """The first path from ``root`` down to ``root / rel`` that is a symbolic link."""
+    path = root
+    for bit in PurePosixPath(rel).parts:
+        path = path / bit
+        if path.is_symlink():
+            return path
+    return None
+
+
+LINK_PROBLEM = ("a symbolic link; tidegate neither reads nor deletes parts through links "
+                "(replace it with the file it points to, or remove it)")
+
+
+def link_damage(root: Path, damage: list[Damage]) -> list[Damage]:
+    """The symbolic links among the dataset directories and part files that ``damage``
+    (of the committed parts) does not already name: the next run refuses each."""
+    named = {d.file for d in damage}
+    out = [Damage(None, d.relative_to(root).as_posix(), "a symbolic link; the next run "
+                  "refuses it (replace it with a directory)")
+           for d in linked_dataset_dirs(root)]
+    for f in linked_part_files(root):
+        rel = f.relative_to(root).as_posix()
+        if rel not in named:
+            m = PART_RE.match(f.name)
+            out.append(Damage(int(m.group(1)) if m else None, rel,
+                              f"not in the ledger, and {LINK_PROBLEM}"))
+    return out
 
 
 def roll_intents(root: Path, ledger: Ledger) -> list[str]:
@@ -103,12 +145,22 @@ def check_parts(root: Path, ledger: Ledger, *, full: bool) -> list[Damage]:
         if not sizes_known and not part_damaged and total != cp.nbytes:
             damage.append(Damage(cp.part, "(all files)",
                                  f"{total} bytes on disk, the ledger recorded {cp.nbytes}"))
+    for part, n in ledger.dangling_params().items():
+        # Counted as done, with no part to hold their data: resume would skip them and
+        # clean the part's files away as unknown.
+        damage.append(Damage(part, "(ledger)", f"{n} params rows name this part, which the "
+                             "ledger's parts table does not record"))
     return damage
 
 
 def _check_file(root: Path, rel: str, recorded: RecordedFile | None, ids: list[str], *,
                 full: bool) -> tuple[str, int]:
     path = root / rel
+    if (link := _linked(root, rel)) is not None:
+        # Accepted, a copy elsewhere would be counted as this output's data, and a
+        # restart would delete the rest before refusing the link.
+        return (LINK_PROBLEM if link == path else f"{link.relative_to(root)} is "
+                + LINK_PROBLEM), 0
     if not path.is_file():
         return "missing", 0
     size = path.stat().st_size
@@ -172,11 +224,15 @@ def uncommit_damaged(root: Path, ledger: Ledger, damage: list[Damage]) -> Repair
     """Forget the damaged parts and remove their files, so that a rerun recomputes their
     params."""
     out = Repaired()
-    bad = sorted({d.part for d in damage})
+    bad = sorted({d.part for d in damage if d.part is not None})
     files = {cp.part: cp.files for cp in ledger.parts()}
     out.params_uncommitted = ledger.uncommit(bad)
     for part in bad:
-        for rel in files.get(part, []):
+        if part not in files:  # dangling params rows: the next run removes its files
+            out.lines.append(f"part {part}: its params un-committed (the part was not "
+                             "recorded)")
+            continue
+        for rel in files[part]:
             (root / rel).unlink(missing_ok=True)
         out.lines.append(f"part {part}: un-committed, its files removed")
     return out
@@ -186,12 +242,7 @@ def rebuild_ledger(root: Path) -> Repaired:
     """A new ledger from the parts on disk: each part number whose files all read whole
     and whose param ids are new is committed with the statuses its params part holds;
     any other is removed. Needs the manifest (the job id and fingerprint)."""
-    manifest = read_manifest(root)
-    if not manifest or "fingerprint" not in manifest or "job_id" not in manifest:
-        raise TidegateError(
-            f"{root}: cannot rebuild the ledger: no {MANIFEST} naming the job (job_id, "
-            f"fingerprint); rerun with --restart to discard the output"
-        )
+    manifest = _manifest_naming_the_job(root)
     out = Repaired()
     by_part: dict[int, list[str]] = {}
     for rel in part_files_on_disk(root):
@@ -214,6 +265,43 @@ def rebuild_ledger(root: Path) -> Repaired:
             seen.update(pid for pid, _ in statuses)
             out.lines.append(f"part {part}: recorded ({len(statuses)} params)")
     return out
+
+
+class CannotRebuild(OutputError):
+    """A lost ledger cannot be rebuilt: the manifest naming the job is missing or bad."""
+
+
+def _manifest_naming_the_job(root: Path) -> dict[str, object]:
+    """The manifest, if it names the job (job_id, fingerprint); else CannotRebuild saying
+    what is wrong with it and what to do."""
+    path = root / MANIFEST
+    keep = (f"to keep the parts, move {', '.join(d + '/' for d in DATASET_DIRS)} out of "
+            f"{root} (then rerun the job, or point its output elsewhere)")
+    try:
+        manifest = read_manifest(root)
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError too
+        # A manifest, even a bad one, marks the directory as tidegate's: --restart is
+        # allowed there.
+        raise CannotRebuild(
+            f"cannot rebuild the ledger {root / LEDGER}: {path} cannot be read as JSON "
+            f"({str(exc).splitlines()[0][:200]}), and it names the job the parts belong to. "
+            f"{keep[0].upper()}{keep[1:]}; or rerun with --restart to discard the output"
+        ) from None
+    if manifest is None:
+        # Without a manifest or ledger, `tidegate run` takes the directory for someone
+        # else's and refuses it (--restart too), so that is not offered.
+        raise CannotRebuild(
+            f"cannot rebuild the ledger {root / LEDGER}: {path} is missing (it names the "
+            f"job, job_id and fingerprint, the parts belong to). {keep[0].upper()}{keep[1:]}"
+        )
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("job_id"), str) \
+            or not isinstance(manifest.get("fingerprint"), str):
+        raise CannotRebuild(
+            f"cannot rebuild the ledger {root / LEDGER}: {path} names no job (a JSON "
+            f"object with the strings job_id and fingerprint). {keep[0].upper()}{keep[1:]}"
+            "; or rerun with --restart to discard the output"
+        )
+    return manifest
 
 
 def _rebuildable(root: Path, files: list[str], seen: set[str]

@@ -446,13 +446,35 @@ def check_own_files(root: Path) -> None:
                 "own files)")
 
 
+def linked_part_files(root: Path) -> list[Path]:
+    """Entries named like parts in the dataset directories that are symbolic links;
+    linked directories are not entered. (A link at a temporary's name is harmless: the
+    write unlinks it first, and no reader takes a temporary for data.)"""
+    links: list[Path] = []
+    for top in DATASET_DIRS:
+        for dirpath, dirnames, filenames in _walk(root / top, []):
+            links += [Path(dirpath, n) for n in dirnames + filenames
+                      if PART_RE.match(n) and Path(dirpath, n).is_symlink()]
+    return sorted(links)
+
+
 def check_no_links(root: Path) -> None:
-    """UnsafeOutput naming the first dataset directory that is a symbolic link."""
+    """UnsafeOutput naming the first dataset directory, or else the first part file, that
+    is a symbolic link. Checked before anything is deleted (``--restart`` too): a part
+    that is a link is neither read, counted nor removed, and a restart that deleted the
+    rest and then refused the link would leave nothing to resume."""
     links = linked_dataset_dirs(root)
     if links:
         raise UnsafeOutput(
             f"{links[0]} is a symbolic link; tidegate neither writes nor deletes through "
             f"links in a job output ({len(links)} found; replace them with directories)"
+        )
+    parts = linked_part_files(root)
+    if parts:
+        raise UnsafeOutput(
+            f"{parts[0]} is a symbolic link; tidegate neither reads, writes nor deletes "
+            f"parts through links ({len(parts)} found; replace each with the file it "
+            "points to, or remove it, and rerun); nothing was changed"
         )
 
 
@@ -464,13 +486,17 @@ def _walk(top: Path, links: list[Path]) -> Iterator[tuple[str, list[str], list[s
     return os.walk(top, followlinks=False)
 
 
-def remove_unrecorded(root: Path, recorded: set[str]) -> list[str]:
+def remove_unrecorded(root: Path, recorded: set[str],
+                      referenced: Iterable[int] = ()) -> list[str]:
     """Delete part files (and temporaries) under ``root`` that the ledger does not name.
-    Links are never followed (and a linked file is never counted as a part).
+    Links are never followed (and a linked file is never counted as a part). A part file
+    whose number a params row still names (``referenced``) is kept even so: it may hold
+    the only copy of those params' data.
 
     Returns the relative paths removed.
     """
     removed: list[str] = []
+    keep = set(referenced)
     for top in DATASET_DIRS:
         for dirpath, _, filenames in _walk(root / top, []):
             for name in filenames:
@@ -478,6 +504,9 @@ def remove_unrecorded(root: Path, recorded: set[str]) -> list[str]:
                 rel = path.relative_to(root).as_posix()
                 is_tmp = name.startswith(_TMP_PREFIX) and name.endswith(".tmp")
                 if path.is_symlink() or not (is_tmp or PART_RE.match(name)):
+                    continue
+                m = PART_RE.match(name)
+                if m and rel not in recorded and int(m.group(1)) in keep:
                     continue
                 if is_tmp or rel not in recorded:
                     path.unlink()
@@ -611,6 +640,25 @@ class OutputLock:
         if self._fd is not None:
             os.close(self._fd)  # closing the last descriptor releases the flock
             self._fd = None
+
+
+def lock_holder(root: Path) -> str | None:
+    """The holder line of a run holding ``root``'s lock, or None if none holds it. Read
+    only: the lock file is never created. The probe takes a shared lock for an instant
+    (flock cannot test without taking), so a run starting in that instant is refused as
+    if the output were in use; it is told to wait, and a retry succeeds."""
+    try:
+        fd = os.open(root / LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:  # no lock file (no run ever held it) or a link (refused elsewhere)
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "holder unknown"
+        return None
+    finally:
+        os.close(fd)  # releases the shared lock if it was taken
 
 
 def write_manifest(root: Path, manifest: Mapping[str, Any]) -> None:

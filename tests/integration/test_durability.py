@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ import yaml
 
 from tests.conftest import read_dataset, synthetic_spec, tidegate, write_spec
 from tidegate.store import Ledger
+from tidegate.writer import LEDGER as LEDGER_NAME
 from tidegate.writer import LOCK
 
 
@@ -208,3 +210,128 @@ def test_daemon_job_starting_on_a_full_disk_is_interrupted_and_retried(
     finally:
         d.stop()
         stack.close()
+
+
+def test_verify_repair_refuses_an_output_a_run_holds(tmp_path: Path) -> None:
+    """While a real `tidegate run` holds the output, `verify --repair` exits 2 naming the
+    run's pid and changes nothing (it would un-commit a part under the run); a plain
+    `verify` still reports, with a warning that a run holds the output. Once the run is
+    done, the run's own result is intact."""
+    from tests.conftest import start_tidegate, wait_for_part
+
+    n = 12
+    spec = synthetic_spec(n, parameters={"values": [{"k": i, "run_seconds": 0.3}
+                                                    for i in range(n)]})
+    path = write_spec(tmp_path / "job.yaml", spec)
+    out = tmp_path / "out"
+    proc = start_tidegate("run", path, "--workers", "1", "--threads-per-worker", "1",
+                          "--flush-params", "1", "--json", "--no-progress", cwd=tmp_path)
+    try:
+        assert wait_for_part(proc, out), proc.communicate()
+        repair = tidegate("verify", out, "--repair")
+        plain = tidegate("verify", out)
+    finally:
+        stdout, stderr = proc.communicate(timeout=300)
+    assert repair.returncode == 2, repair.stdout + repair.stderr
+    assert f"pid {proc.pid} " in repair.stderr and "--repair refused" in repair.stderr
+    assert "Traceback" not in repair.stderr and repair.stdout == ""
+    assert plain.returncode in (0, 1), plain.stderr  # 1 only if it caught a part mid-write
+    assert f"in use by a run (pid {proc.pid} " in plain.stderr
+    assert proc.returncode == 0, stderr
+    assert json.loads(stdout.strip().splitlines()[-1])["state"] == "succeeded"
+    assert len(read_dataset(out / "params")) == n
+    after = tidegate("verify", out, "--repair")
+    assert after.returncode == 0 and "in use" not in after.stderr, after.stderr
+
+
+def _finished(proc: subprocess.CompletedProcess[str]) -> dict:
+    assert proc.returncode == 0, proc.stderr
+    return _summary(proc)
+
+
+def test_params_rows_of_a_deleted_parts_row_are_damage(tmp_path: Path) -> None:
+    """A ledger `parts` row (and its `part_files` rows) deleted by hand leaves params rows
+    naming a part the ledger does not record: `verify` reports it (exit 1), a rerun
+    refuses (exit 2) and keeps the part's files, `verify --repair` un-commits those
+    params, and the next rerun recomputes them: every param once, none without data."""
+    n = 3
+    path = write_spec(tmp_path / "job.yaml", synthetic_spec(n))
+    out = tmp_path / "out"
+    run = ("run", path, "--workers", "1", "--threads-per-worker", "1", "--flush-params", "1",
+           "--json", "--no-progress")
+    _finished(tidegate(*run, cwd=tmp_path))
+    with Ledger(out / LEDGER_NAME) as ledger:
+        assert len(ledger.parts()) == n
+    with contextlib.closing(sqlite3.connect(out / LEDGER_NAME)) as db, db:
+        db.execute("PRAGMA foreign_keys=OFF")
+        db.execute("DELETE FROM part_files WHERE part = 1")
+        db.execute("DELETE FROM parts WHERE part = 1")
+    files = sorted(out.rglob("part-*.parquet"))
+    check = tidegate("verify", out)
+    assert check.returncode == 1, check.stdout + check.stderr
+    assert "part 1: (ledger): 1 params rows name this part" in check.stdout
+    rerun = tidegate(*run, cwd=tmp_path)
+    assert rerun.returncode == 2, rerun.stdout + rerun.stderr
+    assert "part 1:" in rerun.stderr and "Traceback" not in rerun.stderr
+    assert sorted(out.rglob("part-*.parquet")) == files
+    repair = tidegate("verify", out, "--repair")
+    assert repair.returncode == 0, repair.stdout + repair.stderr
+    assert "part 1: its params un-committed" in repair.stdout
+    summary = _finished(tidegate(*run, cwd=tmp_path))
+    assert summary["state"] == "succeeded"
+    ids = [r["param_id"] for r in read_dataset(out / "params")]
+    assert len(ids) == len(set(ids)) == n
+    assert {r["param_id"] for r in read_dataset(out / "targets" / "score")} == set(ids)
+    assert tidegate("verify", out).returncode == 0
+
+
+def _tree(out: Path) -> dict[str, bytes]:
+    """Every entry under ``out`` (links as their target's name), with file contents."""
+    tree: dict[str, bytes] = {}
+    for p in sorted(out.rglob("*")):
+        rel = p.relative_to(out).as_posix()
+        if p.is_symlink():
+            tree[rel] = b"-> " + os.readlink(p).encode()
+        elif p.is_file() and p.name != LOCK:
+            tree[rel] = p.read_bytes()
+    return tree
+
+
+@pytest.mark.parametrize("what", ["part file", "dataset dir"])
+def test_a_linked_part_is_refused_and_restart_changes_nothing(tmp_path: Path,
+                                                              what: str) -> None:
+    """A committed part (or its dataset directory) replaced by a symbolic link to a copy
+    elsewhere: `verify` reports it (exit 1), a rerun refuses (exit 2), `--restart` refuses
+    too and changes nothing (the ledger, manifest and other parts stay), and `verify
+    --repair` refuses naming the link."""
+    n = 3
+    path = write_spec(tmp_path / "job.yaml", synthetic_spec(n))
+    out = tmp_path / "out"
+    run = ("run", path, "--workers", "1", "--threads-per-worker", "1", "--flush-params", "1",
+           "--json", "--no-progress")
+    _finished(tidegate(*run, cwd=tmp_path))
+    (part,) = out.glob("model_outputs/*/part-000001.parquet")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    if what == "part file":
+        shutil.move(part, elsewhere / part.name)
+        part.symlink_to(elsewhere / part.name)
+        link = part
+    else:
+        link = part.parent
+        shutil.move(link, elsewhere / link.name)
+        link.symlink_to(elsewhere / link.name, target_is_directory=True)
+    before = _tree(out)
+    check = tidegate("verify", out)
+    assert check.returncode == 1, check.stdout + check.stderr
+    assert f"{link.relative_to(out)}" in check.stdout and "symbolic link" in check.stdout
+    for args in (run, (*run, "--restart")):
+        rerun = tidegate(*args, cwd=tmp_path)
+        assert rerun.returncode == 2, rerun.stdout + rerun.stderr
+        assert f"{link} is a symbolic link" in rerun.stderr, rerun.stderr
+        assert "Traceback" not in rerun.stderr
+        assert _tree(out) == before
+    repair = tidegate("verify", out, "--repair")
+    assert repair.returncode == 2 and f"{link} is a symbolic link" in repair.stderr
+    assert _tree(out) == before
+    assert len(list(elsewhere.rglob("part-*.parquet"))) == (1 if what == "part file" else n)

@@ -305,15 +305,19 @@ def test_verify_rebuilds_a_lost_ledger_from_the_parts(tmp_path: Path,
 @pytest.mark.parametrize("make", ["missing", "file", "empty"])
 def test_verify_bad_input_exits_2(tmp_path: Path, make: str,
                                   capsys: pytest.CaptureFixture[str]) -> None:
-    """Not a directory, or a directory with no tidegate output: exit 2 naming it."""
+    """Not a directory, or a directory with no tidegate output: exit 2 naming it, with
+    --repair too, which leaves no lock file behind."""
     target = tmp_path / "x"
     if make == "file":
         target.write_text("hi")
     elif make == "empty":
         target.mkdir()
-    assert main(["verify", str(target)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("tidegate: error: OUTPUT_DIR:") and "Traceback" not in err
+    for repair in ([], ["--repair"]):
+        assert main(["verify", str(target), *repair]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("tidegate: error: OUTPUT_DIR:") and "Traceback" not in err
+    if make == "empty":  # --repair took no lock there: it is not an output
+        assert list(target.iterdir()) == []
 
 
 def test_a_failed_write_removes_its_temporaries_and_commits_nothing(tmp_path: Path) -> None:
@@ -343,3 +347,58 @@ def test_a_failed_write_removes_its_temporaries_and_commits_nothing(tmp_path: Pa
                  if p.name.startswith(".") and p.name != LOCK]  # the lock file stays
     assert leftovers == [] and not list(job.output_dir.rglob("part-*"))
     assert os.path.exists(job.output_dir / LEDGER)
+
+
+@pytest.mark.parametrize("manifest", ["missing", "malformed", "no job"])
+def test_verify_repair_without_a_usable_manifest_says_what_to_do(tmp_path: Path,
+                                                                 manifest: str) -> None:
+    """A lost ledger beside parts whose manifest is missing, not JSON, or names no job:
+    `verify --repair` (the real CLI) exits 2 naming the manifest and what is wrong, no
+    traceback, nothing removed; it offers --restart only where a run accepts it (without
+    a manifest or ledger `run` refuses the directory as someone else's)."""
+    from tests.conftest import tidegate
+
+    job = _two_parts(tmp_path)
+    out = job.output_dir
+    (out / LEDGER).unlink()
+    if manifest == "missing":
+        (out / "manifest.json").unlink()
+    elif manifest == "malformed":
+        (out / "manifest.json").write_text('{"job_id": "synthetic", ')
+    else:
+        (out / "manifest.json").write_text('["synthetic"]')
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    done = tidegate("verify", out, "--repair")
+    assert done.returncode == 2, done.stdout + done.stderr
+    err = done.stderr
+    assert "Traceback" not in err and err.startswith("tidegate: error: cannot rebuild")
+    assert f"{out / 'manifest.json'} " + {"missing": "is missing", "malformed": "cannot be read",
+                                          "no job": "names no job"}[manifest] in err
+    assert f"move params/, model_outputs/, targets/ out of {out}" in err
+    assert ("--restart" in err) == (manifest != "missing")
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
+    if manifest == "missing":  # what the message leaves out would indeed be refused
+        spec = tmp_path / "job.yaml"
+        refused = tidegate("run", spec, "--restart", "--no-progress", cwd=tmp_path)
+        assert refused.returncode == 2 and "--force" in refused.stderr, refused.stderr
+
+
+def test_a_linked_part_file_the_ledger_does_not_name_is_reported_and_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A link named like a part that no ledger row names would be read by any dataset
+    reader as this output's data: verify reports it (exit 1), resume refuses it naming
+    it, and neither removes the link or its target."""
+    from tidegate.writer import UnsafeOutput
+
+    job = _two_parts(tmp_path)
+    out = job.output_dir
+    copy = tmp_path / "copy.parquet"
+    copy.write_bytes((out / "params" / "part-000000.parquet").read_bytes())
+    link = out / "params" / "part-000009.parquet"
+    link.symlink_to(copy)
+    assert main(["verify", str(out)]) == 1
+    assert "part 9: params/part-000009.parquet: not in the ledger, and a symbolic link" \
+        in capsys.readouterr().out
+    with pytest.raises(UnsafeOutput, match=r"part-000009\.parquet is a symbolic link"):
+        _commit(job).resume(0)
+    assert link.is_symlink() and copy.exists()

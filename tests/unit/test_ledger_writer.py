@@ -111,6 +111,19 @@ def test_remove_unrecorded_keeps_only_ledger_files(tmp_path: Path) -> None:
     assert (tmp_path / "params" / "notes.txt").exists()
 
 
+def test_remove_unrecorded_keeps_parts_params_rows_name(tmp_path: Path) -> None:
+    """A part file the ledger's parts table lacks but its params rows still name (a
+    deleted parts row) is kept: it may be those params' only data."""
+    writer = _writer(tmp_path)
+    _add(writer, "p1")
+    referenced = set(writer.write_part(1).files)
+    _add(writer, "p2")
+    orphan = set(writer.write_part(2).files)
+    removed = remove_unrecorded(tmp_path, set(), referenced=[1])
+    assert set(removed) == orphan
+    assert all((tmp_path / f).exists() for f in referenced)
+
+
 def test_discard_output_removes_only_tidegate_files(tmp_path: Path) -> None:
     """--restart removes the datasets, manifest and ledger, and nothing else."""
     writer = _writer(tmp_path)
