@@ -49,6 +49,7 @@ from tidegate.spec import (
     Job,
     SpecError,
     check_callables,
+    check_path_fields,
     job_from_dict,
 )
 from tidegate.states import JobState
@@ -297,6 +298,9 @@ class Service:
         if not isinstance(data, dict):
             raise SpecError([FieldError("<top level>", "a mapping of spec fields",
                                         type(data).__name__)], source="request")
+        # Before anything resolves them: a NUL byte or an over-long name would raise
+        # from inside Path.resolve() (a 500) rather than name the field.
+        check_path_fields(data, source="request")
         spec = dict(data)
         self._check_modules(spec)
         spec["code_paths"] = self._code_paths(spec.get("code_paths", []))

@@ -162,3 +162,65 @@ def test_a_spec_whose_knobs_clash_with_the_daemons_is_refused_at_submit(tmp_path
     (error,) = info.value.errors
     assert error.field == "batch" and "low_water" in error.got
     assert svc.prepare({**spec, "batch": {"high_water": 0.8}}).job.job_id
+
+
+def post_spec(service: Service, spec: dict[str, Any]) -> tuple[int, Any]:
+    """POST one JSON spec to the served API; (status, JSON answer)."""
+    async def main() -> tuple[int, Any]:
+        server, port = make_server(service, "127.0.0.1", 0)
+        client = AsyncHTTPClient()
+        try:
+            r = await client.fetch(f"http://127.0.0.1:{port}/v1/jobs", method="POST",
+                                   body=json.dumps(spec), raise_error=False)
+            return r.code, json.loads(r.body)
+        finally:
+            server.stop()
+            client.close()
+
+    return asyncio.run(main())
+
+
+SMALL = {"model": "tidegate.workloads:synthetic", "parameters": {"values": [{"k": 1}]}}
+
+
+@pytest.mark.parametrize(("field", "change"), [
+    ("output", {"output": "a\x00b"}),
+    ("output", {"output": "o" * 300}),
+    ("output", {"output": "o" * 5000}),
+    ("code_paths[0]", {"code_paths": ["lib\x00"]}),
+    ("code_paths[0]", {"code_paths": ["c" * 256]}),
+    ("parameters.file", {"parameters": {"file": "p\x00.csv"}}),
+    ("parameters.file", {"parameters": {"file": "p" * 300 + ".csv"}}),
+])
+def test_unusable_paths_are_400_naming_the_field(service: Service, field: str,
+                                                 change: dict[str, Any]) -> None:
+    """A NUL byte or a name the file system would refuse is a 400 naming the field and
+    what a path must be, with the value cut short, not a 500 from inside resolve()."""
+    status, body = post_spec(service, {**SMALL, **change})
+    assert status == 400, body
+    [problem] = body["errors"]
+    assert problem["field"] == field
+    assert "without NUL bytes" in problem["expected"]
+    assert len(problem["got"]) < 120
+    assert f"{field}: expected a path" in body["error"]
+
+
+@pytest.mark.parametrize("allowed", [[], ["tidegate.workloads"]])
+def test_private_callables_are_403(tmp_path: Path, allowed: list[str]) -> None:
+    """`module:_helper` is refused like a reference that leaves its module, with or
+    without an allowlist: an allowed module is allowed for what it makes public."""
+    config = load_config(None, {}, {"state_dir": str(tmp_path / "state"),
+                                    "output_root": str(tmp_path / "out"),
+                                    "security.allowed_modules": allowed})
+    svc = Service(config, metrics=Metrics())
+    svc.queue = JobQueue(tmp_path / "jobs.sqlite")
+    try:
+        for spec in ({**SMALL, "model": "tidegate.workloads:_run_child"},
+                     {**SMALL, "targets": [{"name": "t",
+                                            "function": "tidegate.workloads:_spin"}]}):
+            status, body = post_spec(svc, spec)
+            assert status == 403, body
+            assert "private" in body["error"] and "_" in body["error"]
+        assert post_spec(svc, SMALL)[0] == 201  # the public one still is accepted
+    finally:
+        svc.queue.close()
