@@ -247,11 +247,13 @@ class SecurityConfig(_Section):
     )
     allowed_modules: list[ModulePrefix] = Field(
         default_factory=list,
-        description="module prefixes a job may import its model and targets from; empty: any",
+        description="module prefixes a job's model and targets must be defined in; empty: "
+                    "any importable module (subprocess, os: a warning at start)",
     )
     code_roots: list[AbsPath] = Field(
         default_factory=list,
-        description="directories a job's code_paths must lie under; empty: any",
+        description="directories a job's code_paths and parameters.file must lie under; "
+                    "empty: jobs may name neither",
     )
     max_body_bytes: Int = Field(1_048_576, ge=1024, description="largest HTTP request body")
 

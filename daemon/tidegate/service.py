@@ -121,6 +121,13 @@ class Service:
                 f"listen: {cfg.listen} is not a loopback address; set security.token_file "
                 "before exposing the API (submitting a job runs its code)"
             )
+        if not cfg.security.allowed_modules:
+            # Allowed, for a private loopback daemon, but never silently: it voids the
+            # allowlist line of the threat model (docs/operations.md).
+            log.warning("security.allowed_modules is empty: any importable module can be "
+                        "run by whoever can submit a job (model: \"subprocess:Popen\" or "
+                        "\"os:system\" runs commands as this user); list your model "
+                        "packages there", extra={"action": "allowlist_empty"})
         try:
             cfg.state_dir.mkdir(parents=True, exist_ok=True)
             cfg.output_root.mkdir(parents=True, exist_ok=True)

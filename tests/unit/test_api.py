@@ -224,3 +224,26 @@ def test_private_callables_are_403(tmp_path: Path, allowed: list[str]) -> None:
         assert post_spec(svc, SMALL)[0] == 201  # the public one still is accepted
     finally:
         svc.queue.close()
+
+
+@pytest.mark.parametrize("allowed", [[], ["tidegate.workloads"]])
+def test_an_empty_allowlist_is_warned_about_at_start(tmp_path: Path, allowed: list[str],
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """`tidegate serve` says at start that an empty security.allowed_modules lets token
+    holders run any module; a set allowlist gives no such warning. (state_dir is a file,
+    so start stops right after, before any socket or cluster.)"""
+    from tidegate.service import StartupError
+
+    (tmp_path / "state").write_text("not a directory")
+    config = load_config(None, {}, {"state_dir": str(tmp_path / "state"),
+                                    "output_root": str(tmp_path / "out"),
+                                    "security.allowed_modules": allowed})
+    with caplog.at_level("WARNING", logger="tidegate"), pytest.raises(StartupError):
+        asyncio.run(Service(config, metrics=Metrics()).start())
+    warned = [r for r in caplog.records if "allowed_modules is empty" in r.getMessage()]
+    if allowed:
+        assert not warned
+    else:
+        [record] = warned
+        assert record.levelname == "WARNING"
+        assert "subprocess" in record.getMessage() and "any importable module" in record.getMessage()
