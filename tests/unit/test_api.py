@@ -246,4 +246,5 @@ def test_an_empty_allowlist_is_warned_about_at_start(tmp_path: Path, allowed: li
     else:
         [record] = warned
         assert record.levelname == "WARNING"
-        assert "subprocess" in record.getMessage() and "any importable module" in record.getMessage()
+        message = record.getMessage()
+        assert "subprocess" in message and "any importable module" in message
