@@ -256,6 +256,15 @@ class SecurityConfig(_Section):
                     "empty: jobs may name neither",
     )
     max_body_bytes: Int = Field(1_048_576, ge=1024, description="largest HTTP request body")
+    # Slow or stalled clients (slowloris): each open connection holds a file descriptor,
+    # so without these a few thousand half-sent requests exhaust the daemon's.
+    max_connections: Int = Field(
+        1000, ge=1, description="open HTTP connections at most; beyond it new ones are closed")
+    header_timeout_s: Float = _finite(
+        10.0, gt=0, description="seconds a connection may take to send a request's headers, "
+                                "and stay idle between requests")
+    body_timeout_s: Float = _finite(
+        60.0, gt=0, description="seconds a request may take to send its body")
 
     def token(self) -> str | None:
         """The API token, read now (not at load, so that the file may be rotated)."""

@@ -248,3 +248,68 @@ def test_an_empty_allowlist_is_warned_about_at_start(tmp_path: Path, allowed: li
         assert record.levelname == "WARNING"
         message = record.getMessage()
         assert "subprocess" in message and "any importable module" in message
+
+
+def test_accept_errors_pause_and_are_logged_once_with_a_count(
+        service: Service, caplog: pytest.LogCaptureFixture) -> None:
+    """accept() failing with EMFILE (out of file descriptors) neither spins nor logs a
+    traceback per attempt: accepting pauses ACCEPT_PAUSE_S, and within LOG_EVERY_S one
+    line says what failed; once accept() works again the waiting connection is served."""
+    import errno
+    import socket
+
+    from tidegate import api
+
+    attempts: list[float] = []
+    failing = [True]
+
+    class Exhausted(socket.socket):
+        def accept(self):  # type: ignore[no-untyped-def]
+            if failing[0]:
+                attempts.append(asyncio.get_running_loop().time())
+                raise OSError(errno.EMFILE, "Too many open files")
+            return super().accept()
+
+    async def main() -> int:
+        server, _ = make_server(service, "127.0.0.1", 0)
+        server.stop()  # only its settings and accept loop are used, on our socket
+        sock = Exhausted(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        sock.setblocking(False)
+        server.add_sockets([sock])
+        client = AsyncHTTPClient()
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/healthz"
+        pending = asyncio.ensure_future(client.fetch(url, raise_error=False))
+        await asyncio.sleep(4 * api.ACCEPT_PAUSE_S)  # the time under test, not a sync
+        failing[0] = False
+        answer = await asyncio.wait_for(pending, 30)
+        server.stop()
+        client.close()
+        return answer.code
+
+    with caplog.at_level("ERROR"):
+        assert asyncio.run(main()) == 200
+    # Paused between attempts: about 4 in 2 s, not thousands.
+    assert 2 <= len(attempts) <= 6, len(attempts)
+    assert all(b - a >= api.ACCEPT_PAUSE_S * 0.9 for a, b in zip(attempts, attempts[1:]))
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "Too many open files" in errors[0].getMessage()
+    assert "cannot accept" in errors[0].getMessage() and errors[0].exc_info is None
+
+
+def test_rate_limited_log_counts_between_lines(caplog: pytest.LogCaptureFixture) -> None:
+    """The first occurrence logs at once; later ones only every every_s, with a count."""
+    from tidegate.api import RateLimitedLog
+
+    now = [0.0]
+    limited = RateLimitedLog(40, "refused", "x", every_s=10, clock=lambda: now[0])
+    with caplog.at_level("ERROR", logger="tidegate"):
+        for t in range(25):  # one a second for 25 s
+            now[0] = float(t)
+            limited.note("EMFILE")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["refused: EMFILE (1 time)",
+                        "refused: EMFILE (10 times in the last 10 s)",
+                        "refused: EMFILE (10 times in the last 10 s)"]
+    assert limited.total == 25
