@@ -314,3 +314,21 @@ def test_rate_limited_log_counts_between_lines(caplog: pytest.LogCaptureFixture)
                         "refused: EMFILE (10 times in the last 10 s)",
                         "refused: EMFILE (10 times in the last 10 s)"]
     assert limited.total == 25
+
+
+def test_a_connection_cap_above_the_fd_limit_is_warned_about(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A cap the open-file limit would hit first protects nothing: warned at start."""
+    import resource
+
+    from tidegate.service import _warn_if_connections_exceed_fds
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        pytest.skip("no open-file limit to exceed")
+    with caplog.at_level("WARNING"):
+        _warn_if_connections_exceed_fds(1)
+        assert not caplog.records
+        _warn_if_connections_exceed_fds(soft)
+    [record] = caplog.records
+    assert "open-file limit" in record.getMessage() and str(soft) in record.getMessage()
