@@ -15,6 +15,7 @@ import asyncio
 import hmac
 import json
 import logging
+import resource
 import socket
 import time
 from collections.abc import Callable, Iterable
@@ -251,6 +252,26 @@ ACCEPT_PAUSE_S = 0.5
 _ACCEPT_BATCH = 128  # connections accepted per wake-up, as tornado's own accept handler
 
 
+# File descriptors the daemon needs beside its HTTP connections: the job queue and
+# ledgers (SQLite and journals), Parquet parts, the cluster's comms, logs.
+FD_HEADROOM = 256
+
+
+def connection_cap(max_connections: int) -> int:
+    """security.max_connections, lowered (with a warning) to leave FD_HEADROOM under the
+    open-file limit: a cap above it protects nothing, since accept() and then everything
+    else (SQLite, Dask's monitors) fail with EMFILE first."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or max_connections + FD_HEADROOM <= soft:
+        return max_connections
+    cap = max(1, soft - FD_HEADROOM)
+    log.warning("security.max_connections (%d) plus %d for the daemon's own files is above "
+                "the open-file limit (%d): at most %d connections; raise the limit "
+                "(LimitNOFILE=, ulimit -n) for more", max_connections, FD_HEADROOM, soft, cap,
+                extra={"action": "fd_limit_low"})
+    return cap
+
+
 class RateLimitedLog:
     """Logs the first occurrence at once, then at most one line every ``every_s`` seconds
     saying how many occurred since the last line."""
@@ -345,7 +366,7 @@ def make_server(service: Service, host: str, port: int) -> tuple[HTTPServer, int
     server = _Server(make_app(service), max_body_size=max(16 * limit, 16 * 2**20),
                      idle_connection_timeout=security.header_timeout_s,
                      body_timeout=security.body_timeout_s)
-    server.max_connections = security.max_connections
+    server.max_connections = connection_cap(security.max_connections)
     server.over_cap = RateLimitedLog(
         logging.WARNING, "closed new HTTP connections over security.max_connections",
         "http_connections_refused")

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import resource
 import signal
 import sys
 import time
@@ -129,7 +128,6 @@ class Service:
                         "run by whoever can submit a job (model: \"subprocess:Popen\" or "
                         "\"os:system\" runs commands as this user); list your model "
                         "packages there", extra={"action": "allowlist_empty"})
-        _warn_if_connections_exceed_fds(cfg.security.max_connections)
         try:
             cfg.state_dir.mkdir(parents=True, exist_ok=True)
             cfg.output_root.mkdir(parents=True, exist_ok=True)
@@ -568,22 +566,6 @@ class Service:
             if interval:
                 self.notifier.watchdog()
             await asyncio.sleep(period)
-
-
-# File descriptors the daemon needs beside its HTTP connections: the job queue and
-# ledgers (SQLite and journals), Parquet parts, the cluster's comms, logs.
-FD_HEADROOM = 256
-
-
-def _warn_if_connections_exceed_fds(max_connections: int) -> None:
-    """security.max_connections only protects the daemon if the cap is reached before
-    the open-file limit is: otherwise accept() fails with EMFILE first."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and max_connections + FD_HEADROOM > soft:
-        log.warning("security.max_connections (%d) plus %d for the daemon's own files is "
-                    "above the open-file limit (%d): lower it or raise the limit "
-                    "(LimitNOFILE=, ulimit -n)", max_connections, FD_HEADROOM, soft,
-                    extra={"action": "fd_limit_low"})
 
 
 def _check_output_dir(output: Path, root: Path) -> None:

@@ -118,14 +118,17 @@ def _half_sent(port: int) -> socket.socket:
     return s
 
 
-def _closed_within(socks: list[socket.socket], seconds: float) -> list[socket.socket]:
-    """The sockets the server closed (EOF or reset) within ``seconds`` from now."""
+def _closed_within(socks: list[socket.socket], seconds: float,
+                   enough: int | None = None) -> list[socket.socket]:
+    """The sockets the server closed (EOF or reset) within ``seconds`` from now, or
+    as soon as ``enough`` of them are."""
     closed: list[socket.socket] = []
+    enough = len(socks) if enough is None else enough
     deadline = time.monotonic() + seconds
     with selectors.DefaultSelector() as sel:
         for s in socks:
             sel.register(s, selectors.EVENT_READ)
-        while len(closed) < len(socks) and (left := deadline - time.monotonic()) > 0:
+        while len(closed) < enough and (left := deadline - time.monotonic()) > 0:
             for key, _ in sel.select(left):
                 s = key.fileobj
                 assert isinstance(s, socket.socket)
@@ -178,3 +181,33 @@ def test_connections_beyond_the_cap_are_closed_at_once(guarded: Daemon) -> None:
         keep.close()
         for s in socks:
             s.close()
+
+
+def test_a_cap_above_the_fd_limit_is_lowered_so_fds_never_run_out(tmp_path: Path) -> None:
+    """With a 512-fd limit, max_connections 5000 is lowered to 256: 400 half-sent
+    requests are refused past it instead of exhausting the daemon's fds (no EMFILE, no
+    traceback), and once they are gone /healthz answers."""
+    d = Daemon(tmp_path, base_config(tmp_path, security={"header_timeout_s": 60,
+                                                         "max_connections": 5000}),
+               nofile=512)
+    d.start()
+    socks: list[socket.socket] = []
+    try:
+        assert "at most 256 connections" in d.log()
+        socks = [_half_sent(d.port) for _ in range(400)]
+        closed = _closed_within(socks, 30, enough=400 - 256)
+        assert len(closed) >= 400 - 256, len(closed)
+        for s in socks:
+            s.close()
+        socks = []
+        deadline = time.monotonic() + 60
+        while d.request("GET", "/healthz")[0] != 200:
+            assert time.monotonic() < deadline, d.log()
+            time.sleep(0.1)
+        log = d.log()
+        assert "over security.max_connections" in log
+        assert "Too many open files" not in log and "Traceback" not in log
+    finally:
+        for s in socks:
+            s.close()
+        d.stop()

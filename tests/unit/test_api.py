@@ -316,19 +316,20 @@ def test_rate_limited_log_counts_between_lines(caplog: pytest.LogCaptureFixture)
     assert limited.total == 25
 
 
-def test_a_connection_cap_above_the_fd_limit_is_warned_about(
+def test_a_connection_cap_above_the_fd_limit_is_lowered(
         caplog: pytest.LogCaptureFixture) -> None:
-    """A cap the open-file limit would hit first protects nothing: warned at start."""
+    """A cap the open-file limit would hit first protects nothing: it is lowered to leave
+    FD_HEADROOM, with a warning; one that fits is kept silently."""
     import resource
 
-    from tidegate.service import _warn_if_connections_exceed_fds
+    from tidegate.api import FD_HEADROOM, connection_cap
 
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         pytest.skip("no open-file limit to exceed")
     with caplog.at_level("WARNING"):
-        _warn_if_connections_exceed_fds(1)
+        assert connection_cap(1) == 1
         assert not caplog.records
-        _warn_if_connections_exceed_fds(soft)
+        assert connection_cap(soft) == max(1, soft - FD_HEADROOM)
     [record] = caplog.records
     assert "open-file limit" in record.getMessage() and str(soft) in record.getMessage()
