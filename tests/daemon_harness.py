@@ -31,6 +31,7 @@ class Daemon:
     env: dict[str, str] = field(default_factory=dict)
     token: str | None = None
     proc: subprocess.Popen[str] | None = None
+    nofile: int | None = None  # the daemon's open-file limit (RLIMIT_NOFILE), if set
     port: int = 0
     _stderr: Any = None
 
@@ -52,11 +53,17 @@ class Daemon:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tidegate", "serve", "--config", str(cfg)],
             stdout=subprocess.DEVNULL, stderr=self._stderr, text=True, env=env,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=self._limits if self.nofile else None,
         )
         if wait_ready:
             self.wait_ready(timeout)
         return self
+
+    def _limits(self) -> None:
+        import resource
+
+        assert self.nofile is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def log(self) -> str:
         return self.stderr_path.read_text()

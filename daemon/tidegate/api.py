@@ -14,14 +14,19 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
+import resource
 import socket
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 from tornado.httpserver import HTTPServer
+from tornado.ioloop import IOLoop
+from tornado.iostream import IOStream
 from tornado.netutil import bind_sockets
 from tornado.web import Application, HTTPError, RequestHandler, stream_request_body
 
@@ -44,6 +49,8 @@ from tidegate.views import (
 
 if TYPE_CHECKING:
     from tidegate.service import Service
+
+log = logging.getLogger(__name__)
 
 _JOB_ID = ID_PATTERN.strip("^$")
 _INT64 = 2**63
@@ -236,12 +243,136 @@ class _NotFound(_Handler):
         raise HTTPError(404, reason="no such route")
 
 
+# How often a repeated connection problem is logged: one line with a count, never a
+# traceback per connection (20,000 half-open sockets made 12 MB of log in seconds).
+LOG_EVERY_S = 10.0
+# How long accepting pauses after accept() failed (out of file descriptors): the pending
+# connection stays queued and the socket readable, so retrying at once would spin.
+ACCEPT_PAUSE_S = 0.5
+_ACCEPT_BATCH = 128  # connections accepted per wake-up, as tornado's own accept handler
+
+
+# File descriptors the daemon needs beside its HTTP connections: the job queue and
+# ledgers (SQLite and journals), Parquet parts, the cluster's comms, logs.
+FD_HEADROOM = 256
+
+
+def connection_cap(max_connections: int) -> int:
+    """security.max_connections, lowered (with a warning) to leave FD_HEADROOM under the
+    open-file limit: a cap above it protects nothing, since accept() and then everything
+    else (SQLite, Dask's monitors) fail with EMFILE first."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or max_connections + FD_HEADROOM <= soft:
+        return max_connections
+    cap = max(1, soft - FD_HEADROOM)
+    log.warning("security.max_connections (%d) plus %d for the daemon's own files is above "
+                "the open-file limit (%d): at most %d connections; raise the limit "
+                "(LimitNOFILE=, ulimit -n) for more", max_connections, FD_HEADROOM, soft, cap,
+                extra={"action": "fd_limit_low"})
+    return cap
+
+
+class RateLimitedLog:
+    """Logs the first occurrence at once, then at most one line every ``every_s`` seconds
+    saying how many occurred since the last line."""
+
+    def __init__(self, level: int, message: str, action: str,
+                 every_s: float = LOG_EVERY_S, clock: Callable[[], float] = time.monotonic):
+        self.level, self.message, self.action = level, message, action
+        self.every_s, self.clock = every_s, clock
+        self.count = 0  # since the last line
+        self.total = 0
+        self._last: float | None = None
+
+    def note(self, detail: str) -> None:
+        self.count += 1
+        self.total += 1
+        now = self.clock()
+        if self._last is None or now - self._last >= self.every_s:
+            window = "" if self._last is None else f" in the last {now - self._last:.0f} s"
+            log.log(self.level, "%s: %s (%d time%s%s)", self.message, detail, self.count,
+                    "" if self.count == 1 else "s", window, extra={"action": self.action})
+            self.count, self._last = 0, now
+
+
+class _Server(HTTPServer):
+    """tornado's HTTPServer with a cap on open connections (beyond it a new connection is
+    closed at once) and an accept loop that survives running out of file descriptors."""
+
+    max_connections = 1000
+    over_cap: RateLimitedLog
+    accept_failed: RateLimitedLog
+
+    def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
+        if len(self._connections) >= self.max_connections:
+            stream.close()
+            self.over_cap.note(f"{self.max_connections} open")
+            return
+        super().handle_stream(stream, address)
+
+    def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
+        for sock in sockets:
+            self._sockets[sock.fileno()] = sock
+            self._handlers[sock.fileno()] = self._accept_on(sock)
+
+    def _accept_on(self, sock: socket.socket) -> Callable[[], None]:
+        """tornado.netutil.add_accept_handler, but an accept() error (EMFILE, ENFILE,
+        ENOBUFS) pauses accepting for ACCEPT_PAUSE_S and is logged rate-limited, instead
+        of a traceback from the IOLoop on every readable event."""
+        loop = IOLoop.current()
+        state = {"removed": False, "paused": False}
+
+        def accept(fd: Any, events: int) -> None:
+            for _ in range(_ACCEPT_BATCH):
+                if state["removed"]:
+                    return
+                try:
+                    connection, address = sock.accept()
+                except BlockingIOError:
+                    return
+                except ConnectionAbortedError:
+                    continue
+                except OSError as exc:
+                    self.accept_failed.note(exc.strerror or str(exc))
+                    loop.remove_handler(sock)
+                    state["paused"] = True
+                    loop.call_later(ACCEPT_PAUSE_S, resume)
+                    return
+                self._handle_connection(connection, address)
+
+        def resume() -> None:
+            state["paused"] = False
+            if not state["removed"]:
+                loop.add_handler(sock, accept, IOLoop.READ)
+
+        def remove() -> None:
+            if not state["paused"]:
+                loop.remove_handler(sock)
+            state["removed"] = True
+
+        loop.add_handler(sock, accept, IOLoop.READ)
+        return remove
+
+
 def make_server(service: Service, host: str, port: int) -> tuple[HTTPServer, int]:
     """Bind and start serving; returns the server and the bound port (for port 0)."""
     # A declared length over the limit gets 413 from prepare(); the handler then sets the
     # limit itself for the body. Far larger bodies are cut off by tornado itself.
-    limit = service.config.security.max_body_bytes
-    server = HTTPServer(make_app(service), max_body_size=max(16 * limit, 16 * 2**20))
+    security = service.config.security
+    limit = security.max_body_bytes
+    # idle_connection_timeout is tornado's header timeout too: a deadline for a request's
+    # whole header block from its first byte, so trickling a byte at a time does not
+    # extend it (tornado.http1connection, header_timeout).
+    server = _Server(make_app(service), max_body_size=max(16 * limit, 16 * 2**20),
+                     idle_connection_timeout=security.header_timeout_s,
+                     body_timeout=security.body_timeout_s)
+    server.max_connections = connection_cap(security.max_connections)
+    server.over_cap = RateLimitedLog(
+        logging.WARNING, "closed new HTTP connections over security.max_connections",
+        "http_connections_refused")
+    server.accept_failed = RateLimitedLog(
+        logging.ERROR, "cannot accept HTTP connections (paused "
+        f"{ACCEPT_PAUSE_S:g} s each time)", "http_accept_failed")
     sockets = bind_sockets(port, address=host, family=socket.AF_UNSPEC)
     server.add_sockets(sockets)
     return server, sockets[0].getsockname()[1]

@@ -247,13 +247,24 @@ class SecurityConfig(_Section):
     )
     allowed_modules: list[ModulePrefix] = Field(
         default_factory=list,
-        description="module prefixes a job may import its model and targets from; empty: any",
+        description="module prefixes a job's model and targets must be defined in; empty: "
+                    "any importable module (subprocess, os: a warning at start)",
     )
     code_roots: list[AbsPath] = Field(
         default_factory=list,
-        description="directories a job's code_paths must lie under; empty: any",
+        description="directories a job's code_paths and parameters.file must lie under; "
+                    "empty: jobs may name neither",
     )
     max_body_bytes: Int = Field(1_048_576, ge=1024, description="largest HTTP request body")
+    # Slow or stalled clients (slowloris): each open connection holds a file descriptor,
+    # so without these a few thousand half-sent requests exhaust the daemon's.
+    max_connections: Int = Field(
+        1000, ge=1, description="open HTTP connections at most; beyond it new ones are closed")
+    header_timeout_s: Float = _finite(
+        10.0, gt=0, description="seconds a connection may take to send a request's headers, "
+                                "and stay idle between requests")
+    body_timeout_s: Float = _finite(
+        60.0, gt=0, description="seconds a request may take to send its body")
 
     def token(self) -> str | None:
         """The API token, read now (not at load, so that the file may be rotated)."""

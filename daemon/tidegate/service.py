@@ -49,6 +49,7 @@ from tidegate.spec import (
     Job,
     SpecError,
     check_callables,
+    check_path_fields,
     job_from_dict,
 )
 from tidegate.states import JobState
@@ -120,6 +121,13 @@ class Service:
                 f"listen: {cfg.listen} is not a loopback address; set security.token_file "
                 "before exposing the API (submitting a job runs its code)"
             )
+        if not cfg.security.allowed_modules:
+            # Allowed, for a private loopback daemon, but never silently: it voids the
+            # allowlist line of the threat model (docs/operations.md).
+            log.warning("security.allowed_modules is empty: any importable module can be "
+                        "run by whoever can submit a job (model: \"subprocess:Popen\" or "
+                        "\"os:system\" runs commands as this user); list your model "
+                        "packages there", extra={"action": "allowlist_empty"})
         try:
             cfg.state_dir.mkdir(parents=True, exist_ok=True)
             cfg.output_root.mkdir(parents=True, exist_ok=True)
@@ -297,6 +305,9 @@ class Service:
         if not isinstance(data, dict):
             raise SpecError([FieldError("<top level>", "a mapping of spec fields",
                                         type(data).__name__)], source="request")
+        # Before anything resolves them: a NUL byte or an over-long name would raise
+        # from inside Path.resolve() (a 500) rather than name the field.
+        check_path_fields(data, source="request")
         spec = dict(data)
         self._check_modules(spec)
         spec["code_paths"] = self._code_paths(spec.get("code_paths", []))

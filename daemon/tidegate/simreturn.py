@@ -235,8 +235,9 @@ class RefOutsideModule(TidegateError, LookupError):
 
 def import_callable(ref: str) -> Callable[..., Any]:
     """Import ``module:attr.path`` (cached per process). Every step of the path must be
-    defined in ``module`` itself (its ``__module__`` is the module), so a reference never
-    reaches another module through an allowed one: RefOutsideModule otherwise."""
+    defined in ``module`` itself (its ``__module__`` is the module) and public (no leading
+    ``_``), so a reference never reaches another module through an allowed one nor a
+    private helper of one: RefOutsideModule otherwise."""
     fn = _callables.get(ref)
     if fn is not None:
         return fn
@@ -245,8 +246,11 @@ def import_callable(ref: str) -> Callable[..., Any]:
     walked = module_name + ":"
     parts = attr.split(".")
     for i, part in enumerate(parts):
-        if part.startswith("__"):
-            raise RefOutsideModule(f"{ref}: {part!r} is a special name; name a function "
+        # Private names (`_run_child`) are helpers, not the module's public surface: an
+        # allowed module is allowed for what it exports. Dunders are how a path escapes.
+        if part.startswith("_"):
+            kind = "a special name" if part.startswith("__") else "private (starts with '_')"
+            raise RefOutsideModule(f"{ref}: {part!r} is {kind}; name a public function "
                                    f"or class defined in {module_name}")
         obj = getattr(obj, part)
         walked += ("." if i else "") + part

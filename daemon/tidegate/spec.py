@@ -170,6 +170,63 @@ ParamValue = Annotated[
     WithJsonSchema({"type": ["boolean", "integer", "number", "string"]}),
 ]
 CallableRef = Annotated[str, StringConstraints(pattern=CALLABLE_PATTERN)]
+
+
+# Limits of the file system, checked here so that a path the kernel would refuse (a NUL
+# byte ends a C string; ENAMETOOLONG past NAME_MAX/PATH_MAX) is a field error, not an
+# exception from deep inside resolve(), mkdir() or stat().
+MAX_NAME_BYTES = 255  # NAME_MAX on Linux and macOS
+MAX_PATH_BYTES = 4095  # PATH_MAX less the NUL
+PATH_TEXT = (
+    f"a path without NUL bytes, each component at most {MAX_NAME_BYTES} bytes and the "
+    f"whole at most {MAX_PATH_BYTES} bytes (UTF-8)"
+)
+
+
+def path_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a path on this file system, or None."""
+    if "\x00" in value:
+        return f"a NUL byte at index {value.index(chr(0))}"
+    try:
+        data = value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, from a JSON \ud800 escape
+        return "not encodable as UTF-8"
+    if len(data) > MAX_PATH_BYTES:
+        return f"{len(data):,} bytes"
+    longest = max(data.split(b"/"), key=len)
+    if len(longest) > MAX_NAME_BYTES:
+        return f"a component of {len(longest):,} bytes"
+    return None
+
+
+def _path_text(value: str) -> str:
+    problem = path_problem(value)
+    if problem is not None:
+        raise _invalid("", PATH_TEXT, f"{_show(value)} ({problem})")
+    return value
+
+
+PathText = Annotated[str, AfterValidator(_path_text)]
+
+
+def check_path_fields(data: Mapping[str, Any], source: str = "job spec") -> None:
+    """The path fields of a raw spec (output, code_paths, parameters.file) as the model
+    checks them, for a caller that touches them before validating the whole spec (the
+    daemon resolves code_paths against its code roots first)."""
+    fields: list[tuple[str, Any]] = [("output", data.get("output"))]
+    paths = data.get("code_paths")
+    if isinstance(paths, list):
+        fields += [(f"code_paths[{i}]", p) for i, p in enumerate(paths)]
+    parameters = data.get("parameters")
+    if isinstance(parameters, dict):
+        fields.append(("parameters.file", parameters.get("file")))
+    errors = []
+    for field, value in fields:
+        problem = path_problem(value) if isinstance(value, str) else None
+        if problem is not None:
+            errors.append(FieldError(field, PATH_TEXT, f"{_show(value)} ({problem})"))
+    if errors:
+        raise SpecError(errors, source)
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 
 # outputs is a keyword or a list; the tags pick the branch so that an error reports that
@@ -206,7 +263,7 @@ class ParametersSpec(_Strict):
     values: list[Annotated[dict[ParamName, ParamValue], Field(min_length=1)]] | None = Field(
         None, min_length=1, description="a list of parameter sets"
     )
-    file: str | None = Field(
+    file: PathText | None = Field(
         None, description="a .csv, .parquet or .jsonl file relative to the spec, one row a param"
     )
 
@@ -226,7 +283,7 @@ class JobSpec(_Strict):
         None, description="derived from the spec when absent"
     )
     model: CallableRef = Field(description="the model as a callable reference 'module:function'")
-    code_paths: list[str] = Field(
+    code_paths: list[PathText] = Field(
         default_factory=lambda: ["."], description="directories put on sys.path"
     )
     parameters: ParametersSpec = Field(description="a mapping with one of grid, values or file")
@@ -234,7 +291,7 @@ class JobSpec(_Strict):
     seed: StrictInt = Field(0, ge=0)
     targets: list[TargetSpec] = Field(default_factory=list)
     outputs: Outputs = Field("all", description="the model outputs to store: all, none or names")
-    output: Annotated[str, StringConstraints(min_length=1)] | None = Field(
+    output: Annotated[PathText, StringConstraints(min_length=1)] | None = Field(
         None, description="the job's output directory, relative to the spec file"
     )
     batch: BatchSpec = Field(default_factory=lambda: BatchSpec.model_validate({}))
@@ -613,6 +670,10 @@ def job_from_dict(
     fingerprint = _fingerprint(_identity(spec, expanded.source.digest, expanded.names))
     job_id = spec.job_id or _derived_job_id(spec.model, fingerprint)
     if output is not None:
+        problem = path_problem(str(output))
+        if problem is not None:  # `tidegate run --output`
+            raise SpecError([FieldError("--output", PATH_TEXT,
+                                        f"{_show(str(output))} ({problem})")], source)
         output_dir = Path(output).resolve()
     elif spec.output is not None:
         output_dir = (base_dir / spec.output).resolve()

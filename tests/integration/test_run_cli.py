@@ -367,3 +367,20 @@ def test_nested_search_is_bounded(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr
     assert "more than 10000 entries" in proc.stderr and "stopped there" in proc.stderr
     assert not (big / "_ledger.sqlite").exists()
+
+
+@pytest.mark.parametrize(("change", "needle"), [
+    ({"model": "tidegate.workloads:_run_child"}, "private (starts with '_')"),
+    ({"output": "a\x00b"}, "output: expected a path without NUL bytes"),
+    ({"output": "o" * 300}, "(a component of 300 bytes)"),
+    ({"code_paths": ["c" * 5000]}, "code_paths[0]: expected a path without NUL bytes"),
+])
+def test_refused_references_and_unusable_paths_exit_2(tmp_path: Path, change: dict,
+                                                      needle: str) -> None:
+    """A private callable or a path the file system would refuse: exit 2 and a message
+    naming the field, before any cluster starts; no traceback."""
+    spec = write_spec(tmp_path / "job.yaml", synthetic_spec(2, **change))
+    proc = tidegate("run", spec)
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -4,6 +4,7 @@ answers are the views.py models and the OpenAPI document describes every route."
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 from pathlib import Path
@@ -162,3 +163,173 @@ def test_a_spec_whose_knobs_clash_with_the_daemons_is_refused_at_submit(tmp_path
     (error,) = info.value.errors
     assert error.field == "batch" and "low_water" in error.got
     assert svc.prepare({**spec, "batch": {"high_water": 0.8}}).job.job_id
+
+
+def post_spec(service: Service, spec: dict[str, Any]) -> tuple[int, Any]:
+    """POST one JSON spec to the served API; (status, JSON answer)."""
+    async def main() -> tuple[int, Any]:
+        server, port = make_server(service, "127.0.0.1", 0)
+        client = AsyncHTTPClient()
+        try:
+            r = await client.fetch(f"http://127.0.0.1:{port}/v1/jobs", method="POST",
+                                   body=json.dumps(spec), raise_error=False)
+            return r.code, json.loads(r.body)
+        finally:
+            server.stop()
+            client.close()
+
+    return asyncio.run(main())
+
+
+SMALL = {"model": "tidegate.workloads:synthetic", "parameters": {"values": [{"k": 1}]}}
+
+
+@pytest.mark.parametrize(("field", "change"), [
+    ("output", {"output": "a\x00b"}),
+    ("output", {"output": "o" * 300}),
+    ("output", {"output": "o" * 5000}),
+    ("code_paths[0]", {"code_paths": ["lib\x00"]}),
+    ("code_paths[0]", {"code_paths": ["c" * 256]}),
+    ("parameters.file", {"parameters": {"file": "p\x00.csv"}}),
+    ("parameters.file", {"parameters": {"file": "p" * 300 + ".csv"}}),
+])
+def test_unusable_paths_are_400_naming_the_field(service: Service, field: str,
+                                                 change: dict[str, Any]) -> None:
+    """A NUL byte or a name the file system would refuse is a 400 naming the field and
+    what a path must be, with the value cut short, not a 500 from inside resolve()."""
+    status, body = post_spec(service, {**SMALL, **change})
+    assert status == 400, body
+    [problem] = body["errors"]
+    assert problem["field"] == field
+    assert "without NUL bytes" in problem["expected"]
+    assert len(problem["got"]) < 120
+    assert f"{field}: expected a path" in body["error"]
+
+
+@pytest.mark.parametrize("allowed", [[], ["tidegate.workloads"]])
+def test_private_callables_are_403(tmp_path: Path, allowed: list[str]) -> None:
+    """`module:_helper` is refused like a reference that leaves its module, with or
+    without an allowlist: an allowed module is allowed for what it makes public."""
+    config = load_config(None, {}, {"state_dir": str(tmp_path / "state"),
+                                    "output_root": str(tmp_path / "out"),
+                                    "security.allowed_modules": allowed})
+    svc = Service(config, metrics=Metrics())
+    svc.queue = JobQueue(tmp_path / "jobs.sqlite")
+    try:
+        for spec in ({**SMALL, "model": "tidegate.workloads:_run_child"},
+                     {**SMALL, "targets": [{"name": "t",
+                                            "function": "tidegate.workloads:_spin"}]}):
+            status, body = post_spec(svc, spec)
+            assert status == 403, body
+            assert "private" in body["error"] and "_" in body["error"]
+        assert post_spec(svc, SMALL)[0] == 201  # the public one still is accepted
+    finally:
+        svc.queue.close()
+
+
+@pytest.mark.parametrize("allowed", [[], ["tidegate.workloads"]])
+def test_an_empty_allowlist_is_warned_about_at_start(tmp_path: Path, allowed: list[str],
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """`tidegate serve` says at start that an empty security.allowed_modules lets token
+    holders run any module; a set allowlist gives no such warning. (state_dir is a file,
+    so start stops right after, before any socket or cluster.)"""
+    from tidegate.service import StartupError
+
+    (tmp_path / "state").write_text("not a directory")
+    config = load_config(None, {}, {"state_dir": str(tmp_path / "state"),
+                                    "output_root": str(tmp_path / "out"),
+                                    "security.allowed_modules": allowed})
+    with caplog.at_level("WARNING", logger="tidegate"), pytest.raises(StartupError):
+        asyncio.run(Service(config, metrics=Metrics()).start())
+    warned = [r for r in caplog.records if "allowed_modules is empty" in r.getMessage()]
+    if allowed:
+        assert not warned
+    else:
+        [record] = warned
+        assert record.levelname == "WARNING"
+        message = record.getMessage()
+        assert "subprocess" in message and "any importable module" in message
+
+
+def test_accept_errors_pause_and_are_logged_once_with_a_count(
+        service: Service, caplog: pytest.LogCaptureFixture) -> None:
+    """accept() failing with EMFILE (out of file descriptors) neither spins nor logs a
+    traceback per attempt: accepting pauses ACCEPT_PAUSE_S, and within LOG_EVERY_S one
+    line says what failed; once accept() works again the waiting connection is served."""
+    import errno
+    import socket
+
+    from tidegate import api
+
+    attempts: list[float] = []
+    failing = [True]
+
+    class Exhausted(socket.socket):
+        def accept(self):  # type: ignore[no-untyped-def]
+            if failing[0]:
+                attempts.append(asyncio.get_running_loop().time())
+                raise OSError(errno.EMFILE, "Too many open files")
+            return super().accept()
+
+    async def main() -> int:
+        server, _ = make_server(service, "127.0.0.1", 0)
+        server.stop()  # only its settings and accept loop are used, on our socket
+        sock = Exhausted(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        sock.setblocking(False)
+        server.add_sockets([sock])
+        client = AsyncHTTPClient()
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/healthz"
+        pending = asyncio.ensure_future(client.fetch(url, raise_error=False))
+        await asyncio.sleep(4 * api.ACCEPT_PAUSE_S)  # the time under test, not a sync
+        failing[0] = False
+        answer = await asyncio.wait_for(pending, 30)
+        server.stop()
+        client.close()
+        return answer.code
+
+    with caplog.at_level("ERROR"):
+        assert asyncio.run(main()) == 200
+    # Paused between attempts: about 4 in 2 s, not thousands.
+    assert 2 <= len(attempts) <= 6, len(attempts)
+    assert all(b - a >= api.ACCEPT_PAUSE_S * 0.9 for a, b in itertools.pairwise(attempts))
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "Too many open files" in errors[0].getMessage()
+    assert "cannot accept" in errors[0].getMessage() and errors[0].exc_info is None
+
+
+def test_rate_limited_log_counts_between_lines(caplog: pytest.LogCaptureFixture) -> None:
+    """The first occurrence logs at once; later ones only every every_s, with a count."""
+    from tidegate.api import RateLimitedLog
+
+    now = [0.0]
+    limited = RateLimitedLog(40, "refused", "x", every_s=10, clock=lambda: now[0])
+    with caplog.at_level("ERROR", logger="tidegate"):
+        for t in range(25):  # one a second for 25 s
+            now[0] = float(t)
+            limited.note("EMFILE")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["refused: EMFILE (1 time)",
+                        "refused: EMFILE (10 times in the last 10 s)",
+                        "refused: EMFILE (10 times in the last 10 s)"]
+    assert limited.total == 25
+
+
+def test_a_connection_cap_above_the_fd_limit_is_lowered(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A cap the open-file limit would hit first protects nothing: it is lowered to leave
+    FD_HEADROOM, with a warning; one that fits is kept silently."""
+    import resource
+
+    from tidegate.api import FD_HEADROOM, connection_cap
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        pytest.skip("no open-file limit to exceed")
+    with caplog.at_level("WARNING"):
+        assert connection_cap(1) == 1
+        assert not caplog.records
+        assert connection_cap(soft) == max(1, soft - FD_HEADROOM)
+    [record] = caplog.records
+    assert "open-file limit" in record.getMessage() and str(soft) in record.getMessage()

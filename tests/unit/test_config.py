@@ -504,11 +504,14 @@ def test_public_listen_with_token_file_loads() -> None:
 
 
 def test_shipped_config_loads_with_documented_defaults() -> None:
-    """config/tidegate.yaml validates and, token_file aside, equals the defaults."""
+    """config/tidegate.yaml validates and, token_file and allowed_modules aside, equals
+    the defaults. The shipped allowlist is explicit: empty would allow any module."""
     config = load_config(SHIPPED, {})
     assert config.security.token_file == Path("/etc/tidegate/token")
+    assert config.security.allowed_modules == ["tidegate.workloads"]
     as_default = config.model_copy(
-        update={"security": config.security.model_copy(update={"token_file": None})}
+        update={"security": config.security.model_copy(
+            update={"token_file": None, "allowed_modules": []})}
     )
     assert as_default == DaemonConfig()
 

@@ -750,6 +750,15 @@ def test_configmap_config_connects_to_the_dask_cluster(tmp_path: Path) -> None:
     assert config.log.format == "json"
 
 
+def test_shipped_configs_name_their_allowed_modules(tmp_path: Path) -> None:
+    """Both shipped configs list the modules jobs may run: an empty allowlist lets any
+    token holder run any importable module (subprocess:Popen), against the threat model."""
+    from tidegate.config import load_config as load
+
+    for config in (configmap_config(tmp_path), load(REPO / "config" / "tidegate.yaml", {})):
+        assert config.security.allowed_modules == ["tidegate.workloads"]
+
+
 def test_daskcluster_worker_memory_limit_below_container_limit() -> None:
     """DaskCluster workers' memory_limit is below their container limit, with why."""
     cluster = k8s("DaskCluster")

@@ -51,6 +51,12 @@ class Model:
         return {}
 
     borrowed = staticmethod(os.getcwd)
+
+    def _hidden(self, params, seed):
+        return {}
+
+def _helper(params, seed):
+    return {}
 """
 
 
@@ -72,9 +78,11 @@ def module(tmp_path: Path):
 
 
 @pytest.mark.parametrize("attr", ["os.system", "os.path.join", "join", "Model.borrowed",
-                                  "Model.__init__", "__builtins__", "Model.run.__globals__"])
+                                  "Model.__init__", "__builtins__", "Model.run.__globals__",
+                                  "_helper", "Model._hidden"])
 def test_a_reference_may_not_leave_its_module(module: str, attr: str) -> None:
-    """Modules, imported functions, builtins and special names on the path are refused."""
+    """Modules, imported functions, builtins, special and private names on the path are
+    refused."""
     with pytest.raises(RefOutsideModule) as info:
         import_callable(f"{module}:{attr}")
     assert module in str(info.value)

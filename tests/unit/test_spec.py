@@ -531,3 +531,53 @@ def test_any_grid_expands_deterministically(grid: dict[str, list[Any]]) -> None:
     assert list(first.params) == list(again.params)
     assert first.fingerprint == again.fingerprint
     assert list(first.params)[-1].values == {k: v[-1] for k, v in grid.items()}
+
+
+# --- path fields the file system would refuse ---------------------------------------------
+
+BAD_PATHS = [
+    ("a\x00b", "a NUL byte at index 1"),
+    ("x" * 300, "a component of 300 bytes"),
+    ("results/" + "é" * 128, "a component of 256 bytes"),  # 128 characters, 256 bytes
+    ("x" * 5000, "5,000 bytes"),
+]
+
+
+@pytest.mark.parametrize(("value", "why"), BAD_PATHS)
+@pytest.mark.parametrize("where", ["output", "code_paths", "parameters.file"])
+def test_unusable_paths_are_field_errors(tmp_path: Path, where: str, value: str,
+                                         why: str) -> None:
+    """A NUL byte or a name past NAME_MAX/PATH_MAX names the field, what a path must be
+    and a shortened echo of what came, both in the model and in the daemon's pre-check."""
+    from tidegate.spec import check_path_fields
+
+    if where == "output":
+        data, field = spec(output=value), "output"
+    elif where == "code_paths":
+        data, field = spec(code_paths=[".", value]), "code_paths[1]"
+    else:
+        data, field = spec(parameters={"file": value}), "parameters.file"
+    for check in (lambda: load(tmp_path, data), lambda: check_path_fields(data)):
+        with pytest.raises(SpecError) as info:
+            check()
+        [error] = info.value.errors
+        assert error.field == field
+        assert "without NUL bytes" in error.expected and "255 bytes" in error.expected
+        assert why in error.got
+        assert len(error.got) < 120  # the echo is cut short
+
+
+def test_paths_at_the_limits_are_accepted(tmp_path: Path) -> None:
+    """255 bytes a component is allowed: the check is the file system's, not tighter."""
+    from tidegate.spec import check_path_fields
+
+    data = spec(output="x" * 255, code_paths=["."])
+    check_path_fields(data)
+    assert load(tmp_path, data).output_dir.name == "x" * 255
+
+
+def test_run_output_flag_is_checked_too(tmp_path: Path) -> None:
+    """`tidegate run --output` with an over-long name is a field error naming the flag."""
+    with pytest.raises(SpecError) as info:
+        load_job(write(tmp_path, spec()), output=tmp_path / ("o" * 256))
+    assert info.value.errors[0].field == "--output"
