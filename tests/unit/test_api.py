@@ -280,13 +280,16 @@ def test_accept_errors_pause_and_are_logged_once_with_a_count(
         sock.setblocking(False)
         server.add_sockets([sock])
         client = AsyncHTTPClient()
-        url = f"http://127.0.0.1:{sock.getsockname()[1]}/healthz"
-        pending = asyncio.ensure_future(client.fetch(url, raise_error=False))
-        await asyncio.sleep(4 * api.ACCEPT_PAUSE_S)  # the time under test, not a sync
-        failing[0] = False
-        answer = await asyncio.wait_for(pending, 30)
-        server.stop()
-        client.close()
+        try:
+            url = f"http://127.0.0.1:{sock.getsockname()[1]}/healthz"
+            pending = asyncio.ensure_future(client.fetch(url, raise_error=False))
+            await asyncio.sleep(4 * api.ACCEPT_PAUSE_S)  # the time under test, not a sync
+            failing[0] = False
+            answer = await asyncio.wait_for(pending, 30)
+        finally:
+            server.stop()
+            client.close()
+            sock.close()  # closed here, not by the garbage collector in a later test
         return answer.code
 
     with caplog.at_level("ERROR"):
