@@ -331,21 +331,30 @@ def run_sim(
     same param into the same exit until the cluster had no workers left.
     """
     watch = _active_watch()
+    start = time.perf_counter()
     if watch is None:
-        start = time.perf_counter()
         with _WorkingMemory() as memory:
             outputs, error = _call_model(model, params, seed)
-        return SimReturn(
-            param_id=param_id,
-            replicate=replicate,
-            seed=seed,
-            outputs=outputs,
-            error=error,
-            run_seconds=time.perf_counter() - start,
-            rss_delta_bytes=memory.bytes,
-        )
+        work = memory.bytes
+    else:
+        outputs, error, work = _watched_call(watch, model, params, seed)
+    return SimReturn(
+        param_id=param_id,
+        replicate=replicate,
+        seed=seed,
+        outputs=outputs,
+        error=error,
+        run_seconds=time.perf_counter() - start,
+        rss_delta_bytes=work,
+    )
+
+
+def _watched_call(
+    watch: Any, model: str, params: Mapping[str, Any], seed: int
+) -> tuple[dict[str, bytes], TaskError | None, int]:
+    """The model's call on a worker with tidegate's memory watch: announced, charged its
+    process tree's working memory, and MemoryExceeded if its child was killed."""
     key, nthreads = _announce_executing()
-    start = time.perf_counter()
     token = watch.begin(key)
     # VmHWM is per process and its reset is too: with several threads one sim's reset
     # would erase the peak another sim is being measured by. With one thread it sees the
@@ -369,15 +378,7 @@ def run_sim(
             f"the worker's process tree held {k.tree_rss / MiB:.0f} MiB of its "
             f"{k.limit / MiB:.0f} MiB memory limit",
         )
-    return SimReturn(
-        param_id=param_id,
-        replicate=replicate,
-        seed=seed,
-        outputs=outputs,
-        error=error,
-        run_seconds=time.perf_counter() - start,
-        rss_delta_bytes=work,
-    )
+    return outputs, error, work
 
 
 MiB = 1 << 20

@@ -92,11 +92,9 @@ def test_a_suspect_runs_alone_on_one_worker_while_the_others_work(tmp_path: Path
     assert beside and all(not s for s in beside)
 
 
-def test_a_child_killed_for_memory_isolates_then_quarantines(tmp_path: Path) -> None:
-    """The worker plugin killed a sim's child process: an OOM event and a backoff; the
-    param reruns alone, and killed alone it is quarantined with the kill's numbers."""
-    values = [{"k": i} for i in range(6)]
-    job = _job(tmp_path, values)
+def _child_killing(tmp_path: Path, *, threads: int) -> tuple[Job, str, FakeCluster]:
+    """6 params on workers of 400 MiB; the plugin kills the child of the third's sims."""
+    job = _job(tmp_path, [{"k": i} for i in range(6)])
     heavy = list(job.params)[2].param_id
     fake: FakeCluster
 
@@ -105,7 +103,14 @@ def test_a_child_killed_for_memory_isolates_then_quarantines(tmp_path: Path) -> 
             fake.kill_child(task.key, 390 * MiB)
         return None
 
-    fake = FakeCluster(threads=2, memory_limit=400 * MiB, resources=True, on_run=child)
+    fake = FakeCluster(threads=threads, memory_limit=400 * MiB, resources=True, on_run=child)
+    return job, heavy, fake
+
+
+def test_a_child_killed_for_memory_isolates_then_quarantines(tmp_path: Path) -> None:
+    """The worker plugin killed a sim's child process: an OOM event and a backoff; the
+    param reruns alone, and killed alone it is quarantined with the kill's numbers."""
+    job, heavy, fake = _child_killing(tmp_path, threads=2)
     metrics = Metrics()
     summary = _run(job, fake, metrics)
     assert (summary.ok, summary.failed, summary.quarantined) == (5, 1, 1)
@@ -164,17 +169,7 @@ def test_a_child_killed_alone_on_a_one_thread_worker_is_quarantined_at_once(
 ) -> None:
     """One thread per worker, all workers alike: the kill is exactly that sim's, on a
     worker as large as any, so it is quarantined without a rerun."""
-    values = [{"k": i} for i in range(6)]
-    job = _job(tmp_path, values)
-    heavy = list(job.params)[2].param_id
-    fake: FakeCluster
-
-    def child(task: FakeTask) -> Cause | None:
-        if task.param_id == heavy and task.key.startswith("sim-"):
-            fake.kill_child(task.key, 390 * MiB)
-        return None
-
-    fake = FakeCluster(threads=1, memory_limit=400 * MiB, resources=True, on_run=child)
+    job, heavy, fake = _child_killing(tmp_path, threads=1)
     summary = _run(job, fake)
     assert (summary.ok, summary.failed, summary.quarantined) == (5, 1, 1)
     assert summary.oom_events == 1
