@@ -249,17 +249,22 @@ def _finished(proc: subprocess.CompletedProcess[str]) -> dict:
     return _summary(proc)
 
 
+def _one_part_per_param(tmp_path: Path, n: int) -> tuple[tuple[str | Path, ...], Path]:
+    """A finished run of ``n`` params committed one part each; its arguments and output."""
+    path = write_spec(tmp_path / "job.yaml", synthetic_spec(n))
+    run = ("run", path, "--workers", "1", "--threads-per-worker", "1", "--flush-params", "1",
+           "--json", "--no-progress")
+    _finished(tidegate(*run, cwd=tmp_path))
+    return run, tmp_path / "out"
+
+
 def test_params_rows_of_a_deleted_parts_row_are_damage(tmp_path: Path) -> None:
     """A ledger `parts` row (and its `part_files` rows) deleted by hand leaves params rows
     naming a part the ledger does not record: `verify` reports it (exit 1), a rerun
     refuses (exit 2) and keeps the part's files, `verify --repair` un-commits those
     params, and the next rerun recomputes them: every param once, none without data."""
     n = 3
-    path = write_spec(tmp_path / "job.yaml", synthetic_spec(n))
-    out = tmp_path / "out"
-    run = ("run", path, "--workers", "1", "--threads-per-worker", "1", "--flush-params", "1",
-           "--json", "--no-progress")
-    _finished(tidegate(*run, cwd=tmp_path))
+    run, out = _one_part_per_param(tmp_path, n)
     with Ledger(out / LEDGER_NAME) as ledger:
         assert len(ledger.parts()) == n
     with contextlib.closing(sqlite3.connect(out / LEDGER_NAME)) as db, db:
@@ -305,11 +310,7 @@ def test_a_linked_part_is_refused_and_restart_changes_nothing(tmp_path: Path,
     too and changes nothing (the ledger, manifest and other parts stay), and `verify
     --repair` refuses naming the link."""
     n = 3
-    path = write_spec(tmp_path / "job.yaml", synthetic_spec(n))
-    out = tmp_path / "out"
-    run = ("run", path, "--workers", "1", "--threads-per-worker", "1", "--flush-params", "1",
-           "--json", "--no-progress")
-    _finished(tidegate(*run, cwd=tmp_path))
+    run, out = _one_part_per_param(tmp_path, n)
     (part,) = out.glob("model_outputs/*/part-000001.parquet")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
