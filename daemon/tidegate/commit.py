@@ -19,6 +19,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,7 @@ from tidegate.writer import (
     OutputLock,
     OutputWriteError,
     PartWriter,
+    WrittenPart,
     check_no_links,
     check_own_files,
     discard_output,
@@ -53,6 +55,9 @@ from tidegate.writer import (
 )
 
 log = logging.getLogger(__name__)
+
+# How often the loop looks whether a part written in the background is done.
+STAGING_POLL_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +102,9 @@ class Commit:
             [t.name for t in job.spec.targets],
         )
         self._last_flush = 0.0
+        self._pool: ThreadPoolExecutor | None = None
+        # The part written in the background: its number, its write, when it started.
+        self._staging: tuple[int, Future[WrittenPart], float] | None = None
 
     @property
     def ledger(self) -> Ledger:
@@ -183,7 +191,15 @@ class Commit:
         return self._writer.add(param_id, values, seeds, error, sims, targets)
 
     def maybe_flush(self, now: float) -> Flushed | None:
-        """Write a part if the policy says it is time."""
+        """Write a part if the policy says it is time, in the background: the Parquet
+        encoding and fsync of a part (seconds for 128 MiB of results) run in a thread
+        while the loop keeps collecting and refilling, so workers are not left idle
+        behind a flush. Returns the part committed since the last call, if one was.
+
+        One part is written at a time; while it is, new results buffer. Once they are
+        twice what makes a part due, the loop waits for the write (back-pressure: the
+        buffer stays bounded when the disk is slower than the results)."""
+        flushed = self._finish_staged(wait=False)
         w, p = self._writer, self.policy
         due = (
             w.pending_params >= p.params
@@ -191,26 +207,52 @@ class Commit:
             or (w.pending_params > 0 and now - self._last_flush >= p.seconds)
         )
         if not due:
-            return None
+            return flushed
+        if self._staging is not None:
+            if w.pending_params < 2 * p.params and w.pending_bytes < 2 * p.nbytes:
+                return flushed
+            flushed = self._finish_staged(wait=True)
         self._last_flush = now
-        return self.flush()
+        self._stage()
+        return flushed
 
     def start_clock(self, now: float) -> None:
         """The flush interval counts from here (the loop's start, once workers joined)."""
         self._last_flush = now
 
     def seconds_to_flush(self, now: float) -> float:
+        """Seconds until a part is due; while one is written, when it may be done."""
+        if self._staging is not None:
+            return STAGING_POLL_S
         return self.policy.seconds - (now - self._last_flush)
 
     def flush(self) -> Flushed | None:
-        if not self._writer.pending_params:
+        """Commit the part being written, if any, and write and commit what is buffered,
+        now. Returns the last part committed."""
+        flushed = self._finish_staged(wait=True)
+        if self._writer.pending_params:
+            self._stage()
+            flushed = self._finish_staged(wait=True) or flushed
+        return flushed
+
+    def _stage(self) -> None:
+        taken = self._writer.take(self.ledger.next_part())
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="tidegate-flush")
+        future = self._pool.submit(self._writer.write_taken, taken)
+        self._staging = (taken.part, future, time.perf_counter())
+
+    def _finish_staged(self, *, wait: bool) -> Flushed | None:
+        """Record and publish the part written in the background, once it is written."""
+        if self._staging is None:
             return None
-        ledger = self.ledger
-        part = ledger.next_part()
-        t0 = time.perf_counter()
-        written = self._writer.stage_part(part)  # OutputWriteError: temporaries removed
+        part, future, t0 = self._staging
+        if not wait and not future.done():
+            return None
+        self._staging = None
+        written = future.result()  # OutputWriteError: its temporaries are removed
         sizes = {f: RecordedFile(i.nbytes, i.sha256, i.tmp) for f, i in written.info.items()}
-        out = self.job.output_dir
+        ledger, out = self.ledger, self.job.output_dir
         try:
             ledger.record_intent(part, sizes, written.statuses)
             publish(out, written)
@@ -253,7 +295,18 @@ class Commit:
             self.close_ledger()
 
     def close_ledger(self) -> None:
-        """Close the ledger and release the output's lock."""
+        """Close the ledger and release the output's lock, after a part still being
+        written in the background (a failure elsewhere) is done and its temporaries are
+        removed: its params were never committed and rerun on resume."""
+        if self._staging is not None:
+            _, future, _ = self._staging
+            self._staging = None
+            with contextlib.suppress(Exception):  # its own error: temporaries removed
+                written = future.result()
+                unpublish(self.job.output_dir, written)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         if self._ledger is not None:
             self._ledger.close()
             self._ledger = None

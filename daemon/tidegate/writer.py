@@ -173,6 +173,18 @@ def storable_schema(table: pa.Table, output: str) -> pa.Schema:
     return pq.read_schema(pa.BufferReader(sink.getvalue())).remove_metadata()
 
 
+@dataclass(frozen=True, slots=True)
+class TakenPart:
+    """A part's buffered rows and tables, detached from the writer, not yet written."""
+
+    part: int
+    buf: _Buffer
+
+    @property
+    def params(self) -> int:
+        return len(self.buf.param_rows)
+
+
 class PartWriter:
     """Collects completed params and writes them as one part per flush."""
 
@@ -300,7 +312,18 @@ class PartWriter:
         """Write every buffered dataset as part ``part`` under hidden temporary names,
         fsynced, and clear the buffer; OutputWriteError (temporaries removed) if a write
         fails. Nothing is visible to readers until :func:`publish`."""
+        return self.write_taken(self.take(part))
+
+    def take(self, part: int) -> TakenPart:
+        """Detach what is buffered as part ``part``, to be written by :meth:`write_taken`
+        (in another thread if need be: it touches nothing of the writer's)."""
         buf, self._buf = self._buf, _Buffer()
+        return TakenPart(part, buf)
+
+    def write_taken(self, taken: TakenPart) -> WrittenPart:
+        """Write a detached part under hidden temporary names, fsynced; OutputWriteError
+        (temporaries removed) if a write fails."""
+        part, buf = taken.part, taken.buf
         name = part_name(part)
         tables: dict[str, pa.Table] = {
             f"params/{name}": pa.Table.from_pylist(buf.param_rows, schema=self._params_schema)

@@ -402,3 +402,99 @@ def test_a_linked_part_file_the_ledger_does_not_name_is_reported_and_refused(
     with pytest.raises(UnsafeOutput, match=r"part-000009\.parquet is a symbolic link"):
         _commit(job).resume(0)
     assert link.is_symlink() and copy.exists()
+
+
+# --- parts are written in the background --------------------------------------------
+
+
+def _gated_commit(job: Job, gate: Any, policy: FlushPolicy) -> Commit:
+    """A Commit whose part writes wait for ``gate`` (a threading.Event) to be set."""
+    c = Commit(job, policy)
+    write = c._writer.write_taken
+
+    def gated(taken: Any) -> Any:
+        assert gate.wait(30), "the test never opened the gate"
+        return write(taken)
+
+    c._writer.write_taken = gated  # type: ignore[method-assign]
+    return c
+
+
+def _ids_in(job: Job) -> list[str]:
+    return sorted(ds.dataset(job.output_dir / "params").to_table().column("param_id")
+                  .to_pylist())
+
+
+def test_a_part_is_written_while_the_loop_goes_on(tmp_path: Path) -> None:
+    """maybe_flush hands the part to a thread and returns at once; params completed
+    meanwhile buffer for the next part; the part counts once the thread is done and
+    the next call commits it. Every param is in the output once."""
+    import threading
+
+    job = _job(tmp_path, n=4)
+    gate = threading.Event()
+    c = _gated_commit(job, gate, FlushPolicy(params=2, nbytes=1 << 30, seconds=3600))
+    c.resume(0)
+    _record(c, job, 0, FLOATS)
+    _record(c, job, 1, FLOATS)
+    assert c.maybe_flush(0) is None  # the write waits at the gate: nothing blocks here
+    _record(c, job, 2, FLOATS)
+    assert c.maybe_flush(0) is None
+    assert c.ledger.counts().params == 0
+    assert c.seconds_to_flush(0) < 1  # the loop looks again soon
+    gate.set()
+    c._staging[1].result(timeout=30)  # type: ignore[index]
+    flushed = c.maybe_flush(0)
+    assert flushed is not None and flushed.params == 2
+    assert c.ledger.counts().params == 2
+    _record(c, job, 3, FLOATS)
+    closed = c.close(JobState.SUCCEEDED)
+    assert (closed.ok, closed.parts) == (4, 2)
+    assert _ids_in(job) == sorted(p.param_id for p in job.params)
+
+
+def test_results_twice_a_part_wait_for_the_write(tmp_path: Path) -> None:
+    """Back-pressure: with a part still being written, buffering twice what makes a part
+    due makes maybe_flush wait for that write, then start the next."""
+    import threading
+
+    job = _job(tmp_path, n=4)
+    gate = threading.Event()
+    c = _gated_commit(job, gate, FlushPolicy(params=1, nbytes=1 << 30, seconds=3600))
+    c.resume(0)
+    _record(c, job, 0, FLOATS)
+    assert c.maybe_flush(0) is None  # part 0 at the gate
+    _record(c, job, 1, FLOATS)
+    assert c.maybe_flush(0) is None  # 1 buffered: below twice the policy
+    _record(c, job, 2, FLOATS)
+    threading.Timer(0.2, gate.set).start()  # the wait below must be what lets it finish
+    flushed = c.maybe_flush(0)
+    assert flushed is not None and flushed.params == 1
+    assert c._writer.pending_params == 0  # params 1 and 2 are the next part, in flight
+    closed = c.close(JobState.SUCCEEDED)
+    assert (closed.ok, closed.parts) == (3, 2)
+
+
+def test_a_failed_background_write_raises_at_the_next_call(tmp_path: Path) -> None:
+    """A write that fails in the thread raises OutputWriteError on the loop, its
+    temporaries removed and nothing committed; a rerun resumes those params."""
+    from tidegate.writer import OutputWriteError
+
+    job = _job(tmp_path, n=2)
+    c = Commit(job, FlushPolicy(params=1, nbytes=1 << 30, seconds=3600))
+
+    def failing(taken: Any) -> Any:
+        raise OutputWriteError(job.output_dir / "params", OSError(28, "No space left"))
+
+    c._writer.write_taken = failing  # type: ignore[method-assign]
+    c.resume(0)
+    _record(c, job, 0, FLOATS)
+    assert c.maybe_flush(0) is None
+    c._staging[1].exception(timeout=30)  # type: ignore[index]
+    with pytest.raises(OutputWriteError):
+        c.maybe_flush(0)
+    closed = c.close(JobState.SUCCEEDED, OutputWriteError(job.output_dir, OSError(28, "x")))
+    assert closed.ok == 0 and closed.state is JobState.INTERRUPTED
+    leftovers = [p for p in job.output_dir.rglob("*") if p.is_file()
+                 and p.name not in (LEDGER, LOCK, "manifest.json")]
+    assert leftovers == []
