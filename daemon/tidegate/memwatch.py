@@ -153,12 +153,13 @@ class TreeWatch:
 
     When a sample exceeds ``terminate_fraction * memory_limit`` (a limit > 0) and the
     worker has children, the largest child subtree (the child and its descendants, by
-    their summed RSS) gets SIGKILL; the worker process itself never does (with no child,
-    or when the worker process alone is over the threshold, nothing happens here: Dask's
-    nanny terminates the worker). The kill is charged to
-    the one active sim, or with several to the most recently begun one that began before
-    the child was created (else the most recent), and ``end()`` returns it in
-    ``killed`` even when the model caught the child's death and returned normally.
+    their summed RSS) among those created since the first sim began gets SIGKILL; the
+    worker process itself never does (with no child, or when the worker process alone
+    is over the threshold, nothing happens here: Dask's nanny terminates the worker).
+    The kill is charged to the one active sim, or with several to the most recently
+    begun one that began before the child was created (else the most recent), and
+    ``end()`` returns it in ``killed`` even when the model caught the child's death and
+    returned normally.
     ``on_kill`` is called from the sampler thread. After a kill the watch does not kill
     again until the killed child has left the tree (its memory freed), so a stale read
     of the same child cannot cost a second victim.
@@ -185,6 +186,7 @@ class TreeWatch:
         self._idle: int | None = None
         self._first: int | None = None
         self._killed_pid: int | None = None  # no new kill while this child holds memory
+        self._first_begin: float | None = None  # _since_boot() of the first sim's begin
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # The latest kills, newest last; bounded: a worker may live for weeks.
@@ -233,7 +235,10 @@ class TreeWatch:
         token = next(self._tokens)
         with self._lock:
             self._note(rss)
-            self._sims[token] = _Sim(key, _since_boot(), rss, rss)
+            began = _since_boot()
+            if self._first_begin is None:
+                self._first_begin = began
+            self._sims[token] = _Sim(key, began, rss, rss)
         return token
 
     def end(self, token: object) -> SimMemory:
@@ -287,7 +292,11 @@ class TreeWatch:
             ):
                 self._killed_pid = None
             threshold = self.limit_bytes
-            live = [s for s in reading.subtrees if s[1] > 0]
+            # Only a child a sim could have started: one that predates the first sim is
+            # the worker's own (a resource tracker, a forkserver) and no sim's to lose.
+            first = self._first_begin
+            live = [s for s in reading.subtrees
+                    if s[1] > 0 and first is not None and s[2] >= first - _TICK_S]
             # A worker over the threshold on its own is the nanny's to terminate (it reads
             # the same fraction of the same limit off the worker process's RSS): killing
             # a child then would only add a victim.

@@ -214,18 +214,19 @@ def test_the_largest_child_is_killed_near_the_limit(
 ) -> None:
     """Over 0.95 x limit the largest child subtree gets SIGKILL, the smaller child and
     this process live on, the sim is charged, and a raising on_kill keeps the watch on."""
-    small, big = hogs(), hogs()
-    small.alloc(20 * MiB)
-    limit, hog_bytes = kill_setup(small.pid, big.pid)
     reports: list[KillReport] = []
 
     def on_kill(report: KillReport) -> None:
         reports.append(report)
         raise RuntimeError("on_kill may fail")
 
-    watch = watches(limit, terminate_fraction=0.95, on_kill=on_kill)
+    watch = watches(0, terminate_fraction=0.95, on_kill=on_kill)
+    token = watch.begin("sim-big")  # the children below are the sim's
+    small, big = hogs(), hogs()
+    small.alloc(20 * MiB)
+    limit, hog_bytes = kill_setup(small.pid, big.pid)
+    watch.memory_limit = limit
     watch.start()
-    token = watch.begin("sim-big")
     big.alloc(hog_bytes, wait=False)
     assert big.proc.wait(timeout=30) == -9
     used = watch.end(token)
@@ -248,18 +249,44 @@ def test_no_kill_without_a_limit_or_without_children(
 ) -> None:
     """Limit 0 never kills; a tree over the limit with no child, or whose worker
     process alone is over it, kills nothing (the nanny's business)."""
+    unlimited, tiny = watches(0), watches(1 * MiB)
+    sims = [unlimited.begin("u"), tiny.begin("t")]  # the hog is a child of these sims
     hog = hogs()
     hog.alloc(100 * MiB)
-    unlimited = watches(0)
     assert unlimited.sample() > 100 * MiB
     assert not unlimited.kills and hog.proc.poll() is None
     # This process alone is over the threshold: the nanny's case, no child is killed.
-    tiny = watches(1 * MiB)
     tiny.sample()
     assert not tiny.kills and hog.proc.poll() is None
     hog.close()
     tiny.sample()
     assert not tiny.kills
+    unlimited.end(sims[0])
+    tiny.end(sims[1])
+
+
+def test_a_child_older_than_every_sim_is_never_killed(
+    watches: Callable[..., TreeWatch], hogs: Callable[[], Hog]
+) -> None:
+    """A process the worker started before its first sim (a helper of its own, such as
+    multiprocessing's resource tracker) is no sim's to lose: over the limit the watch
+    kills the largest child a sim could have started, not that older one."""
+    old = hogs()
+    old.alloc(200 * MiB)
+    created = _created_since_boot(psutil.Process(old.pid))
+    wait_for(lambda: _since_boot() > created + 0.05)  # create_time has tick resolution
+    watch = watches(0)
+    token = watch.begin("sim")
+    young = hogs()
+    limit, hog_bytes = kill_setup(old.pid, young.pid)
+    watch.memory_limit = limit
+    young.alloc(60 * MiB)
+    watch.start()
+    old.alloc(hog_bytes, wait=False)  # the old one is now by far the largest child
+    assert young.proc.wait(timeout=30) == -9
+    used = watch.end(token)
+    assert used.killed is not None and used.killed.child_pid == young.pid
+    assert old.proc.poll() is None
 
 
 def test_with_two_sims_the_kill_goes_to_the_one_that_started_the_child(
