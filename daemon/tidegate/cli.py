@@ -169,10 +169,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true",
                      help="print the final summary as one JSON object on stdout")
     run.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
+    run.add_argument("--limit", type=_positive_int("--limit"), metavar="N",
+                     help="a trial: run only the first N params (at most 100) on one local "
+                     "worker into a scratch directory, never the job's output, and print "
+                     "the tables they return and their failures")
 
     validate = _command(sub, common, "validate", "check a job spec and import its callables")
     validate.add_argument("spec", type=Path, help="job spec (YAML)")
     validate.add_argument("--json", action="store_true", help="print the result as JSON")
+    validate.add_argument("--try", dest="trial", type=_positive_int("--try"), metavar="N",
+                          help="also run the first N params (at most 100) on one local "
+                          "worker into a scratch directory and print the tables they "
+                          "return and their failures")
 
     _command(sub, common, "schema", "print the JSON Schema of the job spec")
 
@@ -264,6 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             OutputError, OutputDamaged) as exc:
         return fail(args, str(exc),
                     ServeExit.CONFIG if args.command == "serve" else RunExit.USAGE)
+    except TrialClusterError as exc:
+        return fail(args, str(exc), RunExit.CLUSTER)
     except OutputWriteError as exc:  # before the run started: nothing was written
         if exc.no_space:  # the output's directory, lock or ledger: the disk may free up
             return fail(args, f"{exc}; free space and rerun", RunExit.INTERRUPTED)
@@ -399,9 +409,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from tidegate.spec import check_callables, load_job
+    from tidegate.writer import check_writable
 
     job = load_job(args.spec)
     check_callables(job)
+    check_writable(job.output_dir, create=False)
     info = {
         "job_id": job.job_id,
         "params": job.n_params,
@@ -410,8 +422,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         "tasks": job.n_tasks,
         "output": str(job.output_dir),
     }
+    trial = _trial(job, args.trial) if args.trial else None
     if args.json:
-        print(json.dumps(info))
+        print(json.dumps(info if trial is None else {**info, "trial": trial.as_dict()}))
     else:
         print(
             f"{args.spec}: ok\n"
@@ -421,7 +434,25 @@ def cmd_validate(args: argparse.Namespace) -> int:
             f"  tasks    {job.n_tasks}\n"
             f"  output   {job.output_dir}"
         )
-    return RunExit.OK
+        if trial is not None:
+            print(trial.text())
+    return RunExit.OK if trial is None or not trial.failed else RunExit.FAILED
+
+
+def _trial(job: Any, n: int, memory_limit: str | int | None = None) -> Any:
+    """The trial run of --try / --limit; ClusterError exits 3 as a run's would."""
+    from tidegate.cluster import ClusterError
+    from tidegate.trial import run_trial
+
+    quiet_dask_logs()
+    try:
+        return asyncio.run(run_trial(job, n, memory_limit=memory_limit))
+    except ClusterError as exc:
+        raise TrialClusterError(str(exc)) from None
+
+
+class TrialClusterError(TidegateError):
+    """The trial's local cluster did not start."""
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -429,7 +460,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tidegate.knobs import controller_config, run_overrides
     from tidegate.runner import RunOptions
     from tidegate.spec import RUN_LIMITS, check_callables, load_job
-    from tidegate.writer import check_not_nested, foreign_entries
+    from tidegate.writer import check_not_nested, check_writable, foreign_entries
 
     if args.scheduler and any(
         v is not None for v in (args.workers, args.threads_per_worker, args.memory_limit)
@@ -450,6 +481,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     })
     job = load_job(args.spec, output=args.output, limits=limits)
     check_callables(job)
+    if args.limit:
+        # A trial writes to a scratch directory: the job's output is not touched, nor
+        # checked (an output of another job or a foreign one is no reason to refuse).
+        trial = _trial(job, args.limit, memory_limit)
+        print(json.dumps(trial.as_dict()) if args.json else trial.text())
+        return RunExit.OK if not trial.failed else RunExit.FAILED
     # Before --force and --restart: neither may reach into another job's output.
     check_not_nested(job.output_dir)
     foreign = foreign_entries(job.output_dir)
@@ -460,6 +497,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             "or ledger; give the job an output of its own, or --force to write there "
             "(tidegate then removes only files named like its own parts)"
         )
+    check_writable(job.output_dir, create=True)
     options = RunOptions(
         batch_size=args.batch_size or pinned_batch_size(os.environ),
         controller=run_overrides(os.environ, {"memory_fraction": args.memory_fraction}),

@@ -9,6 +9,7 @@ name, no duplicates) and param files are checked while expanding.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import re
@@ -712,6 +713,31 @@ def load_job(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Arity:
+    names: tuple[str, ...]  # stand-ins for the positional arguments tidegate passes
+    expected: str
+
+
+# How a worker calls them: model(params, seed), target(returns).
+MODEL_ARGS = _Arity(("params", "seed"), "(params, seed): a dict of parameter values and an int")
+TARGET_ARGS = _Arity(("returns",), "(returns): the list of a param's SimReturns")
+
+
+def _call_shape_error(fn: Callable[..., Any], arity: _Arity) -> str | None:
+    """Why ``fn`` cannot be called the way tidegate calls it, or None (also when its
+    signature cannot be read, as for some builtins: the worker then tells)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    try:
+        sig.bind(*arity.names)
+    except TypeError as exc:
+        return f" has signature {sig} ({exc})"
+    return None
+
+
 def check_callables(job: Job) -> None:
     """Import the model and every target the way a worker will, so that a typo fails at
     submit time rather than on the cluster."""
@@ -724,9 +750,14 @@ def check_callables(job: Job) -> None:
     refs = [("model", job.spec.model)]
     refs += [(f"targets[{i}].function", t.function) for i, t in enumerate(job.spec.targets)]
     refused = []
-    for field, ref in refs:
+    for (field, ref), arity in zip(refs, [MODEL_ARGS] + [TARGET_ARGS] * len(job.spec.targets),
+                                   strict=True):
         try:
-            simreturn.import_callable(ref)
+            fn = simreturn.import_callable(ref)
+            wrong = _call_shape_error(fn, arity)
+            if wrong is not None:
+                errors.append(FieldError(field, f"a callable taking {arity.expected}",
+                                         f"{ref!r}{wrong}"))
         except simreturn.RefOutsideModule as exc:
             refused.append(FieldError(field, "a callable defined in the module before ':'",
                                       str(exc)))

@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, NoReturn
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -629,6 +629,53 @@ def check_not_nested(output: Path, root: Path = Path("/")) -> None:
             "tidegate's own; the search for other jobs' outputs below it stopped there, "
             "so tidegate cannot tell that it would not write into one; give the job an "
             "output of its own")
+
+
+class OutputNotWritable(OutputError):
+    """A job output that cannot be created or written."""
+
+
+def check_writable(output: Path, *, create: bool) -> None:
+    """OutputNotWritable naming ``output`` and why tidegate could not write there: the
+    check before any cluster starts. With ``create`` the directory is made (as the run
+    would) and a probe file written and removed in it; without (``validate``), the
+    nearest existing directory on its way must be writable."""
+    output = Path(os.path.abspath(output))
+    existing = output
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+
+    def refuse(reason: str) -> NoReturn:
+        raise OutputNotWritable(
+            f"output: expected a directory tidegate can create and write, got {output} "
+            f"({reason})")
+
+    if not existing.is_dir():
+        refuse(f"{existing} is not a directory")
+    if not create:
+        if not os.access(existing, os.W_OK | os.X_OK):
+            what = "write in" if existing == output else f"create {output} under"
+            refuse(f"cannot {what} {existing}: "
+                   f"{os.strerror(errno.EROFS) if _read_only(existing) else 'permission denied'}")
+        return
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe = output / f".tidegate-probe-{os.getpid()}"
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, b"probe")
+        finally:
+            os.close(fd)
+            probe.unlink(missing_ok=True)
+    except OSError as exc:
+        refuse(f"{exc.filename or output}: {exc.strerror or exc}")
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 class OutputLock:
