@@ -394,8 +394,9 @@ def _unify(column: list[tuple[str, Scalar]], errors: list[FieldError]
     each value whose type differs from the first one's."""
     kinds = {_kind(v) for _, v in column}
     if kinds <= {"int", "float"}:
+        # type() is: bools were kept out above, and this runs once per value.
         inexact = [(f, v) for f, v in column
-                   if isinstance(v, int) and not isinstance(v, bool) and abs(v) > _FLOAT_EXACT]
+                   if type(v) is int and not -_FLOAT_EXACT <= v <= _FLOAT_EXACT]
         if kinds == {"int", "float"} and inexact:
             errors += [FieldError(f, f"an integer within +-2**53 next to floats (the column "
                                      f"is float, and {v} is not exact as one)",
