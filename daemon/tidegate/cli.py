@@ -677,6 +677,10 @@ def _print_summary(s: Any, *, hint: bool = True) -> None:
            if s.worker_losses else ""),
         f"  output   {s.output} ({s.parts} parts)",
     ]
+    if s.orphaned:
+        lines.append(f"  orphaned {s.orphaned} committed params no longer in the spec, kept "
+                     "in the output, not in these counts (--restart recomputes without them)")
+        lines += [f"  orphan   {o['param_id']}: {o['values']}" for o in s.orphans]
     for e in s.errors[:5]:
         lines.append(f"  failed   {e['param_id']}: {e['error'].splitlines()[0][:200]}")
     if s.error:

@@ -20,16 +20,22 @@ import sqlite3
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
 from tidegate import __version__
+from tidegate.errors import TidegateError
 from tidegate.knobs import FlushPolicy
 from tidegate.migrations import SchemaError
 from tidegate.simreturn import SimReturn, TargetResult, TaskError
 from tidegate.spec import Job
 from tidegate.states import JobState
-from tidegate.store import Ledger, RecordedFile
+from tidegate.store import Ledger, LedgerMismatch, RecordedFile
 from tidegate.verify import (
     OutputDamaged,
     check_parts,
@@ -65,6 +71,52 @@ class Resumed:
     committed: frozenset[str]  # param ids already in a committed part
     ok: int
     failed: int
+    # name -> "int" | "float": the committed parts' type of a column, which the spec's
+    # values are cast to (exactly) before they run and are written.
+    casts: Mapping[str, str] = field(default_factory=dict)
+    typed_ids: bool = False  # the output's params have the ids of an earlier release
+
+
+@dataclass(frozen=True, slots=True)
+class Orphans:
+    """Committed params the spec no longer has: kept in the output, not in its counts."""
+
+    count: int
+    ok: int
+    failed: int
+    sample: list[dict[str, Any]]  # a few, each {"param_id": ..., "values": {...}}
+
+
+class ParamTypeMismatch(LedgerMismatch):
+    """The committed parts store a parameter column with a type the spec's values do not
+    fit without loss (a float 0.5 where the parts hold int64)."""
+
+    def __init__(self, path: Path, name: str, stored: str, wanted: str):
+        self.path = path
+        self.differs = [f"param_{name} type"]
+        TidegateError.__init__(
+            self,
+            f"{path.parent} holds committed params whose param_{name} is {stored}; the "
+            f"spec's {name} values are {wanted} and not all of them can be stored as "
+            f"{stored} without loss (parameters.{name}: expected values that fit "
+            f"{stored}); keep them so, or rerun with --restart to recompute the sweep "
+            f"with {wanted} values",
+        )
+
+
+_KINDS = {"int": "int64", "float": "double", "bool": "bool", "str": "string"}
+
+
+def _kind_of(t: pa.DataType) -> str | None:
+    if pa.types.is_boolean(t):
+        return "bool"
+    if pa.types.is_integer(t):
+        return "int"
+    if pa.types.is_floating(t):
+        return "float"
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "str"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,8 +197,7 @@ class Commit:
                 os.close(os.open(out / LEDGER, os.O_CREAT | os.O_EXCL | os.O_WRONLY
                                  | os.O_NOFOLLOW, 0o644))
             self._ledger = ledger = Ledger(out / LEDGER)
-            resumed = ledger.bind(job.job_id, job.fingerprint, job.identity(),
-                                  legacy=job.legacy_identity)
+            resumed = ledger.bind(job.job_id, job.fingerprint, job.identity())
         except (OSError, sqlite3.Error, SchemaError) as exc:
             self.close_ledger()
             if is_no_space(exc):  # a job starting on a full disk: interrupted, not failed
@@ -162,6 +213,11 @@ class Commit:
             if damage:
                 raise OutputDamaged(out, damage)
             removed = remove_unrecorded(out, ledger.files(), ledger.referenced_parts())
+            names, casts = self._committed_columns(ledger)
+            if names != job.param_names or casts:
+                self._writer = PartWriter(
+                    out, names, {**job.param_types, **casts}, job.spec.outputs,
+                    [t.name for t in job.spec.targets])
             self._writer.schemas.update(first_schemas(out, ledger))
         except BaseException:
             self.close_ledger()
@@ -175,7 +231,53 @@ class Commit:
                      counts.params, job.n_params, extra={"action": "job_resumed"})
         self._last_flush = now
         self._manifest("running")
-        return Resumed(frozenset(ledger.committed_param_ids()), counts.ok, counts.failed)
+        return Resumed(frozenset(ledger.committed_param_ids()), counts.ok, counts.failed,
+                       casts, ledger.typed_ids())
+
+    def _committed_columns(self, ledger: Ledger) -> tuple[list[str], dict[str, str]]:
+        """The parameter columns of the first committed params part: their order (kept:
+        a file's columns or a grid's names may come in another order) and the casts
+        that keep each column's type across parts (an int64 column stays int64 when the
+        grown spec reads its whole numbers as floats). ParamTypeMismatch if the spec's
+        values do not fit a column's type."""
+        job = self.job
+        first = next((f for cp in ledger.parts() for f in cp.files
+                      if f.startswith("params/")), None)
+        if first is None:
+            return job.param_names, {}
+        schema = pq.read_schema(job.output_dir / first)
+        stored = {f.name.removeprefix("param_"): f.type for f in schema
+                  if f.name.startswith("param_") and f.name != "param_id"}
+        casts: dict[str, str] = {}
+        for name in job.param_names:
+            kind = _kind_of(stored[name]) if name in stored else None
+            if kind is None or kind == job.param_types[name]:
+                continue
+            if kind not in job.param_fits[name]:
+                raise ParamTypeMismatch(ledger.path, name, str(stored[name]),
+                                        _KINDS[job.param_types[name]])
+            casts[name] = kind
+        names = [n for n in stored if n in job.param_types]
+        return (names if sorted(names) == sorted(job.param_names) else job.param_names), casts
+
+    def orphans(self, ids: set[str], sample: int = 5) -> Orphans:
+        """Count ``ids`` (committed, no longer in the spec) by status, and read the
+        values of the first few from the params parts."""
+        ok, failed = self.ledger.statuses(ids)
+        shown = sorted(ids)[:sample]
+        rows: list[dict[str, Any]] = []
+        if shown:
+            files = [self.job.output_dir / f for f in self.ledger.files_of(shown)
+                     if f.startswith("params/")]
+            table = pa.concat_tables(
+                [pq.read_table(f).filter(pc.field("param_id").isin(shown)) for f in files],
+                promote_options="permissive") if files else None
+            for row in table.to_pylist() if table is not None else []:
+                values = {k.removeprefix("param_"): v for k, v in row.items()
+                          if k.startswith("param_") and k != "param_id"}
+                rows.append({"param_id": row["param_id"], "values": values})
+            rows.sort(key=lambda r: r["param_id"])
+        return Orphans(len(ids), ok, failed, rows)
 
     def record(
         self,

@@ -63,6 +63,10 @@ class RunSummary:
     worker_losses: dict[str, int] = field(default_factory=dict)  # cause -> count
     quarantined: int = 0
     error: str | None = None  # why the run stopped early (a failed output write)
+    # Committed params no longer in the spec (kept in the output, left out of total, ok,
+    # failed and resumed); None when the run ended before it walked all the spec's.
+    orphaned: int | None = 0
+    orphans: list[dict[str, Any]] = field(default_factory=list)  # a few: param_id, values
 
     def __post_init__(self) -> None:
         self.state = JobState(self.state)
@@ -85,6 +89,7 @@ class RunSummary:
                 "failed": self.failed,
                 "resumed": self.resumed,
                 "quarantined": self.quarantined,
+                "orphaned": self.orphaned,
             },
             "batch_size": {
                 "min": self.batch_min,
@@ -99,5 +104,6 @@ class RunSummary:
             "parts": self.parts,
             "peak_inflight_tasks": self.peak_inflight_tasks,
             "errors": self.errors,
+            **({"orphans": self.orphans} if self.orphans else {}),
             **({"error": self.error} if self.error else {}),
         }

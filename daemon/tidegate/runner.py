@@ -25,7 +25,7 @@ from tidegate.limiter import Limiter, check_layout
 from tidegate.losses import Isolation, MemoryKill, Quarantine, WorkerLoss
 from tidegate.metrics import Metrics
 from tidegate.outcome import Disconnected, Failed, Result, Retry, RetryReason, judge, measure
-from tidegate.params import ParamSource
+from tidegate.params import ParamSource, Pending, typed_as
 from tidegate.report import Progress, ProgressSink, RunSummary
 from tidegate.simreturn import SimReturn, TargetResult, TaskError
 from tidegate.spec import Job, Param
@@ -126,12 +126,21 @@ class Runner:
             workers = await self.cluster.workers() or workers
             self.limiter.memory_scale = check_layout(await self.cluster.host_layout(),
                                                      workers)
-            pending = self.source.pending(resumed.committed.__contains__)
-            self.window = Window(pending, self.source.total - len(resumed.committed),
-                                 solo_beside=any(w.capacity > 0 for w in workers))
+            # Lazily: committed ids are skipped as the walk meets them, and those it never
+            # meets (params removed from the spec) are known once it is over.
+            source = self.source.typed_ids() if resumed.typed_ids else self.source
+            pending = Pending(source, resumed.committed)
+            fresh = map(typed_as(resumed.casts), pending) if resumed.casts else pending
+            self.window = Window(fresh, self.source.total - len(resumed.committed),
+                                 solo_beside=any(w.capacity > 0 for w in workers),
+                                 exact=not resumed.committed)
             self._decide(workers)
             commit.start_clock(self.clock())
             await self._loop(commit, watch)
+            orphans = pending.orphans()
+            if orphans is not None:
+                o = commit.orphans(orphans)
+                self.stats.orphaned(o.count, o.ok, o.failed, o.sample)
             unfinished = self.stopping or not self.window.finished
             state = JobState.INTERRUPTED if unfinished else JobState.SUCCEEDED
         except SchedulerLost as exc:

@@ -367,6 +367,7 @@ def replicate_seed(job_seed: int, param_id: str, replicate: int) -> int:
 class _Expanded:
     names: list[str]
     types: dict[str, str]
+    fits: dict[str, frozenset[str]]
     source: ParamSource
 
 
@@ -382,12 +383,33 @@ def _group(value: Scalar) -> str:
     return "number" if kind in ("int", "float") else kind
 
 
-def _unify(column: list[tuple[str, Scalar]], errors: list[FieldError]) -> tuple[str, list[Scalar]]:
-    """One type for a name's values: ints become floats next to floats; anything else mixed
-    is an error at each value whose type differs from the first one's."""
+_FLOAT_EXACT = 2**53  # every int of at most this magnitude is exactly a float64
+
+
+def _unify(column: list[tuple[str, Scalar]], errors: list[FieldError]
+           ) -> tuple[str, frozenset[str], list[Scalar]]:
+    """One type for a name's values, and the types they could be stored as without loss
+    (an int column as float, a float column of whole numbers as int: the type a column
+    has in committed parts wins, see commit.py). Ints become floats next to floats,
+    unless one is too large to be exact as a float; anything else mixed is an error at
+    each value whose type differs from the first one's."""
     kinds = {_kind(v) for _, v in column}
-    if kinds == {"int", "float"}:
-        return "float", [float(v) for _, v in column]
+    if kinds <= {"int", "float"}:
+        # type() is: bools were kept out above, and this runs once per value.
+        inexact = [(f, v) for f, v in column
+                   if type(v) is int and not -_FLOAT_EXACT <= v <= _FLOAT_EXACT]
+        if kinds == {"int", "float"} and inexact:
+            errors += [FieldError(f, f"an integer within +-2**53 next to floats (the column "
+                                     f"is float, and {v} is not exact as one)",
+                                  _show(v, typed=True))
+                       for f, v in inexact[:5]]
+            return "float", frozenset({"float"}), [v for _, v in column]
+        if kinds == {"int"}:
+            return "int", frozenset({"int"} | (set() if inexact else {"float"})), \
+                [v for _, v in column]
+        floats = [float(v) for _, v in column]
+        whole = all(v.is_integer() and -_INT64 <= v < _INT64 for v in floats)
+        return "float", frozenset({"float"} | ({"int"} if whole else set())), list(floats)
     if len(kinds) > 1:
         first_field, first = column[0]
         expected = f"{_GROUP_TEXT[_group(first)]} (the type in {first_field})"
@@ -396,17 +418,20 @@ def _unify(column: list[tuple[str, Scalar]], errors: list[FieldError]) -> tuple[
             for f, v in column
             if _group(v) != _group(first)
         ]
-    return kinds.pop(), [v for _, v in column]
+    kind = kinds.pop()
+    return kind, frozenset({kind}), [v for _, v in column]
 
 
 def _expand_grid(grid: Mapping[str, list[Scalar]]) -> _Expanded:
     names, columns = list(grid), []
     types: dict[str, str] = {}
+    fits: dict[str, frozenset[str]] = {}
     collision = _case_collision(names, "parameters.grid")
     errors: list[FieldError] = [collision] if collision else []
     for name, values in grid.items():
         fields = [f"parameters.grid.{name}[{j}]" for j in range(len(values))]
-        types[name], column = _unify(list(zip(fields, values, strict=True)), errors)
+        types[name], fits[name], column = _unify(list(zip(fields, values, strict=True)),
+                                                 errors)
         dup = _first_duplicate(column)
         if dup is not None:
             i, j = dup
@@ -420,7 +445,7 @@ def _expand_grid(grid: Mapping[str, list[Scalar]]) -> _Expanded:
         columns.append(column)
     if errors:
         raise SpecError(errors)
-    return _Expanded(names, types, GridSource(names, columns))
+    return _Expanded(names, types, fits, GridSource(names, columns))
 
 
 def _expand_rows(rows: list[tuple[str, Mapping[str, Any]]]) -> _Expanded:
@@ -443,9 +468,10 @@ def _expand_rows(rows: list[tuple[str, Mapping[str, Any]]]) -> _Expanded:
     ]
     if errors:
         raise SpecError(errors)
-    types, columns = {}, []
+    types, fits, columns = {}, {}, []
     for n in names:
-        types[n], column = _unify([(f"{label}.{n}", row[n]) for label, row in rows], errors)
+        types[n], fits[n], column = _unify([(f"{label}.{n}", row[n]) for label, row in rows],
+                                           errors)
         columns.append(column)
     if errors:
         raise SpecError(errors)
@@ -458,7 +484,7 @@ def _expand_rows(rows: list[tuple[str, Mapping[str, Any]]]) -> _Expanded:
         )
     params = [Param(param_id_of(values), values)
               for values in (dict(zip(names, k, strict=True)) for k in keys)]
-    return _Expanded(names, types, ListSource(params))
+    return _Expanded(names, types, fits, ListSource(params))
 
 
 _READERS: dict[str, Callable[[Path], pa.Table]] = {
@@ -592,6 +618,9 @@ class Job:
     params: ParamSource
     param_names: list[str]
     param_types: dict[str, str]
+    # The types each name's values can be stored as without loss (param_types' among
+    # them): a column keeps its type in committed parts when the grown spec's fits it.
+    param_fits: dict[str, frozenset[str]]
     code_paths: list[Path]
     output_dir: Path
     fingerprint: str
@@ -608,25 +637,18 @@ class Job:
         return self.n_params * (self.spec.replicates + len(self.spec.targets))
 
     def identity(self) -> dict[str, Any]:
-        return _identity(self.spec, self.params.digest, self.param_names)
-
-    def legacy_identity(self) -> dict[str, Any]:
-        """The identity releases before lazy params recorded: every param id, listed.
-        A pass over every param, made only to adopt such a ledger (see Ledger.bind)."""
-        identity = _identity(self.spec, "", self.param_names)
-        del identity["params"]
-        identity["param_ids"] = [p.param_id for p in self.params]
-        return identity
+        return _identity(self.spec, self.param_names)
 
 
-def _identity(spec: JobSpec, params_digest: str, names: list[str]) -> dict[str, Any]:
+def _identity(spec: JobSpec, names: list[str]) -> dict[str, Any]:
     """What makes two runs the same job. Not job_id, code_paths, output or batch: B may
-    change between runs of one job and its output can move. The params enter by their
-    source's digest, computed from the spec's shape without expanding a grid."""
+    change between runs of one job and its output can move. Not the parameter values
+    either: a job whose values grow (or shrink) is the same job, which resumes, runs
+    the new params and keeps the others; its parameter names are (as a set: the order
+    of a grid's names or a file's columns changes no param's id)."""
     return {
         "model": spec.model,
-        "params": params_digest,
-        "param_names": list(names),
+        "param_names": sorted(names),
         "replicates": spec.replicates,
         "seed": spec.seed,
         "targets": [{"name": t.name, "function": t.function} for t in spec.targets],
@@ -668,7 +690,7 @@ def job_from_dict(
         expanded = _expand(spec, base_dir, limits)
     except SpecError as exc:
         raise SpecError(exc.errors, source) from None
-    fingerprint = _fingerprint(_identity(spec, expanded.source.digest, expanded.names))
+    fingerprint = _fingerprint(_identity(spec, expanded.names))
     job_id = spec.job_id or _derived_job_id(spec.model, fingerprint)
     if output is not None:
         problem = path_problem(str(output))
@@ -688,6 +710,7 @@ def job_from_dict(
         params=expanded.source,
         param_names=expanded.names,
         param_types=expanded.types,
+        param_fits=expanded.fits,
         code_paths=[(base_dir / p).resolve() for p in spec.code_paths],
         output_dir=output_dir,
         fingerprint=fingerprint,

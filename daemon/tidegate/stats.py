@@ -54,6 +54,8 @@ class RunStats:
     peak_inflight_tasks: int = 0
     started: float = 0.0
     child_kills: int = 0  # child process trees tidegate's workers killed for memory
+    orphan_count: int | None = None  # committed params not in the spec, once known
+    orphan_sample: list[dict[str, Any]] = field(default_factory=list)
     # Admission held back, by reason: seconds, and since when the current hold lasts.
     _blocked_reason: str | None = None
     _blocked_since: float = 0.0
@@ -63,6 +65,17 @@ class RunStats:
         """The run starts with ``ok + failed`` params already committed."""
         self.ok, self.failed, self.resumed = ok, failed, ok + failed
         self.started = self.clock()
+
+    def orphaned(self, count: int, ok: int, failed: int, sample: list[dict[str, Any]]) -> None:
+        """``count`` committed params (``ok`` + ``failed``) are not in the spec: they stay
+        in the output but leave the counts, which are the spec's."""
+        self.ok, self.failed = self.ok - ok, self.failed - failed
+        self.resumed -= ok + failed
+        self.orphan_count, self.orphan_sample = count, sample
+        if count:
+            shown = ", ".join(f"{o['param_id']} {o['values']}" for o in sample)
+            log.info("%d committed params are no longer in the spec (orphaned; kept in the "
+                     "output), e.g. %s", count, shown, extra={"action": "params_orphaned"})
 
     def committed_only(self, ok: int, failed: int) -> None:
         """A part could not be written: the counts fall back to what the ledger holds
@@ -249,4 +262,6 @@ class RunStats:
             errors=list(self.errors),
             peak_inflight_tasks=self.peak_inflight_tasks,
             worker_losses=dict(self.losses),
+            orphaned=self.orphan_count,
+            orphans=list(self.orphan_sample),
         )

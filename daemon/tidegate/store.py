@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,37 +156,49 @@ class Ledger:
 
     # --- identity -------------------------------------------------------------------
 
-    def bind(self, job_id: str, fingerprint: str, identity: Mapping[str, Any],
-             legacy: Callable[[], Mapping[str, Any]] | None = None) -> bool:
+    def bind(self, job_id: str, fingerprint: str, identity: Mapping[str, Any]) -> bool:
         """Claim this ledger for a job; True if it already held the same job (a resume).
 
-        A ledger recorded by a release that listed every param id in the identity is
-        adopted when ``legacy()`` (that form of this job's identity) matches it; the pass
-        over every param it costs is paid once, by such a ledger only. Raises
-        LedgerMismatch if it holds a job with another fingerprint.
+        The identity leaves the parameter values out, so a job whose values grew or
+        shrank binds as the same job. A ledger of a release whose identity held the
+        values (a digest of them, or every param id) is adopted when the rest matches;
+        its params keep the ids that release gave them (``typed_ids``). Raises
+        LedgerMismatch if it holds a job that differs in anything else.
         """
         stored = self._meta()
         if "fingerprint" in stored:
             if stored["fingerprint"] == fingerprint:
                 return True
             old = json.loads(stored.get("identity", "{}"))
-            if ("param_ids" in old and legacy is not None
-                    and json.loads(_identity_text(legacy())) == old):
-                self._write_identity(job_id, fingerprint, identity)
+            legacy = {"params", "param_ids"} & set(old)
+            if legacy:
+                old = {k: v for k, v in old.items() if k not in legacy}
+                if isinstance(old.get("param_names"), list):
+                    old["param_names"] = sorted(old["param_names"])
+            differs = sorted(k for k in set(old) | set(identity)
+                             if old.get(k) != identity.get(k))
+            if legacy and not differs:
+                self._write_identity(job_id, fingerprint, identity, typed_ids=True)
                 return True
-            differs = sorted({"params" if k == "param_ids" else k
-                              for k in set(old) | set(identity) if old.get(k) != identity.get(k)})
             raise LedgerMismatch(self.path, differs or ["fingerprint"])
         self._write_identity(job_id, fingerprint, identity)
         return False
 
-    def _write_identity(self, job_id: str, fingerprint: str, identity: Mapping[str, Any]) -> None:
+    def typed_ids(self) -> bool:
+        """Whether this ledger's params have the ids of releases before canonical ids
+        (where 1 and 1.0 were two params): a rerun gives its params those ids."""
+        return self._meta().get("param_id_scheme") == "typed"
+
+    def _write_identity(self, job_id: str, fingerprint: str, identity: Mapping[str, Any],
+                        *, typed_ids: bool = False) -> None:
         rows = {
             "schema_version": str(SCHEMA_VERSION),
             "job_id": job_id,
             "fingerprint": fingerprint,
             "identity": _identity_text(identity),
         }
+        if typed_ids:
+            rows["param_id_scheme"] = "typed"
         with self._transaction():
             self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", rows.items())
 
@@ -225,6 +237,30 @@ class Ledger:
                 "SELECT part, files, bytes FROM parts ORDER BY part"
             )
         ]
+
+    def statuses(self, ids: Iterable[str]) -> tuple[int, int]:
+        """How many of ``ids`` are committed ok and failed."""
+        ok = failed = 0
+        for chunk in _chunks(list(ids)):
+            for status, n in self._db.execute(
+                f"SELECT status, COUNT(*) FROM params WHERE param_id IN "
+                f"({','.join('?' * len(chunk))}) GROUP BY status", chunk):
+                ok += n if status == "ok" else 0
+                failed += n if status == "failed" else 0
+        return ok, failed
+
+    def files_of(self, ids: Iterable[str]) -> list[str]:
+        """The files of the committed parts that hold any of ``ids``."""
+        parts: set[int] = set()
+        for chunk in _chunks(list(ids)):
+            parts.update(r[0] for r in self._db.execute(
+                f"SELECT DISTINCT part FROM params WHERE param_id IN "
+                f"({','.join('?' * len(chunk))})", chunk))
+        out: list[str] = []
+        for part in sorted(parts):
+            row = self._db.execute("SELECT files FROM parts WHERE part = ?", (part,)).fetchone()
+            out += json.loads(row[0]) if row else []
+        return out
 
     def part_param_ids(self, part: int) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT param_id FROM params WHERE part = ?",
@@ -352,6 +388,12 @@ class _Transaction:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             raise
+
+
+def _chunks(items: list[str], size: int = 500) -> Iterator[list[str]]:
+    """SQLite binds at most 999 variables per statement in older builds."""
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
 
 
 def _identity_text(identity: Mapping[str, Any]) -> str:

@@ -73,12 +73,17 @@ Submit = Callable[[Sequence[Admission[P]]], Sequence[TaskKeys]]
 class Window(Generic[P]):
     """Params in flight, by param id, and the queues that feed it."""
 
-    def __init__(self, fresh: Iterator[P], fresh_count: int, *, solo_beside: bool = False):
+    def __init__(self, fresh: Iterator[P], fresh_count: int, *, solo_beside: bool = False,
+                 exact: bool = True):
         # solo_beside: a suspect claims a whole worker (the cluster keeps everything else
         # off it), so it is admitted beside the others instead of after a drain.
         self.solo_beside = solo_beside
         self._fresh = fresh
-        self._fresh_left = fresh_count  # params the source has yet to yield
+        # exact=False: fresh_count is an estimate (a resumed source skips committed ids
+        # it cannot count in advance): the window takes params until the source ends,
+        # counting at least one left until then.
+        self._exact = exact
+        self._fresh_left = fresh_count if exact else max(1, fresh_count)
         self._retry: deque[Admission[P]] = deque()
         self._solo: deque[Admission[P]] = deque()
         self._inflight: dict[str, Entry[P]] = {}
@@ -157,7 +162,8 @@ class Window(Generic[P]):
             if param is None:  # the source had fewer than it said
                 self._fresh_left = 0
                 break
-            self._fresh_left -= 1
+            if self._exact or self._fresh_left > 1:
+                self._fresh_left -= 1
             taken_fresh += 1
             batch.append(Admission(param, 0))
         return self._submit(batch, submit, taken_fresh)

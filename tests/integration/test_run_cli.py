@@ -55,7 +55,8 @@ def test_sir_example_end_to_end(tmp_path: Path, sir_dir: Path) -> None:
     assert summary["state"] == "succeeded"
     n = summary["params"]["total"]
     assert n >= 100
-    assert summary["params"] == {"total": n, "ok": n, "failed": 0, "resumed": 0, "quarantined": 0}
+    assert summary["params"] == {"total": n, "ok": n, "failed": 0, "resumed": 0, "quarantined": 0,
+                                 "orphaned": 0}
     assert summary["batch_size"]["min"] <= summary["batch_size"]["final"]
 
     params = pq.read_table(out / "params")

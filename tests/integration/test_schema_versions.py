@@ -29,7 +29,7 @@ def test_output_of_the_unversioned_release_resumes(tmp_path: Path) -> None:
     summary = _summary(proc)
     assert summary["state"] == "succeeded"
     assert summary["params"] == {"total": 3, "ok": 3, "failed": 0, "resumed": 2,
-                                 "quarantined": 0}
+                                 "quarantined": 0, "orphaned": 0}
     ids = [r["param_id"] for r in read_dataset(out / "params")]
     assert len(ids) == len(set(ids)) == 3
     with Ledger(out / "_ledger.sqlite") as ledger:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 import sqlite3
 from pathlib import Path
@@ -156,17 +157,17 @@ def test_new_ledger_records_its_schema_version(tmp_path: Path) -> None:
 def test_ledger_of_the_unversioned_release_migrates_to_v2(tmp_path: Path) -> None:
     """The fixture's ledger (user_version 0, read as version 1) is migrated to version 2
     on open and resumes its job with its parts, params and counts as they were. Its
-    identity lists every param id (as that release recorded it): it is adopted once, by
-    comparing that form, and holds the digest form afterwards."""
+    identity lists every param id (as that release recorded it): the rest of it matches,
+    so it is adopted, and its params keep that release's typed ids (its run_seconds
+    0.0 is not spelled 0 in them)."""
     root = shutil.copytree(OUTPUT_V1, tmp_path / "output_v1")
     path = root / "out" / LEDGER
     job = load_job(root / "job.yaml")
     with Ledger(path) as ledger:
         assert ledger.schema_version == 2
-        with pytest.raises(LedgerMismatch, match=r"differs in: params\)"):
-            ledger.bind(job.job_id, job.fingerprint, job.identity())  # no legacy form given
-        assert ledger.bind(job.job_id, job.fingerprint, job.identity(),
-                           legacy=job.legacy_identity) is True
+        assert not ledger.typed_ids()
+        assert ledger.bind(job.job_id, job.fingerprint, job.identity()) is True
+        assert ledger.typed_ids()
         assert ledger.bind(job.job_id, job.fingerprint, job.identity()) is True
         committed = ledger.committed_param_ids()
         counts = ledger.counts()
@@ -174,29 +175,42 @@ def test_ledger_of_the_unversioned_release_migrates_to_v2(tmp_path: Path) -> Non
         assert ledger.next_part() == 2
         files = ledger.files()
     assert len(files) == 6 and all((root / "out" / f).is_file() for f in files)
-    by_k = {p.values["k"]: p.param_id for p in job.params}
+    by_k = {p.values["k"]: p.param_id for p in job.params.typed_ids()}
     assert committed == {by_k[0], by_k[1]}
+    assert not committed & {p.param_id for p in job.params}  # canonical ids differ here
     assert _user_version(path) == 2
     with Ledger(path) as ledger:
+        assert ledger.typed_ids()
         assert [p.sizes for p in ledger.parts()] == [{}, {}]  # v1 parts: total size only
         assert ledger.intents() == []
 
 
-def test_ledger_of_the_unversioned_release_refuses_other_params(tmp_path: Path) -> None:
-    """Adopting a ledger that lists param ids compares them: one more param is another
-    job, refused naming the params, and the ledger keeps its old identity."""
+def test_ledger_of_the_unversioned_release_adopts_grown_params_not_new_names(
+        tmp_path: Path) -> None:
+    """Adopting a ledger that lists param ids ignores them: one more param is the same
+    job; a new parameter name is another, refused naming it, and the ledger keeps its
+    old identity."""
     root = shutil.copytree(OUTPUT_V1, tmp_path / "output_v1")
     spec = yaml.safe_load((root / "job.yaml").read_text())
+    named = copy.deepcopy(spec)
+    for row in named["parameters"]["values"]:
+        row["extra"] = 1
+    (root / "named.yaml").write_text(yaml.safe_dump(named))
     spec["parameters"]["values"].append({"k": 3, "output_bytes": 256, "run_seconds": 0.0})
     (root / "job.yaml").write_text(yaml.safe_dump(spec))
-    job = load_job(root / "job.yaml")
     path = root / "out" / LEDGER
     with Ledger(path) as ledger:
         before = ledger._meta()
-    with Ledger(path) as ledger, pytest.raises(LedgerMismatch, match=r"differs in: params\)"):
-        ledger.bind(job.job_id, job.fingerprint, job.identity(), legacy=job.legacy_identity)
+    other = load_job(root / "named.yaml")
+    with Ledger(path) as ledger, pytest.raises(LedgerMismatch,
+                                               match=r"differs in: param_names\)"):
+        ledger.bind(other.job_id, other.fingerprint, other.identity())
     with Ledger(path) as ledger:
         assert ledger._meta() == before
+    job = load_job(root / "job.yaml")
+    with Ledger(path) as ledger:
+        assert ledger.bind(job.job_id, job.fingerprint, job.identity()) is True
+        assert ledger.typed_ids()
 
 
 @pytest.mark.parametrize("content", [b"", b"\x00garbage" * 500], ids=["short", "long"])

@@ -165,11 +165,33 @@ def test_int_and_float_unify_to_float(tmp_path: Path) -> None:
     assert list(values.params) == list(floats.params)
 
 
-def test_ints_stay_ints_and_differ_from_floats(tmp_path: Path) -> None:
-    """A name whose values are all ints stays int, and 1 is not the same param as 1.0."""
+def test_ints_stay_ints_and_whole_floats_are_the_same_params(tmp_path: Path) -> None:
+    """A name whose values are all ints stays int; 1 and 1.0 are one param (one id), as
+    releases before canonical ids did not have it (their typed ids, kept for their
+    outputs, differ)."""
     job = load(tmp_path, spec(parameters={"grid": {"n": [1, 2]}}))
     assert job.param_types == {"n": "int"}
-    assert next(iter(job.params)).param_id != param_id_of({"n": 1.0})
+    assert job.param_fits == {"n": frozenset({"int", "float"})}
+    first = next(iter(job.params))
+    assert first.param_id == param_id_of({"n": 1.0})
+    assert param_id_of({"n": 1}, typed=True) != param_id_of({"n": 1.0}, typed=True)
+    assert next(iter(job.params.typed_ids())).param_id == param_id_of({"n": 1}, typed=True)
+    floats = load(tmp_path, spec(parameters={"grid": {"n": [1.0, 2.0, 2.5]}}))
+    assert floats.param_fits == {"n": frozenset({"float"})}
+    whole = load(tmp_path, spec(parameters={"grid": {"n": [1.0, 2.0, 3]}}))
+    assert (whole.param_types, whole.param_fits) == ({"n": "float"},
+                                                     {"n": frozenset({"int", "float"})})
+    assert [p.param_id for p in whole.params][:2] == [p.param_id for p in job.params]
+
+
+def test_an_int_too_large_for_a_float_is_refused_beside_floats(tmp_path: Path) -> None:
+    """2**53 + 1 next to a float would become 2**53 (another param): refused, named."""
+    with pytest.raises(SpecError) as err:
+        load(tmp_path, spec(parameters={"grid": {"n": [0.5, 2**53 + 1]}}))
+    (e,) = err.value.errors
+    assert e.field == "parameters.grid.n[1]" and "2**53" in e.expected
+    big = load(tmp_path, spec(parameters={"grid": {"n": [1, 2**53 + 1]}}))
+    assert big.param_fits == {"n": frozenset({"int"})}
 
 
 def test_defaults(tmp_path: Path) -> None:
@@ -215,16 +237,25 @@ def test_fingerprint_ignores_where_and_how_but_not_what(tmp_path: Path) -> None:
     job = load(tmp_path, spec())
     identity = job.identity()
     assert set(identity) == {
-        "model", "params", "param_names", "replicates", "seed", "targets", "outputs"
+        "model", "param_names", "replicates", "seed", "targets", "outputs"
     }
     assert json.loads(json.dumps(identity)) == identity
+    # The values are not the job's identity: a grown grid is the same job (and the same
+    # derived job id); a new parameter name is another.
+    grown = load(tmp_path, spec(parameters={"grid": {**GRID, "beta": [*GRID["beta"], 0.4]}}))
+    assert (grown.fingerprint, grown.job_id) == (base, load(tmp_path, spec()).job_id)
+    renamed = load(tmp_path, spec(parameters={"grid": {**GRID, "delta": [1]}}))
+    assert renamed.fingerprint != base
+    swapped = load(tmp_path, spec(parameters={"grid": {"gamma": GRID["gamma"],
+                                                       "beta": GRID["beta"]}}))
+    assert swapped.fingerprint == base
 
 
 def test_a_grid_is_never_expanded_to_be_counted_or_identified(tmp_path: Path) -> None:
     """A grid of 10^12 params (limits raised) loads with its size, fingerprint and first
     param at once: nothing walks the product until the params are asked for."""
     axes = {f"x{i}": list(range(100)) for i in range(6)}
-    limits = replace(RUN_LIMITS, max_params=10**12, max_tasks=10**14)
+    limits = replace(RUN_LIMITS, max_params=2 * 10**12, max_tasks=10**14)
     job = job_from_dict(spec(parameters={"grid": axes}), base_dir=tmp_path, limits=limits)
     assert job.n_params == 10**12
     assert job.n_tasks == 10**12 * (3 + 1)
@@ -232,9 +263,9 @@ def test_a_grid_is_never_expanded_to_be_counted_or_identified(tmp_path: Path) ->
     assert first.values == dict.fromkeys(axes, 0)
     again = job_from_dict(spec(parameters={"grid": axes}), base_dir=tmp_path, limits=limits)
     assert again.fingerprint == job.fingerprint
-    reordered = {**axes, "x5": list(reversed(range(100)))}
-    other = job_from_dict(spec(parameters={"grid": reordered}), base_dir=tmp_path, limits=limits)
-    assert other.fingerprint != job.fingerprint  # same set, another order: another job
+    grown = {**axes, "x5": list(range(101))}
+    other = job_from_dict(spec(parameters={"grid": grown}), base_dir=tmp_path, limits=limits)
+    assert other.fingerprint == job.fingerprint  # values grew: the same job
 
 
 def test_spec_json_schema_lists_the_fields() -> None:
