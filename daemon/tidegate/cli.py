@@ -563,6 +563,8 @@ async def _run(job: Any, cluster_options: Any, options: Any, args: argparse.Name
         summary.error = message
     if args.json:
         print(json.dumps(summary.as_dict()))
+        if (retry_hint := _retry_hint(summary)) is not None:
+            print(f"tidegate: {retry_hint}", file=sys.stderr)
     else:
         _print_summary(summary, hint=message is None)
     if message is not None and args.json:
@@ -637,6 +639,14 @@ def _install_stop_handlers(stopper: _Stopper) -> Callable[[], None]:
     return restore
 
 
+def _retry_hint(s: Any) -> str | None:
+    """What to do about a finished run's failed params, if it has any."""
+    if s.failed and s.state == "succeeded" and not s.error:
+        return (f"rerun with --retry-failed to run the {s.failed} failed params again "
+                "(after fixing the model); the others stay as they are")
+    return None
+
+
 def _print_summary(s: Any, *, hint: bool = True) -> None:
     lines = [
         f"job {s.job_id}: {s.state} in {s.wall_seconds:.1f} s",
@@ -650,9 +660,8 @@ def _print_summary(s: Any, *, hint: bool = True) -> None:
     ]
     for e in s.errors[:5]:
         lines.append(f"  failed   {e['param_id']}: {e['error'].splitlines()[0][:200]}")
-    if s.failed and s.state == "succeeded" and not s.error:
-        lines.append(f"  rerun with --retry-failed to run the {s.failed} failed params again "
-                     "(after fixing the model); the others stay as they are")
+    if (hint_text := _retry_hint(s)) is not None:
+        lines.append(f"  {hint_text}")
     if s.error:
         lines.append(f"tidegate: error: {s.error}; free space and rerun to resume"
                      if s.state == "interrupted" and hint else f"tidegate: error: {s.error}")
