@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 _JOB_ID = ID_PATTERN.strip("^$")
 _INT64 = 2**63
+_BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 # Specs are expanded here, one at a time: two large submissions do not double the memory.
 _SPEC_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tidegate-spec")
 
@@ -147,13 +148,19 @@ class JobsHandler(_Handler):
             expected = f"a whole number from {-_INT64} to {_INT64 - 1}"
             self.send(400, _query_error("priority", expected, text))
             return
+        retry_text = self.get_query_argument("retry_failed", "false")
+        retry_failed = _BOOLEANS.get(retry_text.lower())
+        if retry_failed is None:
+            self.send(400, _query_error("retry_failed", "true or false", retry_text))
+            return
         body = bytes(self.body)
         self.body = bytearray()
         try:
             prepared = await asyncio.get_running_loop().run_in_executor(
                 _SPEC_THREAD, self._prepare_spec, body
             )
-            record = self.service.enqueue(prepared, priority=priority)
+            record = self.service.enqueue(prepared, priority=priority,
+                                          retry_failed=retry_failed)
         except SpecError as exc:
             problems = [FieldProblem(field=e.field, expected=e.expected, got=e.got)
                         for e in exc.errors]

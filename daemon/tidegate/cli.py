@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--restart", action="store_true",
                      help="discard earlier output of this job (tidegate's own files only) "
                      "and start again")
+    run.add_argument("--retry-failed", action="store_true",
+                     help="run again the params the output records as failed or quarantined "
+                     "(after a fix of the model); the other params stay as committed")
     run.add_argument("--force", action="store_true",
                      help="write into an output directory that is not empty and holds no "
                      "tidegate manifest or ledger")
@@ -497,11 +500,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             "or ledger; give the job an output of its own, or --force to write there "
             "(tidegate then removes only files named like its own parts)"
         )
-    check_writable(job.output_dir, create=True)
+    if args.restart and args.retry_failed:
+        raise UsageError("--retry-failed and --restart cannot be combined: --restart "
+                         "recomputes every param, the failed ones included")
     options = RunOptions(
         batch_size=args.batch_size or pinned_batch_size(os.environ),
         controller=run_overrides(os.environ, {"memory_fraction": args.memory_fraction}),
         restart=args.restart,
+        retry_failed=args.retry_failed,
         flush_params=args.flush_params,
         flush_seconds=args.flush_seconds,
     )
@@ -509,6 +515,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         controller_config(job, options)  # validate before any cluster starts
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    # Last of the checks: it creates the output directory, as the run would.
+    check_writable(job.output_dir, create=True)
     args.no_workers_timeout = args.no_workers_timeout or no_workers_timeout(os.environ)
     cluster_options = ClusterOptions(
         address=args.scheduler,
@@ -579,8 +587,9 @@ async def _run(job: Any, cluster_options: Any, options: Any, args: argparse.Name
                             "resumes from its ledger", restarts, CLUSTER_RESTARTS, exc,
                             extra={"action": "cluster_restarted"})
                 await cluster.close()
-                # This run's output is now the job's own: never discard it again.
-                options = dataclasses.replace(options, restart=False)
+                # This run's output is now the job's own: never discard it again, and
+                # its failures were retried already (those failing again stay failed).
+                options = dataclasses.replace(options, restart=False, retry_failed=False)
                 cluster = await open_cluster(cluster_options)
     except ClusterError as exc:
         return fail(args, str(exc), RunExit.CLUSTER)
@@ -593,6 +602,8 @@ async def _run(job: Any, cluster_options: Any, options: Any, args: argparse.Name
         summary.error = message
     if args.json:
         print(json.dumps(summary.as_dict()))
+        if (retry_hint := _retry_hint(summary)) is not None:
+            print(f"tidegate: {retry_hint}", file=sys.stderr)
     else:
         _print_summary(summary, hint=message is None)
     if message is not None and args.json:
@@ -667,10 +678,19 @@ def _install_stop_handlers(stopper: _Stopper) -> Callable[[], None]:
     return restore
 
 
+def _retry_hint(s: Any) -> str | None:
+    """What to do about a finished run's failed params, if it has any."""
+    if s.failed and s.state == "succeeded" and not s.error:
+        return (f"rerun with --retry-failed to run the {s.failed} failed params again "
+                "(after fixing the model); the others stay as they are")
+    return None
+
+
 def _print_summary(s: Any, *, hint: bool = True) -> None:
     lines = [
         f"job {s.job_id}: {s.state} in {s.wall_seconds:.1f} s",
-        f"  params   {s.ok} ok, {s.failed} failed of {s.total} ({s.resumed} from earlier runs)",
+        f"  params   {s.ok} ok, {s.failed} failed of {s.total} ({s.resumed} from earlier runs"
+        + (f", {s.retried} failed ones retried)" if s.retried else ")"),
         f"  batch    B {s.batch_min}..{s.batch_max}, final {s.batch_final}",
         f"  workers  {s.worker_restarts} lost, {s.oom_events} OOM events"
         + (f" ({', '.join(f'{n} {c}' for c, n in sorted(s.worker_losses.items()))})"
@@ -683,6 +703,8 @@ def _print_summary(s: Any, *, hint: bool = True) -> None:
         lines += [f"  orphan   {o['param_id']}: {o['values']}" for o in s.orphans]
     for e in s.errors[:5]:
         lines.append(f"  failed   {e['param_id']}: {e['error'].splitlines()[0][:200]}")
+    if (hint_text := _retry_hint(s)) is not None:
+        lines.append(f"  {hint_text}")
     if s.error:
         lines.append(f"tidegate: error: {s.error}; free space and rerun to resume"
                      if s.state == "interrupted" and hint else f"tidegate: error: {s.error}")

@@ -89,8 +89,11 @@ class Client:
         self.token = token
         self.timeout = timeout
 
-    def submit(self, spec_text: str, *, priority: int = 0) -> Submitted:
-        query = {"priority": str(priority)} if priority else None
+    def submit(self, spec_text: str, *, priority: int = 0,
+               retry_failed: bool = False) -> Submitted:
+        query = {"priority": str(priority)} if priority else {}
+        if retry_failed:
+            query["retry_failed"] = "true"
         answer = self._call("POST", "/v1/jobs", query, (spec_text.encode(), "application/yaml"))
         return self._parse(Submitted, answer, "POST /v1/jobs")
 
@@ -243,6 +246,7 @@ def progress_of(job: JobView | Mapping[str, Any], now: float) -> Progress:
         oom_events=view.oom_events,
         quarantined=params.quarantined,
         worker_restarts=view.worker_restarts,
+        retried=params.retried,
     )
 
 
@@ -262,7 +266,8 @@ def describe_job(job: JobView) -> str:
         f"job {job.id}: {job.state} (priority {job.priority})",
         f"  params    {params.ok} ok, {params.failed} failed of "
         f"{_total(params)} ({params.resumed} from earlier runs"
-        + (f", {quarantined} quarantined)" if quarantined else ")"),
+        + (f", {quarantined} quarantined" if quarantined else "")
+        + (f", {params.retried} retried)" if params.retried else ")"),
         f"  batch     B={job.batch_size or '-'}, in flight "
         f"{inflight.params} params / {inflight.tasks} tasks",
         f"  workers   {job.worker_restarts} lost, {job.oom_events} OOM events",
@@ -310,6 +315,9 @@ def add_client_commands(subparsers: Any, parents: Sequence[argparse.ArgumentPars
                         help="follow the job to its end; exit as `tidegate run` would")
     submit.add_argument("--priority", type=_priority, default=0, metavar="N",
                         help="higher runs sooner (default 0)")
+    submit.add_argument("--retry-failed", action="store_true",
+                        help="run again the params this job's output records as failed or "
+                        "quarantined (after a fix of the model); the rest stay as they are")
     submit.add_argument("--json", action="store_true",
                         help="print the daemon's answer (with --wait: the final job) as JSON")
 
@@ -398,7 +406,8 @@ def cmd_submit(client: Client, args: argparse.Namespace) -> int:
         text = args.spec.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         return _fail(args, f"cannot read job spec {args.spec}: {exc}", ClientExit.USAGE)
-    answer = client.submit(with_absolute_paths(text, args.spec.parent), priority=args.priority)
+    answer = client.submit(with_absolute_paths(text, args.spec.parent), priority=args.priority,
+                           retry_failed=args.retry_failed)
     job_id = answer.id
     if not args.wait:
         if args.json:

@@ -18,7 +18,8 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ from tidegate.verify import (
 from tidegate.writer import (
     LEDGER,
     LOCK,
+    FileInfo,
     OutputLock,
     OutputWriteError,
     PartWriter,
@@ -54,10 +56,13 @@ from tidegate.writer import (
     check_own_files,
     discard_output,
     is_no_space,
+    part_name,
     publish,
+    remove_files,
     remove_unrecorded,
     unpublish,
     write_manifest,
+    write_without,
 )
 
 log = logging.getLogger(__name__)
@@ -75,6 +80,7 @@ class Resumed:
     # values are cast to (exactly) before they run and are written.
     casts: Mapping[str, str] = field(default_factory=dict)
     typed_ids: bool = False  # the output's params have the ids of an earlier release
+    retried: int | None = None  # failed params un-committed to run again; None: no retry
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +134,24 @@ class Flushed:
 
 
 @dataclass(frozen=True, slots=True)
+class Rewritten:
+    """A committed part rewritten without some of its params (:func:`rewrite_part`)."""
+
+    old: int
+    new: int | None  # None: no param was left, the old part is only forgotten
+    kept: int
+    dropped: int
+
+
+@dataclass(frozen=True, slots=True)
+class Retried:
+    """The failed params un-committed for ``--retry-failed``, and the parts rewritten."""
+
+    params: int
+    parts: list[Rewritten]
+
+
+@dataclass(frozen=True, slots=True)
 class Closed:
     flushed: Flushed | None
     parts: int
@@ -142,10 +166,12 @@ class Commit:
     passes; ``close(state)`` flushes the rest and writes the final manifest."""
 
     def __init__(self, job: Job, policy: FlushPolicy, *, restart: bool = False,
+                 retry_failed: bool = False,
                  manifest_extra: Mapping[str, Any] | None = None):
         self.job = job
         self.policy = policy
         self._restart = restart
+        self._retry_failed = retry_failed
         self._extra = dict(manifest_extra or {})
         self._ledger: Ledger | None = None
         self._lock: OutputLock | None = None
@@ -213,6 +239,8 @@ class Commit:
             if damage:
                 raise OutputDamaged(out, damage)
             removed = remove_unrecorded(out, ledger.files(), ledger.referenced_parts())
+            # After the checks: a damaged part is refused before anything is rewritten.
+            retried = retry_failed(out, ledger) if self._retry_failed else None
             names, casts = self._committed_columns(ledger)
             if names != job.param_names or casts:
                 self._writer = PartWriter(
@@ -225,6 +253,10 @@ class Commit:
         if removed:
             log.info("removed %d part files not in the ledger", len(removed),
                      extra={"action": "debris_removed"})
+        if retried is not None:
+            log.info("retrying %d failed params (quarantined ones included): %d parts "
+                     "rewritten without them", retried.params, len(retried.parts),
+                     extra={"action": "params_retried"})
         counts = ledger.counts()
         if resumed:
             log.info("resuming job %s: %d of %d params already committed", job.job_id,
@@ -232,7 +264,8 @@ class Commit:
         self._last_flush = now
         self._manifest("running")
         return Resumed(frozenset(ledger.committed_param_ids()), counts.ok, counts.failed,
-                       casts, ledger.typed_ids())
+                       casts, ledger.typed_ids(),
+                       retried.params if retried is not None else None)
 
     def _committed_columns(self, ledger: Ledger) -> tuple[list[str], dict[str, str]]:
         """The parameter columns of the first committed params part: their order (kept:
@@ -444,3 +477,79 @@ class Commit:
                 "updated_at": time.time(),
             },
         )
+
+
+def _no_step(step: str) -> None:
+    """The default hook of :func:`rewrite_part` (the tests crash the process there)."""
+
+
+def rewrite_part(root: Path, ledger: Ledger, part: int, drop: AbstractSet[str], *,
+                 step: Callable[[str], None] = _no_step) -> Rewritten:
+    """Replace committed part ``part`` by a new version without the params ``drop``, in
+    every dataset, so that each of them is in neither version once this returns (a rerun
+    then computes them afresh) and every other param is in exactly one.
+
+    The protocol is a part's commit with one more step: the new version is written under
+    a new part number's hidden names (the old part's rows minus the dropped params, a row
+    group at a time; a file left empty keeps its dataset's schema), the ledger records
+    the intent naming the part it replaces, the files are renamed into place, one ledger
+    transaction commits the new part and forgets the old one with its params rows, and
+    then the old files are removed. A crash before the intent leaves temporaries that
+    resume removes; after it, resume rolls the intent forward (its files all in place:
+    the swap is committed, the old files removed) or back (the new files removed, the old
+    part as it was); after the transaction, the old files are debris that resume removes.
+    A part left with no param is only forgotten (one transaction) and its files removed.
+
+    ``step`` is called after each step ("staged", "intent", "published", "committed",
+    "removing" after each old file removed, "removed"): where the tests kill the
+    process."""
+    recorded = {cp.part: cp for cp in ledger.parts()}
+    if part not in recorded:
+        raise ValueError(f"part {part} is not committed")
+    old_files = recorded[part].files
+    every = ledger.part_statuses(part)
+    statuses = [(pid, status) for pid, status in every if pid not in drop]
+    dropped = len(every) - len(statuses)
+    new: int | None = None
+    if statuses:
+        new = ledger.next_part()
+        name = part_name(new)
+        info: dict[str, FileInfo] = {}
+        try:
+            for rel in old_files:
+                dst = f"{rel.rpartition('/')[0]}/{name}"
+                info[dst] = write_without(root, rel, dst, drop)
+        except BaseException:
+            for i in info.values():
+                (root / i.tmp).unlink(missing_ok=True)
+            raise
+        step("staged")
+        written = WrittenPart(new, sorted(info), sum(i.nbytes for i in info.values()),
+                              statuses, info)
+        sizes = {f: RecordedFile(i.nbytes, i.sha256, i.tmp) for f, i in info.items()}
+        ledger.record_intent(new, sizes, statuses, replaces=part)
+        step("intent")
+        publish(root, written)
+        step("published")
+        ledger.commit(new, written.files, statuses, written.nbytes, sizes, replaces=part)
+    else:
+        ledger.uncommit([part])
+    step("committed")
+    for rel in old_files:
+        remove_files(root, [rel])
+        step("removing")
+    step("removed")
+    return Rewritten(part, new, len(statuses), dropped)
+
+
+def retry_failed(root: Path, ledger: Ledger, *,
+                 step: Callable[[str], None] = _no_step) -> Retried:
+    """Un-commit every param the ledger records as failed (quarantined ones too), one
+    :func:`rewrite_part` per part holding any, so that the run computes them again."""
+    failed = ledger.failed_params()
+    by_part: dict[int, set[str]] = {}
+    for pid, part in failed.items():
+        by_part.setdefault(part, set()).add(pid)
+    done = [rewrite_part(root, ledger, part, ids, step=step)
+            for part, ids in sorted(by_part.items())]
+    return Retried(len(failed), done)

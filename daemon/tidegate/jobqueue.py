@@ -54,9 +54,17 @@ CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, priority, seq);
 CREATE UNIQUE INDEX IF NOT EXISTS one_running ON jobs (state) WHERE state = 'running';
 """
 
+# Version 2: whether a job's run first un-commits its failed params (retry_failed).
+_V2 = """
+ALTER TABLE jobs ADD COLUMN retry_failed INTEGER NOT NULL DEFAULT 0;
+"""
+
 QUEUE_SCHEMA = Schema(
     what="tidegate job queue",
-    migrations=(Migration(1, "meta and jobs tables, one running job at most", _V1),),
+    migrations=(
+        Migration(1, "meta and jobs tables, one running job at most", _V1),
+        Migration(2, "a job's retry_failed option", _V2),
+    ),
     legacy={
         "meta": frozenset({"key", "value"}),
         "jobs": frozenset({
@@ -70,7 +78,7 @@ SCHEMA_VERSION = QUEUE_SCHEMA.newest
 
 _COLUMNS = (
     "id, state, priority, spec, output, submitted_at, started_at, finished_at, "
-    "cancel_requested, summary, error"
+    "cancel_requested, summary, error, retry_failed"
 )
 
 
@@ -87,19 +95,24 @@ class JobRecord:
     cancel_requested: bool
     summary: dict[str, Any] | None  # RunSummary.as_dict() of the last run, when done
     error: str | None  # job-level error text (param errors live in the summary)
+    retry_failed: bool = False  # its runs first un-commit its failed params, to rerun them
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if not self.retry_failed:  # the shape of jobs submitted without it is kept
+            del data["retry_failed"]
+        return data
 
     @classmethod
     def _from_row(cls, row: tuple[Any, ...]) -> JobRecord:
         (job_id, state, priority, spec, output, submitted, started, finished, cancel,
-         summary, error) = row
+         summary, error, retry_failed) = row
         return cls(
             id=job_id, state=JobState(state), priority=int(priority), spec=json.loads(spec),
             output=output, submitted_at=submitted, started_at=started, finished_at=finished,
             cancel_requested=bool(cancel),
             summary=None if summary is None else json.loads(summary), error=error,
+            retry_failed=bool(retry_failed),
         )
 
 
@@ -263,12 +276,13 @@ class JobQueue:
 
     def submit(
         self, job_id: str, spec: dict[str, Any], output: str, priority: int = 0,
-        guard: Callable[[], None] | None = None,
+        guard: Callable[[], None] | None = None, retry_failed: bool = False,
     ) -> JobRecord:
         """Queue a job. A finished job with the same id is replaced (a rerun, which
-        tidegate resumes from its ledger); an unfinished one raises JobExists. An output
-        that overlaps another job's (any state) raises OutputInUse. ``guard`` runs inside
-        the same transaction (the caller's check of the file system)."""
+        tidegate resumes from its ledger; with ``retry_failed`` its failed params run
+        again); an unfinished one raises JobExists. An output that overlaps another
+        job's (any state) raises OutputInUse. ``guard`` runs inside the same transaction
+        (the caller's check of the file system)."""
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise ValueError(f"priority: expected a whole number, got {priority!r}")
         spec_json = json.dumps(spec)
@@ -281,9 +295,9 @@ class JobQueue:
                 guard()
             self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
             self._db.execute(
-                "INSERT INTO jobs (id, state, priority, spec, output, submitted_at) "
-                "VALUES (?, 'queued', ?, ?, ?, ?)",
-                (job_id, priority, spec_json, output, self._clock()),
+                "INSERT INTO jobs (id, state, priority, spec, output, submitted_at, "
+                "retry_failed) VALUES (?, 'queued', ?, ?, ?, ?, ?)",
+                (job_id, priority, spec_json, output, self._clock(), int(retry_failed)),
             )
             return self._get(job_id)
 

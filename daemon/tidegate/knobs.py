@@ -289,6 +289,9 @@ class RunOptions:
     flush_seconds: float = 10.0
     flush_bytes: int = 128 * 2**20
     restart: bool = False
+    # Un-commit the params the ledger records as failed (or quarantined) and run them
+    # again, in one part rewrite per part holding them (commit.rewrite_part).
+    retry_failed: bool = False
     # Cluster memory snapshot and controller decision interval: the scheduler learns
     # workers' RSS from heartbeats every 0.5 s (up to 10 workers), no fresher than this.
     poll_seconds: float = 0.5
@@ -296,6 +299,9 @@ class RunOptions:
     def __post_init__(self) -> None:
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.restart and self.retry_failed:
+            raise ValueError("restart and retry_failed cannot be combined: a restart "
+                             "recomputes every param anyway")
         if not self.poll_seconds > 0:
             raise ValueError(f"poll_seconds must be > 0, got {self.poll_seconds}")
         self.flush  # noqa: B018 (builds the FlushPolicy, which checks the flush knobs)

@@ -59,7 +59,11 @@ PATHS: dict[str, dict[str, Any]] = {
             "operationId": "submitJob", "summary": "Queue a job spec (YAML or JSON)",
             "parameters": [{"name": "priority", "in": "query", "required": False,
                             "schema": {"type": "integer", "default": 0},
-                            "description": "higher runs sooner"}],
+                            "description": "higher runs sooner"},
+                           {"name": "retry_failed", "in": "query", "required": False,
+                            "schema": {"type": "boolean", "default": False},
+                            "description": "run again the params the job's output records "
+                            "as failed or quarantined; the others stay as committed"}],
             "requestBody": {"required": True, "content": {
                 "application/yaml": {"schema": {"type": "string"}},
                 "application/json": {"schema": {"type": "object"}}}},

@@ -28,6 +28,7 @@ class Progress:
     oom_events: int = 0
     quarantined: int = 0
     worker_restarts: int = 0
+    retried: int | None = None  # failed params of earlier runs run again; None: no retry
     errors: tuple[Mapping[str, str], ...] = ()  # the first failed params: param_id, error
 
     @property
@@ -62,6 +63,7 @@ class RunSummary:
     peak_inflight_tasks: int = 0
     worker_losses: dict[str, int] = field(default_factory=dict)  # cause -> count
     quarantined: int = 0
+    retried: int | None = None  # failed params of earlier runs run again; None: no retry
     error: str | None = None  # why the run stopped early (a failed output write)
     # Committed params no longer in the spec (kept in the output, left out of total, ok,
     # failed and resumed); None when the run ended before it walked all the spec's.
@@ -90,6 +92,8 @@ class RunSummary:
                 "resumed": self.resumed,
                 "quarantined": self.quarantined,
                 "orphaned": self.orphaned,
+                # Only in a retry's summary (--retry-failed): the shape is otherwise kept.
+                **({"retried": self.retried} if self.retried is not None else {}),
             },
             "batch_size": {
                 "min": self.batch_min,

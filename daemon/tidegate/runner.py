@@ -112,9 +112,10 @@ class Runner:
     async def run(self) -> RunSummary:
         config = dataclasses.asdict(self.limiter.config)
         commit = Commit(self.job, self.options.flush, restart=self.options.restart,
+                        retry_failed=self.options.retry_failed,
                         manifest_extra={"controller": config})
         resumed = commit.resume(self.clock())
-        self.stats.start(resumed.ok, resumed.failed)
+        self.stats.start(resumed.ok, resumed.failed, retried=resumed.retried)
         state = JobState.FAILED
         write_error: OutputWriteError | None = None
         lost: SchedulerLost | None = None

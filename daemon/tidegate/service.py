@@ -388,15 +388,19 @@ class Service:
             out.append(str(path))
         return out
 
-    def submit(self, data: Any, priority: int = 0) -> JobRecord:
-        return self.enqueue(self.prepare(data), priority)
+    def submit(self, data: Any, priority: int = 0, retry_failed: bool = False) -> JobRecord:
+        return self.enqueue(self.prepare(data), priority, retry_failed)
 
-    def enqueue(self, prepared: Prepared, priority: int = 0) -> JobRecord:
-        """Queue a prepared job (the API prepares it off the event loop)."""
+    def enqueue(self, prepared: Prepared, priority: int = 0,
+                retry_failed: bool = False) -> JobRecord:
+        """Queue a prepared job (the API prepares it off the event loop); with
+        ``retry_failed`` its run first un-commits the params its output records as
+        failed, to run them again."""
         assert self.queue is not None
         output, root = prepared.job.output_dir, self.config.output_root.resolve()
         record = self.queue.submit(prepared.job.job_id, prepared.spec, str(output), priority,
-                                   guard=lambda: _check_output_dir(output, root))
+                                   guard=lambda: _check_output_dir(output, root),
+                                   retry_failed=retry_failed)
         log.info("job %s queued (%d params)", record.id, prepared.job.n_params,
                  extra={"action": "job_queued"})
         self._update_job_gauges()
@@ -467,8 +471,11 @@ class Service:
         error: str | None = None
         workers_lost = write_failed = False
         try:  # inside: a job that cannot even start must fail, not stop the daemon
+            # retry_failed stays with the job: an interrupted retry resumes as one (each
+            # param still once; those that failed again are retried again).
+            options = replace(self._run_options(), retry_failed=record.retry_failed)
             self.runner = runner = Runner(
-                prepared.job, cluster, self._run_options(), metrics=self.metrics,
+                prepared.job, cluster, options, metrics=self.metrics,
                 clock=self.clock, no_workers_timeout_s=self.config.cluster.no_workers_timeout_s)
             result = await runner.run()
             summary = result.as_dict()

@@ -46,6 +46,7 @@ class RunStats:
     failed: int = 0
     resumed: int = 0
     quarantined: int = 0
+    retried: int | None = None  # failed params of earlier runs run again; None: no retry
     errors: list[dict[str, str]] = field(default_factory=list)
     losses: dict[str, int] = field(default_factory=dict)  # cause -> count
     batch_size: int = 1
@@ -61,9 +62,11 @@ class RunStats:
     _blocked_since: float = 0.0
     _slot_labels: set[str] = field(default_factory=set)
 
-    def start(self, ok: int, failed: int) -> None:
-        """The run starts with ``ok + failed`` params already committed."""
+    def start(self, ok: int, failed: int, retried: int | None = None) -> None:
+        """The run starts with ``ok + failed`` params already committed, and ``retried``
+        failed ones un-committed to run again."""
         self.ok, self.failed, self.resumed = ok, failed, ok + failed
+        self.retried = retried
         self.started = self.clock()
 
     def orphaned(self, count: int, ok: int, failed: int, sample: list[dict[str, Any]]) -> None:
@@ -233,7 +236,7 @@ class RunStats:
     def _counters(self) -> dict[str, Any]:
         """What the snapshot and the summary both report, under the same names."""
         names = ("job_id", "total", "ok", "failed", "resumed", "quarantined", "oom_events",
-                 "worker_restarts")
+                 "worker_restarts", "retried")
         return {name: getattr(self, name) for name in names}
 
     def snapshot(self, inflight: InFlight) -> Progress:

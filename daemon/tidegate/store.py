@@ -62,11 +62,18 @@ CREATE TABLE intents (
 );
 """
 
+# Version 3: an intent may replace a committed part (a part rewritten without some of
+# its params, for --retry-failed): committing it swaps the two in one transaction.
+_V3 = """
+ALTER TABLE intents ADD COLUMN replaces INTEGER;  -- the committed part it replaces, or NULL
+"""
+
 LEDGER_SCHEMA = Schema(
     what="tidegate ledger",
     migrations=(
         Migration(1, "meta, parts and params tables", _V1),
         Migration(2, "per-file sizes and checksums; part intents", _V2),
+        Migration(3, "intents that replace a committed part", _V3),
     ),
     legacy={
         "meta": frozenset({"key", "value"}),
@@ -103,6 +110,7 @@ class Intent:
     part: int
     files: dict[str, RecordedFile]
     statuses: list[tuple[str, str]]
+    replaces: int | None = None  # the committed part this one replaces when committed
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +270,16 @@ class Ledger:
             out += json.loads(row[0]) if row else []
         return out
 
+    def failed_params(self) -> dict[str, int]:
+        """Every param recorded as failed (quarantined ones included): param id -> its
+        part."""
+        return {pid: int(part) for pid, part in self._db.execute(
+            "SELECT param_id, part FROM params WHERE status = 'failed' ORDER BY part, param_id")}
+
+    def part_statuses(self, part: int) -> list[tuple[str, str]]:
+        return [(pid, st) for pid, st in self._db.execute(
+            "SELECT param_id, status FROM params WHERE part = ? ORDER BY param_id", (part,))]
+
     def part_param_ids(self, part: int) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT param_id FROM params WHERE part = ?",
                                                (part,))]
@@ -280,14 +298,15 @@ class Ledger:
 
     def intents(self) -> list[Intent]:
         out = []
-        for part, files, statuses in self._db.execute(
-            "SELECT part, files, statuses FROM intents ORDER BY part"
+        for part, files, statuses, replaces in self._db.execute(
+            "SELECT part, files, statuses, replaces FROM intents ORDER BY part"
         ):
             out.append(Intent(
                 part,
                 {f: RecordedFile(i["bytes"], i["sha256"], i["tmp"])
                  for f, i in json.loads(files).items()},
                 [(pid, st) for pid, st in json.loads(statuses)],
+                None if replaces is None else int(replaces),
             ))
         return out
 
@@ -310,12 +329,17 @@ class Ledger:
         statuses: Iterable[tuple[str, str]],
         nbytes: int,
         sizes: Mapping[str, RecordedFile] | None = None,
+        replaces: int | None = None,
     ) -> None:
         """Record a part, its files (with their sizes and checksums) and its params in one
-        transaction, and drop its intent."""
+        transaction, and drop its intent. With ``replaces``, the same transaction forgets
+        that committed part and its params rows (the new part holds the ones kept), so a
+        param is never in both, nor in neither."""
         statuses = list(statuses)
         n_failed = sum(1 for _, s in statuses if s == "failed")
         with self._transaction():
+            if replaces is not None:
+                self._forget(replaces)
             self._db.execute(
                 "INSERT INTO parts VALUES (?, ?, ?, ?, ?, ?)",
                 (part, json.dumps(sorted(files)), len(statuses), n_failed, nbytes, time.time()),
@@ -331,24 +355,29 @@ class Ledger:
             self._db.execute("DELETE FROM intents WHERE part = ?", (part,))
 
     def record_intent(
-        self, part: int, files: Mapping[str, RecordedFile], statuses: Iterable[tuple[str, str]]
+        self, part: int, files: Mapping[str, RecordedFile], statuses: Iterable[tuple[str, str]],
+        replaces: int | None = None,
     ) -> None:
         """Record that part ``part``'s files are written under their temporary names and
-        about to be renamed into place."""
+        about to be renamed into place (to replace committed part ``replaces``, if
+        given)."""
         body = {f: {"tmp": r.tmp, "bytes": r.bytes, "sha256": r.sha256}
                 for f, r in files.items()}
         with self._transaction():
             self._db.execute(
-                "INSERT INTO intents VALUES (?, ?, ?, ?)",
+                "INSERT INTO intents (part, files, statuses, created_at, replaces) "
+                "VALUES (?, ?, ?, ?, ?)",
                 (part, json.dumps(body, sort_keys=True), json.dumps(list(statuses)),
-                 time.time()),
+                 time.time(), replaces),
             )
 
     def commit_intent(self, intent: Intent) -> None:
-        """Roll an intent forward: commit its part as recorded."""
+        """Roll an intent forward: commit its part as recorded (replacing the part it
+        names, if any)."""
         self.commit(intent.part, intent.files, intent.statuses,
                     sum(r.bytes for r in intent.files.values()),
-                    {f: RecordedFile(r.bytes, r.sha256) for f, r in intent.files.items()})
+                    {f: RecordedFile(r.bytes, r.sha256) for f, r in intent.files.items()},
+                    replaces=intent.replaces)
 
     def drop_intent(self, part: int) -> None:
         with self._transaction():
@@ -358,12 +387,15 @@ class Ledger:
         """Forget committed parts (their params are then recomputed by the next run);
         returns the number of params forgotten."""
         parts = list(parts)
-        n = 0
         with self._transaction():
-            for part in parts:
-                n += self._db.execute("DELETE FROM params WHERE part = ?", (part,)).rowcount
-                self._db.execute("DELETE FROM part_files WHERE part = ?", (part,))
-                self._db.execute("DELETE FROM parts WHERE part = ?", (part,))
+            return sum(self._forget(part) for part in parts)
+
+    def _forget(self, part: int) -> int:
+        """Inside a transaction: delete a part's params rows (first: they reference it),
+        files and row; the number of params rows deleted."""
+        n = self._db.execute("DELETE FROM params WHERE part = ?", (part,)).rowcount
+        self._db.execute("DELETE FROM part_files WHERE part = ?", (part,))
+        self._db.execute("DELETE FROM parts WHERE part = ?", (part,))
         return n
 
     def _transaction(self) -> _Transaction:

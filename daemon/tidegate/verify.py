@@ -31,6 +31,7 @@ from tidegate.writer import (
     linked_dataset_dirs,
     linked_part_files,
     read_manifest,
+    remove_files,
     sha256_of,
 )
 
@@ -108,8 +109,10 @@ def link_damage(root: Path, damage: list[Damage]) -> list[Damage]:
 
 def roll_intents(root: Path, ledger: Ledger) -> list[str]:
     """Finish what a run that died mid-commit left: an intent whose files are all in
-    place with their recorded sizes is committed (forward); any other is undone, its
-    files removed (back). Returns one line per intent."""
+    place with their recorded sizes is committed (forward; an intent replacing a part
+    swaps it in and removes the replaced part's files); any other is undone, its files
+    removed (back; a part it was to replace stays as it was). Returns one line per
+    intent."""
     done: list[str] = []
     for intent in ledger.intents():
         in_place = all(
@@ -117,8 +120,15 @@ def roll_intents(root: Path, ledger: Ledger) -> list[str]:
             for f, r in intent.files.items()
         )
         if in_place:
+            # A rewritten part (--retry-failed) replaces a committed one: the swap is one
+            # transaction, and the replaced part's files go once it is done.
+            replaced = next((cp.files for cp in ledger.parts() if cp.part == intent.replaces),
+                            [])
             ledger.commit_intent(intent)
-            done.append(f"part {intent.part}: rolled forward (committed)")
+            remove_files(root, replaced)
+            done.append(f"part {intent.part}: rolled forward (committed)"
+                        + (f", replacing part {intent.replaces}"
+                           if intent.replaces is not None else ""))
         else:
             for f, r in intent.files.items():
                 (root / f).unlink(missing_ok=True)

@@ -48,6 +48,9 @@ class ParamCounts(_View):
     failed: int = 0
     resumed: int = Field(default=0, description="done by earlier runs of this job")
     quarantined: int = 0
+    retried: int | None = Field(default=None, description="failed params of earlier runs "
+                                "run again; only for a job submitted with retry_failed")
+    _absent_when_none = ("retried",)
 
 
 class InFlight(_View):
@@ -76,6 +79,9 @@ class JobView(_View):
     started_at: float | None
     finished_at: float | None
     cancel_requested: bool
+    retry_failed: bool | None = Field(
+        default=None, description="true when submitted with retry_failed (its run first "
+        "un-commits the failed params, to run them again); absent otherwise")
     params: ParamCounts
     batch_size: int | None = Field(description="B: now while running, else the final one")
     inflight: InFlight
@@ -87,7 +93,7 @@ class JobView(_View):
         description="the run's summary (`tidegate run --json`), once it has ended")
     error: str | None = Field(description="why the job itself failed or paused")
     rate: float | None = Field(default=None, description="params per second; only while running")
-    _absent_when_none = ("rate",)
+    _absent_when_none = ("rate", "retry_failed")
 
     @classmethod
     def of(cls, record: JobRecord, live: Progress | None = None) -> JobView:
@@ -102,6 +108,7 @@ class JobView(_View):
             started_at=record.started_at,
             finished_at=record.finished_at,
             cancel_requested=record.cancel_requested,
+            retry_failed=True if record.retry_failed else None,
             params=ParamCounts.model_validate(summary.get("params") or {}),
             batch_size=(summary.get("batch_size") or {}).get("final"),
             inflight=InFlight(),
@@ -119,7 +126,7 @@ class JobView(_View):
         """This view with the live numbers of a running job."""
         return self.model_copy(update={
             "params": ParamCounts(total=p.total, ok=p.ok, failed=p.failed, resumed=p.resumed,
-                                  quarantined=p.quarantined),
+                                  quarantined=p.quarantined, retried=p.retried),
             "batch_size": p.batch_size,
             "inflight": InFlight(params=p.inflight_params, tasks=p.inflight_tasks),
             "oom_events": p.oom_events,

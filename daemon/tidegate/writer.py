@@ -26,11 +26,13 @@ import socket
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, NoReturn
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tidegate.errors import TidegateError
@@ -152,7 +154,8 @@ def fit(table: pa.Table, schema: pa.Schema, output: str) -> pa.Table:
     if problems:
         raise SchemaMismatch(
             f"output {output!r} does not fit the schema its dataset got from its first "
-            f"part: {'; '.join(problems)}"
+            f"part: {'; '.join(problems)} (if the model's outputs changed on purpose, rerun "
+            "with --restart: it recomputes every param under the new schema)"
         )
     if table.schema.remove_metadata() == schema:
         return table
@@ -369,6 +372,19 @@ def unpublish(root: Path, part: WrittenPart) -> None:
         (root / info.tmp).unlink(missing_ok=True)
 
 
+def remove_files(root: Path, files: Iterable[str]) -> None:
+    """Remove part files the ledger no longer names (a replaced part's) and fsync their
+    directories; a file already gone is no error (a resume finishing the removal)."""
+    dirs: set[Path] = set()
+    for rel in files:
+        path = root / rel
+        path.unlink(missing_ok=True)
+        dirs.add(path.parent)
+    for d in dirs:
+        if d.is_dir():
+            _fsync(d, os.O_RDONLY | os.O_DIRECTORY)
+
+
 def sha256_of(path: Path) -> str:
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -392,6 +408,36 @@ def _write_durably(table: pa.Table, root: Path, rel: str) -> FileInfo:
         f.flush()
         os.fsync(f.fileno())
     # The checksum is read back from the page cache right after the write.
+    return FileInfo(tmp_rel, tmp.stat().st_size, sha256_of(tmp))
+
+
+def write_without(root: Path, src: str, dst: str, drop: AbstractSet[str]) -> FileInfo:
+    """Write part file ``src``'s rows whose param_id is not in ``drop`` as ``dst``, under
+    its hidden temporary name, fsynced (as a staged part's files are); the schema is
+    ``src``'s, so a file left with no rows still carries its dataset's schema. Read and
+    written a row group at a time: a part is never held whole."""
+    tmp_rel = tmp_name(dst)
+    tmp = safe_path(root, tmp_rel)
+    source = pq.ParquetFile(root / src)
+    schema = source.schema_arrow
+    unwanted = pa.array(sorted(drop), pa.string())
+    try:
+        with os.fdopen(_create_new(tmp), "wb") as f:
+            with pq.ParquetWriter(f, schema, compression="zstd") as out:
+                for batch in source.iter_batches():
+                    keep = pc.invert(pc.is_in(batch.column("param_id"), value_set=unwanted))
+                    kept = batch.filter(keep)
+                    if kept.num_rows:
+                        out.write_batch(kept)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError | pa.ArrowException):
+            raise OutputWriteError(tmp, exc) from exc
+        raise
+    finally:
+        source.close()
     return FileInfo(tmp_rel, tmp.stat().st_size, sha256_of(tmp))
 
 

@@ -382,7 +382,7 @@ def test_schema_version_is_recorded_and_checked(tmp_path: Path) -> None:
     JobQueue(path).close()
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
-    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("1",)
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 98}")
     db.close()
     for readonly in (False, True):
@@ -401,24 +401,28 @@ def test_unversioned_queue_with_a_newer_meta_row_is_refused(tmp_path: Path) -> N
 
 
 def test_queue_of_the_unversioned_release_opens_and_works(tmp_path: Path) -> None:
-    """The fixture's jobs.sqlite (user_version 0) is version 1: its jobs read, new ones queue."""
+    """The fixture's jobs.sqlite (user_version 0) is version 1: a read-only open asks for
+    its migration and leaves it alone; a writable one migrates it (version 2, each job
+    without retry_failed), its jobs read, new ones queue."""
     path = Path(shutil.copy(JOBS_V1, tmp_path / "jobs.sqlite"))
     before = path.read_bytes()
-    with JobQueue(path, readonly=True) as ro:
-        assert ro.schema_version == 1
-        jobs = [(j.id, j.state) for j in ro.list()]
-        assert jobs == [("waiting", "queued"), ("done", "succeeded")]
+    with pytest.raises(SchemaError, match="schema version 1 needs migrating to 2"):
+        JobQueue(path, readonly=True)
     assert path.read_bytes() == before
     with JobQueue(path, clock=Clock()) as q:
-        assert q.schema_version == 1
+        assert q.schema_version == SCHEMA_VERSION == 2
         done = q.get("done")
         assert (done.summary, done.finished_at) == ({"state": "succeeded"}, 102.0)
+        assert not done.retry_failed
         nxt = q.next_runnable()
         assert nxt is not None and (nxt.id, nxt.priority) == ("waiting", 5)
         _submit(q, "new")
         assert q.counts()["queued"] == 2
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone() == (0,)
+        assert db.execute("PRAGMA user_version").fetchone() == (2,)
+    with JobQueue(path, readonly=True) as ro:
+        jobs = [(j.id, j.state) for j in ro.list()]
+        assert jobs == [("new", "queued"), ("waiting", "queued"), ("done", "succeeded")]
 
 
 @pytest.mark.parametrize("readonly", [False, True])

@@ -146,16 +146,16 @@ def test_new_ledger_records_its_schema_version(tmp_path: Path) -> None:
     """A fresh ledger is created through the migrations and carries the newest version."""
     path = tmp_path / LEDGER
     with Ledger(path) as ledger:
-        assert ledger.schema_version == SCHEMA_VERSION == 2
-    assert _user_version(path) == 2
+        assert ledger.schema_version == SCHEMA_VERSION == 3
+    assert _user_version(path) == 3
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (
-            "2",
+            "3",
         )
 
 
-def test_ledger_of_the_unversioned_release_migrates_to_v2(tmp_path: Path) -> None:
-    """The fixture's ledger (user_version 0, read as version 1) is migrated to version 2
+def test_ledger_of_the_unversioned_release_migrates_to_the_newest(tmp_path: Path) -> None:
+    """The fixture's ledger (user_version 0, read as version 1) is migrated to the newest
     on open and resumes its job with its parts, params and counts as they were. Its
     identity lists every param id (as that release recorded it): the rest of it matches,
     so it is adopted, and its params keep that release's typed ids (its run_seconds
@@ -164,7 +164,7 @@ def test_ledger_of_the_unversioned_release_migrates_to_v2(tmp_path: Path) -> Non
     path = root / "out" / LEDGER
     job = load_job(root / "job.yaml")
     with Ledger(path) as ledger:
-        assert ledger.schema_version == 2
+        assert ledger.schema_version == SCHEMA_VERSION
         assert not ledger.typed_ids()
         assert ledger.bind(job.job_id, job.fingerprint, job.identity()) is True
         assert ledger.typed_ids()
@@ -178,7 +178,7 @@ def test_ledger_of_the_unversioned_release_migrates_to_v2(tmp_path: Path) -> Non
     by_k = {p.values["k"]: p.param_id for p in job.params.typed_ids()}
     assert committed == {by_k[0], by_k[1]}
     assert not committed & {p.param_id for p in job.params}  # canonical ids differ here
-    assert _user_version(path) == 2
+    assert _user_version(path) == SCHEMA_VERSION
     with Ledger(path) as ledger:
         assert ledger.typed_ids()
         assert [p.sizes for p in ledger.parts()] == [{}, {}]  # v1 parts: total size only
