@@ -134,7 +134,7 @@ def test_retry_failed_reruns_exactly_the_failed_params(tmp_path: Path) -> None:
     s = _summary(retry)
     assert s["state"] == "succeeded"
     assert s["params"] == {"total": n, "ok": n, "failed": 0, "resumed": n - len(failing),
-                           "quarantined": 0, "retried": len(failing)}
+                           "quarantined": 0, "orphaned": 0, "retried": len(failing)}
     assert f"retrying {len(failing)} failed params" in retry.stderr
     after = _assert_each_once(out, n)
     assert all(r["status"] == "ok" for r in after["params"])
