@@ -20,6 +20,10 @@ from typing import Any, cast
 UNMANAGED_WINDOW = 30
 # Shortest run time Little's law uses, so a 0 s measurement cannot divide by zero.
 MIN_RUN_S = 1e-4
+# Dask's defaults for distributed.worker.memory.pause and .terminate: a worker stops
+# starting tasks at the first, its nanny kills it at the second.
+PAUSE_FRACTION = 0.80
+TERMINATE_FRACTION = 0.95
 # A sim's memory request is rounded up to whole MiB: requests that differ by a few bytes
 # of measurement noise pack the same way, and the log stays readable.
 REQUEST_STEP = 2**20
@@ -159,14 +163,25 @@ class WorkerMemory:
 
     def pressed(self, high_water: float, allowance: int = 0) -> bool:
         """Paused, or at high water: ``allowance`` bytes (the working memory the sims
-        running on it are allowed) not counted."""
+        running on it are allowed) not counted. A pause the allowance explains is no
+        pressure: a sim whose working memory takes the worker past Dask's pause fraction
+        pauses it while it runs whatever B is, and the sims queued there behind the
+        requests hold no memory until they start."""
         limited = self.memory_limit > 0
         used = max(0, self.used - allowance)
-        return self.paused or (limited and used / self.memory_limit >= high_water)
+        over = limited and used / self.memory_limit >= high_water
+        return over or (self.paused and not self._pause_explained(allowance))
 
     def calm(self, low_water: float, allowance: int = 0) -> bool:
         used = max(0, self.used - allowance)
-        return not self.paused and (self.memory_limit == 0 or used / self.memory_limit < low_water)
+        if self.paused and not self._pause_explained(allowance):
+            return False
+        return self.memory_limit == 0 or used / self.memory_limit < low_water
+
+    def _pause_explained(self, allowance: int) -> bool:
+        # Without what is allowed, the worker would be far from its pause fraction.
+        return allowance > 0 and self.memory_limit > 0 and (
+            max(0, self.used - allowance) / self.memory_limit < PAUSE_FRACTION)
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,6 +361,9 @@ class Controller:
         self._agg_bytes: deque[int] = deque(maxlen=window)
         self._latency_s: deque[float] = deque(maxlen=window)
         self._unmanaged: dict[str, deque[int]] = {}
+        # Each worker's idle readings: one taken as a sim ended, before the sim's memory
+        # was freed, would read a sim's working memory as idle (seen: 392 of 162 MiB).
+        self._idle: dict[str, deque[int]] = {}
         self._last: Observation | None = None
         self._batch: int | None = None
         self._oom_events = 0
@@ -490,9 +508,13 @@ class Controller:
         seen = {w.address for w in obs.workers}
         for address in self._unmanaged.keys() - seen:  # a lost worker's history is stale
             del self._unmanaged[address]
+        for address in self._idle.keys() - seen:
+            del self._idle[address]
         for w in obs.workers:
             history = self._unmanaged.setdefault(w.address, deque(maxlen=UNMANAGED_WINDOW))
             history.append(max(0, w.used - w.managed))
+            if w.idle is not None:
+                self._idle.setdefault(w.address, deque(maxlen=UNMANAGED_WINDOW)).append(w.idle)
         self._last = obs
 
     def _budget(self, w: WorkerMemory) -> int:
@@ -554,6 +576,11 @@ class Controller:
         return _Estimate(target, mem, useful, sum(max(0, b) for b, _ in budgets), cost or 0,
                          request, slots, floor, work)
 
+    def _idle_of(self, w: WorkerMemory) -> int | None:
+        """The worker's idle memory: the windowed minimum of its idle readings."""
+        history = self._idle.get(w.address)
+        return min(history) if history else w.idle
+
     def _allowance(self, w: WorkerMemory, est: _Estimate) -> int:
         """Working memory the requests already allow the sims running on ``w``: memory
         pressure is what comes on top (results, leaks, a wrong estimate). Before any sim
@@ -561,17 +588,27 @@ class Controller:
         if not est.sim_request or w.capacity <= 0:
             return 0
         if est.work_bytes is None:
-            return max(0, w.used - w.idle) if w.idle is not None else 0
+            idle = self._idle_of(w)
+            return max(0, w.used - idle) if idle is not None else 0
         slots = dict(est.slots).get(w.address, 0)
         return slots * est.work_bytes
 
     def _results_budget(self, w: WorkerMemory, slots: int, work: int) -> int:
+        """Bytes of results the worker may hold: up to high water above its idle memory,
+        and never so many that with its running sims' working memory it would reach
+        Dask's terminate fraction. Not high water less the working memory: where one
+        sim's working memory alone takes a worker past high water (it then runs one sim
+        at a time, by the requests), that left no room for even a 1 KiB result, and B
+        stayed at one sim per worker, each refill a round trip behind."""
         # The idle tree RSS where the worker reports it: the windowed minimum of RSS less
         # results also holds the working memory of sims that never stop running.
-        base = w.idle if w.idle is not None else min(self._unmanaged[w.address])
+        base = self._idle_of(w)
+        if base is None:
+            base = min(self._unmanaged[w.address])
         scale = self._last.memory_scale if self._last is not None else 1.0
-        limit = math.floor(self.config.high_water * scale * w.memory_limit)
-        return limit - base - slots * work
+        high = math.floor(self.config.high_water * scale * w.memory_limit) - base
+        death = math.floor(TERMINATE_FRACTION * scale * w.memory_limit) - base - slots * work
+        return min(high, death)
 
     def _useful(self, threads: int, r: int) -> int | None:
         if not self._run_s or threads <= 0:

@@ -538,8 +538,10 @@ def test_pile_up_keeps_both_workers_busy_and_bounds_results_per_worker() -> None
     d = c.decide(observe(workers, 1.0, inflight=2))
     assert d.sim_request == 240 * MiB
     assert d.total_slots == 2
-    # (0.75 * 400 - 100 - 120) MiB of results per worker, 4 MiB a param, half the params each
-    assert d.memory_ceiling == (300 - 100 - 120) // 4 * 2
+    # Results per worker: up to high water above idle (0.75 * 400 - 100), and short of
+    # the terminate fraction with the running sim (0.95 * 400 - 100 - 120); 4 MiB a
+    # param, half the params each.
+    assert d.memory_ceiling == min(300 - 100, 380 - 100 - 120) // 4 * 2
     assert d.batch_size >= 2
 
 

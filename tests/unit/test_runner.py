@@ -44,7 +44,9 @@ def test_every_param_is_written_exactly_once(tmp_path: Path) -> None:
     assert (summary.state, summary.ok, summary.failed) == ("succeeded", 30, 0)
     assert _statuses(job) == {"ok": 30}
     assert len(read_dataset(job.output_dir / "model_outputs" / "data")) > 0
-    assert summary.parts == 5  # 7 + 7 + 7 + 7 + 2
+    # A part is due every 7 params; one written in the background when the next is due
+    # lets that one take what arrived meanwhile (up to 14): 5 parts (7 x 4 + 2) at most.
+    assert 3 <= summary.parts <= 5
 
 
 def test_pinned_window_bounds_the_tasks_held(tmp_path: Path) -> None:
