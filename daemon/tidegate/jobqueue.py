@@ -22,7 +22,7 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from tidegate.errors import TidegateError
-from tidegate.migrations import Migration, Schema, check_current, migrate
+from tidegate.migrations import Migration, Schema, check_current, migrate, schema_version
 from tidegate.states import FINISH_STATES, STARTABLE, TERMINAL, JobState
 
 STATES = tuple(JobState)
@@ -54,9 +54,39 @@ CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, priority, seq);
 CREATE UNIQUE INDEX IF NOT EXISTS one_running ON jobs (state) WHERE state = 'running';
 """
 
+# Version 2: the state completed_with_failures. SQLite cannot change a CHECK in place, so
+# the table is rebuilt under its own name, rows, sequence and indexes kept.
+_V2 = """
+CREATE TABLE jobs_v2 (
+    seq              INTEGER PRIMARY KEY AUTOINCREMENT,
+    id               TEXT    NOT NULL UNIQUE,
+    state            TEXT    NOT NULL CHECK (state IN ('queued', 'running', 'succeeded',
+                                                  'completed_with_failures', 'failed',
+                                                  'cancelled', 'interrupted')),
+    priority         INTEGER NOT NULL,
+    spec             TEXT    NOT NULL,
+    output           TEXT    NOT NULL,
+    submitted_at     REAL    NOT NULL,
+    started_at       REAL,
+    finished_at      REAL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    summary          TEXT,
+    error            TEXT
+);
+INSERT INTO jobs_v2 (seq, id, state, priority, spec, output, submitted_at, started_at,
+                     finished_at, cancel_requested, summary, error)
+    SELECT seq, id, state, priority, spec, output, submitted_at, started_at, finished_at,
+           cancel_requested, summary, error FROM jobs;
+DROP TABLE jobs;
+ALTER TABLE jobs_v2 RENAME TO jobs;
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, priority, seq);
+CREATE UNIQUE INDEX IF NOT EXISTS one_running ON jobs (state) WHERE state = 'running';
+"""
+
 QUEUE_SCHEMA = Schema(
     what="tidegate job queue",
-    migrations=(Migration(1, "meta and jobs tables, one running job at most", _V1),),
+    migrations=(Migration(1, "meta and jobs tables, one running job at most", _V1),
+                Migration(2, "the job state completed_with_failures", _V2)),
     legacy={
         "meta": frozenset({"key", "value"}),
         "jobs": frozenset({
@@ -186,7 +216,11 @@ class JobQueue:
         self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
         # Versions first: a file that is not a job queue is refused before anything,
         # even the switch to WAL, writes to it.
-        if readonly:
+        if readonly and schema_version(self._db, QUEUE_SCHEMA, self.path) == 1:
+            # Version 2 only widened the states' CHECK: a version-1 file reads as it is,
+            # without the write a migration would be.
+            self.schema_version = 1
+        elif readonly:
             self.schema_version = check_current(self._db, QUEUE_SCHEMA, self.path)
         else:
             self.schema_version = migrate(self._db, QUEUE_SCHEMA, self.path)

@@ -17,6 +17,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from tidegate.cli import main
 from tidegate.jobqueue import SCHEMA_VERSION, STATES, TERMINAL, JobExists, JobQueue, UnknownJob
 from tidegate.migrations import SchemaError, SchemaTooNew
+from tidegate.states import JobState
 
 # A queue the release before schema versions wrote (user_version 0): see its README.
 JOBS_V1 = Path(__file__).parent.parent / "fixtures" / "jobs_v1.sqlite"
@@ -196,7 +197,7 @@ def test_finish_rejects_a_state_that_is_not_an_end(queue: JobQueue) -> None:
     """finish(..., 'queued') is refused naming what was expected."""
     _submit(queue, "a")
     queue.start("a")
-    with pytest.raises(ValueError, match=r"state: expected succeeded \| failed"):
+    with pytest.raises(ValueError, match=r"state: expected succeeded \| completed_with_failures \| failed"):
         queue.finish("a", "queued")
     assert queue.get("a").state == "running"
 
@@ -321,14 +322,15 @@ def test_list_is_newest_first_and_filters_by_state(queue: JobQueue) -> None:
 
 
 def test_counts_include_every_state_with_zeros(queue: JobQueue) -> None:
-    """counts() names all six states, zeros included."""
+    """counts() names every state, zeros included."""
     assert queue.counts() == dict.fromkeys(STATES, 0)
     _submit(queue, "a")
     _submit(queue, "b")
     _submit(queue, "c")
     queue.start("a")
     queue.request_cancel("c")
-    assert queue.counts() == {"queued": 1, "running": 1, "succeeded": 0, "failed": 0,
+    assert queue.counts() == {"queued": 1, "running": 1, "succeeded": 0,
+                              "completed_with_failures": 0, "failed": 0,
                               "cancelled": 1, "interrupted": 0}
 
 
@@ -382,7 +384,7 @@ def test_schema_version_is_recorded_and_checked(tmp_path: Path) -> None:
     JobQueue(path).close()
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
-    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("1",)
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == (str(SCHEMA_VERSION),)
     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 98}")
     db.close()
     for readonly in (False, True):
@@ -410,15 +412,28 @@ def test_queue_of_the_unversioned_release_opens_and_works(tmp_path: Path) -> Non
         assert jobs == [("waiting", "queued"), ("done", "succeeded")]
     assert path.read_bytes() == before
     with JobQueue(path, clock=Clock()) as q:
-        assert q.schema_version == 1
+        # Opened writable it is migrated to version 2 (completed_with_failures).
+        assert q.schema_version == SCHEMA_VERSION == 2
         done = q.get("done")
         assert (done.summary, done.finished_at) == ({"state": "succeeded"}, 102.0)
         nxt = q.next_runnable()
         assert nxt is not None and (nxt.id, nxt.priority) == ("waiting", 5)
         _submit(q, "new")
         assert q.counts()["queued"] == 2
+        q.start("waiting")
+        q.finish("waiting", JobState.COMPLETED_WITH_FAILURES, summary={"failed": 1})
+        assert q.get("waiting").state == "completed_with_failures"
+        assert q.counts()["completed_with_failures"] == 1
+        # The submission order survived the table's rebuild: new jobs come after.
+        assert [j.id for j in q.list()] == ["new", "waiting", "done"]
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone() == (0,)
+        assert db.execute("PRAGMA user_version").fetchone() == (2,)
+        assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == (
+            "2",)
+        indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+        assert {"jobs_by_state", "one_running"} <= indexes
+    with JobQueue(path, readonly=True) as ro:
+        assert ro.schema_version == 2
 
 
 @pytest.mark.parametrize("readonly", [False, True])
