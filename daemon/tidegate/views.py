@@ -101,15 +101,16 @@ class JobView(_View):
     worker_restarts: int
     output: str | None
     errors: list[ParamError] = Field(description=f"the first {SHOWN_ERRORS} failed params")
-    error_groups: list[ErrorGroup] = Field(
-        default_factory=list, description="this run's failed params by kind, biggest first "
+    # Absent (not null) in the answers of daemons before it.
+    error_groups: list[ErrorGroup] | None = Field(
+        default=None, description="this run's failed params by kind, biggest first "
         "(tracebacks: the traceback column of the output's params dataset, or `tidegate "
         "failures OUTPUT_DIR`)")
     summary: dict[str, Any] | None = Field(
         description="the run's summary (`tidegate run --json`), once it has ended")
     error: str | None = Field(description="why the job itself failed or paused")
     rate: float | None = Field(default=None, description="params per second; only while running")
-    _absent_when_none = ("rate",)
+    _absent_when_none = ("rate", "error_groups")
 
     @classmethod
     def of(cls, record: JobRecord, live: Progress | None = None) -> JobView:

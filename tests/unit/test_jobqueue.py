@@ -197,7 +197,8 @@ def test_finish_rejects_a_state_that_is_not_an_end(queue: JobQueue) -> None:
     """finish(..., 'queued') is refused naming what was expected."""
     _submit(queue, "a")
     queue.start("a")
-    with pytest.raises(ValueError, match=r"state: expected succeeded \| completed_with_failures \| failed"):
+    with pytest.raises(ValueError,
+                       match=r"state: expected succeeded \| completed_with_failures \| failed"):
         queue.finish("a", "queued")
     assert queue.get("a").state == "running"
 
@@ -384,7 +385,8 @@ def test_schema_version_is_recorded_and_checked(tmp_path: Path) -> None:
     JobQueue(path).close()
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
-    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == (str(SCHEMA_VERSION),)
+    meta = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    assert meta == (str(SCHEMA_VERSION),)
     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 98}")
     db.close()
     for readonly in (False, True):
