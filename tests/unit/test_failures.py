@@ -44,7 +44,7 @@ def test_groups_count_and_keep_three_examples_with_values() -> None:
     (big, small) = groups.ordered()
     assert (big.type, big.pattern, big.count) == ("ValueError", "bad input <n>", 7)
     assert [e.values for e in big.examples] == [{"k": 0}, {"k": 1}, {"k": 2}]
-    assert [e.message for e in big.examples][0] == "bad input 0"
+    assert big.examples[0].message == "bad input 0"
     assert (small.count, small.examples[0].param_id) == (1, "q")
     assert "7 x ValueError: bad input <n> (e.g. p0 {k=0}" in big.line()
     assert groups.failed == 8
