@@ -33,8 +33,8 @@ ALLOWED_FAILURES = 3
 
 
 def _sim(model: str, values: dict[str, Any], pid: str, rep: int, seed: int,
-         deps: list[Any]) -> Any:
-    return run_sim(model, values, pid, rep, seed)
+         timeout_s: float | None, deps: list[Any]) -> Any:
+    return run_sim(model, values, pid, rep, seed, timeout_s)
 
 
 def after_aggs(n: int, action: Callable[[], None]) -> Callable[[FakeTask], Cause | None]:
@@ -101,6 +101,7 @@ class FakeCluster:
     held: set[str] = field(default_factory=set)  # keys the task predicate holds back
     hold: Callable[[FakeTask], bool] | None = None
     submitted: list[str] = field(default_factory=list)
+    restarted: list[str] = field(default_factory=list)  # restart_worker's addresses
     cancelled: list[str] = field(default_factory=list)
     max_tasks: int = 0  # most tasks the client held at once
     # A cancelled task that had started runs on for this many ticks on its worker (a
@@ -188,6 +189,13 @@ class FakeCluster:
     async def add_code_paths(self, paths: Sequence[str]) -> None:
         return None
 
+    async def restart_worker(self, address: str) -> None:
+        """A planned restart (Cluster.restart_worker): the worker comes back under a new
+        address, its loss classified planned."""
+        self.restarted.append(address)
+        if address in self.workers_:
+            self.kill_worker(address, Cause.PLANNED)
+
     async def wait_for_workers(self, timeout_s: float) -> list[WorkerInfo]:
         return await self.workers()
 
@@ -226,6 +234,7 @@ class FakeCluster:
         want_outputs: bool,
         requests: Sequence[int] | None = None,
         priorities: Sequence[int] | None = None,
+        sim_timeout_s: float | None = None,
     ) -> list[TaskKeys]:
         out = []
         for i, (pid, values, seeds, attempt) in enumerate(params):
@@ -235,7 +244,8 @@ class FakeCluster:
             sims = []
             for rep, seed in enumerate(seeds):
                 key = f"sim-{job_key}-{pid}-{rep}{suffix}"
-                run = functools.partial(_sim, model, dict(values), pid, rep, seed)
+                run = functools.partial(_sim, model, dict(values), pid, rep, seed,
+                                        sim_timeout_s)
                 self._add(FakeTask(key, pid, run, (), self._least_busy(request), False,
                                    request, priority))
                 sims.append(key)

@@ -195,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "roll back unfinished ones, or rebuild a lost ledger from the parts")
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
 
+    failures = _command(sub, common, "failures", "list a job output's failed params by kind, "
+                        "with their values and tracebacks")
+    failures.add_argument("output", type=Path, metavar="OUTPUT_DIR", help="a job's output")
+    failures.add_argument("--json", action="store_true", help="print the groups as JSON")
+
     serve = _command(sub, common, "serve", "run the daemon: job queue, HTTP API, /metrics")
     serve.add_argument("--config", type=Path, metavar="FILE",
                        help="daemon config (YAML); TIDEGATE_* variables and flags override it")
@@ -257,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.log_level = args.log_level_given or os.environ.get("TIDEGATE_LOG_LEVEL", "INFO")
     setup_logging(args.log_level)
     handlers = {"run": cmd_run, "validate": cmd_validate, "schema": cmd_schema,
-                "serve": cmd_serve, "verify": cmd_verify}
+                "serve": cmd_serve, "verify": cmd_verify, "failures": cmd_failures}
     from tidegate.migrations import SchemaError
     from tidegate.spec import SpecError
     from tidegate.store import LedgerMismatch
@@ -296,6 +301,51 @@ def cmd_schema(args: argparse.Namespace) -> int:
     from tidegate.spec import spec_json_schema
 
     print(json.dumps(spec_json_schema(), indent=2))
+    return RunExit.OK
+
+
+def cmd_failures(args: argparse.Namespace) -> int:
+    """The failed params of an output's committed parts, grouped by kind (failures.py),
+    each group with three examples: their values and tracebacks."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    from tidegate.failures import groups_of
+
+    root: Path = args.output
+    params_dir = root / "params"
+    if not params_dir.is_dir():
+        raise UsageError(f"OUTPUT_DIR: expected a job output directory, got {str(root)!r} "
+                         "(no params/ dataset in it)")
+    try:
+        table = ds.dataset(params_dir, format="parquet").to_table()
+    except (pa.ArrowException, OSError) as exc:
+        raise UsageError(f"OUTPUT_DIR: cannot read {params_dir}: {exc}") from None
+    names = [c.removeprefix("param_") for c in table.column_names
+             if c.startswith("param_") and c != "param_id"]
+    failed = table.filter(pa.compute.equal(table["status"], "failed")).to_pylist()
+    groups = groups_of(failed, names)
+    tracebacks = {r["param_id"]: r.get("traceback") or "" for r in failed}
+    listed = []
+    for group in groups.as_list():
+        for example in group["examples"]:
+            example["traceback"] = tracebacks.get(example["param_id"], "")
+        listed.append(group)
+    if args.json:
+        print(json.dumps({"output": str(root), "params": table.num_rows,
+                          "failed": len(failed), "groups": listed}, default=str))
+        return RunExit.OK
+    print(f"{root}: {len(failed)} of {table.num_rows} committed params failed, "
+          f"{len(listed)} kinds")
+    for group in listed:
+        print(f"\n{group['count']} x {group['type']}: {group['message']}")
+        for example in group["examples"]:
+            values = ", ".join(f"{k}={v!r}" for k, v in example["values"].items())
+            print(f"  param {example['param_id']} {{{values}}}: {example['message']}")
+        first = group["examples"][0]["traceback"] if group["examples"] else ""
+        if first:
+            print("  traceback of the first:")
+            print("\n".join("    " + line for line in first.rstrip().splitlines()))
     return RunExit.OK
 
 
@@ -701,8 +751,21 @@ def _print_summary(s: Any, *, hint: bool = True) -> None:
         lines.append(f"  orphaned {s.orphaned} committed params no longer in the spec, kept "
                      "in the output, not in these counts (--restart recomputes without them)")
         lines += [f"  orphan   {o['param_id']}: {o['values']}" for o in s.orphans]
-    for e in s.errors[:5]:
-        lines.append(f"  failed   {e['param_id']}: {e['error'].splitlines()[0][:200]}")
+    groups = getattr(s, "error_groups", None) or []
+    for g in groups[:10]:
+        lines.append(f"  failed   {g['count']} x {g['type']}: {g['message'][:200]}")
+        for e in g["examples"]:
+            values = ", ".join(f"{k}={v!r}" for k, v in e["values"].items())[:160]
+            lines.append(f"             e.g. {e['param_id']} {{{values}}}")
+    if len(groups) > 10:
+        lines.append(f"  failed   ... and {len(groups) - 10} more kinds")
+    if not groups:
+        for e in s.errors[:5]:
+            lines.append(f"  failed   {e['param_id']}: {e['error'].splitlines()[0][:200]}")
+    if getattr(s, "tracebacks", None):
+        lines.append(f"  tracebacks in {s.tracebacks}")
+    if getattr(s, "reason", None):
+        lines.append(f"tidegate: job stopped: {s.reason}")
     if (hint_text := _retry_hint(s)) is not None:
         lines.append(f"  {hint_text}")
     if s.error:

@@ -213,10 +213,13 @@ def as_view(job: JobView | Mapping[str, Any]) -> JobView:
 
 
 def exit_code_for(job: JobView | Mapping[str, Any]) -> ClientExit:
-    """As `tidegate run`: 0 if the job succeeded with no failed params, else 1."""
+    """As `tidegate run`: 0 if the job succeeded with no failed params, 4 if it
+    completed with failures, else 1."""
     view = as_view(job)
     if view.state == JobState.SUCCEEDED and not view.params.failed:
         return ClientExit.OK
+    if view.state in (JobState.SUCCEEDED, JobState.COMPLETED_WITH_FAILURES):
+        return ClientExit.FAILURES
     return ClientExit.FAILED
 
 

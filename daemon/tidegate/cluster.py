@@ -172,7 +172,9 @@ class ClusterPort(Protocol):
     def submit_params(self, job_key: str, params: Sequence[ParamRow], model: str,
                       targets: Sequence[tuple[str, str]], want_outputs: bool,
                       requests: Sequence[int] | None = None,
-                      priorities: Sequence[int] | None = None) -> list[TaskKeys]: ...
+                      priorities: Sequence[int] | None = None,
+                      sim_timeout_s: float | None = None) -> list[TaskKeys]: ...
+    async def restart_worker(self, address: str) -> None: ...
     async def host_layout(self) -> dict[str, dict[str, Any]]: ...
     async def place_waiting(self) -> int: ...
     async def completed(self, timeout: float) -> list[str]: ...
@@ -196,6 +198,7 @@ class Cluster:
         self._futures: dict[str, Future] = {}
         self._completed = as_completed(loop=client.loop)
         self._watch: WorkerWatch | None = None
+        self._restarts: set[asyncio.Future[None]] = set()  # planned restarts under way
 
     @property
     def _scheduler(self) -> Any:
@@ -217,6 +220,8 @@ class Cluster:
         return self.local is not None
 
     async def close(self) -> None:
+        for task in list(self._restarts):  # a planned restart: the cluster goes anyway
+            task.cancel()
         # Unsubscribe first: the scheduler would otherwise try to send this client its
         # own remove-client event on the closed comm and log a CRITICAL traceback.
         for topic in self._topics:
@@ -367,12 +372,14 @@ class Cluster:
         want_outputs: bool,
         requests: Sequence[int] | None = None,
         priorities: Sequence[int] | None = None,
+        sim_timeout_s: float | None = None,
     ) -> list[TaskKeys]:
         """Submit the sim and agg tasks of ``params`` [(param_id, values, seeds, attempt)]
         and return each param's task keys; completions of its watched keys then come
         from ``completed``. ``requests``: per param, the bytes of the tidegate-memory
         resource each of its sims holds while it runs (0: none); ``priorities``: per
-        param, Dask's priority for its tasks (a suspect's run first on their worker).
+        param, Dask's priority for its tasks (a suspect's run first on their worker);
+        ``sim_timeout_s``: a sim running longer returns a Timeout failure (run_sim).
         """
         n = len(params)
         requests = list(requests) if requests is not None else [0] * n
@@ -387,7 +394,7 @@ class Cluster:
         for (request, priority), idx in groups.items():
             resources = {MEMORY_RESOURCE: float(request)} if request > 0 else None
             keys = self._submit_group(job_key, [params[i] for i in idx], model, targets,
-                                      want_outputs, resources, priority)
+                                      want_outputs, resources, priority, sim_timeout_s)
             out.update(zip(idx, keys, strict=True))
         return [out[i] for i in range(n)]
 
@@ -400,6 +407,7 @@ class Cluster:
         want_outputs: bool,
         resources: dict[str, float] | None,
         priority: int,
+        sim_timeout_s: float | None = None,
     ) -> list[TaskKeys]:
         """Submit params whose sims share one resource request and priority.
 
@@ -421,6 +429,7 @@ class Cluster:
             [a[0] for a in sim_args],
             [a[1] for a in sim_args],
             [a[2] for a in sim_args],
+            [sim_timeout_s] * len(sim_args),
             key=[f"sim-{job}-{a[0]}-{a[1]}{a[4]}" for a in sim_args],
             pure=False,
             resources=resources,
@@ -471,6 +480,29 @@ class Cluster:
                 gather=tuple(str(f.key) for f in (finals + (sims if want_outputs else []))),
             ))
         return out
+
+    async def restart_worker(self, address: str) -> None:
+        """Restart one worker through its nanny, on purpose (a sim's thread is stuck past
+        sim_timeout_s there and only a new process stops it). Its loss is classified
+        planned: neither an OOM event nor a loss that backs B off. Started in the
+        background: the run loop does not wait the seconds a restart takes."""
+        if self._watch is not None:
+            self._watch.tracker.expect_restart(address, self._watch.clock())
+        task = asyncio.ensure_future(self._restart(address))
+        self._restarts.add(task)
+        task.add_done_callback(self._restarts.discard)
+
+    async def _restart(self, address: str) -> None:
+        try:
+            found = await self.client.restart_workers(
+                [address], timeout=_CLOSE_TIMEOUT_S, raise_for_error=False)
+        except Exception as exc:
+            found = {address: str(exc)}
+        status = (found or {}).get(address, "")
+        if status not in ("OK", "removed"):
+            log.warning("worker %s could not be restarted (%s); its stuck sim thread runs "
+                        "on", address, status or "no answer",
+                        extra={"action": "worker_restart_failed"})
 
     async def executing(self, job_key: str) -> int | None:
         """How many of this job's tasks the workers are executing, cancelled ones included

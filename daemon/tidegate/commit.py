@@ -405,10 +405,12 @@ class Commit:
         # written when the run starts and ends.
         return Flushed(part, len(written.statuses), written.nbytes, time.perf_counter() - t0)
 
-    def close(self, state: JobState, error: OutputWriteError | None = None) -> Closed:
+    def close(self, state: JobState, error: OutputWriteError | None = None, *,
+              reason: str | None = None) -> Closed:
         """Flush what is buffered (unless a write already failed: ``error``), write the
         manifest with the final state and close the ledger. A failed write makes the
-        state interrupted (no space: a rerun resumes once space is freed) or failed."""
+        state interrupted (no space: a rerun resumes once space is freed) or failed.
+        ``reason``: why a failed job stopped early, kept in the manifest."""
         flushed = None
         try:
             if error is None:
@@ -419,7 +421,7 @@ class Commit:
             if error is not None:
                 state = JobState.INTERRUPTED if error.no_space else JobState.FAILED
             try:
-                self._manifest(state)
+                self._manifest(state, reason)
             except OutputWriteError as exc:
                 log.warning("manifest not updated: %s", exc,
                             extra={"action": "manifest_unwritten"})
@@ -449,7 +451,7 @@ class Commit:
             self._lock.release()
             self._lock = None
 
-    def _manifest(self, state: str) -> None:
+    def _manifest(self, state: str, reason: str | None = None) -> None:
         counts = self.ledger.counts()
         job, spec = self.job, self.job.spec
         write_manifest(
@@ -459,6 +461,7 @@ class Commit:
                 "tidegate_version": __version__,
                 "job_id": job.job_id,
                 "state": state,
+                **({"reason": reason} if reason else {}),
                 "fingerprint": job.fingerprint,
                 "spec": spec.model_dump(mode="json"),
                 "source": job.source,

@@ -28,11 +28,14 @@ class RunExit(ExitCode):
     """``tidegate run`` (and ``validate``, ``schema``)."""
 
     OK = 0, "success (`run`: every param ok)"
-    FAILED = 1, "the job finished with failed params, or failed"
+    FAILED = 1, ("the job failed: stopped by `on_error` (its circuit breaker) or by a "
+                 "model's contract error, or its output could not be written")
     USAGE = 2, ("bad input (the message names the field, what was expected and what came), "
                 "or an output whose committed parts are damaged or whose ledger is lost "
                 "(see `tidegate verify`)")
     CLUSTER = 3, "the cluster could not be reached or started"
+    FAILURES = 4, ("the job completed with failures: every param ran, some failed "
+                   "(`completed_with_failures`; see `tidegate failures OUTPUT_DIR`)")
     INTERRUPTED = 130, ("interrupted by Ctrl-C or SIGTERM, the output's disk is full, or "
                         "the cluster has no workers (`--scheduler`, or the embedded one "
                         "after 3 restarts) (committed params stay; a rerun resumes)")
@@ -63,14 +66,16 @@ class ClientExit(ExitCode):
     """``tidegate submit | status | jobs | cancel``, the daemon's client."""
 
     OK = 0, "ok"
-    FAILED = 1, "`submit --wait`: the job failed, was cancelled or has failed params"
+    FAILED = 1, "`submit --wait`: the job failed or was cancelled"
     USAGE = 2, ("bad input: the daemon answered 400, 401, 403, 404, 409 or 413, or the "
                 "spec file is unreadable")
     DAEMON = 3, "the daemon is unreachable, answered 5xx, or (`status`) is not ready"
+    FAILURES = 4, "`submit --wait`: the job completed with failures (some params failed)"
     INTERRUPTED = 130, "Ctrl-C (`submit --wait` stops waiting, not the job)"
 
 
 _ASKING = (ClientExit.OK, ClientExit.USAGE, ClientExit.DAEMON, ClientExit.INTERRUPTED)
+_READING = (RunExit.OK, RunExit.USAGE)
 
 # The codes each command can exit with, in the order the tables show them.
 COMMANDS: dict[str, tuple[ExitCode, ...]] = {
@@ -78,6 +83,7 @@ COMMANDS: dict[str, tuple[ExitCode, ...]] = {
     "validate": (RunExit.OK, RunExit.USAGE),
     "schema": (RunExit.OK, RunExit.USAGE),
     "verify": tuple(VerifyExit),
+    "failures": _READING,
     "serve": tuple(ServeExit),
     "submit": tuple(ClientExit),
     "status": _ASKING,

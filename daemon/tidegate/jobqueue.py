@@ -59,11 +59,42 @@ _V2 = """
 ALTER TABLE jobs ADD COLUMN retry_failed INTEGER NOT NULL DEFAULT 0;
 """
 
+# Version 3: the state completed_with_failures. SQLite cannot change a CHECK in place, so
+# the table is rebuilt under its own name, rows, sequence and indexes kept.
+_V3 = """
+CREATE TABLE jobs_v3 (
+    seq              INTEGER PRIMARY KEY AUTOINCREMENT,
+    id               TEXT    NOT NULL UNIQUE,
+    state            TEXT    NOT NULL CHECK (state IN ('queued', 'running', 'succeeded',
+                                                  'completed_with_failures', 'failed',
+                                                  'cancelled', 'interrupted')),
+    priority         INTEGER NOT NULL,
+    spec             TEXT    NOT NULL,
+    output           TEXT    NOT NULL,
+    submitted_at     REAL    NOT NULL,
+    started_at       REAL,
+    finished_at      REAL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    retry_failed     INTEGER NOT NULL DEFAULT 0,
+    summary          TEXT,
+    error            TEXT
+);
+INSERT INTO jobs_v3 (seq, id, state, priority, spec, output, submitted_at, started_at,
+                     finished_at, cancel_requested, retry_failed, summary, error)
+    SELECT seq, id, state, priority, spec, output, submitted_at, started_at, finished_at,
+           cancel_requested, retry_failed, summary, error FROM jobs;
+DROP TABLE jobs;
+ALTER TABLE jobs_v3 RENAME TO jobs;
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, priority, seq);
+CREATE UNIQUE INDEX IF NOT EXISTS one_running ON jobs (state) WHERE state = 'running';
+"""
+
 QUEUE_SCHEMA = Schema(
     what="tidegate job queue",
     migrations=(
         Migration(1, "meta and jobs tables, one running job at most", _V1),
         Migration(2, "a job's retry_failed option", _V2),
+        Migration(3, "the job state completed_with_failures", _V3),
     ),
     legacy={
         "meta": frozenset({"key", "value"}),

@@ -117,6 +117,11 @@ class LossTracker:
             entry = self._pending[worker] = _Pending(first_seen=now)
         return entry
 
+    def expect_restart(self, worker: str, now: float) -> None:
+        """tidegate restarts ``worker`` on purpose: its removal is planned, whatever exit
+        code the killed process reports."""
+        self._entry(worker, now).planned = True
+
     def on_memory_kill(self, worker: str, rss: int | None, now: float) -> None:
         entry = self._entry(worker, now)
         entry.memory_kill, entry.rss = True, rss
@@ -139,7 +144,8 @@ class LossTracker:
         entry.removed_at = now
         entry.processing = tuple(processing)
         entry.executing = None if executing is None else tuple(executing)
-        entry.planned = bool(expected) or stimulus_id.startswith("retire-workers")
+        entry.planned = (entry.planned or bool(expected)
+                         or stimulus_id.startswith("retire-workers"))
 
     def ready(self, now: float) -> list[WorkerLoss]:
         """Losses that can be classified now; each is handed out once."""

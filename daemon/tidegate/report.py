@@ -30,6 +30,7 @@ class Progress:
     worker_restarts: int = 0
     retried: int | None = None  # failed params of earlier runs run again; None: no retry
     errors: tuple[Mapping[str, str], ...] = ()  # the first failed params: param_id, error
+    error_groups: tuple[Mapping[str, Any], ...] = ()  # failures by kind (failures.Group)
 
     @property
     def eta_seconds(self) -> float | None:
@@ -46,7 +47,7 @@ class ProgressSink(Protocol):
 @dataclass(slots=True)
 class RunSummary:
     job_id: str
-    state: JobState  # succeeded | failed | interrupted
+    state: JobState  # succeeded | completed_with_failures | failed | interrupted
     total: int
     ok: int
     failed: int
@@ -69,6 +70,11 @@ class RunSummary:
     # failed and resumed); None when the run ended before it walked all the spec's.
     orphaned: int | None = 0
     orphans: list[dict[str, Any]] = field(default_factory=list)  # a few: param_id, values
+    # Why the job failed before its end: the on_error circuit breaker or a contract error.
+    reason: str | None = None
+    # This run's failed params by kind (failures.Group.as_dict), biggest first.
+    error_groups: list[dict[str, Any]] = field(default_factory=list)
+    tracebacks: str | None = None  # where the failed params' tracebacks are
 
     def __post_init__(self) -> None:
         self.state = JobState(self.state)
@@ -79,6 +85,8 @@ class RunSummary:
             return RunExit.INTERRUPTED
         if self.state == JobState.SUCCEEDED and self.failed == 0:
             return RunExit.OK
+        if self.state in (JobState.SUCCEEDED, JobState.COMPLETED_WITH_FAILURES):
+            return RunExit.FAILURES
         return RunExit.FAILED
 
     def as_dict(self) -> dict[str, Any]:
@@ -109,5 +117,8 @@ class RunSummary:
             "peak_inflight_tasks": self.peak_inflight_tasks,
             "errors": self.errors,
             **({"orphans": self.orphans} if self.orphans else {}),
+            "error_groups": self.error_groups,
+            **({"tracebacks": self.tracebacks} if self.tracebacks else {}),
             **({"error": self.error} if self.error else {}),
+            **({"reason": self.reason} if self.reason else {}),
         }

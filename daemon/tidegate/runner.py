@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 
 from tidegate.cluster import ClusterPort, LossSource, SchedulerLost, WorkerInfo, WorkersLost
 from tidegate.commit import Commit
+from tidegate.failures import TRACEBACK_HINT, Breaker
 from tidegate.knobs import RunOptions, controller_config
 from tidegate.limiter import Limiter, check_layout
 from tidegate.losses import Isolation, MemoryKill, Quarantine, WorkerLoss
@@ -75,6 +76,8 @@ class Runner:
         self._lost_since_join = False
         self._requests: dict[str, int] = {}  # param id in flight -> its sims' request
         self._child_killed: dict[str, MemoryKill] = {}  # param id -> the kill it caused
+        self.breaker = Breaker.of(job.spec.on_error)
+        self._stuck: set[str] = set()  # workers whose sim thread outran sim_timeout_s
         # Also set when the run ends by SchedulerLost: `tidegate run` prints it then.
         self.summary: RunSummary | None = None
 
@@ -143,7 +146,14 @@ class Runner:
                 o = commit.orphans(orphans)
                 self.stats.orphaned(o.count, o.ok, o.failed, o.sample)
             unfinished = self.stopping or not self.window.finished
-            state = JobState.INTERRUPTED if unfinished else JobState.SUCCEEDED
+            if self.breaker.reason is not None:
+                state = JobState.FAILED
+            elif unfinished:
+                state = JobState.INTERRUPTED
+            elif self.stats.failed:
+                state = JobState.COMPLETED_WITH_FAILURES
+            else:
+                state = JobState.SUCCEEDED
         except SchedulerLost as exc:
             state = JobState.INTERRUPTED  # the ledger has what completed; a rerun resumes
             lost = exc
@@ -152,7 +162,7 @@ class Runner:
         finally:
             self.window.drop_all()
             await self.cluster.cancel_all()
-            closed = commit.close(state, write_error)
+            closed = commit.close(state, write_error, reason=self.breaker.reason)
             state = closed.state
             self.stats.part_written(closed.flushed)
             if closed.error is not None:
@@ -160,8 +170,16 @@ class Runner:
                           closed.ok + closed.failed, extra={"action": "output_write_failed"})
                 self.stats.committed_only(closed.ok, closed.failed)
             self._report()
-        summary = self.stats.summary(state, str(self.job.output_dir), closed.parts)
+        output = str(self.job.output_dir)
+        summary = self.stats.summary(state, output, closed.parts)
         summary.error = str(closed.error) if closed.error else None
+        summary.reason = self.breaker.reason
+        if summary.failed:
+            summary.tracebacks = TRACEBACK_HINT.format(output=output)
+            self.stats.log_groups(summary.tracebacks)
+        if self.breaker.reason is not None:
+            log.error("job %s stopped: %s", self.job.job_id, self.breaker.reason,
+                      extra={"action": "job_stopped"})
         self.summary = summary
         if lost is not None:
             raise lost
@@ -256,6 +274,7 @@ class Runner:
             # A suspect's sims go first in its worker's queue: it waits for the sims
             # running there to end, not for those queued behind it.
             priorities=[1 if a.solo else 0 for a in batch],
+            sim_timeout_s=spec.sim_timeout_s,
         )
         for a, request in zip(batch, requests, strict=True):
             self._requests[a.param.param_id] = request
@@ -280,7 +299,14 @@ class Runner:
             self.window.remove(entry.param_id)
             self._requests.pop(entry.param_id, None)
             self.cluster.release(entry.keys.all)
-            self._judge(entry, chunk, commit)
+            self._judge(entry, chunk, commit)  # all of them, past a tripped breaker too
+        for worker in sorted(self._stuck):
+            # The sim's thread outran sim_timeout_s and cannot be killed: a new worker
+            # process reclaims it (a planned loss, no OOM event, no backoff).
+            log.warning("restarting worker %s: a simulation thread there outran "
+                        "sim_timeout_s", worker, extra={"action": "worker_restarted"})
+            await self.cluster.restart_worker(worker)
+        self._stuck.clear()
 
     def _judge(self, entry: Entry[Param], results: Sequence[Result], commit: Commit) -> None:
         pid = entry.param_id
@@ -295,6 +321,7 @@ class Runner:
             self.window.requeue(entry.param, outcome.attempt)
             return
         measured = measure(results)
+        self._stuck.update(r.stuck_worker for r in measured.replicates if r.stuck_worker)
         self.limiter.collected(measured)
         self.stats.measured(measured)
         error = outcome.error if isinstance(outcome, Failed) else None
@@ -321,7 +348,12 @@ class Runner:
         pid = param.param_id
         error = commit.record(pid, param.values, self.job.seeds(pid), error, sims, targets)
         self.isolation.forget(pid)
-        self.stats.param_done(pid, error)
+        self.stats.param_done(pid, error, param.values)
+        reason = self.breaker.record(pid, error.type if error else None,
+                                     error.message if error else "",
+                                     contract=error is not None and error.contract)
+        if reason is not None:
+            self.stop()  # stop admitting; close() commits what completed
 
     # --- the cluster, the controller and memory kills -------------------------------
 

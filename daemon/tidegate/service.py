@@ -480,7 +480,9 @@ class Service:
             result = await runner.run()
             summary = result.as_dict()
             state = self._final_state(record.id, result)
-            error = result.error  # a failed output write (disk full): named in the job
+            # A failed output write (disk full), or why the job stopped early (on_error,
+            # a contract error): named in the job.
+            error = result.error or result.reason
             write_failed = result.error is not None
         except SchedulerLost as exc:
             state, error = JobState.INTERRUPTED, str(exc)

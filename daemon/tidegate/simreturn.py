@@ -14,6 +14,7 @@ import json
 import math
 import re
 import sys
+import threading
 import time
 import traceback
 import types
@@ -29,7 +30,8 @@ from tidegate.errors import TidegateError
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$"
 NAME_TEXT = "a name of 1-64 letters, digits, '_' or '-', not starting with a digit or '-'"
 
-# Columns tidegate adds to every model output table; a model may not return them.
+# Columns tidegate adds to every model output table; a model may return them only with
+# tidegate's own values (models often echo their seed), which are then taken as they are.
 RESERVED_OUTPUT_COLUMNS = ("param_id", "replicate", "seed")
 
 _callables: dict[str, Callable[..., Any]] = {}
@@ -38,19 +40,27 @@ _callables: dict[str, Callable[..., Any]] = {}
 EXECUTING_TOPIC = "tidegate-executing"
 
 
+class ContractError(TidegateError, TypeError):
+    """A model broke its contract: it returned something other than a mapping of output
+    name -> table, or a table whose id column (param_id, replicate, seed) differs from
+    tidegate's values. Every param would fail alike, so the job stops at the first."""
+
+
 @dataclass(frozen=True, slots=True)
 class TaskError:
     """An exception raised by a model or a target, kept as plain strings so that no
-    traceback object (and the frames it pins) ever travels or lingers."""
+    traceback object (and the frames it pins) ever travels or lingers. ``contract``:
+    the model broke its contract (ContractError), which stops the job."""
 
     type: str
     message: str
     traceback: str = ""
+    contract: bool = False
 
     @classmethod
     def from_exception(cls, exc: BaseException) -> TaskError:
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        return cls(type(exc).__name__, str(exc), tb)
+        return cls(type(exc).__name__, str(exc), tb, isinstance(exc, ContractError))
 
     def __str__(self) -> str:
         return f"{self.type}: {self.message}" if self.message else self.type
@@ -69,6 +79,9 @@ class SimReturn:
     # How far the worker's RSS rose during the call (to its peak where the OS tells):
     # the working memory the simulation needed on top of what the worker held.
     rss_delta_bytes: int = 0
+    # The worker whose thread still runs the model after sim_timeout_s (a thread cannot
+    # be killed): tidegate restarts that worker to reclaim it.
+    stuck_worker: str = ""
 
     @property
     def ok(self) -> bool:
@@ -103,7 +116,7 @@ class SimReturn:
     def summary(self) -> ReplicateSummary:
         return ReplicateSummary(
             self.replicate, self.seed, self.nbytes, self.run_seconds, self.rss_delta_bytes,
-            self.error,
+            self.error, self.stuck_worker,
         )
 
 
@@ -117,6 +130,7 @@ class ReplicateSummary:
     run_seconds: float
     rss_delta_bytes: int
     error: TaskError | None
+    stuck_worker: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,12 +156,13 @@ class TargetResult:
 # --- conversions -----------------------------------------------------------------
 
 
-def to_arrow(name: str, value: Any) -> pa.Table:
+def to_arrow(name: str, value: Any, ids: Mapping[str, Any] | None = None) -> pa.Table:
     """Turn one model output into a pyarrow.Table.
 
     Accepts a pyarrow Table or RecordBatch, anything with ``to_arrow()`` (polars), a
     pandas DataFrame (duck-typed on ``to_records``/``columns``), or a mapping of
-    equal-length columns.
+    equal-length columns. A column named like one of tidegate's id columns is dropped
+    when every value equals ``ids[column]`` (tidegate adds its own), else ContractError.
     """
     if isinstance(value, pa.Table):
         table = value
@@ -166,17 +181,32 @@ def to_arrow(name: str, value: Any) -> pa.Table:
             )
         table = pa.table(dict(value))
     else:
-        raise TypeError(
+        raise ContractError(
             f"output {name!r}: expected a pyarrow Table, a pandas or polars DataFrame or "
             f"a dict of equal-length columns, got {type(value).__name__}"
         )
-    clash = [c for c in table.column_names if c in RESERVED_OUTPUT_COLUMNS]
-    if clash:
-        raise ValueError(
-            f"output {name!r}: column names {clash} are reserved for tidegate "
-            f"(it adds {', '.join(RESERVED_OUTPUT_COLUMNS)} itself)"
-        )
+    for column in [c for c in table.column_names if c in RESERVED_OUTPUT_COLUMNS]:
+        expected = None if ids is None else ids.get(column)
+        if expected is None or not _all_equal(table.column(column), expected):
+            raise ContractError(
+                f"output {name!r}: column {column!r} is one of tidegate's id columns "
+                f"({', '.join(RESERVED_OUTPUT_COLUMNS)}); its values differ from tidegate's "
+                f"({column} = {expected!r}): rename the column, or return tidegate's value"
+            )
+        table = table.drop_columns([column])
     return table.replace_schema_metadata(None)
+
+
+def _all_equal(column: pa.ChunkedArray, value: Any) -> bool:
+    """Every value of ``column`` is ``value`` (no nulls): an echoed id."""
+    if column.null_count:
+        return False
+    try:
+        values = column.to_pylist()
+    except (pa.ArrowException, ValueError):
+        return False
+    # bool is an int in Python: True would pass for replicate 1.
+    return all(type(v) is not bool and v == value for v in values)
 
 
 def _length(column: Any) -> int:
@@ -200,9 +230,9 @@ def ipc_to_table(data: bytes) -> pa.Table:
         return reader.read_all()
 
 
-def outputs_to_ipc(value: Any) -> dict[str, bytes]:
+def outputs_to_ipc(value: Any, ids: Mapping[str, Any] | None = None) -> dict[str, bytes]:
     if not isinstance(value, Mapping):
-        raise TypeError(
+        raise ContractError(
             "a model must return a mapping of output name -> table, got "
             f"{type(value).__name__}"
         )
@@ -212,7 +242,7 @@ def outputs_to_ipc(value: Any) -> dict[str, bytes]:
         if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
             shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:77] + "..."
             raise ValueError(f"output names must be {NAME_TEXT}, got {shown}")
-        out[name] = table_to_ipc(to_arrow(name, table))
+        out[name] = table_to_ipc(to_arrow(name, table, ids))
     return out
 
 
@@ -320,9 +350,14 @@ class _WorkingMemory:
 
 
 def run_sim(
-    model: str, params: Mapping[str, Any], param_id: str, replicate: int, seed: int
+    model: str, params: Mapping[str, Any], param_id: str, replicate: int, seed: int,
+    timeout_s: float | None = None,
 ) -> SimReturn:
     """Run one replicate: call the model, convert its tables to IPC bytes.
+
+    With ``timeout_s`` the model runs in a thread of its own and a call running longer
+    fails as ``Timeout``; the thread cannot be killed and runs on, so the SimReturn
+    names its worker (``stuck_worker``) for tidegate to restart.
 
     Any exception from the model (or from converting what it returned) becomes the
     SimReturn's error: the param is recorded as failed and the job goes on. That
@@ -332,12 +367,14 @@ def run_sim(
     """
     watch = _active_watch()
     start = time.perf_counter()
+    call = _Call(model, params, {"param_id": param_id, "replicate": replicate, "seed": seed},
+                 timeout_s)
     if watch is None:
         with _WorkingMemory() as memory:
-            outputs, error = _call_model(model, params, seed)
+            outputs, error = call()
         work = memory.bytes
     else:
-        outputs, error, work = _watched_call(watch, model, params, seed)
+        outputs, error, work = _watched_call(watch, call)
     return SimReturn(
         param_id=param_id,
         replicate=replicate,
@@ -346,11 +383,12 @@ def run_sim(
         error=error,
         run_seconds=time.perf_counter() - start,
         rss_delta_bytes=work,
+        stuck_worker=_worker_address() if call.stuck else "",
     )
 
 
 def _watched_call(
-    watch: Any, model: str, params: Mapping[str, Any], seed: int
+    watch: Any, call: _Call
 ) -> tuple[dict[str, bytes], TaskError | None, int]:
     """The model's call on a worker with tidegate's memory watch: announced, charged its
     process tree's working memory, and MemoryExceeded if its child was killed."""
@@ -362,7 +400,7 @@ def _watched_call(
     peak = _WorkingMemory() if nthreads == 1 else contextlib.nullcontext()
     try:
         with peak:
-            outputs, error = _call_model(model, params, seed)
+            outputs, error = call()
     finally:
         used = watch.end(token)
     work = used.work_bytes
@@ -384,14 +422,49 @@ def _watched_call(
 MiB = 1 << 20
 
 
-def _call_model(
-    model: str, params: Mapping[str, Any], seed: int
-) -> tuple[dict[str, bytes], TaskError | None]:
+class _Call:
+    """One call of the model, in this thread or, with a timeout, in a thread of its own
+    that is left running if the model does not return in time (``stuck``)."""
+
+    def __init__(self, model: str, params: Mapping[str, Any], ids: Mapping[str, Any],
+                 timeout_s: float | None):
+        self.model, self.params, self.ids, self.timeout_s = model, params, ids, timeout_s
+        self.stuck = False
+
+    def __call__(self) -> tuple[dict[str, bytes], TaskError | None]:
+        if self.timeout_s is None:
+            return self._run()
+        done: list[tuple[dict[str, bytes], TaskError | None]] = []
+        # A daemon thread: a worker restarting to reclaim it does not wait for it.
+        thread = threading.Thread(target=lambda: done.append(self._run()), daemon=True,
+                                  name=f"tidegate-sim-{self.ids['param_id']}")
+        thread.start()
+        thread.join(self.timeout_s)
+        if done:
+            return done[0]
+        self.stuck = True
+        return {}, TaskError(
+            "Timeout",
+            f"the simulation ran longer than sim_timeout_s = {self.timeout_s:g} s; "
+            "its worker is restarted to stop it",
+        )
+
+    def _run(self) -> tuple[dict[str, bytes], TaskError | None]:
+        try:
+            fn = import_callable(self.model)
+            return outputs_to_ipc(fn(dict(self.params), self.ids["seed"]), self.ids), None
+        except BaseException as exc:  # user code: see run_sim
+            return {}, TaskError.from_exception(exc)
+
+
+def _worker_address() -> str:
+    """The address of the Dask worker running this task; "" outside one."""
     try:
-        fn = import_callable(model)
-        return outputs_to_ipc(fn(dict(params), seed)), None
-    except BaseException as exc:  # user code: see run_sim
-        return {}, TaskError.from_exception(exc)
+        from distributed import get_worker
+
+        return str(get_worker().address)
+    except Exception:
+        return ""
 
 
 def _active_watch() -> Any:

@@ -232,8 +232,8 @@ Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 
 # outputs is a keyword or a list; the tags pick the branch so that an error reports that
 # branch only, and _field_error drops them from the location.
-_KEYWORD, _NAMES = "<keyword>", "<names>"
-_UNION_TAGS = frozenset({_KEYWORD, _NAMES})
+_KEYWORD, _NAMES, _BREAKER = "<keyword>", "<names>", "<breaker>"
+_UNION_TAGS = frozenset({_KEYWORD, _NAMES, _BREAKER})
 Outputs = Annotated[
     Annotated[Literal["all", "none"], Tag(_KEYWORD)]
     | Annotated[list[Name], Field(min_length=1), Tag(_NAMES)],
@@ -248,6 +248,33 @@ Outputs = Annotated[
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class BreakerSpec(_Strict):
+    """The circuit breaker of ``on_error``: stop the job when its first
+    ``stop_after_first`` completed params all failed, or once more than ``max_failed``
+    params failed (null: no such limit)."""
+
+    stop_after_first: StrictInt = Field(
+        10, ge=1, description="stop if this many params completed first and all failed")
+    max_failed: StrictInt | None = Field(
+        None, ge=0, description="stop once more params than this failed; null: no limit")
+
+
+# on_error is the keyword "continue" or a breaker mapping; tagged like outputs.
+OnError = Annotated[
+    Annotated[Literal["continue"], Tag(_KEYWORD)] | Annotated[BreakerSpec, Tag(_BREAKER)],
+    Discriminator(
+        lambda v: (_KEYWORD if isinstance(v, str)
+                   else _BREAKER if isinstance(v, dict | BreakerSpec) else None),
+        custom_error_type=ERROR_TYPE,
+        custom_error_message="expected {expected}",
+        custom_error_context={
+            "field": "",
+            "expected": "'continue' or a mapping {stop_after_first: N, max_failed: N}",
+        },
+    ),
+]
 
 
 class TargetSpec(_Strict):
@@ -296,6 +323,14 @@ class JobSpec(_Strict):
         None, description="the job's output directory, relative to the spec file"
     )
     batch: BatchSpec = Field(default_factory=lambda: BatchSpec.model_validate({}))
+    # Run policy, not identity: changing these never makes an output another job's.
+    on_error: OnError = Field(
+        default_factory=lambda: BreakerSpec.model_validate({}),
+        description="'continue' (finish the sweep whatever fails) or the circuit breaker "
+        "{stop_after_first: 10, max_failed: null}, the default",
+    )
+    sim_timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)] | None = Field(
+        None, description="a simulation running longer fails as Timeout; null: no limit")
 
     @model_validator(mode="after")
     def _unique_names(self) -> JobSpec:
@@ -338,6 +373,7 @@ def spec_json_schema() -> dict[str, Any]:
 _MODELS_AT: dict[tuple[str, ...], type[BaseModel]] = {
     (): JobSpec,
     ("batch",): BatchSpec,
+    ("on_error",): BreakerSpec,
     ("parameters",): ParametersSpec,
     ("targets", "[]"): TargetSpec,
 }

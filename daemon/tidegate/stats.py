@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from tidegate.cluster import WorkerInfo
 from tidegate.commit import Flushed
 from tidegate.controller import Decision
+from tidegate.failures import ErrorGroups, values_text
 from tidegate.losses import MEMORY_CAUSES, Cause, MemoryKill, WorkerLoss
 from tidegate.metrics import Metrics
 from tidegate.outcome import Measured
@@ -22,6 +23,8 @@ from tidegate.states import JobState
 log = logging.getLogger(__name__)
 
 MAX_ERRORS_KEPT = 20
+# Failures logged one line each; after these, one line per kind when the run ends.
+MAX_FAILURES_LOGGED = 5
 _MiB = 2**20
 
 
@@ -48,12 +51,14 @@ class RunStats:
     quarantined: int = 0
     retried: int | None = None  # failed params of earlier runs run again; None: no retry
     errors: list[dict[str, str]] = field(default_factory=list)
+    groups: ErrorGroups = field(default_factory=ErrorGroups)
     losses: dict[str, int] = field(default_factory=dict)  # cause -> count
     batch_size: int = 1
     batch_min: int = 0
     batch_max: int = 0
     peak_inflight_tasks: int = 0
     started: float = 0.0
+    resumed_failed: int = 0
     child_kills: int = 0  # child process trees tidegate's workers killed for memory
     orphan_count: int | None = None  # committed params not in the spec, once known
     orphan_sample: list[dict[str, Any]] = field(default_factory=list)
@@ -67,6 +72,7 @@ class RunStats:
         failed ones un-committed to run again."""
         self.ok, self.failed, self.resumed = ok, failed, ok + failed
         self.retried = retried
+        self.resumed_failed = failed
         self.started = self.clock()
 
     def orphaned(self, count: int, ok: int, failed: int, sample: list[dict[str, Any]]) -> None:
@@ -100,7 +106,8 @@ class RunStats:
 
     # --- events ---------------------------------------------------------------------
 
-    def param_done(self, param_id: str, error: TaskError | None) -> None:
+    def param_done(self, param_id: str, error: TaskError | None,
+                   values: Mapping[str, Any] | None = None) -> None:
         if error is None:
             self.ok += 1
             self.metrics.params.labels("ok").inc()
@@ -109,7 +116,25 @@ class RunStats:
         self.metrics.params.labels("failed").inc()
         if len(self.errors) < MAX_ERRORS_KEPT:
             self.errors.append({"param_id": param_id, "error": str(error)})
-        log.warning("param %s failed: %s", param_id, error, extra={"action": "param_failed"})
+        self.groups.add(param_id, values or {}, error.type, error.message)
+        failed_here = self.failed - self.resumed_failed
+        if failed_here <= MAX_FAILURES_LOGGED:
+            shown = values_text(values) if values else ""
+            log.warning("param %s %s failed: %s", param_id, shown, error,
+                        extra={"action": "param_failed"})
+            if failed_here == MAX_FAILURES_LOGGED:
+                log.warning("further failures are counted by kind, shown when the run ends "
+                            "(tidegate failures OUTPUT_DIR lists them all)",
+                            extra={"action": "param_failed"})
+
+    def log_groups(self, where: str) -> None:
+        """One line per kind of failure of this run, biggest first."""
+        for group in self.groups.ordered():
+            log.warning("failures: %s; tracebacks: %s", group.line(), where,
+                        extra={"action": "failure_group"})
+        if self.groups.other:
+            log.warning("failures: %d more of other kinds", self.groups.other,
+                        extra={"action": "failure_group"})
 
     def measured(self, m: Measured) -> None:
         for _, ok in m.targets:
@@ -250,6 +275,7 @@ class RunStats:
             rate=self.done_this_run / elapsed if elapsed else 0.0,
             elapsed=elapsed,
             errors=tuple(self.errors),
+            error_groups=tuple(self.groups.as_list()),
         )
 
     def summary(self, state: JobState, output: str, parts: int) -> RunSummary:
@@ -263,6 +289,7 @@ class RunStats:
             output=output,
             parts=parts,
             errors=list(self.errors),
+            error_groups=self.groups.as_list(),
             peak_inflight_tasks=self.peak_inflight_tasks,
             worker_losses=dict(self.losses),
             orphaned=self.orphan_count,

@@ -67,6 +67,24 @@ class ParamError(_View):
     error: str = ""
 
 
+class FailureExample(_View):
+    """One failed param of a group: its id, its parameter values and its message."""
+
+    param_id: str
+    values: dict[str, Any] = Field(default_factory=dict)
+    message: str = ""
+
+
+class ErrorGroup(_View):
+    """Failed params of one kind: the error type and its message with numbers, hex ids
+    and paths masked, how many, and three examples."""
+
+    type: str
+    message: str
+    count: int
+    examples: list[FailureExample] = Field(default_factory=list)
+
+
 class JobView(_View):
     """A job as ``GET /v1/jobs/{id}`` returns it: the queue's record, with live numbers
     while it runs (``rate`` is present only then)."""
@@ -89,11 +107,16 @@ class JobView(_View):
     worker_restarts: int
     output: str | None
     errors: list[ParamError] = Field(description=f"the first {SHOWN_ERRORS} failed params")
+    # Absent (not null) in the answers of daemons before it.
+    error_groups: list[ErrorGroup] | None = Field(
+        default=None, description="this run's failed params by kind, biggest first "
+        "(tracebacks: the traceback column of the output's params dataset, or `tidegate "
+        "failures OUTPUT_DIR`)")
     summary: dict[str, Any] | None = Field(
         description="the run's summary (`tidegate run --json`), once it has ended")
     error: str | None = Field(description="why the job itself failed or paused")
     rate: float | None = Field(default=None, description="params per second; only while running")
-    _absent_when_none = ("rate", "retry_failed")
+    _absent_when_none = ("rate", "retry_failed", "error_groups")
 
     @classmethod
     def of(cls, record: JobRecord, live: Progress | None = None) -> JobView:
@@ -117,6 +140,8 @@ class JobView(_View):
             output=record.output,
             errors=[ParamError.model_validate(e)
                     for e in (summary.get("errors") or [])[:SHOWN_ERRORS]],
+            error_groups=[ErrorGroup.model_validate(g)
+                          for g in summary.get("error_groups") or []],
             summary=record.summary,
             error=record.error,
         )
@@ -132,6 +157,7 @@ class JobView(_View):
             "oom_events": p.oom_events,
             "worker_restarts": p.worker_restarts,
             "errors": [ParamError.model_validate(e) for e in p.errors[:SHOWN_ERRORS]],
+            "error_groups": [ErrorGroup.model_validate(g) for g in p.error_groups],
             "rate": round(p.rate, 3),
         })
 

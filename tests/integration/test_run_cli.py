@@ -88,15 +88,15 @@ def test_sir_example_end_to_end(tmp_path: Path, sir_dir: Path) -> None:
     _assert_exactly_once(out, n)
 
 
-def test_failing_params_are_recorded_and_exit_1(tmp_path: Path) -> None:
+def test_failing_params_are_recorded_and_exit_4(tmp_path: Path) -> None:
     """Params whose model raises are written as failed with their error; the rest are ok."""
     values = [{"k": i, "fail": "bad k" if i % 4 == 0 else ""} for i in range(12)]
     spec = write_spec(tmp_path / "job.yaml",
                       synthetic_spec(12, parameters={"values": values}))
     proc = tidegate("run", spec, "--json", "--no-progress")
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == 4, proc.stderr
     summary = _summary(proc)
-    assert summary["state"] == "succeeded"
+    assert summary["state"] == "completed_with_failures"
     assert summary["params"]["failed"] == 3 and summary["params"]["ok"] == 9
     rows = read_dataset(tmp_path / "out" / "params")
     failed = [r for r in rows if r["status"] == "failed"]
@@ -242,7 +242,7 @@ def test_a_param_whose_output_misfits_fails_alone(tmp_path: Path) -> None:
     })
     proc = tidegate("run", spec, "--workers", "1", "--json", "--no-progress",
                     "--flush-params", "100")
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == 4, proc.stderr
     assert "Traceback" not in proc.stderr
     summary = _summary(proc)
     assert (summary["params"]["ok"], summary["params"]["failed"]) == (7, 1)
@@ -253,7 +253,7 @@ def test_a_param_whose_output_misfits_fails_alone(tmp_path: Path) -> None:
     assert data.schema.field("x").type == "double"
     assert data.num_rows == 7 * 2
     again = tidegate("run", spec, "--workers", "1", "--json", "--no-progress")
-    assert again.returncode == 1 and _summary(again)["params"]["resumed"] == 8
+    assert again.returncode == 4 and _summary(again)["params"]["resumed"] == 8
 
 
 # A model whose workers close for good (the worker and its nanny, as after a worker

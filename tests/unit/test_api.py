@@ -132,7 +132,7 @@ def test_job_view_keeps_todays_json_shape(service: Service) -> None:
     assert list(data) == ["id", "url", "state", "priority", "submitted_at", "started_at",
                           "finished_at", "cancel_requested", "params", "batch_size",
                           "inflight", "oom_events", "worker_restarts", "output", "errors",
-                          "summary", "error"]
+                          "error_groups", "summary", "error"]
     assert (data["url"], data["batch_size"], data["inflight"]) == (
         "/v1/jobs/j", 2, {"params": 0, "tasks": 0})
     assert (data["params"], data["summary"], len(data["errors"])) == (

@@ -409,8 +409,8 @@ def test_submit_wait_follows_the_job_to_success(
 
 
 @pytest.mark.parametrize(("end", "code"), [
-    (("succeeded", 4, 0), 0), (("succeeded", 3, 1), 1), (("failed", 1, 0), 1),
-    (("cancelled", 2, 0), 1),
+    (("succeeded", 4, 0), 0), (("succeeded", 3, 1), 4), (("completed_with_failures", 3, 1), 4),
+    (("failed", 1, 0), 1), (("cancelled", 2, 0), 1),
 ])
 def test_submit_wait_exits_as_tidegate_run(
     daemon: FakeDaemon, tmp_path: Path, capsys: pytest.CaptureFixture[str],
@@ -525,7 +525,8 @@ def test_status_without_a_job_shows_readiness_and_counts(
     assert tidegate("status", "--url", daemon.url) == 0
     assert capsys.readouterr().out == (
         f"daemon {daemon.url}: ready\n"
-        "jobs    2 queued, 1 running, 0 succeeded, 0 failed, 0 cancelled, 0 interrupted\n"
+        "jobs    2 queued, 1 running, 0 succeeded, 0 completed_with_failures, 0 failed, "
+        "0 cancelled, 0 interrupted\n"
     )
     assert tidegate("status", "--json", "--url", daemon.url) == 0
     info = json.loads(capsys.readouterr().out)
@@ -609,11 +610,12 @@ def test_client_raises_typed_errors(daemon: FakeDaemon) -> None:
 
 
 @pytest.mark.parametrize(("state", "failed", "code"), [
-    ("succeeded", 0, 0), ("succeeded", 1, 1), ("failed", 0, 1), ("cancelled", 0, 1),
-    ("interrupted", 0, 1),
+    ("succeeded", 0, 0), ("succeeded", 1, 4), ("completed_with_failures", 1, 4),
+    ("failed", 0, 1), ("cancelled", 0, 1), ("interrupted", 0, 1),
 ])
 def test_exit_code_for_matches_tidegate_run(state: str, failed: int, code: int) -> None:
-    """0 only for a succeeded job without failed params."""
+    """0 only for a succeeded job without failed params; 4 for one completed with
+    failures."""
     assert exit_code_for(job_dict("j", state, failed=failed)) == code
 
 

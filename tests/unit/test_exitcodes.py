@@ -17,11 +17,11 @@ BLOCK = re.compile(r"<!-- exit-codes[^>]*-->\n(.*?)\n<!-- /exit-codes -->", re.D
 def test_the_numbers_are_the_ones_each_command_has_always_used() -> None:
     """run: 3 cluster, 130 interrupted; serve: 2 config, 3 start-up; client: 3 daemon."""
     assert {c.name: int(c) for c in RunExit} == {
-        "OK": 0, "FAILED": 1, "USAGE": 2, "CLUSTER": 3, "INTERRUPTED": 130}
+        "OK": 0, "FAILED": 1, "USAGE": 2, "CLUSTER": 3, "FAILURES": 4, "INTERRUPTED": 130}
     assert {c.name: int(c) for c in ServeExit} == {
         "OK": 0, "FORCED": 1, "CONFIG": 2, "STARTUP": 3}
     assert {c.name: int(c) for c in ClientExit} == {
-        "OK": 0, "FAILED": 1, "USAGE": 2, "DAEMON": 3, "INTERRUPTED": 130}
+        "OK": 0, "FAILED": 1, "USAGE": 2, "DAEMON": 3, "FAILURES": 4, "INTERRUPTED": 130}
     assert all(c.meaning for enum in (RunExit, ServeExit, ClientExit) for c in enum)
 
 
@@ -50,5 +50,5 @@ def test_the_run_table_names_each_code_once() -> None:
     """epilog('run') has a line per code, in order, with its meaning."""
     lines = epilog("run").splitlines()
     assert lines[0] == "exit codes:"
-    assert [int(line.split()[0]) for line in lines[1:]] == [0, 1, 2, 3, 130]
+    assert [int(line.split()[0]) for line in lines[1:]] == [0, 1, 2, 3, 4, 130]
     assert "cluster could not be reached" in lines[4]

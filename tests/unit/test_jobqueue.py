@@ -17,6 +17,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from tidegate.cli import main
 from tidegate.jobqueue import SCHEMA_VERSION, STATES, TERMINAL, JobExists, JobQueue, UnknownJob
 from tidegate.migrations import SchemaError, SchemaTooNew
+from tidegate.states import JobState
 
 # A queue the release before schema versions wrote (user_version 0): see its README.
 JOBS_V1 = Path(__file__).parent.parent / "fixtures" / "jobs_v1.sqlite"
@@ -196,7 +197,8 @@ def test_finish_rejects_a_state_that_is_not_an_end(queue: JobQueue) -> None:
     """finish(..., 'queued') is refused naming what was expected."""
     _submit(queue, "a")
     queue.start("a")
-    with pytest.raises(ValueError, match=r"state: expected succeeded \| failed"):
+    with pytest.raises(ValueError,
+                       match=r"state: expected succeeded \| completed_with_failures \| failed"):
         queue.finish("a", "queued")
     assert queue.get("a").state == "running"
 
@@ -321,14 +323,15 @@ def test_list_is_newest_first_and_filters_by_state(queue: JobQueue) -> None:
 
 
 def test_counts_include_every_state_with_zeros(queue: JobQueue) -> None:
-    """counts() names all six states, zeros included."""
+    """counts() names every state, zeros included."""
     assert queue.counts() == dict.fromkeys(STATES, 0)
     _submit(queue, "a")
     _submit(queue, "b")
     _submit(queue, "c")
     queue.start("a")
     queue.request_cancel("c")
-    assert queue.counts() == {"queued": 1, "running": 1, "succeeded": 0, "failed": 0,
+    assert queue.counts() == {"queued": 1, "running": 1, "succeeded": 0,
+                              "completed_with_failures": 0, "failed": 0,
                               "cancelled": 1, "interrupted": 0}
 
 
@@ -382,7 +385,8 @@ def test_schema_version_is_recorded_and_checked(tmp_path: Path) -> None:
     JobQueue(path).close()
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
-    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
+    meta = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    assert meta == (str(SCHEMA_VERSION),)
     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 98}")
     db.close()
     for readonly in (False, True):
@@ -402,15 +406,17 @@ def test_unversioned_queue_with_a_newer_meta_row_is_refused(tmp_path: Path) -> N
 
 def test_queue_of_the_unversioned_release_opens_and_works(tmp_path: Path) -> None:
     """The fixture's jobs.sqlite (user_version 0) is version 1: a read-only open asks for
-    its migration and leaves it alone; a writable one migrates it (version 2, each job
-    without retry_failed), its jobs read, new ones queue."""
+    its migration and leaves it alone; a writable one migrates it (version 3, each job
+    without retry_failed, the state completed_with_failures allowed), its jobs read, new
+    ones queue."""
     path = Path(shutil.copy(JOBS_V1, tmp_path / "jobs.sqlite"))
     before = path.read_bytes()
-    with pytest.raises(SchemaError, match="schema version 1 needs migrating to 2"):
+    with pytest.raises(SchemaError, match="schema version 1 needs migrating to 3"):
         JobQueue(path, readonly=True)
     assert path.read_bytes() == before
     with JobQueue(path, clock=Clock()) as q:
-        assert q.schema_version == SCHEMA_VERSION == 2
+        # Opened writable it is migrated to version 3 (retry_failed, completed_with_failures).
+        assert q.schema_version == SCHEMA_VERSION == 3
         done = q.get("done")
         assert (done.summary, done.finished_at) == ({"state": "succeeded"}, 102.0)
         assert not done.retry_failed
@@ -418,11 +424,23 @@ def test_queue_of_the_unversioned_release_opens_and_works(tmp_path: Path) -> Non
         assert nxt is not None and (nxt.id, nxt.priority) == ("waiting", 5)
         _submit(q, "new")
         assert q.counts()["queued"] == 2
+        q.start("waiting")
+        q.finish("waiting", JobState.COMPLETED_WITH_FAILURES, summary={"failed": 1})
+        assert q.get("waiting").state == "completed_with_failures"
+        assert q.counts()["completed_with_failures"] == 1
+        # The submission order survived the table's rebuild: new jobs come after.
+        assert [j.id for j in q.list()] == ["new", "waiting", "done"]
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone() == (2,)
+        assert db.execute("PRAGMA user_version").fetchone() == (3,)
+        assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == (
+            "3",)
+        indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+        assert {"jobs_by_state", "one_running"} <= indexes
     with JobQueue(path, readonly=True) as ro:
+        assert ro.schema_version == 3
         jobs = [(j.id, j.state) for j in ro.list()]
-        assert jobs == [("new", "queued"), ("waiting", "queued"), ("done", "succeeded")]
+        assert jobs == [("new", "queued"), ("waiting", "completed_with_failures"),
+                        ("done", "succeeded")]
 
 
 @pytest.mark.parametrize("readonly", [False, True])

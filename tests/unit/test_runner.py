@@ -64,7 +64,8 @@ def test_a_model_error_fails_its_param_only(tmp_path: Path) -> None:
     values = [{"k": i, "fail": "boom" if i == 4 else ""} for i in range(10)]
     job = _job(tmp_path, 0, parameters={"values": values})
     summary = _run(job, FakeCluster())
-    assert (summary.ok, summary.failed, summary.exit_code) == (9, 1, 1)
+    assert (summary.ok, summary.failed, summary.exit_code) == (9, 1, 4)
+    assert summary.state == "completed_with_failures"
     failed = [r for r in read_dataset(job.output_dir / "params") if r["status"] == "failed"]
     assert [r["param_k"] for r in failed] == [4]
     assert failed[0]["error_type"] == "RuntimeError" and "boom" in failed[0]["error"]

@@ -273,7 +273,7 @@ def test_spec_json_schema_lists_the_fields() -> None:
     schema = spec_json_schema()
     assert set(schema["properties"]) == {
         "job_id", "model", "code_paths", "parameters", "replicates", "seed", "targets",
-        "outputs", "output", "batch",
+        "outputs", "output", "batch", "on_error", "sim_timeout_s",
     }
     assert schema["additionalProperties"] is False
 
