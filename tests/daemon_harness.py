@@ -17,6 +17,11 @@ from typing import Any
 
 import yaml
 
+from tidegate.states import TERMINAL
+
+# A job in one of these states stays there (interrupted ones are retried).
+FINISHED = {str(s) for s in TERMINAL}
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -107,6 +112,10 @@ class Daemon:
             status, job = self.request("GET", f"/v1/jobs/{job_id}")
             if status == 200 and job["state"] in states:
                 return job
+            if status == 200 and job["state"] in FINISHED and job["state"] not in states:
+                # Ended in a state the test did not wait for: say so now, not at timeout.
+                raise AssertionError(f"job {job_id} ended {job['state']}, not one of "
+                                     f"{sorted(states)}: {job}")
             time.sleep(0.2)
         raise TimeoutError(f"job {job_id} not in {states}:\n{self.log()}")
 

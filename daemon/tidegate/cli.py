@@ -489,7 +489,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         )
         if trial is not None:
             print(trial.text())
-    return RunExit.OK if trial is None or not trial.failed else RunExit.FAILED
+    return RunExit.OK if trial is None or not trial.failed else RunExit.FAILURES
 
 
 def _trial(job: Any, n: int, memory_limit: str | int | None = None) -> Any:
@@ -539,7 +539,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         # checked (an output of another job or a foreign one is no reason to refuse).
         trial = _trial(job, args.limit, memory_limit)
         print(json.dumps(trial.as_dict()) if args.json else trial.text())
-        return RunExit.OK if not trial.failed else RunExit.FAILED
+        return RunExit.OK if not trial.failed else RunExit.FAILURES
     # Before --force and --restart: neither may reach into another job's output.
     check_not_nested(job.output_dir)
     foreign = foreign_entries(job.output_dir)

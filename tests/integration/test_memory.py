@@ -178,7 +178,7 @@ def test_poison_param_is_quarantined(tmp_path: Path, no_spill) -> None:
     spec = write_spec(tmp_path / "job.yaml", synthetic_spec(
         30, replicates=1, parameters={"values": values}))
     proc = tidegate("run", spec, *TIGHT, "--json", "--no-progress", timeout=600)
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == 4, proc.stderr
     summary = _summary(proc)
     # The log says why if another param failed too (isolated, quarantined, KilledWorker).
     assert summary["params"]["ok"] == 29, (summary["errors"], proc.stderr[-4000:])

@@ -59,7 +59,7 @@ def test_run_limit_shows_failures_with_their_values(tmp_path: Path) -> None:
     spec = write_spec(tmp_path / "job.yaml", synthetic_spec(
         4, output=str(out), parameters={"values": values}))
     proc = tidegate("run", spec, "--limit", "4", "--no-progress", timeout=180)
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == 4, proc.stderr
     assert "4 params on a local cluster: 2 ok, 2 failed" in proc.stdout
     assert "k=1" in proc.stdout and "k=3" in proc.stdout and "bad input" in proc.stdout
     assert "model_outputs/data" in proc.stdout

@@ -113,7 +113,7 @@ def test_retry_failed_reruns_exactly_the_failed_params(tmp_path: Path) -> None:
     out = tmp_path / "out"
     args = ("run", path, "--workers", "2", "--flush-params", "4", "--json", "--no-progress")
     first = tidegate(*args)
-    assert first.returncode == 1, first.stderr
+    assert first.returncode == 4, first.stderr
     assert "rerun with --retry-failed" in first.stderr
     failing = _failing(n)
     s = _summary(first)
@@ -127,7 +127,7 @@ def test_retry_failed_reruns_exactly_the_failed_params(tmp_path: Path) -> None:
 
     (tmp_path / "models" / "BROKEN").unlink()  # the bug is fixed
     plain = tidegate(*args)
-    assert plain.returncode == 1 and _summary(plain)["params"]["failed"] == len(failing)
+    assert plain.returncode == 4 and _summary(plain)["params"]["failed"] == len(failing)
 
     retry = tidegate(*args, "--retry-failed")
     assert retry.returncode == 0, retry.stderr
@@ -156,11 +156,11 @@ def test_a_retried_param_whose_output_changed_type_fails_naming_the_columns(
     path, _ = _setup(tmp_path, n=n)
     out = tmp_path / "out"
     args = ("run", path, "--workers", "1", "--json", "--no-progress")
-    assert tidegate(*args).returncode == 1
+    assert tidegate(*args).returncode == 4
     (tmp_path / "models" / "BROKEN").unlink()
     (tmp_path / "models" / "STRINGS").touch()
     retry = tidegate(*args, "--retry-failed")
-    assert retry.returncode == 1, retry.stderr
+    assert retry.returncode == 4, retry.stderr
     assert "Traceback" not in retry.stderr
     failing = _failing(n)
     s = _summary(retry)
@@ -190,7 +190,7 @@ def test_kill_9_during_a_retry_then_a_rerun_has_each_param_once(tmp_path: Path) 
     path, _ = _setup(tmp_path, n=n, sleep=0.2)
     out = tmp_path / "out"
     args = ("run", path, "--workers", "2", "--flush-params", "2", "--no-progress")
-    assert tidegate(*args, "--json").returncode == 1
+    assert tidegate(*args, "--json").returncode == 4
     ok_before = _ledger_ok(out)
     (tmp_path / "models" / "BROKEN").unlink()
     proc = start_tidegate(*args, "--retry-failed")
@@ -236,7 +236,7 @@ def test_daemon_resubmission_with_retry_failed(tmp_path: Path) -> None:
     try:
         status, _ = d.request("POST", "/v1/jobs", yaml.safe_dump(spec))
         assert status == 201
-        first = d.wait_job("retry", {"succeeded", "failed"})
+        first = d.wait_job("retry", {"completed_with_failures"})
         failing = _failing(n)
         assert (first["params"]["ok"], first["params"]["failed"]) == (n - len(failing),
                                                                      len(failing))
