@@ -69,6 +69,10 @@ class RunSummary:
     # failed and resumed); None when the run ended before it walked all the spec's.
     orphaned: int | None = 0
     orphans: list[dict[str, Any]] = field(default_factory=list)  # a few: param_id, values
+    # --prune: whether it was asked, and how many orphaned params this run dropped from
+    # the output (None: it ended before its walk was over, so it pruned nothing).
+    prune: bool = False
+    pruned: int | None = None
 
     def __post_init__(self) -> None:
         self.state = JobState(self.state)
@@ -94,6 +98,8 @@ class RunSummary:
                 "orphaned": self.orphaned,
                 # Only in a retry's summary (--retry-failed): the shape is otherwise kept.
                 **({"retried": self.retried} if self.retried is not None else {}),
+                # Only when --prune was asked: null if the run could not prune.
+                **({"pruned": self.pruned} if self.prune else {}),
             },
             "batch_size": {
                 "min": self.batch_min,
