@@ -708,8 +708,8 @@ def _print_summary(s: Any, *, hint: bool = True) -> None:
         lines.append(f"  pruned   {s.pruned} orphaned params (no longer in the spec) dropped "
                      "from every dataset")
     elif s.pruned is None and s.prune:
-        lines.append("  pruned   none: the run ended before it walked the whole spec, so "
-                     "its orphaned params are not known; rerun with --prune to prune them")
+        lines.append("  pruned   none: the run did not finish, so its orphaned params are "
+                     "not known; rerun with --prune to prune them")
     if s.orphaned:
         lines.append(f"  orphaned {s.orphaned} committed params no longer in the spec, kept "
                      "in the output, not in these counts (--prune drops them)")

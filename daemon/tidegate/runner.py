@@ -178,8 +178,9 @@ class Runner:
         event loop (a daemon keeps answering meanwhile); a kill midway leaves each param
         at most once, and a rerun with --prune finishes it."""
         if orphans is None:
-            log.warning("not pruning: the run ended before it walked the whole spec, so "
-                        "its orphaned params are not known; rerun with --prune",
+            log.warning("not pruning: the run did not finish, so it may not have walked "
+                        "the whole spec and its orphaned params are not known; rerun "
+                        "with --prune",
                         extra={"action": "prune_skipped"})
             return
         self.stats.part_written(commit.flush())  # a rewrite takes the next part number

@@ -139,7 +139,7 @@ def test_an_interrupted_run_prunes_nothing_and_a_rerun_does(tmp_path: Path) -> N
     s = json.loads(stdout.strip().splitlines()[-1])
     assert s["state"] == "interrupted"
     assert (s["params"]["orphaned"], s["params"]["pruned"]) == (None, None)
-    assert "not pruning: the run ended before it walked the whole spec" in stderr
+    assert "not pruning: the run did not finish" in stderr
     assert set(GONE) <= set(_ks(out).values())  # the orphans are all still there
 
     rerun = tidegate(*args, spec, "--prune")
