@@ -153,6 +153,11 @@ class JobsHandler(_Handler):
         if retry_failed is None:
             self.send(400, _query_error("retry_failed", "true or false", retry_text))
             return
+        prune_text = self.get_query_argument("prune", "false")
+        prune = _BOOLEANS.get(prune_text.lower())
+        if prune is None:
+            self.send(400, _query_error("prune", "true or false", prune_text))
+            return
         body = bytes(self.body)
         self.body = bytearray()
         try:
@@ -160,7 +165,7 @@ class JobsHandler(_Handler):
                 _SPEC_THREAD, self._prepare_spec, body
             )
             record = self.service.enqueue(prepared, priority=priority,
-                                          retry_failed=retry_failed)
+                                          retry_failed=retry_failed, prune=prune)
         except SpecError as exc:
             problems = [FieldProblem(field=e.field, expected=e.expected, got=e.got)
                         for e in exc.errors]

@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--retry-failed", action="store_true",
                      help="run again the params the output records as failed or quarantined "
                      "(after a fix of the model); the other params stay as committed")
+    run.add_argument("--prune", action="store_true",
+                     help="at the end of the run, drop from the output the committed params "
+                     "the spec no longer has (orphaned); the others stay as committed")
     run.add_argument("--force", action="store_true",
                      help="write into an output directory that is not empty and holds no "
                      "tidegate manifest or ledger")
@@ -553,11 +556,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.restart and args.retry_failed:
         raise UsageError("--retry-failed and --restart cannot be combined: --restart "
                          "recomputes every param, the failed ones included")
+    if args.restart and args.prune:
+        raise UsageError("--prune and --restart cannot be combined: --restart discards "
+                         "every committed param, the orphaned ones included; give one")
     options = RunOptions(
         batch_size=args.batch_size or pinned_batch_size(os.environ),
         controller=run_overrides(os.environ, {"memory_fraction": args.memory_fraction}),
         restart=args.restart,
         retry_failed=args.retry_failed,
+        prune=args.prune,
         flush_params=args.flush_params,
         flush_seconds=args.flush_seconds,
     )
@@ -747,9 +754,15 @@ def _print_summary(s: Any, *, hint: bool = True) -> None:
            if s.worker_losses else ""),
         f"  output   {s.output} ({s.parts} parts)",
     ]
+    if s.pruned:
+        lines.append(f"  pruned   {s.pruned} orphaned params (no longer in the spec) dropped "
+                     "from every dataset")
+    elif s.pruned is None and s.prune:
+        lines.append("  pruned   none: the run did not finish, so its orphaned params are "
+                     "not known; rerun with --prune to prune them")
     if s.orphaned:
         lines.append(f"  orphaned {s.orphaned} committed params no longer in the spec, kept "
-                     "in the output, not in these counts (--restart recomputes without them)")
+                     "in the output, not in these counts (--prune drops them)")
         lines += [f"  orphan   {o['param_id']}: {o['values']}" for o in s.orphans]
     groups = getattr(s, "error_groups", None) or []
     for g in groups[:10]:

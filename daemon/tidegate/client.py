@@ -90,10 +90,12 @@ class Client:
         self.timeout = timeout
 
     def submit(self, spec_text: str, *, priority: int = 0,
-               retry_failed: bool = False) -> Submitted:
+               retry_failed: bool = False, prune: bool = False) -> Submitted:
         query = {"priority": str(priority)} if priority else {}
         if retry_failed:
             query["retry_failed"] = "true"
+        if prune:
+            query["prune"] = "true"
         answer = self._call("POST", "/v1/jobs", query, (spec_text.encode(), "application/yaml"))
         return self._parse(Submitted, answer, "POST /v1/jobs")
 
@@ -270,7 +272,8 @@ def describe_job(job: JobView) -> str:
         f"  params    {params.ok} ok, {params.failed} failed of "
         f"{_total(params)} ({params.resumed} from earlier runs"
         + (f", {quarantined} quarantined" if quarantined else "")
-        + (f", {params.retried} retried)" if params.retried else ")"),
+        + (f", {params.retried} retried" if params.retried else "")
+        + (f", {params.pruned} orphaned pruned)" if params.pruned else ")"),
         f"  batch     B={job.batch_size or '-'}, in flight "
         f"{inflight.params} params / {inflight.tasks} tasks",
         f"  workers   {job.worker_restarts} lost, {job.oom_events} OOM events",
@@ -321,6 +324,9 @@ def add_client_commands(subparsers: Any, parents: Sequence[argparse.ArgumentPars
     submit.add_argument("--retry-failed", action="store_true",
                         help="run again the params this job's output records as failed or "
                         "quarantined (after a fix of the model); the rest stay as they are")
+    submit.add_argument("--prune", action="store_true",
+                        help="once the job's run has walked the whole spec, drop from its "
+                        "output the committed params the spec no longer has (orphaned)")
     submit.add_argument("--json", action="store_true",
                         help="print the daemon's answer (with --wait: the final job) as JSON")
 
@@ -410,7 +416,7 @@ def cmd_submit(client: Client, args: argparse.Namespace) -> int:
     except (OSError, UnicodeDecodeError) as exc:
         return _fail(args, f"cannot read job spec {args.spec}: {exc}", ClientExit.USAGE)
     answer = client.submit(with_absolute_paths(text, args.spec.parent), priority=args.priority,
-                           retry_failed=args.retry_failed)
+                           retry_failed=args.retry_failed, prune=args.prune)
     job_id = answer.id
     if not args.wait:
         if args.json:

@@ -152,6 +152,15 @@ class Retried:
 
 
 @dataclass(frozen=True, slots=True)
+class Pruned:
+    """The orphaned params dropped from the output for ``--prune``, and the parts
+    rewritten without them."""
+
+    params: int
+    parts: list[Rewritten]
+
+
+@dataclass(frozen=True, slots=True)
 class Closed:
     flushed: Flushed | None
     parts: int
@@ -311,6 +320,22 @@ class Commit:
                 rows.append({"param_id": row["param_id"], "values": values})
             rows.sort(key=lambda r: r["param_id"])
         return Orphans(len(ids), ok, failed, rows)
+
+    def prune(self, ids: AbstractSet[str],
+              done: Callable[[Rewritten], None] | None = None) -> Pruned:
+        """Drop the committed params ``ids`` (the orphans the walk found) from every
+        dataset, one :func:`rewrite_part` per part holding any. The part being written in
+        the background and the buffered params are committed first: a rewrite takes the
+        next part number, which a part in flight would otherwise take too. ``done`` is
+        told of each part rewritten (so that a failure midway still reports those). A
+        failed write raises OutputWriteError; what was rewritten stays rewritten, the
+        rest is left as it was (a rerun with --prune finishes it)."""
+        self.flush()
+        try:
+            return prune_orphans(self.job.output_dir, self.ledger, ids, done=done)
+        except (OSError, sqlite3.Error) as exc:
+            # The intent (if any) is rolled forward or back by the next resume.
+            raise OutputWriteError(self.ledger.path, exc) from exc
 
     def record(
         self,
@@ -556,3 +581,21 @@ def retry_failed(root: Path, ledger: Ledger, *,
     done = [rewrite_part(root, ledger, part, ids, step=step)
             for part, ids in sorted(by_part.items())]
     return Retried(len(failed), done)
+
+
+def prune_orphans(root: Path, ledger: Ledger, ids: AbstractSet[str], *,
+                  done: Callable[[Rewritten], None] | None = None,
+                  step: Callable[[str], None] = _no_step) -> Pruned:
+    """Drop the committed params ``ids`` from the output, one :func:`rewrite_part` per
+    part holding any (parts left with none are only forgotten). Ids not committed are
+    ignored, so a rerun after a crash midway prunes what is left."""
+    by_part: dict[int, set[str]] = {}
+    for pid, part in ledger.parts_of(ids).items():
+        by_part.setdefault(part, set()).add(pid)
+    rewritten: list[Rewritten] = []
+    for part, drop in sorted(by_part.items()):
+        r = rewrite_part(root, ledger, part, drop, step=step)
+        rewritten.append(r)
+        if done is not None:
+            done(r)
+    return Pruned(sum(r.dropped for r in rewritten), rewritten)

@@ -89,12 +89,18 @@ CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, priority, seq);
 CREATE UNIQUE INDEX IF NOT EXISTS one_running ON jobs (state) WHERE state = 'running';
 """
 
+# Version 4: whether a job's run ends by pruning its orphaned params (prune).
+_V4 = """
+ALTER TABLE jobs ADD COLUMN prune INTEGER NOT NULL DEFAULT 0;
+"""
+
 QUEUE_SCHEMA = Schema(
     what="tidegate job queue",
     migrations=(
         Migration(1, "meta and jobs tables, one running job at most", _V1),
         Migration(2, "a job's retry_failed option", _V2),
         Migration(3, "the job state completed_with_failures", _V3),
+        Migration(4, "a job's prune option", _V4),
     ),
     legacy={
         "meta": frozenset({"key", "value"}),
@@ -109,7 +115,7 @@ SCHEMA_VERSION = QUEUE_SCHEMA.newest
 
 _COLUMNS = (
     "id, state, priority, spec, output, submitted_at, started_at, finished_at, "
-    "cancel_requested, summary, error, retry_failed"
+    "cancel_requested, summary, error, retry_failed, prune"
 )
 
 
@@ -127,23 +133,26 @@ class JobRecord:
     summary: dict[str, Any] | None  # RunSummary.as_dict() of the last run, when done
     error: str | None  # job-level error text (param errors live in the summary)
     retry_failed: bool = False  # its runs first un-commit its failed params, to rerun them
+    prune: bool = False  # its runs end by dropping the orphaned params from the output
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         if not self.retry_failed:  # the shape of jobs submitted without it is kept
             del data["retry_failed"]
+        if not self.prune:
+            del data["prune"]
         return data
 
     @classmethod
     def _from_row(cls, row: tuple[Any, ...]) -> JobRecord:
         (job_id, state, priority, spec, output, submitted, started, finished, cancel,
-         summary, error, retry_failed) = row
+         summary, error, retry_failed, prune) = row
         return cls(
             id=job_id, state=JobState(state), priority=int(priority), spec=json.loads(spec),
             output=output, submitted_at=submitted, started_at=started, finished_at=finished,
             cancel_requested=bool(cancel),
             summary=None if summary is None else json.loads(summary), error=error,
-            retry_failed=bool(retry_failed),
+            retry_failed=bool(retry_failed), prune=bool(prune),
         )
 
 
@@ -308,6 +317,7 @@ class JobQueue:
     def submit(
         self, job_id: str, spec: dict[str, Any], output: str, priority: int = 0,
         guard: Callable[[], None] | None = None, retry_failed: bool = False,
+        prune: bool = False,
     ) -> JobRecord:
         """Queue a job. A finished job with the same id is replaced (a rerun, which
         tidegate resumes from its ledger; with ``retry_failed`` its failed params run
@@ -327,8 +337,9 @@ class JobQueue:
             self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
             self._db.execute(
                 "INSERT INTO jobs (id, state, priority, spec, output, submitted_at, "
-                "retry_failed) VALUES (?, 'queued', ?, ?, ?, ?, ?)",
-                (job_id, priority, spec_json, output, self._clock(), int(retry_failed)),
+                "retry_failed, prune) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?)",
+                (job_id, priority, spec_json, output, self._clock(), int(retry_failed),
+                 int(prune)),
             )
             return self._get(job_id)
 

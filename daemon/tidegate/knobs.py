@@ -292,6 +292,9 @@ class RunOptions:
     # Un-commit the params the ledger records as failed (or quarantined) and run them
     # again, in one part rewrite per part holding them (commit.rewrite_part).
     retry_failed: bool = False
+    # At the end of a run that walked the whole spec, drop the committed params it no
+    # longer has (the orphans) from every dataset (commit.prune_orphans).
+    prune: bool = False
     # Cluster memory snapshot and controller decision interval: the scheduler learns
     # workers' RSS from heartbeats every 0.5 s (up to 10 workers), no fresher than this.
     poll_seconds: float = 0.5
@@ -302,6 +305,9 @@ class RunOptions:
         if self.restart and self.retry_failed:
             raise ValueError("restart and retry_failed cannot be combined: a restart "
                              "recomputes every param anyway")
+        if self.restart and self.prune:
+            raise ValueError("restart and prune cannot be combined: a restart discards "
+                             "every committed param, the orphaned ones included")
         if not self.poll_seconds > 0:
             raise ValueError(f"poll_seconds must be > 0, got {self.poll_seconds}")
         self.flush  # noqa: B018 (builds the FlushPolicy, which checks the flush knobs)

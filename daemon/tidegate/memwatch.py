@@ -131,6 +131,10 @@ class _Sim:
     start_rss: int
     peak_rss: int
     killed: KillReport | None = field(default=None)
+    # The lowest tree RSS since it began, and the largest rise above that low: another
+    # sim's memory freed during this one's run must not hide this one's own rise.
+    low_rss: int = 0
+    rise: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,11 +149,14 @@ class TreeWatch:
     """Samples one worker process's tree every ``interval_s`` on a daemon thread.
 
     ``begin(key)`` / ``end(token)`` bracket a sim on the thread that runs it. A sim's
-    ``work_bytes`` is the peak tree RSS seen while it ran minus the tree RSS at its
-    start (never below 0); begin and end take a sample themselves, so a sim shorter than
-    the interval still gets a reading. With exactly one active sim the attribution is
-    exact. With several at once each sim is charged the tree's whole rise during its run,
-    whoever caused it: conservative, an overestimate of each, never an underestimate.
+    ``work_bytes`` is the largest rise of the tree RSS seen while it ran above the lowest
+    reading since it began (the tree RSS at its start, unless memory was freed meanwhile);
+    begin and end take a sample themselves, so a sim shorter than the interval still
+    gets a reading. With exactly one active sim the attribution is exact. With several
+    at once each sim is charged the tree's whole rise during its run, whoever caused it:
+    conservative, an overestimate of each. Measured from the low, not from the start: a
+    sim that began while another's child held memory, which was freed before its own
+    child took as much, saw no rise above its start (read as 0 under load).
 
     When a sample exceeds ``terminate_fraction * memory_limit`` (a limit > 0) and the
     worker has children, the largest child subtree (the child and its descendants, by
@@ -238,7 +245,7 @@ class TreeWatch:
             began = _since_boot()
             if self._first_begin is None:
                 self._first_begin = began
-            self._sims[token] = _Sim(key, began, rss, rss)
+            self._sims[token] = _Sim(key, began, rss, rss, low_rss=rss)
         return token
 
     def end(self, token: object) -> SimMemory:
@@ -248,8 +255,7 @@ class TreeWatch:
             sim = self._sims.pop(token, None)  # type: ignore[call-overload]
         if sim is None:
             return SimMemory(0, None)
-        peak = max(sim.peak_rss, rss)
-        return SimMemory(max(0, peak - sim.start_rss), sim.killed)
+        return SimMemory(max(0, sim.rise), sim.killed)
 
     def _note(self, total: int) -> None:
         """Record a reading (lock held): the latest, and every active sim's peak."""
@@ -258,6 +264,8 @@ class TreeWatch:
             self._first = total
         for sim in self._sims.values():
             sim.peak_rss = max(sim.peak_rss, total)
+            sim.low_rss = min(sim.low_rss, total)
+            sim.rise = max(sim.rise, total - sim.low_rss)
 
     # --- the sampler -----------------------------------------------------------------
 

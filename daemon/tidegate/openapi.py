@@ -63,7 +63,12 @@ PATHS: dict[str, dict[str, Any]] = {
                            {"name": "retry_failed", "in": "query", "required": False,
                             "schema": {"type": "boolean", "default": False},
                             "description": "run again the params the job's output records "
-                            "as failed or quarantined; the others stay as committed"}],
+                            "as failed or quarantined; the others stay as committed"},
+                           {"name": "prune", "in": "query", "required": False,
+                            "schema": {"type": "boolean", "default": False},
+                            "description": "once the run has walked the whole spec, drop "
+                            "from the output the committed params the spec no longer has "
+                            "(orphaned)"}],
             "requestBody": {"required": True, "content": {
                 "application/yaml": {"schema": {"type": "string"}},
                 "application/json": {"schema": {"type": "object"}}}},

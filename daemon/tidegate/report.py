@@ -75,6 +75,10 @@ class RunSummary:
     # This run's failed params by kind (failures.Group.as_dict), biggest first.
     error_groups: list[dict[str, Any]] = field(default_factory=list)
     tracebacks: str | None = None  # where the failed params' tracebacks are
+    # --prune: whether it was asked, and how many orphaned params this run dropped from
+    # the output (None: it ended before its walk was over, so it pruned nothing).
+    prune: bool = False
+    pruned: int | None = None
 
     def __post_init__(self) -> None:
         self.state = JobState(self.state)
@@ -102,6 +106,8 @@ class RunSummary:
                 "orphaned": self.orphaned,
                 # Only in a retry's summary (--retry-failed): the shape is otherwise kept.
                 **({"retried": self.retried} if self.retried is not None else {}),
+                # Only when --prune was asked: null if the run could not prune.
+                **({"pruned": self.pruned} if self.prune else {}),
             },
             "batch_size": {
                 "min": self.batch_min,

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from tidegate.cluster import ClusterPort, LossSource, SchedulerLost, WorkerInfo, WorkersLost
-from tidegate.commit import Commit
+from tidegate.commit import Commit, Rewritten
 from tidegate.failures import TRACEBACK_HINT, Breaker
 from tidegate.knobs import RunOptions, controller_config
 from tidegate.limiter import Limiter, check_layout
@@ -62,6 +62,7 @@ class Runner:
         self.limiter = Limiter.of(controller_config(job, self.options), job.spec.replicates,
                                   len(job.spec.targets))
         self.stats = RunStats(job.job_id, self.source.total, metrics or Metrics(), clock)
+        self.stats.prune = self.options.prune
         self.isolation = Isolation()
         self.window: Window[Param] = Window(iter(()), 0)
         self._stop = asyncio.Event()
@@ -146,6 +147,11 @@ class Runner:
                 o = commit.orphans(orphans)
                 self.stats.orphaned(o.count, o.ok, o.failed, o.sample)
             unfinished = self.stopping or not self.window.finished
+            if self.options.prune:
+                # Only a run that finished prunes: one stopped early may not have walked
+                # the whole spec, and so not know which committed params are orphans.
+                stopped = unfinished or self.breaker.reason is not None
+                await self._prune(commit, None if stopped else orphans)
             if self.breaker.reason is not None:
                 state = JobState.FAILED
             elif unfinished:
@@ -184,6 +190,38 @@ class Runner:
         if lost is not None:
             raise lost
         return summary
+
+    async def _prune(self, commit: Commit, orphans: set[str] | None) -> None:
+        """Drop the orphans from the output, after the walk and before the final
+        manifest: no extra pass over the spec's params. The parts are rewritten off the
+        event loop (a daemon keeps answering meanwhile); a kill midway leaves each param
+        at most once, and a rerun with --prune finishes it."""
+        if orphans is None:
+            log.warning("not pruning: the run did not finish, so it may not have walked "
+                        "the whole spec and its orphaned params are not known; rerun "
+                        "with --prune",
+                        extra={"action": "prune_skipped"})
+            return
+        self.stats.part_written(commit.flush())  # a rewrite takes the next part number
+        self.stats.prune_started()
+        if not orphans:
+            return
+        loop = asyncio.get_running_loop()
+
+        def done(r: Rewritten) -> None:  # in the prune's thread
+            loop.call_soon_threadsafe(self.stats.pruned_part, r.dropped)
+
+        # The callbacks above are queued before the thread's result: counted first.
+        work = asyncio.ensure_future(asyncio.to_thread(commit.prune, orphans, done))
+        try:
+            pruned = await asyncio.shield(work)
+        except asyncio.CancelledError:
+            # The thread cannot be stopped: let it end before close() shuts its ledger.
+            await asyncio.wait({work})
+            raise
+        log.info("pruned %d orphaned params (no longer in the spec): %d parts rewritten "
+                 "without them", pruned.params, len(pruned.parts),
+                 extra={"action": "params_pruned"})
 
     async def _loop(self, commit: Commit, watch: LossSource) -> None:
         poll_s, limiter = self.options.poll_seconds, self.limiter

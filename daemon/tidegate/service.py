@@ -388,19 +388,21 @@ class Service:
             out.append(str(path))
         return out
 
-    def submit(self, data: Any, priority: int = 0, retry_failed: bool = False) -> JobRecord:
-        return self.enqueue(self.prepare(data), priority, retry_failed)
+    def submit(self, data: Any, priority: int = 0, retry_failed: bool = False,
+               prune: bool = False) -> JobRecord:
+        return self.enqueue(self.prepare(data), priority, retry_failed, prune)
 
     def enqueue(self, prepared: Prepared, priority: int = 0,
-                retry_failed: bool = False) -> JobRecord:
+                retry_failed: bool = False, prune: bool = False) -> JobRecord:
         """Queue a prepared job (the API prepares it off the event loop); with
         ``retry_failed`` its run first un-commits the params its output records as
-        failed, to run them again."""
+        failed, to run them again; with ``prune`` its run ends by dropping from the
+        output the committed params the spec no longer has."""
         assert self.queue is not None
         output, root = prepared.job.output_dir, self.config.output_root.resolve()
         record = self.queue.submit(prepared.job.job_id, prepared.spec, str(output), priority,
                                    guard=lambda: _check_output_dir(output, root),
-                                   retry_failed=retry_failed)
+                                   retry_failed=retry_failed, prune=prune)
         log.info("job %s queued (%d params)", record.id, prepared.job.n_params,
                  extra={"action": "job_queued"})
         self._update_job_gauges()
@@ -473,7 +475,9 @@ class Service:
         try:  # inside: a job that cannot even start must fail, not stop the daemon
             # retry_failed stays with the job: an interrupted retry resumes as one (each
             # param still once; those that failed again are retried again).
-            options = replace(self._run_options(), retry_failed=record.retry_failed)
+            # So does prune: an interrupted run prunes nothing, its resumed run does.
+            options = replace(self._run_options(), retry_failed=record.retry_failed,
+                              prune=record.prune)
             self.runner = runner = Runner(
                 prepared.job, cluster, options, metrics=self.metrics,
                 clock=self.clock, no_workers_timeout_s=self.config.cluster.no_workers_timeout_s)

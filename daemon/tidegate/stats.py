@@ -62,6 +62,8 @@ class RunStats:
     child_kills: int = 0  # child process trees tidegate's workers killed for memory
     orphan_count: int | None = None  # committed params not in the spec, once known
     orphan_sample: list[dict[str, Any]] = field(default_factory=list)
+    prune: bool = False  # --prune was asked
+    pruned: int | None = None  # orphaned params dropped from the output by this run
     # Admission held back, by reason: seconds, and since when the current hold lasts.
     _blocked_reason: str | None = None
     _blocked_since: float = 0.0
@@ -85,6 +87,18 @@ class RunStats:
             shown = ", ".join(f"{o['param_id']} {o['values']}" for o in sample)
             log.info("%d committed params are no longer in the spec (orphaned; kept in the "
                      "output), e.g. %s", count, shown, extra={"action": "params_orphaned"})
+
+    def prune_started(self) -> None:
+        self.pruned = 0
+
+    def pruned_part(self, dropped: int) -> None:
+        """A part was rewritten without ``dropped`` orphans: they leave the output, so
+        they count as pruned, no longer as orphaned."""
+        self.pruned = (self.pruned or 0) + dropped
+        if self.orphan_count is not None:
+            self.orphan_count = max(0, self.orphan_count - dropped)
+            if not self.orphan_count:
+                self.orphan_sample = []
 
     def committed_only(self, ok: int, failed: int) -> None:
         """A part could not be written: the counts fall back to what the ledger holds
@@ -294,4 +308,6 @@ class RunStats:
             worker_losses=dict(self.losses),
             orphaned=self.orphan_count,
             orphans=list(self.orphan_sample),
+            prune=self.prune,
+            pruned=self.pruned,
         )

@@ -270,6 +270,15 @@ class Ledger:
             out += json.loads(row[0]) if row else []
         return out
 
+    def parts_of(self, ids: Iterable[str]) -> dict[str, int]:
+        """The committed part of each of ``ids`` that is committed: param id -> part."""
+        out: dict[str, int] = {}
+        for chunk in _chunks(list(ids)):
+            out.update((pid, int(part)) for pid, part in self._db.execute(
+                f"SELECT param_id, part FROM params WHERE param_id IN "
+                f"({','.join('?' * len(chunk))})", chunk))
+        return out
+
     def failed_params(self) -> dict[str, int]:
         """Every param recorded as failed (quarantined ones included): param id -> its
         part."""

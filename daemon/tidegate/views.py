@@ -50,7 +50,10 @@ class ParamCounts(_View):
     quarantined: int = 0
     retried: int | None = Field(default=None, description="failed params of earlier runs "
                                 "run again; only for a job submitted with retry_failed")
-    _absent_when_none = ("retried",)
+    pruned: int | None = Field(default=None, description="orphaned params (committed, no "
+                               "longer in the spec) dropped from the output; only for a job "
+                               "submitted with prune, once it has finished")
+    _absent_when_none = ("retried", "pruned")
 
 
 class InFlight(_View):
@@ -116,7 +119,10 @@ class JobView(_View):
         description="the run's summary (`tidegate run --json`), once it has ended")
     error: str | None = Field(description="why the job itself failed or paused")
     rate: float | None = Field(default=None, description="params per second; only while running")
-    _absent_when_none = ("rate", "retry_failed", "error_groups")
+    prune: bool | None = Field(
+        default=None, description="true when submitted with prune (its run ends by dropping "
+        "from the output the committed params the spec no longer has); absent otherwise")
+    _absent_when_none = ("rate", "retry_failed", "error_groups", "prune")
 
     @classmethod
     def of(cls, record: JobRecord, live: Progress | None = None) -> JobView:
@@ -132,6 +138,7 @@ class JobView(_View):
             finished_at=record.finished_at,
             cancel_requested=record.cancel_requested,
             retry_failed=True if record.retry_failed else None,
+            prune=True if record.prune else None,
             params=ParamCounts.model_validate(summary.get("params") or {}),
             batch_size=(summary.get("batch_size") or {}).get("final"),
             inflight=InFlight(),

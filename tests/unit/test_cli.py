@@ -200,3 +200,28 @@ def test_serve_log_level_flag_overrides_the_config(
         root.setLevel(saved[0])
         root.handlers[:] = saved[1]
     assert [c.log.level for c in seen] == ["DEBUG", "WARNING"]
+
+
+def test_the_summary_text_says_what_was_pruned(capsys: pytest.CaptureFixture[str]) -> None:
+    """--prune: the text summary names the pruned count, or says a run that did not
+    finish pruned nothing; without --prune there is no such line, nor a pruned key."""
+    from tidegate.cli import _print_summary
+    from tidegate.report import RunSummary
+
+    def summary(**kw: Any) -> RunSummary:
+        return RunSummary(job_id="j", state=kw.pop("state", "succeeded"), total=5, ok=5,
+                          failed=0, resumed=5, batch_min=1, batch_max=1, batch_final=1,
+                          oom_events=0, worker_restarts=0, wall_seconds=1.0, output="out",
+                          parts=2, **kw)
+
+    _print_summary(summary(prune=True, pruned=3))
+    assert "pruned   3 orphaned params (no longer in the spec) dropped" in capsys.readouterr().err
+    s = summary(state="interrupted", prune=True, pruned=None, orphaned=None)
+    _print_summary(s)
+    assert "pruned   none: the run did not finish" in capsys.readouterr().err
+    assert s.as_dict()["params"]["pruned"] is None
+    plain = summary(orphaned=2)
+    _print_summary(plain)
+    err = capsys.readouterr().err
+    assert "pruned" not in err and "--prune drops them" in err
+    assert "pruned" not in plain.as_dict()["params"]

@@ -15,8 +15,16 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from tidegate.cli import main
-from tidegate.jobqueue import SCHEMA_VERSION, STATES, TERMINAL, JobExists, JobQueue, UnknownJob
-from tidegate.migrations import SchemaError, SchemaTooNew
+from tidegate.jobqueue import (
+    QUEUE_SCHEMA,
+    SCHEMA_VERSION,
+    STATES,
+    TERMINAL,
+    JobExists,
+    JobQueue,
+    UnknownJob,
+)
+from tidegate.migrations import SchemaError, SchemaTooNew, migrate
 from tidegate.states import JobState
 
 # A queue the release before schema versions wrote (user_version 0): see its README.
@@ -407,19 +415,19 @@ def test_unversioned_queue_with_a_newer_meta_row_is_refused(tmp_path: Path) -> N
 def test_queue_of_the_unversioned_release_opens_and_works(tmp_path: Path) -> None:
     """The fixture's jobs.sqlite (user_version 0) is version 1: a read-only open asks for
     its migration and leaves it alone; a writable one migrates it (version 3, each job
-    without retry_failed, the state completed_with_failures allowed), its jobs read, new
-    ones queue."""
+    without retry_failed or prune, the state completed_with_failures allowed), its
+    jobs read, new ones queue."""
     path = Path(shutil.copy(JOBS_V1, tmp_path / "jobs.sqlite"))
     before = path.read_bytes()
-    with pytest.raises(SchemaError, match="schema version 1 needs migrating to 3"):
+    with pytest.raises(SchemaError, match="schema version 1 needs migrating to 4"):
         JobQueue(path, readonly=True)
     assert path.read_bytes() == before
     with JobQueue(path, clock=Clock()) as q:
-        # Opened writable it is migrated to version 3 (retry_failed, completed_with_failures).
-        assert q.schema_version == SCHEMA_VERSION == 3
+        # Opened writable it is migrated to the newest version.
+        assert q.schema_version == SCHEMA_VERSION == 4
         done = q.get("done")
         assert (done.summary, done.finished_at) == ({"state": "succeeded"}, 102.0)
-        assert not done.retry_failed
+        assert not done.retry_failed and not done.prune
         nxt = q.next_runnable()
         assert nxt is not None and (nxt.id, nxt.priority) == ("waiting", 5)
         _submit(q, "new")
@@ -431,13 +439,13 @@ def test_queue_of_the_unversioned_release_opens_and_works(tmp_path: Path) -> Non
         # The submission order survived the table's rebuild: new jobs come after.
         assert [j.id for j in q.list()] == ["new", "waiting", "done"]
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone() == (3,)
+        assert db.execute("PRAGMA user_version").fetchone() == (4,)
         assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == (
-            "3",)
+            "4",)
         indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
         assert {"jobs_by_state", "one_running"} <= indexes
     with JobQueue(path, readonly=True) as ro:
-        assert ro.schema_version == 3
+        assert ro.schema_version == 4
         jobs = [(j.id, j.state) for j in ro.list()]
         assert jobs == [("new", "queued"), ("waiting", "completed_with_failures"),
                         ("done", "succeeded")]
@@ -654,3 +662,24 @@ QueueMachine.TestCase.settings = settings(
     max_examples=60, stateful_step_count=25, deadline=None
 )
 test_random_sequences_keep_the_queue_consistent = QueueMachine.TestCase
+
+
+def test_a_version_2_queue_keeps_retry_failed_and_gains_prune(tmp_path: Path) -> None:
+    """A queue at version 2 (retry_failed, no prune column) is migrated to the newest: its jobs
+    keep their retry_failed, none prunes; a job queued with prune reads back with it, in
+    its record and its dict, and one queued without has no prune key."""
+    path = Path(shutil.copy(JOBS_V1, tmp_path / "jobs.sqlite"))
+    db = sqlite3.connect(path, isolation_level=None)
+    assert migrate(db, QUEUE_SCHEMA, path, target=2) == 2
+    db.execute("UPDATE jobs SET retry_failed = 1 WHERE id = 'done'")
+    db.close()
+    with JobQueue(path, clock=Clock()) as q:
+        assert q.schema_version == SCHEMA_VERSION == 4
+        done = q.get("done")
+        assert done.retry_failed and not done.prune
+        pruned = q.submit("p", {**SPEC, "job_id": "p"}, "/out/p", prune=True)
+        assert pruned.prune and not pruned.retry_failed
+        assert pruned.as_dict()["prune"] is True and "retry_failed" not in pruned.as_dict()
+        assert "prune" not in _submit(q, "plain").as_dict()
+    with JobQueue(path, readonly=True) as ro:
+        assert ro.get("p").prune and not ro.get("plain").prune

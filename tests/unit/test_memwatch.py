@@ -311,6 +311,26 @@ def test_with_two_sims_the_kill_goes_to_the_one_that_started_the_child(
     assert used_b.work_bytes > 100 * MiB and used_a.work_bytes > 100 * MiB
 
 
+def test_memory_freed_by_another_sim_does_not_hide_a_rise(
+    watches: Callable[..., TreeWatch], hogs: Callable[[], Hog]
+) -> None:
+    """Sim b begins while sim a's child holds 60 MiB; a's child exits, then b's own takes
+    60 MiB: the tree ends where b began, yet b rose 60 MiB above the low it saw."""
+    watch = watches(0)
+    a = watch.begin("a")
+    first = hogs()
+    first.alloc(60 * MiB)
+    watch.sample()
+    b = watch.begin("b")
+    first.close()
+    watch.sample()
+    second = hogs()
+    second.alloc(60 * MiB)
+    watch.sample()
+    assert watch.end(b).work_bytes >= 55 * MiB
+    assert watch.end(a).work_bytes >= 55 * MiB
+
+
 def test_idle_rss_is_the_tree_while_no_sim_runs(
     watches: Callable[..., TreeWatch], hogs: Callable[[], Hog]
 ) -> None:
