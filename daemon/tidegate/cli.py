@@ -737,7 +737,7 @@ def _install_stop_handlers(stopper: _Stopper) -> Callable[[], None]:
 
 def _retry_hint(s: Any) -> str | None:
     """What to do about a finished run's failed params, if it has any."""
-    if s.failed and s.state == "succeeded" and not s.error:
+    if s.failed and s.state in ("succeeded", "completed_with_failures") and not s.error:
         return (f"rerun with --retry-failed to run the {s.failed} failed params again "
                 "(after fixing the model); the others stay as they are")
     return None

@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 _MiB = 2**20
 
 
+SEEN_LIMITS = 1024  # the workers whose memory limit a loss may need, newest kept
+
+
 @dataclass(slots=True)
 class Limiter:
     controller: Controller
@@ -27,6 +30,9 @@ class Limiter:
     targets: int
     decision: Decision | None = None
     limits: dict[str, int] = field(default_factory=dict)  # worker address -> memory limit
+    # Every limit seen, kept when workers leave: a poll taken while the killed worker was
+    # gone and its replacement not yet reporting left no limit to name (seen under load).
+    seen_limits: dict[str, int] = field(default_factory=dict)
     capacities: dict[str, int] = field(default_factory=dict)  # -> its memory resource
     threads: dict[str, int] = field(default_factory=dict)  # -> its threads
     # Below 1 when the workers' limits add up to more than their host or cgroup holds.
@@ -53,6 +59,9 @@ class Limiter:
     ) -> tuple[Decision, bool]:
         """A decision from a fresh snapshot, and whether every worker was calm in it."""
         self.limits = {w.address: w.memory_limit for w in workers}
+        self.seen_limits.update((a, m) for a, m in self.limits.items() if m > 0)
+        while len(self.seen_limits) > SEEN_LIMITS:  # workers come and go under new addresses
+            del self.seen_limits[next(iter(self.seen_limits))]
         self.capacities = {w.address: w.capacity for w in workers if w.capacity > 0}
         self.threads = {w.address: w.nthreads for w in workers}
         obs = Observation(
@@ -111,7 +120,9 @@ class Limiter:
         """Back off after a worker was killed for memory; also returns its memory limit
         (a worker the nanny restarted since the last poll is not known yet: its
         siblings' limit is the best guess)."""
-        limit = self.limits.get(worker) or max(self.limits.values(), default=0)
+        limit = (self.limits.get(worker) or self.seen_limits.get(worker)
+                 or max(self.limits.values(), default=0)
+                 or max(self.seen_limits.values(), default=0))
         self.decision = self.controller.observe_oom(now)
         return self.decision, limit
 

@@ -714,6 +714,10 @@ def check_writable(output: Path, *, create: bool) -> None:
             os.close(fd)
             probe.unlink(missing_ok=True)
     except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            # A full disk is no bad input: space may be freed. The run goes on to the
+            # writes it needs and reports it there (interrupted, exit 130, a rerun resumes).
+            return
         refuse(f"{exc.filename or output}: {exc.strerror or exc}")
 
 

@@ -82,7 +82,7 @@ def test_bar_fits_the_terminal_and_log_lines_print_above_it(
                "--threads-per-worker", "1") as pane:
         lines = pane.wait_done()
     text = "\n".join(lines)
-    assert "EXIT=1" in lines, text  # one param failed
+    assert "EXIT=4" in lines, text  # one param failed: completed with failures
     # Everything up to the summary fits the width: log lines, warnings and the bar. The
     # summary after it is printed as is, so that a long output path stays one line
     # when copied from a terminal that wraps it.
