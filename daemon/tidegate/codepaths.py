@@ -23,9 +23,12 @@ import os
 import shutil
 import stat
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tidegate.errors import TidegateError
 
@@ -71,12 +74,15 @@ def _digest(files: dict[str, str], nbytes: int) -> CodeDigest:
 
 
 def _bounds_text(max_files: int, max_bytes: int) -> str:
-    return (f"a directory of at most {max_files} files and {max_bytes} bytes (hidden "
+    return (f"code_paths of at most {max_files} files and {max_bytes} bytes together (hidden "
             "entries, __pycache__ and tidegate outputs left out)")
 
 
-def _walk(root: Path, field_name: str, exclude: Sequence[Path]) -> Iterator[tuple[str, Path]]:
+def _walk(root: Path, field_name: str, exclude: Sequence[Path],
+          missing_ok: bool = False) -> Iterator[tuple[str, Path]]:
     """(relative path, path) of every file that counts, in a fixed order."""
+    if missing_ok and not root.exists():
+        return
     if not root.is_dir():
         got = f"{root} (no such path)" if not root.exists() else f"{root} (not a directory)"
         raise CodePathError(field_name, "an existing directory", got)
@@ -118,13 +124,13 @@ def _walk(root: Path, field_name: str, exclude: Sequence[Path]) -> Iterator[tupl
 
 def _copy_tree(
     paths: Sequence[Path], exclude: Sequence[Path], max_files: int, max_bytes: int,
-    dest: Path | None,
+    dest: Path | None, missing_ok: bool = False,
 ) -> CodeDigest:
     files: dict[str, str] = {}
     total = 0
     for i, root in enumerate(paths):
         field_name = f"code_paths[{i}]"
-        for rel, path in _walk(Path(root), field_name, exclude):
+        for rel, path in _walk(Path(root), field_name, exclude, missing_ok):
             if len(files) >= max_files:
                 raise CodePathError(field_name, _bounds_text(max_files, max_bytes),
                                     f"{root}: more than {max_files} files")
@@ -157,9 +163,12 @@ def _copy_tree(
 
 
 def hash_code(paths: Sequence[Path], *, exclude: Sequence[Path] = (),
-              max_files: int = MAX_FILES, max_bytes: int = MAX_BYTES) -> CodeDigest:
-    """The digest of ``paths`` as they are now; CodePathError if one cannot be hashed."""
-    return _copy_tree(paths, exclude, max_files, max_bytes, None)
+              max_files: int = MAX_FILES, max_bytes: int = MAX_BYTES,
+              missing_ok: bool = False) -> CodeDigest:
+    """The digest of ``paths`` as they are now; CodePathError if one cannot be hashed
+    (``missing_ok``: a missing path counts as empty, for a caller whose spec check
+    names it)."""
+    return _copy_tree(paths, exclude, max_files, max_bytes, None, missing_ok)
 
 
 def snapshot_dirs(root: Path, digest: str, n: int) -> list[Path]:
@@ -168,10 +177,14 @@ def snapshot_dirs(root: Path, digest: str, n: int) -> list[Path]:
 
 
 def snapshot_code(paths: Sequence[Path], root: Path, *, exclude: Sequence[Path] = (),
-                  max_files: int = MAX_FILES, max_bytes: int = MAX_BYTES) -> CodeDigest:
+                  max_files: int = MAX_FILES, max_bytes: int = MAX_BYTES,
+                  lock: AbstractContextManager[Any] | None = None,
+                  placed: Callable[[str], None] | None = None) -> CodeDigest:
     """Copy ``paths`` into ``root/<hash>/<index>/`` and return their digest. The copy is
     made under a hidden name and renamed into place, so a snapshot that exists is whole;
-    one that already exists (the same code submitted again) is kept as it is."""
+    one that already exists (the same code submitted again) is kept as it is. ``lock``
+    is held, and ``placed(hash)`` called, as the snapshot is put in place: a clean-up
+    holding the same lock never removes a snapshot whose job is not queued yet."""
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{uuid.uuid4().hex}"
     try:
@@ -180,24 +193,26 @@ def snapshot_code(paths: Sequence[Path], root: Path, *, exclude: Sequence[Path] 
             (tmp / str(i)).mkdir()
         digest = _copy_tree(paths, exclude, max_files, max_bytes, tmp)
         final = root / digest.hash
-        if not final.exists():
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if not final.is_dir():  # not a concurrent submission of the same code
-                    raise
+        with lock if lock is not None else contextlib.nullcontext():
+            if not final.exists():
+                try:
+                    os.rename(tmp, final)
+                except OSError:
+                    if not final.is_dir():  # not a concurrent submission of the same code
+                        raise
+            if placed is not None:
+                placed(digest.hash)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return digest
 
 
-def remove_snapshots(root: Path, keep: set[str], *, older_than: float,
+def remove_snapshots(root: Path, keep: AbstractSet[str], *,
                      temporary: bool = False) -> list[str]:
-    """Remove the snapshots under ``root`` whose hash is not in ``keep`` and that were
-    made before ``older_than`` (a time.time()): a submission being prepared has made its
-    snapshot but not queued its job yet. ``temporary``: also half-made copies (at
-    start-up, when no submission is under way). The names removed."""
+    """Remove the snapshots under ``root`` whose hash is not in ``keep``; ``temporary``:
+    also half-made copies (at start-up, when no submission is under way). The names
+    removed."""
     removed: list[str] = []
     if not root.is_dir():
         return removed
@@ -206,9 +221,6 @@ def remove_snapshots(root: Path, keep: set[str], *, older_than: float,
             continue
         if entry.name.startswith(".") and not temporary:
             continue
-        with contextlib.suppress(OSError):
-            if entry.stat().st_mtime >= older_than and not temporary:
-                continue
         shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry.name)
     return removed

@@ -212,7 +212,7 @@ class Runner:
         if job.spec.parameters.file is not None:
             exclude.append(job.base_dir / job.spec.parameters.file)
         try:
-            return hash_code(job.code_paths, exclude=exclude)
+            return hash_code(job.code_paths, exclude=exclude, missing_ok=True)
         except CodePathError as exc:
             raise SpecError([FieldError(exc.field, exc.expected, exc.got)], job.source) from None
 

@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -79,9 +80,6 @@ CODE_DIR = "code"  # state_dir/code/<hash>/<index>/: each job's snapshot of its 
 # The queue's spec of a job names its snapshot under this key (taken out before the spec
 # is validated again when the job runs).
 SNAPSHOT_KEY = "code_snapshot"
-# A snapshot no job names is removed once older than this: a submission being prepared
-# has made its snapshot but not queued its job yet.
-_SNAPSHOT_GRACE_S = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +121,9 @@ class Service:
         self.has_workers = False
         self._no_workers_since: float | None = None
         self._write_backoff_s = 0.0  # after a failed output write (disk full)
+        # Snapshots made for submissions whose jobs are not queued yet: never cleaned up.
+        self._snapshot_lock = threading.Lock()
+        self._unqueued: list[str] = []  # one entry per submission (the same code twice)
 
     @property
     def token(self) -> str | None:
@@ -378,7 +379,8 @@ class Service:
             if snapshot is None:
                 return snapshot_code(job.code_paths, self.code_dir,
                                      exclude=[cfg.state_dir, cfg.output_root],
-                                     max_files=most, max_bytes=largest)
+                                     max_files=most, max_bytes=largest,
+                                     lock=self._snapshot_lock, placed=self._unqueued.append)
             digest = hash_code(snapshot_dirs(self.code_dir, snapshot, len(job.code_paths)),
                                max_files=most, max_bytes=largest)
         except CodePathError as exc:
@@ -393,10 +395,11 @@ class Service:
     def _remove_snapshots(self, *, temporary: bool = False) -> None:
         """Remove the code snapshots no queued, running or interrupted job names."""
         assert self.queue is not None
-        keep = {str(r.spec.get(SNAPSHOT_KEY)) for state in STARTABLE | {JobState.RUNNING}
-                for r in self.queue.list(state, limit=1_000_000)}
-        removed = remove_snapshots(self.code_dir, keep, temporary=temporary,
-                                   older_than=time.time() - _SNAPSHOT_GRACE_S)
+        with self._snapshot_lock:
+            keep = {str(r.spec.get(SNAPSHOT_KEY)) for state in STARTABLE | {JobState.RUNNING}
+                    for r in self.queue.list(state, limit=1_000_000)}
+            removed = remove_snapshots(self.code_dir, keep | set(self._unqueued),
+                                       temporary=temporary)
         if removed:
             log.info("removed %d code snapshots no unfinished job needs", len(removed),
                      extra={"action": "code_snapshots_removed"})
@@ -465,9 +468,13 @@ class Service:
         output the committed params the spec no longer has."""
         assert self.queue is not None
         output, root = prepared.job.output_dir, self.config.output_root.resolve()
-        record = self.queue.submit(prepared.job.job_id, prepared.spec, str(output), priority,
-                                   guard=lambda: _check_output_dir(output, root),
-                                   retry_failed=retry_failed, prune=prune)
+        try:
+            record = self.queue.submit(prepared.job.job_id, prepared.spec, str(output),
+                                       priority, guard=lambda: _check_output_dir(output, root),
+                                       retry_failed=retry_failed, prune=prune)
+        finally:  # queued, its snapshot is the queue's to keep; refused, anyone's to remove
+            with self._snapshot_lock, contextlib.suppress(ValueError):
+                self._unqueued.remove(str(prepared.spec.get(SNAPSHOT_KEY)))
         log.info("job %s queued (%d params)", record.id, prepared.job.n_params,
                  extra={"action": "job_queued"})
         self._update_job_gauges()

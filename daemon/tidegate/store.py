@@ -235,7 +235,8 @@ class Ledger:
             self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", rows.items())
 
     def part_code_hashes(self) -> dict[int, str | None]:
-        return {int(p): h for p, h in self._db.execute("SELECT part, code_hash FROM parts")}
+        rows = self._db.execute("SELECT part, code_hash FROM parts ORDER BY part")
+        return {int(p): h for p, h in rows}
 
     def _code_of(self, part: int | None) -> str | None:
         if part is None:
