@@ -618,9 +618,12 @@ async def _run(job: Any, cluster_options: Any, options: Any, args: argparse.Name
     message: str | None = None
     try:
         while True:
+            # The code is hashed once per invocation: a resume after a restart of the
+            # embedded cluster is the same run, whatever the model wrote meanwhile.
+            code = stopper.runner.code if stopper.runner is not None else None
             runner = stopper.runner = Runner(
                 job, cluster, options, progress=progress, metrics=metrics,
-                no_workers_timeout_s=args.no_workers_timeout)
+                no_workers_timeout_s=args.no_workers_timeout, code=code)
             if stopper.requested:  # a signal while the cluster restarted
                 runner.stop()
             try:

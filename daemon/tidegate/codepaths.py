@@ -5,7 +5,8 @@ index) and bytes, so it does not depend on the order a directory lists its entri
 in, nor on timestamps. Left out, since they are not code a job brings: hidden entries
 (``.git``, ``.venv``, tidegate's lock), ``__pycache__`` and ``*.pyc`` (Python writes
 them while it imports), the directories named in ``exclude`` (the job's output) and any
-directory holding a tidegate ledger (another output); ``exclude`` may name files too
+directory holding a tidegate ledger (another output), job specs (YAML or JSON files
+naming ``model`` and ``parameters``: jobs' input); ``exclude`` may name files too
 (the CLI leaves out the job's spec and params file, which are its input, not its
 code). A link to a file inside its code path counts as that file's bytes; a link
 leading out of the code path, or to a directory, is refused, as is a tree over the size
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import stat
 import uuid
@@ -37,6 +39,12 @@ MAX_BYTES = 256 * 2**20
 LEDGER_NAME = "_ledger.sqlite"  # writer.LEDGER; not imported: writer pulls in pyarrow
 SKIPPED_DIRS = frozenset({"__pycache__"})
 SKIPPED_SUFFIXES = (".pyc", ".pyo")
+# Job specs beside the model are jobs' input, not code: a new spec in the directory
+# must not make every other job's output look computed by other code.
+SPEC_SUFFIXES = (".yaml", ".yml", ".json")
+_SPEC_KEYS = [re.compile(rf'^[\s{{]*"?{key}"?\s*:', re.MULTILINE)
+              for key in ("model", "parameters")]
+_SPEC_MAX_BYTES = 1 << 20
 _CHUNK = 1 << 20
 
 
@@ -78,6 +86,22 @@ def _bounds_text(max_files: int, max_bytes: int) -> str:
             "entries, __pycache__ and tidegate outputs left out)")
 
 
+def is_job_spec(path: Path) -> bool:
+    """Whether ``path`` looks like a tidegate job spec: a YAML or JSON file of at most
+    1 MiB naming both ``model`` and ``parameters`` at the start of a line."""
+    if not path.name.lower().endswith(SPEC_SUFFIXES):
+        return False
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_SPEC_MAX_BYTES + 1)
+    except OSError:
+        return False
+    if len(data) > _SPEC_MAX_BYTES:
+        return False
+    text = data.decode("utf-8", errors="replace")
+    return all(key.search(text) for key in _SPEC_KEYS)
+
+
 def _walk(root: Path, field_name: str, exclude: Sequence[Path],
           missing_ok: bool = False) -> Iterator[tuple[str, Path]]:
     """(relative path, path) of every file that counts, in a fixed order."""
@@ -109,14 +133,15 @@ def _walk(root: Path, field_name: str, exclude: Sequence[Path],
                     # A link to a directory can loop, or bring a tree in twice.
                     raise CodePathError(field_name, "files and links to files",
                                         f"{rel}, a link to the directory {target}")
-                if target.is_file() and target not in excluded:
+                if target.is_file() and target not in excluded and not is_job_spec(target):
                     yield rel, path
                 continue
             if entry.is_dir(follow_symlinks=False):
                 if path.resolve() in excluded or (path / LEDGER_NAME).exists():
                     continue
                 subdirs.append(path)
-            elif entry.is_file(follow_symlinks=False) and path.resolve() not in excluded:
+            elif (entry.is_file(follow_symlinks=False) and path.resolve() not in excluded
+                  and not is_job_spec(path)):
                 yield rel, path
             # Sockets, FIFOs, devices: not code, and a FIFO would block the read.
         stack.extend(reversed(subdirs))

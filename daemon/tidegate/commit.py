@@ -317,7 +317,7 @@ class Commit:
             return
         stored = ledger.code()
         if stored is not None and stored[0] != code.hash and ledger.counts().params:
-            changes = code.changes(stored[1]) if stored[1] else []
+            changes = code.changes(stored[1]) if stored[1] is not None else []
             if not (self._accept_code_change or self._retry_failed):
                 raise CodeChanged(ledger.path, changes)
             shown = ", ".join(changes[:CHANGES_SHOWN]) or "files not recorded"
@@ -325,7 +325,7 @@ class Commit:
                         "are kept and the rest run with this code (code %s)",
                         self.job.job_id, shown, code.hash[:12],
                         extra={"action": "code_changed"})
-        files = code.files if len(code.files) <= CODE_FILES_KEPT else {}
+        files = code.files if len(code.files) <= CODE_FILES_KEPT else None
         ledger.set_code(code.hash, files)
         ledger.code_hash = code.hash
 

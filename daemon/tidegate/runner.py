@@ -122,7 +122,9 @@ class Runner:
 
     async def run(self) -> RunSummary:
         config = dataclasses.asdict(self.limiter.config)
-        code = self.code if self.code is not None else await asyncio.to_thread(self._hash_code)
+        if self.code is None:
+            self.code = await asyncio.to_thread(self._hash_code)
+        code = self.code
         commit = Commit(self.job, self.options.flush, restart=self.options.restart,
                         retry_failed=self.options.retry_failed,
                         manifest_extra={"controller": config}, code=code,

@@ -221,16 +221,17 @@ class Ledger:
         with self._transaction():
             self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", rows.items())
 
-    def code(self) -> tuple[str, dict[str, str]] | None:
-        """The code hash the output was last run with and its files' hashes ({} when
+    def code(self) -> tuple[str, dict[str, str] | None] | None:
+        """The code hash the output was last run with and its files' hashes (None when
         not kept), or None if no run recorded one."""
         meta = self._meta()
         if "code_hash" not in meta:
             return None
-        return meta["code_hash"], json.loads(meta.get("code_files") or "{}")
+        return meta["code_hash"], json.loads(meta.get("code_files") or "null")
 
-    def set_code(self, code_hash: str, files: Mapping[str, str]) -> None:
-        rows = {"code_hash": code_hash, "code_files": json.dumps(dict(files), sort_keys=True)}
+    def set_code(self, code_hash: str, files: Mapping[str, str] | None) -> None:
+        kept = None if files is None else dict(files)
+        rows = {"code_hash": code_hash, "code_files": json.dumps(kept, sort_keys=True)}
         with self._transaction():
             self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", rows.items())
 

@@ -62,9 +62,14 @@ def test_generated_and_hidden_files_and_outputs_are_left_out(tmp_path: Path) -> 
     _tree(root, {"__pycache__/model.cpython-311.pyc": "x", "pkg/stale.pyc": "x",
                  ".git/HEAD": "ref", "results/job/part.parquet": "rows",
                  "other/_ledger.sqlite": "", "other/params/p.parquet": "rows",
-                 "job.yaml": "model: model:simulate\n"})
+                 "job.yaml": "model: model:simulate\n",
+                 "other.yml": "job_id: other\nmodel: m:f\nparameters:\n  values: []\n",
+                 "other.json": '{"model": "m:f",\n "parameters": {"values": []}}'})
     after = hash_code([root], exclude=[root / "results" / "job", root / "job.yaml"])
     assert after.hash == before.hash
+    # A YAML file that is no job spec is the model's data: it counts.
+    (root / "config.yaml").write_text("rate: 0.5\n")
+    assert "0/config.yaml" in hash_code([root]).files
 
 
 def test_the_index_of_a_code_path_counts(tmp_path: Path) -> None:
