@@ -186,7 +186,7 @@ class FakeCluster:
 
     # --- ClusterPort ------------------------------------------------------------------
 
-    async def add_code_paths(self, paths: Sequence[str]) -> None:
+    async def add_code_paths(self, paths: Sequence[str], key: str = "") -> None:
         return None
 
     async def restart_worker(self, address: str) -> None:

@@ -150,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--retry-failed", action="store_true",
                      help="run again the params the output records as failed or quarantined "
                      "(after a fix of the model); the other params stay as committed")
+    run.add_argument("--accept-code-change", action="store_true",
+                     help="resume although the job's code_paths changed since its committed "
+                     "params: keep them, compute the rest with the new code (each part "
+                     "records its code hash); refused otherwise (exit 2)")
     run.add_argument("--prune", action="store_true",
                      help="at the end of the run, drop from the output the committed params "
                      "the spec no longer has (orphaned); the others stay as committed")
@@ -565,6 +569,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         restart=args.restart,
         retry_failed=args.retry_failed,
         prune=args.prune,
+        accept_code_change=args.accept_code_change,
         flush_params=args.flush_params,
         flush_seconds=args.flush_seconds,
     )
@@ -613,9 +618,12 @@ async def _run(job: Any, cluster_options: Any, options: Any, args: argparse.Name
     message: str | None = None
     try:
         while True:
+            # The code is hashed once per invocation: a resume after a restart of the
+            # embedded cluster is the same run, whatever the model wrote meanwhile.
+            code = stopper.runner.code if stopper.runner is not None else None
             runner = stopper.runner = Runner(
                 job, cluster, options, progress=progress, metrics=metrics,
-                no_workers_timeout_s=args.no_workers_timeout)
+                no_workers_timeout_s=args.no_workers_timeout, code=code)
             if stopper.requested:  # a signal while the cluster restarted
                 runner.stop()
             try:

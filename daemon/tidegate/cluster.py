@@ -33,7 +33,7 @@ from tidegate.controller import WorkerMemory
 from tidegate.errors import TidegateError
 from tidegate.losses import LossTracker, MemoryKill, WorkerLoss
 from tidegate.outcome import FailureKind, Result, TaskFailure
-from tidegate.simreturn import TaskError, add_code_paths, run_sim
+from tidegate.simreturn import TaskError, run_sim
 from tidegate.window import TaskKeys
 from tidegate.worker import (
     EXECUTING_TOPIC,
@@ -50,6 +50,7 @@ from tidegate.worker import (
     memory_watch_plugin,
     place_waiting,
     run_target_list,
+    switch_code,
 )
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ class ClusterPort(Protocol):
     def address(self) -> str: ...
     @property
     def connected(self) -> bool: ...
-    async def add_code_paths(self, paths: Sequence[str]) -> None: ...
+    async def add_code_paths(self, paths: Sequence[str], key: str = "") -> None: ...
     async def wait_for_workers(self, timeout_s: float) -> list[WorkerInfo]: ...
     async def workers(self) -> list[WorkerInfo]: ...
     async def watch_workers(self, clock: Callable[[], float]) -> LossSource: ...
@@ -199,6 +200,10 @@ class Cluster:
         self._completed = as_completed(loop=client.loop)
         self._watch: WorkerWatch | None = None
         self._restarts: set[asyncio.Future[None]] = set()  # planned restarts under way
+        # The job code the workers were last switched to: (code paths, key).
+        self._code: tuple[tuple[str, ...], str] | None = None
+        # Workers restarted between jobs (add_code_paths), for the next loss watch.
+        self._planned: list[str] = []
 
     @property
     def _scheduler(self) -> Any:
@@ -293,6 +298,9 @@ class Cluster:
         """Start collecting worker removals, memory kills, exit codes and the starts of
         sims; register the plugins that report them and the memory resource."""
         watch = self._watch = WorkerWatch(clock)
+        for worker in self._planned:
+            watch.tracker.expect_restart(worker, clock())
+        self._planned.clear()
         for topic, handler in (
             ("all", watch.on_all),
             ("worker-restart-memory", watch.on_memory_kill),
@@ -344,22 +352,48 @@ class Cluster:
 
     # --- code ---------------------------------------------------------------------
 
-    async def add_code_paths(self, paths: Sequence[str]) -> None:
-        """Make ``paths`` importable on every worker (and in this process)."""
+    async def add_code_paths(self, paths: Sequence[str], key: str = "") -> None:
+        """Make ``paths`` the job's code on every worker, present and future, under
+        ``key`` (one per run of a job): each worker evicts the modules it loaded for the
+        job before, and every task carries the key too, so a worker that missed the
+        switch makes it before it imports anything. A worker still holding an extension
+        module of the code before (it cannot be unloaded) is restarted, as a planned
+        restart. This process imports nothing of the job's."""
         paths = [str(p) for p in paths]
-        add_code_paths(paths)
-        if not paths:
+        key = key or "paths-" + hashlib.sha256("\0".join(paths).encode()).hexdigest()[:16]
+        if self._code is not None and self._code == (tuple(paths), key):
             return
-        name = "tidegate-code-paths-" + hashlib.sha256("\0".join(paths).encode()).hexdigest()[:12]
-        if name not in self._registered:
-            try:
-                await self.client.register_plugin(CodePaths(paths), name=name)
-            except CommClosedError as exc:
-                # A worker died while it set the plugin up (a fresh cluster whose workers
-                # are killed at once): no workers to run on, as far as the job can tell.
-                raise WorkersLost(f"the workers went away while tidegate set them up: "
-                                  f"{exc}") from None
-            self._registered.add(name)
+        self._code = (tuple(paths), key)
+        try:
+            found = await self.client.run(switch_code, paths, key, on_error="return")
+            stuck = sorted(w for w, v in found.items() if isinstance(v, list) and v)
+            if stuck:
+                await self._restart_for_code(stuck)
+            await self.client.register_plugin(CodePaths(paths, key), name=CodePaths.name)
+        except CommClosedError as exc:
+            # A worker died while it set the plugin up (a fresh cluster whose workers
+            # are killed at once): no workers to run on, as far as the job can tell.
+            raise WorkersLost(f"the workers went away while tidegate set them up: "
+                              f"{exc}") from None
+
+    async def _restart_for_code(self, workers: list[str]) -> None:
+        """Restart workers that hold an earlier job's extension modules, and wait for
+        them: planned, so neither an OOM event nor a loss that backs B off (the run's
+        loss watch, made after this, is told too: the removals may reach it late)."""
+        log.info("restarting %d workers: they hold extension modules of the job before "
+                 "(%s), which cannot be unloaded", len(workers), ", ".join(workers),
+                 extra={"action": "workers_restarted_for_code"})
+        self._planned.extend(workers)
+        if self._watch is not None:
+            for w in workers:
+                self._watch.tracker.expect_restart(w, self._watch.clock())
+        found = await self.client.restart_workers(workers, timeout=_CLOSE_TIMEOUT_S,
+                                                  raise_for_error=False)
+        for w, status in (found or {}).items():
+            if status not in ("OK", "removed"):
+                log.warning("worker %s could not be restarted (%s); it keeps the "
+                            "extension modules of the job before", w, status,
+                            extra={"action": "worker_restart_failed"})
 
     # --- tasks --------------------------------------------------------------------
 
@@ -430,6 +464,7 @@ class Cluster:
             [a[1] for a in sim_args],
             [a[2] for a in sim_args],
             [sim_timeout_s] * len(sim_args),
+            [self._code] * len(sim_args),
             key=[f"sim-{job}-{a[0]}-{a[1]}{a[4]}" for a in sim_args],
             pure=False,
             resources=resources,
@@ -457,6 +492,7 @@ class Cluster:
                 [a[1] for a in agg_args],
                 [a[2] for a in agg_args],
                 [a[3] for a in agg_args],
+                [self._code] * len(agg_args),
                 key=[
                     f"agg-{job}-{a[2]}-{_key_part(a[1] or 'summary')}{a[4]}" for a in agg_args
                 ],

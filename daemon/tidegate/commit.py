@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tidegate import __version__
+from tidegate.codepaths import CodeDigest
 from tidegate.errors import TidegateError
 from tidegate.knobs import FlushPolicy
 from tidegate.migrations import SchemaError
@@ -113,6 +114,32 @@ class ParamTypeMismatch(LedgerMismatch):
 _KINDS = {"int": "int64", "float": "double", "bool": "bool", "str": "string"}
 
 
+class CodeChanged(LedgerMismatch):
+    """The job's code differs from the code its committed params were computed with:
+    a plain resume would mix results of two code versions in one output."""
+
+    def __init__(self, path: Path, changes: list[str]):
+        self.path = path
+        self.differs = ["code"]
+        shown = ", ".join(changes[:CHANGES_SHOWN])
+        if len(changes) > CHANGES_SHOWN:
+            shown += f" and {len(changes) - CHANGES_SHOWN} more"
+        what = f" ({shown})" if shown else ""
+        TidegateError.__init__(
+            self,
+            f"{path.parent} holds params computed by other code: the job's code_paths "
+            f"changed since{what}; rerun with --restart to recompute every param with "
+            f"this code, or with --accept-code-change to keep the committed params and "
+            f"compute the rest with this code (each part records its code hash)",
+        )
+
+
+CHANGES_SHOWN = 5
+# Up to this many files, the ledger keeps each one's hash, so that a refused resume
+# can name the files that changed.
+CODE_FILES_KEPT = 2000
+
+
 def _kind_of(t: pa.DataType) -> str | None:
     if pa.types.is_boolean(t):
         return "bool"
@@ -176,8 +203,13 @@ class Commit:
 
     def __init__(self, job: Job, policy: FlushPolicy, *, restart: bool = False,
                  retry_failed: bool = False,
-                 manifest_extra: Mapping[str, Any] | None = None):
+                 manifest_extra: Mapping[str, Any] | None = None,
+                 code: CodeDigest | None = None, accept_code_change: bool = False):
         self.job = job
+        # The digest of the job's code paths; a resume whose code differs from the
+        # output's is refused (CodeChanged) unless accepted or a retry of failed params.
+        self._code = code
+        self._accept_code_change = accept_code_change
         self.policy = policy
         self._restart = restart
         self._retry_failed = retry_failed
@@ -233,6 +265,7 @@ class Commit:
                                  | os.O_NOFOLLOW, 0o644))
             self._ledger = ledger = Ledger(out / LEDGER)
             resumed = ledger.bind(job.job_id, job.fingerprint, job.identity())
+            self._bind_code(ledger)
         except (OSError, sqlite3.Error, SchemaError) as exc:
             self.close_ledger()
             if is_no_space(exc):  # a job starting on a full disk: interrupted, not failed
@@ -275,6 +308,26 @@ class Commit:
         return Resumed(frozenset(ledger.committed_param_ids()), counts.ok, counts.failed,
                        casts, ledger.typed_ids(),
                        retried.params if retried is not None else None)
+
+    def _bind_code(self, ledger: Ledger) -> None:
+        """Compare the job's code with the output's, then record it: the ledger's meta
+        and every part committed from now on carry its hash."""
+        code = self._code
+        if code is None:
+            return
+        stored = ledger.code()
+        if stored is not None and stored[0] != code.hash and ledger.counts().params:
+            changes = code.changes(stored[1]) if stored[1] is not None else []
+            if not (self._accept_code_change or self._retry_failed):
+                raise CodeChanged(ledger.path, changes)
+            shown = ", ".join(changes[:CHANGES_SHOWN]) or "files not recorded"
+            log.warning("job %s: its code changed since the committed params (%s); they "
+                        "are kept and the rest run with this code (code %s)",
+                        self.job.job_id, shown, code.hash[:12],
+                        extra={"action": "code_changed"})
+        files = code.files if len(code.files) <= CODE_FILES_KEPT else None
+        ledger.set_code(code.hash, files)
+        ledger.code_hash = code.hash
 
     def _committed_columns(self, ledger: Ledger) -> tuple[list[str], dict[str, str]]:
         """The parameter columns of the first committed params part: their order (kept:
@@ -497,6 +550,8 @@ class Commit:
                     "parts": counts.parts,
                 },
                 **self._extra,
+                **({"code": {"hash": self._code.hash, "files": len(self._code.files),
+                             "bytes": self._code.nbytes}} if self._code is not None else {}),
                 "datasets": {
                     "params": "params",
                     "model_outputs": "model_outputs/<output>",

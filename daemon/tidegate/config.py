@@ -299,6 +299,11 @@ class LimitsConfig(_Section):
     yaml_alias_nodes: Int = Field(
         10_000, ge=0, description="nodes that YAML aliases (*name) of a spec may expand to"
     )
+    # A job's code paths are copied into state_dir/code at submission (codepaths.py).
+    code_max_files: Int = Field(10_000, ge=1, description="files in a job's code_paths")
+    code_max_bytes: Int = Field(
+        256 * 2**20, ge=1, description="bytes of the files in a job's code_paths, together"
+    )
 
     def spec_limits(self) -> SpecLimits:
         from tidegate.spec import SpecLimits  # spec imports pyarrow; config stays light

@@ -295,6 +295,9 @@ class RunOptions:
     # At the end of a run that walked the whole spec, drop the committed params it no
     # longer has (the orphans) from every dataset (commit.prune_orphans).
     prune: bool = False
+    # Resume although the job's code paths changed since its committed params (the
+    # parts record each one's code hash); refused otherwise (commit.CodeChanged).
+    accept_code_change: bool = False
     # Cluster memory snapshot and controller decision interval: the scheduler learns
     # workers' RSS from heartbeats every 0.5 s (up to 10 workers), no fresher than this.
     poll_seconds: float = 0.5

@@ -16,9 +16,12 @@ import asyncio
 import dataclasses
 import logging
 import time
+import uuid
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from tidegate.cluster import ClusterPort, LossSource, SchedulerLost, WorkerInfo, WorkersLost
+from tidegate.codepaths import CodeDigest, CodePathError, hash_code
 from tidegate.commit import Commit, Rewritten
 from tidegate.failures import TRACEBACK_HINT, Breaker
 from tidegate.knobs import RunOptions, controller_config
@@ -29,7 +32,7 @@ from tidegate.outcome import Disconnected, Failed, Result, Retry, RetryReason, j
 from tidegate.params import ParamSource, Pending, typed_as
 from tidegate.report import Progress, ProgressSink, RunSummary
 from tidegate.simreturn import SimReturn, TargetResult, TaskError
-from tidegate.spec import Job, Param
+from tidegate.spec import FieldError, Job, Param, SpecError
 from tidegate.states import JobState
 from tidegate.stats import RunStats
 from tidegate.window import Admission, Entry, Lane, TaskKeys, Window
@@ -54,8 +57,12 @@ class Runner:
         clock: Callable[[], float] = time.monotonic,
         source: ParamSource | None = None,
         no_workers_timeout_s: float = 30.0,
+        code: CodeDigest | None = None,
     ):
         self.job, self.cluster, self.clock = job, cluster, clock
+        # The digest of the job's code paths (the daemon's snapshot's); hashed from the
+        # live tree at the start of the run when not given.
+        self.code = code
         self.options = options or RunOptions()
         self.progress = progress
         self.source = source or job.params
@@ -115,16 +122,23 @@ class Runner:
 
     async def run(self) -> RunSummary:
         config = dataclasses.asdict(self.limiter.config)
+        if self.code is None:
+            self.code = await asyncio.to_thread(self._hash_code)
+        code = self.code
         commit = Commit(self.job, self.options.flush, restart=self.options.restart,
                         retry_failed=self.options.retry_failed,
-                        manifest_extra={"controller": config})
+                        manifest_extra={"controller": config}, code=code,
+                        accept_code_change=self.options.accept_code_change)
         resumed = commit.resume(self.clock())
         self.stats.start(resumed.ok, resumed.failed, retried=resumed.retried)
         state = JobState.FAILED
         write_error: OutputWriteError | None = None
         lost: SchedulerLost | None = None
         try:
-            await self.cluster.add_code_paths([str(p) for p in self.job.code_paths])
+            # A key of its own for every run: no worker reuses a module it imported for
+            # another job, or for an earlier run of this one.
+            key = f"{self.job.job_id}-{code.hash[:12]}-{uuid.uuid4().hex[:8]}"
+            await self.cluster.add_code_paths([str(p) for p in self.job.code_paths], key)
             workers = await self.cluster.wait_for_workers(timeout_s=60)
             watch = self._watch = await self.cluster.watch_workers(self.clock)
             # Read again: the memory watch has just registered each worker's capacity.
@@ -190,6 +204,19 @@ class Runner:
         if lost is not None:
             raise lost
         return summary
+
+    def _hash_code(self) -> CodeDigest:
+        """The digest of the job's code paths as they are now, without the files that
+        are the job's input or output rather than its code (its spec, its params file,
+        its output directory); SpecError naming the code path if it cannot be taken."""
+        job = self.job
+        exclude = [job.output_dir, Path(job.source)]
+        if job.spec.parameters.file is not None:
+            exclude.append(job.base_dir / job.spec.parameters.file)
+        try:
+            return hash_code(job.code_paths, exclude=exclude, missing_ok=True)
+        except CodePathError as exc:
+            raise SpecError([FieldError(exc.field, exc.expected, exc.got)], job.source) from None
 
     async def _prune(self, commit: Commit, orphans: set[str] | None) -> None:
         """Drop the orphans from the output, after the walk and before the final

@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -32,6 +33,14 @@ from tidegate.cluster import (
     SchedulerLost,
     WorkersLost,
     open_cluster,
+)
+from tidegate.codepaths import (
+    CodeDigest,
+    CodePathError,
+    hash_code,
+    remove_snapshots,
+    snapshot_code,
+    snapshot_dirs,
 )
 from tidegate.config import DaemonConfig, TokenFile
 from tidegate.errors import TidegateError
@@ -52,7 +61,7 @@ from tidegate.spec import (
     check_path_fields,
     job_from_dict,
 )
-from tidegate.states import JobState
+from tidegate.states import STARTABLE, JobState
 from tidegate.views import SHOWN_ERRORS, JobView
 from tidegate.writer import NESTED_SEARCH_LIMIT, OutputWriteError, foreign_entries, ledgers_around
 
@@ -67,10 +76,17 @@ class StartupError(TidegateError):
     """The daemon cannot start (exit code ServeExit.STARTUP)."""
 
 
+CODE_DIR = "code"  # state_dir/code/<hash>/<index>/: each job's snapshot of its code paths
+# The queue's spec of a job names its snapshot under this key (taken out before the spec
+# is validated again when the job runs).
+SNAPSHOT_KEY = "code_snapshot"
+
+
 @dataclass(frozen=True, slots=True)
 class Prepared:
-    job: Job
-    spec: dict[str, Any]  # as stored in the queue: code paths made absolute
+    job: Job  # its code_paths are the snapshot's
+    spec: dict[str, Any]  # as stored in the queue: code paths made absolute, the snapshot
+    code: CodeDigest | None = None
 
 
 class Service:
@@ -105,6 +121,9 @@ class Service:
         self.has_workers = False
         self._no_workers_since: float | None = None
         self._write_backoff_s = 0.0  # after a failed output write (disk full)
+        # Snapshots made for submissions whose jobs are not queued yet: never cleaned up.
+        self._snapshot_lock = threading.Lock()
+        self._unqueued: list[str] = []  # one entry per submission (the same code twice)
 
     @property
     def token(self) -> str | None:
@@ -137,6 +156,8 @@ class Service:
         for job_id in self.queue.recover():
             log.info("job %s was running when the daemon stopped; it resumes first", job_id,
                      extra={"action": "job_recovered"})
+        with contextlib.suppress(OSError):
+            self._remove_snapshots(temporary=True)
         self._update_job_gauges()
         try:
             self._server, self.port = make_server(self, cfg.host, cfg.port)
@@ -299,9 +320,14 @@ class Service:
 
     # --- jobs ------------------------------------------------------------------------
 
-    def prepare(self, data: Any) -> Prepared:
+    def prepare(self, data: Any, snapshot: str | None = None) -> Prepared:
         """Validate a submitted spec under the daemon's rules. SpecError (400) or
-        Forbidden (403); nothing is imported before the modules are allowed."""
+        Forbidden (403); nothing is imported before the modules are allowed.
+
+        The job's code paths are snapshotted (copied into state_dir/code, hashed) and
+        the model and targets are checked from the snapshot, which every run of the job
+        then imports from. A job from the queue passes the ``snapshot`` its spec names
+        (SNAPSHOT_KEY), used as it is."""
         if not isinstance(data, dict):
             raise SpecError([FieldError("<top level>", "a mapping of spec fields",
                                         type(data).__name__)], source="request")
@@ -330,11 +356,53 @@ class Service:
             raise SpecError([FieldError("batch", "knobs that, over this daemon's controller "
                                         "knobs, make a valid controller config", str(exc))],
                             source="request") from None
+        code = self._snapshot(job, snapshot)
+        spec[SNAPSHOT_KEY] = code.hash
+        job = replace(job, code_paths=snapshot_dirs(self.code_dir, code.hash,
+                                                   len(job.code_paths)))
         try:
             check_callables(job)
         except CallableRefused as exc:
             raise Forbidden("; ".join(f"{e.field}: {e.got}" for e in exc.errors)) from None
-        return Prepared(job, spec)
+        return Prepared(job, spec, code)
+
+    @property
+    def code_dir(self) -> Path:
+        return self.config.state_dir.resolve() / CODE_DIR
+
+    def _snapshot(self, job: Job, snapshot: str | None) -> CodeDigest:
+        """A new snapshot of the job's code paths, or the digest of the one the queue
+        names (checked again: a snapshot changed or removed by hand is refused)."""
+        cfg = self.config
+        most, largest = cfg.limits.code_max_files, cfg.limits.code_max_bytes
+        try:
+            if snapshot is None:
+                return snapshot_code(job.code_paths, self.code_dir,
+                                     exclude=[cfg.state_dir, cfg.output_root],
+                                     max_files=most, max_bytes=largest,
+                                     lock=self._snapshot_lock, placed=self._unqueued.append)
+            digest = hash_code(snapshot_dirs(self.code_dir, snapshot, len(job.code_paths)),
+                               max_files=most, max_bytes=largest)
+        except CodePathError as exc:
+            raise SpecError([FieldError(exc.field, exc.expected, exc.got)],
+                            source="request") from None
+        if digest.hash != snapshot:
+            raise SpecError([FieldError(SNAPSHOT_KEY, f"the snapshot {snapshot} of the job's "
+                                        f"code_paths in {self.code_dir}",
+                                        f"files hashing to {digest.hash}")], source="request")
+        return digest
+
+    def _remove_snapshots(self, *, temporary: bool = False) -> None:
+        """Remove the code snapshots no queued, running or interrupted job names."""
+        assert self.queue is not None
+        with self._snapshot_lock:
+            keep = {str(r.spec.get(SNAPSHOT_KEY)) for state in STARTABLE | {JobState.RUNNING}
+                    for r in self.queue.list(state, limit=1_000_000)}
+            removed = remove_snapshots(self.code_dir, keep | set(self._unqueued),
+                                       temporary=temporary)
+        if removed:
+            log.info("removed %d code snapshots no unfinished job needs", len(removed),
+                     extra={"action": "code_snapshots_removed"})
 
     def _check_param_file(self, parameters: Any) -> None:
         """parameters.file must lie in security.code_roots, checked before it is read."""
@@ -400,9 +468,13 @@ class Service:
         output the committed params the spec no longer has."""
         assert self.queue is not None
         output, root = prepared.job.output_dir, self.config.output_root.resolve()
-        record = self.queue.submit(prepared.job.job_id, prepared.spec, str(output), priority,
-                                   guard=lambda: _check_output_dir(output, root),
-                                   retry_failed=retry_failed, prune=prune)
+        try:
+            record = self.queue.submit(prepared.job.job_id, prepared.spec, str(output),
+                                       priority, guard=lambda: _check_output_dir(output, root),
+                                       retry_failed=retry_failed, prune=prune)
+        finally:  # queued, its snapshot is the queue's to keep; refused, anyone's to remove
+            with self._snapshot_lock, contextlib.suppress(ValueError):
+                self._unqueued.remove(str(prepared.spec.get(SNAPSHOT_KEY)))
         log.info("job %s queued (%d params)", record.id, prepared.job.n_params,
                  extra={"action": "job_queued"})
         self._update_job_gauges()
@@ -455,12 +527,15 @@ class Service:
         # The record's id and output are the job's, whatever a later release would derive
         # from its spec (derived ids have changed between releases).
         spec = {**record.spec, "job_id": record.id, "output": record.output}
+        snapshot = spec.pop(SNAPSHOT_KEY, None)
         try:  # importing the model and reading a params file take time: off the event loop
             prepared = await asyncio.get_running_loop().run_in_executor(
-                None, self.prepare, spec)
+                None, self.prepare, spec, snapshot)
         except (SpecError, Forbidden) as exc:  # the config changed since it was queued
             self.queue.finish(record.id, JobState.FAILED, error=str(exc))
             self._update_job_gauges()
+            with contextlib.suppress(OSError):
+                self._remove_snapshots()
             return
         cluster = self.cluster
         if cluster is None:  # _connect gave up: shutting down; the job waits for a restart
@@ -478,9 +553,13 @@ class Service:
             # So does prune: an interrupted run prunes nothing, its resumed run does.
             options = replace(self._run_options(), retry_failed=record.retry_failed,
                               prune=record.prune)
+            # A code change since the committed params (a resubmission after an edit)
+            # is accepted, and logged: each part records the code hash it ran with.
+            options = replace(options, accept_code_change=True)
             self.runner = runner = Runner(
                 prepared.job, cluster, options, metrics=self.metrics,
-                clock=self.clock, no_workers_timeout_s=self.config.cluster.no_workers_timeout_s)
+                clock=self.clock, no_workers_timeout_s=self.config.cluster.no_workers_timeout_s,
+                code=prepared.code)
             result = await runner.run()
             summary = result.as_dict()
             state = self._final_state(record.id, result)
@@ -508,6 +587,8 @@ class Service:
             self.queue.finish(record.id, state, summary=summary, error=error)
             self._update_job_gauges()
             log.info("job %s %s", record.id, state, extra={"action": "job_finished"})
+            with contextlib.suppress(OSError):
+                self._remove_snapshots()
         if not write_failed:
             self._write_backoff_s = 0.0
         if state == JobState.INTERRUPTED and not self._draining:

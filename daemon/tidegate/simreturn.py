@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.machinery
 import json
 import math
+import os
 import re
 import sys
 import threading
 import time
 import traceback
 import types
-from collections.abc import Callable, Mapping, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -256,6 +259,89 @@ def add_code_paths(paths: Sequence[str]) -> None:
             sys.path.insert(0, p)
 
 
+# The code this process imports jobs' modules from: (key, code paths). A new key means
+# another job (or another run of one): the modules loaded from the old and new code
+# paths are evicted first, so nothing imported for an earlier job is reused.
+_active_code: tuple[str, tuple[str, ...]] | None = None
+# Held across a swap and, by fresh_code, across the imports that follow it: two threads
+# of one process never import under each other's code.
+_code_lock = threading.RLock()
+
+
+def _protected_dirs() -> tuple[str, ...]:
+    import sysconfig
+
+    paths = sysconfig.get_paths()
+    dirs = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
+    return tuple(os.path.join(os.path.realpath(d), "") for d in dirs)
+
+
+def _module_dirs(module: types.ModuleType) -> list[str]:
+    where = [getattr(module, "__file__", None)]
+    with contextlib.suppress(Exception):  # a namespace package has only __path__
+        where += list(getattr(module, "__path__", None) or [])
+    return [os.path.realpath(w) for w in where if isinstance(w, str)]
+
+
+def evict_modules(paths: Sequence[str]) -> list[str]:
+    """Remove from sys.modules every module loaded from under ``paths`` (tidegate's own
+    and the standard library's and site-packages' never, whatever the paths cover).
+    Returns the names of extension modules among them: a loaded shared object cannot be
+    unloaded, so the process keeps running its code (a worker is restarted for that)."""
+    roots = tuple(os.path.join(os.path.realpath(p), "") for p in paths)
+    if not roots:
+        return []
+    protected = _protected_dirs()
+    extensions: list[str] = []
+    for name, module in list(sys.modules.items()):
+        if module is None or name == "tidegate" or name.startswith("tidegate."):
+            continue
+        dirs = _module_dirs(module)
+        if not any(d.startswith(roots) for d in dirs) or any(
+                d.startswith(protected) for d in dirs):
+            continue
+        del sys.modules[name]
+        file = getattr(module, "__file__", None) or ""
+        if file.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)):
+            extensions.append(name)
+    return extensions
+
+
+def use_code(paths: Sequence[str], key: str) -> list[str]:
+    """Make ``paths`` this process's code for ``key``: if another key was active, its
+    modules and those already loaded from ``paths`` are evicted, its paths leave
+    sys.path and the import caches are invalidated. Returns the extension modules that
+    could not be unloaded (see evict_modules); [] when ``key`` is already active."""
+    global _active_code
+    paths = tuple(str(p) for p in paths)
+    with _code_lock:
+        if _active_code is not None and _active_code[0] == key:
+            return []
+        old = _active_code[1] if _active_code is not None else ()
+        stuck = evict_modules([*old, *paths])
+        for p in old:
+            while p in sys.path and p not in paths:
+                sys.path.remove(p)
+        add_code_paths(paths)
+        _callables.clear()
+        importlib.invalidate_caches()
+        _active_code = (key, paths)
+        return stuck
+
+
+def active_code_key() -> str | None:
+    return _active_code[0] if _active_code is not None else None
+
+
+@contextlib.contextmanager
+def fresh_code(paths: Sequence[str]) -> Iterator[None]:
+    """Import under ``paths`` afresh, for a check (the daemon's validation of a
+    submission): a key of its own, held until the block ends."""
+    with _code_lock:
+        use_code(paths, f"check-{uuid.uuid4().hex}")
+        yield
+
+
 class RefOutsideModule(TidegateError, LookupError):
     """A callable reference whose attribute path leaves its module: the object it names
     is not defined in the module before ':' (an imported module, a builtin, a function
@@ -272,7 +358,17 @@ def import_callable(ref: str) -> Callable[..., Any]:
     if fn is not None:
         return fn
     module_name, _, attr = ref.partition(":")
-    obj: Any = importlib.import_module(module_name)
+    before = set(sys.modules)
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except BaseException:
+        # Never cache a failed import: a module that raised leaves its parents and what
+        # it imported so far (partly run) in sys.modules, and the finders keep their
+        # listings; a fixed file must import afresh.
+        for name in set(sys.modules) - before:
+            sys.modules.pop(name, None)
+        importlib.invalidate_caches()
+        raise
     walked = module_name + ":"
     parts = attr.split(".")
     for i, part in enumerate(parts):
@@ -351,9 +447,12 @@ class _WorkingMemory:
 
 def run_sim(
     model: str, params: Mapping[str, Any], param_id: str, replicate: int, seed: int,
-    timeout_s: float | None = None,
+    timeout_s: float | None = None, code: tuple[Sequence[str], str] | None = None,
 ) -> SimReturn:
     """Run one replicate: call the model, convert its tables to IPC bytes.
+
+    ``code``: the job's (code paths, key); a worker whose active key differs (it ran
+    another job, or joined before the plugin told it) evicts that job's modules first.
 
     With ``timeout_s`` the model runs in a thread of its own and a call running longer
     fails as ``Timeout``; the thread cannot be killed and runs on, so the SimReturn
@@ -365,6 +464,8 @@ def run_sim(
     worker's thread they would kill the worker, and the nanny's restarts would run the
     same param into the same exit until the cluster had no workers left.
     """
+    if code is not None:
+        use_code(*code)
     watch = _active_watch()
     start = time.perf_counter()
     call = _Call(model, params, {"param_id": param_id, "replicate": replicate, "seed": seed},

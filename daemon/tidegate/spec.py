@@ -805,29 +805,31 @@ def check_callables(job: Job) -> None:
         for i, (raw, path) in enumerate(zip(job.spec.code_paths, job.code_paths, strict=True))
         if not path.exists()
     ]
-    simreturn.add_code_paths([str(p) for p in job.code_paths])
     refs = [("model", job.spec.model)]
     refs += [(f"targets[{i}].function", t.function) for i, t in enumerate(job.spec.targets)]
-    refused = []
-    for (field, ref), arity in zip(refs, [MODEL_ARGS] + [TARGET_ARGS] * len(job.spec.targets),
-                                   strict=True):
-        try:
-            fn = simreturn.import_callable(ref)
-            wrong = _call_shape_error(fn, arity)
-            if wrong is not None:
-                errors.append(FieldError(field, f"a callable taking {arity.expected}",
-                                         f"{ref!r}{wrong}"))
-        except simreturn.RefOutsideModule as exc:
-            refused.append(FieldError(field, "a callable defined in the module before ':'",
-                                      str(exc)))
-        except Exception as exc:  # anything the user's module raises on import
-            errors.append(
-                FieldError(
-                    field,
-                    "an importable callable 'module:function'",
-                    f"{ref!r} ({type(exc).__name__}: {exc})",
+    refused: list[FieldError] = []
+    # Afresh, under the job's code paths alone: a module an earlier check imported (an
+    # earlier version, another job's) is never the one checked.
+    with simreturn.fresh_code([str(p) for p in job.code_paths]):
+        for (field, ref), arity in zip(refs, [MODEL_ARGS] + [TARGET_ARGS] * len(job.spec.targets),
+                                       strict=True):
+            try:
+                fn = simreturn.import_callable(ref)
+                wrong = _call_shape_error(fn, arity)
+                if wrong is not None:
+                    errors.append(FieldError(field, f"a callable taking {arity.expected}",
+                                             f"{ref!r}{wrong}"))
+            except simreturn.RefOutsideModule as exc:
+                refused.append(FieldError(field, "a callable defined in the module before ':'",
+                                          str(exc)))
+            except Exception as exc:  # anything the user's module raises on import
+                errors.append(
+                    FieldError(
+                        field,
+                        "an importable callable 'module:function'",
+                        f"{ref!r} ({type(exc).__name__}: {exc})",
+                    )
                 )
-            )
     if refused:
         raise CallableRefused(refused, job.source)
     if errors:

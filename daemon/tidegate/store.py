@@ -68,12 +68,20 @@ _V3 = """
 ALTER TABLE intents ADD COLUMN replaces INTEGER;  -- the committed part it replaces, or NULL
 """
 
+# Version 4: the hash of the code each part was computed with (codepaths.py; NULL for
+# parts of earlier releases), on its intent too so that a rolled-forward part keeps it.
+_V4 = """
+ALTER TABLE parts ADD COLUMN code_hash TEXT;
+ALTER TABLE intents ADD COLUMN code_hash TEXT;
+"""
+
 LEDGER_SCHEMA = Schema(
     what="tidegate ledger",
     migrations=(
         Migration(1, "meta, parts and params tables", _V1),
         Migration(2, "per-file sizes and checksums; part intents", _V2),
         Migration(3, "intents that replace a committed part", _V3),
+        Migration(4, "the code hash of each part", _V4),
     ),
     legacy={
         "meta": frozenset({"key", "value"}),
@@ -111,6 +119,7 @@ class Intent:
     files: dict[str, RecordedFile]
     statuses: list[tuple[str, str]]
     replaces: int | None = None  # the committed part this one replaces when committed
+    code_hash: str | None = None  # the code its rows were computed with
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +146,8 @@ class Ledger:
 
     def __init__(self, path: Path):
         self.path = path
+        # The code hash recorded with each part this process commits (Commit sets it).
+        self.code_hash: str | None = None
         path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -209,6 +220,30 @@ class Ledger:
             rows["param_id_scheme"] = "typed"
         with self._transaction():
             self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", rows.items())
+
+    def code(self) -> tuple[str, dict[str, str] | None] | None:
+        """The code hash the output was last run with and its files' hashes (None when
+        not kept), or None if no run recorded one."""
+        meta = self._meta()
+        if "code_hash" not in meta:
+            return None
+        return meta["code_hash"], json.loads(meta.get("code_files") or "null")
+
+    def set_code(self, code_hash: str, files: Mapping[str, str] | None) -> None:
+        kept = None if files is None else dict(files)
+        rows = {"code_hash": code_hash, "code_files": json.dumps(kept, sort_keys=True)}
+        with self._transaction():
+            self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", rows.items())
+
+    def part_code_hashes(self) -> dict[int, str | None]:
+        rows = self._db.execute("SELECT part, code_hash FROM parts ORDER BY part")
+        return {int(p): h for p, h in rows}
+
+    def _code_of(self, part: int | None) -> str | None:
+        if part is None:
+            return self.code_hash
+        row = self._db.execute("SELECT code_hash FROM parts WHERE part = ?", (part,)).fetchone()
+        return row[0] if row else self.code_hash
 
     def _meta(self) -> dict[str, str]:
         return dict(self._db.execute("SELECT key, value FROM meta").fetchall())
@@ -307,8 +342,8 @@ class Ledger:
 
     def intents(self) -> list[Intent]:
         out = []
-        for part, files, statuses, replaces in self._db.execute(
-            "SELECT part, files, statuses, replaces FROM intents ORDER BY part"
+        for part, files, statuses, replaces, code_hash in self._db.execute(
+            "SELECT part, files, statuses, replaces, code_hash FROM intents ORDER BY part"
         ):
             out.append(Intent(
                 part,
@@ -316,6 +351,7 @@ class Ledger:
                  for f, i in json.loads(files).items()},
                 [(pid, st) for pid, st in json.loads(statuses)],
                 None if replaces is None else int(replaces),
+                code_hash,
             ))
         return out
 
@@ -339,19 +375,25 @@ class Ledger:
         nbytes: int,
         sizes: Mapping[str, RecordedFile] | None = None,
         replaces: int | None = None,
+        code_hash: str | None = None,
     ) -> None:
         """Record a part, its files (with their sizes and checksums) and its params in one
         transaction, and drop its intent. With ``replaces``, the same transaction forgets
         that committed part and its params rows (the new part holds the ones kept), so a
-        param is never in both, nor in neither."""
+        param is never in both, nor in neither. The part's code hash is ``code_hash``,
+        else the replaced part's (its rows were computed by that code), else the
+        ledger's ``code_hash``."""
         statuses = list(statuses)
         n_failed = sum(1 for _, s in statuses if s == "failed")
+        code = code_hash or self._code_of(replaces)
         with self._transaction():
             if replaces is not None:
                 self._forget(replaces)
             self._db.execute(
-                "INSERT INTO parts VALUES (?, ?, ?, ?, ?, ?)",
-                (part, json.dumps(sorted(files)), len(statuses), n_failed, nbytes, time.time()),
+                "INSERT INTO parts (part, files, n_params, n_failed, bytes, committed_at, "
+                "code_hash) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (part, json.dumps(sorted(files)), len(statuses), n_failed, nbytes, time.time(),
+                 code),
             )
             self._db.executemany(
                 "INSERT INTO part_files (part, file, bytes, sha256) VALUES (?, ?, ?, ?)",
@@ -374,10 +416,10 @@ class Ledger:
                 for f, r in files.items()}
         with self._transaction():
             self._db.execute(
-                "INSERT INTO intents (part, files, statuses, created_at, replaces) "
-                "VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO intents (part, files, statuses, created_at, replaces, code_hash) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
                 (part, json.dumps(body, sort_keys=True), json.dumps(list(statuses)),
-                 time.time(), replaces),
+                 time.time(), replaces, self._code_of(replaces)),
             )
 
     def commit_intent(self, intent: Intent) -> None:
@@ -386,7 +428,7 @@ class Ledger:
         self.commit(intent.part, intent.files, intent.statuses,
                     sum(r.bytes for r in intent.files.values()),
                     {f: RecordedFile(r.bytes, r.sha256) for f, r in intent.files.items()},
-                    replaces=intent.replaces)
+                    replaces=intent.replaces, code_hash=intent.code_hash)
 
     def drop_intent(self, part: int) -> None:
         with self._transaction():

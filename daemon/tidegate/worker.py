@@ -21,7 +21,7 @@ from distributed.diagnostics.plugin import NannyPlugin, WorkerPlugin
 
 from tidegate.memwatch import KillReport, TreeWatch, active_watch, set_active_watch
 from tidegate.simreturn import EXECUTING_TOPIC as EXECUTING_TOPIC  # run_sim logs it
-from tidegate.simreturn import add_code_paths, run_target
+from tidegate.simreturn import run_target, use_code
 
 EXIT_TOPIC = "tidegate-worker-exit"
 MEMORY_RESOURCE = "tidegate-memory"
@@ -31,13 +31,24 @@ IDLE_RSS_METRIC = "tidegate_idle_rss"
 
 
 class CodePaths(WorkerPlugin):
-    """Puts a job's code paths on sys.path of every worker, present and future."""
+    """Makes a job's code paths the code of every worker, present and future, under the
+    job's key (simreturn.use_code: the modules of the job before are evicted). Registered
+    under one name, so each job's replaces the one before on the scheduler too."""
 
-    def __init__(self, paths: Sequence[str]):
+    name = "tidegate-code-paths"
+
+    def __init__(self, paths: Sequence[str], key: str = ""):
         self.paths = list(paths)
+        self.key = key
 
     def setup(self, worker: Any) -> None:
-        add_code_paths(self.paths)
+        use_code(self.paths, self.key)
+
+
+def switch_code(paths: Sequence[str], key: str, dask_worker: Any = None) -> list[str]:
+    """Run with ``client.run``: switch this worker to a job's code now; the extension
+    modules of the code before that stay loaded (the worker must restart to drop them)."""
+    return use_code(paths, key)
 
 
 class IgnoreSigint(WorkerPlugin):
@@ -81,8 +92,11 @@ class ExitCodes(NannyPlugin):
 
 
 def run_target_list(
-    function: str | None, target: str | None, param_id: str, returns: list[Any]
+    function: str | None, target: str | None, param_id: str, returns: list[Any],
+    code: tuple[Sequence[str], str] | None = None,
 ) -> Any:
+    if code is not None:
+        use_code(*code)
     return run_target(function, target, param_id, *returns)
 
 

@@ -33,10 +33,14 @@ def test_output_of_the_unversioned_release_resumes(tmp_path: Path) -> None:
     ids = [r["param_id"] for r in read_dataset(out / "params")]
     assert len(ids) == len(set(ids)) == 3
     with Ledger(out / "_ledger.sqlite") as ledger:
-        assert ledger.schema_version == 3
+        assert ledger.schema_version == 4
         assert ledger.committed_param_ids() == set(ids)
         assert ledger.next_part() == 3
         assert [bool(p.sizes) for p in ledger.parts()] == [False, False, True]
+        # Parts of the old release record no code hash; the new one its run's.
+        hashes = ledger.part_code_hashes()
+        code = ledger.code()
+        assert code is not None and [hashes[0], hashes[1], hashes[2]] == [None, None, code[0]]
     assert {rel: (out / rel).read_bytes() for rel in old_parts} == old_parts
     assert len(read_dataset(out / "model_outputs" / "data")) > 0
     assert sorted(r["param_id"] for r in read_dataset(out / "targets" / "score")) == sorted(ids)

@@ -17,6 +17,9 @@ class _Client:
 
     loop: Any = None
 
+    async def run(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return {}  # each worker's switch to the job's code: nothing to restart
+
     async def register_plugin(self, plugin: Any, name: str) -> None:
         raise CommClosedError("in <TLS (closed) ConnectionPool.plugin_add>: Stream is closed")
 
@@ -27,5 +30,6 @@ def test_workers_dying_during_plugin_setup_is_workers_lost(tmp_path: Any) -> Non
     cluster = Cluster.__new__(Cluster)
     cluster.client = _Client()  # type: ignore[assignment]
     cluster._registered = set()
+    cluster._code, cluster._planned, cluster._watch = None, [], None
     with pytest.raises(WorkersLost, match="went away"):
         asyncio.run(cluster.add_code_paths([str(tmp_path)]))
