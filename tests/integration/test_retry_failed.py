@@ -126,10 +126,10 @@ def test_retry_failed_reruns_exactly_the_failed_params(tmp_path: Path) -> None:
     assert [r["replicate"] for r in before["model_outputs/data"] if r["param_id"] == k1] == [1, 1]
 
     (tmp_path / "models" / "BROKEN").unlink()  # the bug is fixed
-    plain = tidegate(*args)
+    plain = tidegate(*args, "--accept-code-change")  # the fix changed the model code
     assert plain.returncode == 4 and _summary(plain)["params"]["failed"] == len(failing)
 
-    retry = tidegate(*args, "--retry-failed")
+    retry = tidegate(*args, "--retry-failed", "--accept-code-change")
     assert retry.returncode == 0, retry.stderr
     s = _summary(retry)
     assert s["state"] == "succeeded"
