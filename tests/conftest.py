@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+import uuid
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,23 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SIR_DIR = REPO / "examples" / "sir"
+
+
+@contextlib.contextmanager
+def temp_module(folder: Path, source: str, prefix: str) -> Iterator[str]:
+    """A uniquely named module of ``source`` in ``folder``, importable inside the block;
+    sys.path and sys.modules restored after."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    (folder / f"{name}.py").write_text(source)
+    saved_path, saved_modules = list(sys.path), set(sys.modules)
+    sys.path.insert(0, str(folder))
+    importlib.invalidate_caches()
+    try:
+        yield name
+    finally:
+        sys.path[:] = saved_path
+        for m in set(sys.modules) - saved_modules:
+            del sys.modules[m]
 
 
 def tidegate(

@@ -4,15 +4,13 @@ and param-file errors never echo the file."""
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
-import uuid
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
+from tests.conftest import temp_module
 from tidegate.jobqueue import JobQueue, OutputInUse, outputs_overlap
 from tidegate.simreturn import RefOutsideModule, import_callable, outputs_to_ipc, run_sim
 from tidegate.spec import CallableRefused, SpecError, check_callables, job_from_dict
@@ -63,15 +61,8 @@ def _helper(params, seed):
 @pytest.fixture
 def module(tmp_path: Path):
     """A uniquely named module in tmp_path; sys.path and sys.modules restored after."""
-    name = f"tg_paths_{uuid.uuid4().hex[:12]}"
-    (tmp_path / f"{name}.py").write_text(MODULE_SOURCE)
-    saved_path, saved_modules = list(sys.path), set(sys.modules)
-    sys.path.insert(0, str(tmp_path))
-    importlib.invalidate_caches()
-    yield name
-    sys.path[:] = saved_path
-    for m in set(sys.modules) - saved_modules:
-        del sys.modules[m]
+    with temp_module(tmp_path, MODULE_SOURCE, "tg_paths") as name:
+        yield name
 
 
 # --- callable references -----------------------------------------------------------------

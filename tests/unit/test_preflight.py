@@ -7,13 +7,12 @@ import functools
 import importlib
 import os
 import subprocess
-import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import temp_module
 from tidegate.spec import (
     MODEL_ARGS,
     TARGET_ARGS,
@@ -54,15 +53,8 @@ class Model:
 
 @pytest.fixture
 def module(tmp_path: Path) -> Iterator[str]:
-    name = f"tg_preflight_{uuid.uuid4().hex[:12]}"
-    (tmp_path / f"{name}.py").write_text(MODULE)
-    saved_path, saved_modules = list(sys.path), set(sys.modules)
-    sys.path.insert(0, str(tmp_path))
-    importlib.invalidate_caches()
-    yield name
-    sys.path[:] = saved_path
-    for m in set(sys.modules) - saved_modules:
-        del sys.modules[m]
+    with temp_module(tmp_path, MODULE, "tg_preflight") as name:
+        yield name
 
 
 def _fn(module: str, name: str):  # type: ignore[no-untyped-def]
