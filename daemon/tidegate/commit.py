@@ -34,6 +34,7 @@ from tidegate.codepaths import CodeDigest
 from tidegate.errors import TidegateError
 from tidegate.knobs import FlushPolicy
 from tidegate.migrations import SchemaError
+from tidegate.search import Outcome
 from tidegate.simreturn import SimReturn, TargetResult, TaskError
 from tidegate.spec import Job
 from tidegate.states import JobState
@@ -204,8 +205,12 @@ class Commit:
     def __init__(self, job: Job, policy: FlushPolicy, *, restart: bool = False,
                  retry_failed: bool = False,
                  manifest_extra: Mapping[str, Any] | None = None,
-                 code: CodeDigest | None = None, accept_code_change: bool = False):
+                 code: CodeDigest | None = None, accept_code_change: bool = False,
+                 on_commit: Callable[[Sequence[tuple[str, str]]], None] | None = None):
         self.job = job
+        # Told the (param id, status) of each part once the ledger committed it, on
+        # the thread that committed it (a search tells its trials from here).
+        self._on_commit = on_commit
         # The digest of the job's code paths; a resume whose code differs from the
         # output's is refused (CodeChanged) unless accepted or a retry of failed params.
         self._code = code
@@ -374,6 +379,27 @@ class Commit:
             rows.sort(key=lambda r: r["param_id"])
         return Orphans(len(ids), ok, failed, rows)
 
+    def outcomes(self, ids: set[str], target: str) -> dict[str, Outcome]:
+        """The committed params ``ids`` as the output holds them: values, status and
+        ``target``'s loss (a search squaring its study with the ledger on resume)."""
+        files = self.ledger.files_of(ids) if ids else []
+        keep = pc.field("param_id").isin(sorted(ids))
+        out: dict[str, Outcome] = {}
+        losses: dict[str, float | None] = {}
+        for f in files:
+            if f.startswith(f"targets/{target}/"):
+                for row in pq.read_table(self.job.output_dir / f).filter(keep).to_pylist():
+                    losses[row["param_id"]] = row["loss"]
+        for f in files:
+            if not f.startswith("params/"):
+                continue
+            for row in pq.read_table(self.job.output_dir / f).filter(keep).to_pylist():
+                values = {k.removeprefix("param_"): v for k, v in row.items()
+                          if k.startswith("param_") and k != "param_id"}
+                out[row["param_id"]] = Outcome(values, row["status"] != "ok",
+                                               losses.get(row["param_id"]))
+        return out
+
     def prune(self, ids: AbstractSet[str],
               done: Callable[[Rewritten], None] | None = None) -> Pruned:
         """Drop the committed params ``ids`` (the orphans the walk found) from every
@@ -478,6 +504,8 @@ class Commit:
             if isinstance(exc, OutputWriteError):
                 raise
             raise OutputWriteError(ledger.path, exc) from exc
+        if self._on_commit is not None:
+            self._on_commit(written.statuses)
         # No manifest rewrite here: it carries the whole spec (13.5 MB for 100k inline
         # values, 0.5 s fsynced per part); the ledger has the counts, and the manifest is
         # written when the run starts and ends.

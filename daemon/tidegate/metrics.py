@@ -72,6 +72,13 @@ _HELP = {
     "tidegate_parquet_bytes_written": "Bytes of Parquet files committed",
     "tidegate_flush_seconds": "Time to write, fsync and commit one part",
     "tidegate_scheduler_connected": "1 while the Dask scheduler is reachable",
+    "tidegate_search_best_loss": (
+        "The running search's best objective loss so far (absent until a trial is told)"
+    ),
+    "tidegate_search_trials": (
+        "The running search's trials: budget (parameters.search.trials), told (completed "
+        "or failed, each once its part is committed) and failed"
+    ),
     "tidegate_build": "tidegate's version",
 }
 
@@ -104,6 +111,8 @@ class Metrics:
         self.parquet_bytes_written = self._counter("tidegate_parquet_bytes_written")
         self.flush_seconds = self._histogram("tidegate_flush_seconds", _FLUSH_BUCKETS)
         self.scheduler_connected = self._gauge("tidegate_scheduler_connected")
+        self.search_best_loss = self._gauge("tidegate_search_best_loss")
+        self.search_trials = self._gauge("tidegate_search_trials", "kind")
         self.build_info = Info("tidegate_build", _HELP["tidegate_build"], registry=self.registry)
         self.build_info.info({"version": __version__})
         for cause in Cause:

@@ -31,6 +31,8 @@ class Progress:
     retried: int | None = None  # failed params of earlier runs run again; None: no retry
     errors: tuple[Mapping[str, str], ...] = ()  # the first failed params: param_id, error
     error_groups: tuple[Mapping[str, Any], ...] = ()  # failures by kind (failures.Group)
+    # A search's objective, trials, told and best so far (SearchSource.view); None: a sweep.
+    search: Mapping[str, Any] | None = None
 
     @property
     def eta_seconds(self) -> float | None:
@@ -79,6 +81,8 @@ class RunSummary:
     # the output (None: it ended before its walk was over, so it pruned nothing).
     prune: bool = False
     pruned: int | None = None
+    search: dict[str, Any] | None = None  # as Progress.search
+
 
     def __post_init__(self) -> None:
         self.state = JobState(self.state)
@@ -127,4 +131,5 @@ class RunSummary:
             **({"tracebacks": self.tracebacks} if self.tracebacks else {}),
             **({"error": self.error} if self.error else {}),
             **({"reason": self.reason} if self.reason else {}),
+            **({"search": self.search} if self.search is not None else {}),
         }

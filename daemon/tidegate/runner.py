@@ -31,6 +31,7 @@ from tidegate.metrics import Metrics
 from tidegate.outcome import Disconnected, Failed, Result, Retry, RetryReason, judge, measure
 from tidegate.params import ParamSource, Pending, typed_as
 from tidegate.report import Progress, ProgressSink, RunSummary
+from tidegate.search import SearchShrunk, SearchSource
 from tidegate.simreturn import SimReturn, TargetResult, TaskError
 from tidegate.spec import FieldError, Job, Param, SpecError
 from tidegate.states import JobState
@@ -41,6 +42,9 @@ from tidegate.writer import OutputWriteError
 __all__ = ["RunOptions", "Runner"]
 
 log = logging.getLogger(__name__)
+
+# A search's parts come at least this often: a trial is told only once committed.
+SEARCH_FLUSH_S = 1.0
 
 
 class Runner:
@@ -66,6 +70,8 @@ class Runner:
         self.options = options or RunOptions()
         self.progress = progress
         self.source = source or job.params
+        # A calibration: trials asked as slots free up, told once committed.
+        self.search = self.source if isinstance(self.source, SearchSource) else None
         self.limiter = Limiter.of(controller_config(job, self.options), job.spec.replicates,
                                   len(job.spec.targets))
         self.stats = RunStats(job.job_id, self.source.total, metrics or Metrics(), clock)
@@ -116,7 +122,10 @@ class Runner:
         return self.stats.batch_size
 
     def snapshot(self) -> Progress:
-        return self.stats.snapshot(self.window)
+        progress = self.stats.snapshot(self.window)
+        if self.search is not None:
+            progress = dataclasses.replace(progress, search=self.search.view())
+        return progress
 
     # --- the run -------------------------------------------------------------------
 
@@ -125,16 +134,38 @@ class Runner:
         if self.code is None:
             self.code = await asyncio.to_thread(self._hash_code)
         code = self.code
-        commit = Commit(self.job, self.options.flush, restart=self.options.restart,
+        search, policy = self.search, self.options.flush
+        if search is not None:
+            if self.options.retry_failed:
+                raise SpecError([FieldError(
+                    "--retry-failed", "a sweep's failed params (a search tells its failed "
+                    "trials as failed; raise parameters.search.trials to search on)",
+                    "a search")], self.job.source)
+            if not self.options.restart:
+                try:
+                    await asyncio.to_thread(search.check_budget)
+                except SearchShrunk as exc:
+                    raise SpecError([FieldError(exc.field, exc.expected, exc.got)],
+                                    self.job.source) from None
+            # A trial is told once its part is committed: parts come often enough that
+            # the sampler learns of each result within a second.
+            policy = dataclasses.replace(policy, seconds=min(policy.seconds, SEARCH_FLUSH_S))
+        commit = Commit(self.job, policy, restart=self.options.restart,
                         retry_failed=self.options.retry_failed,
                         manifest_extra={"controller": config}, code=code,
-                        accept_code_change=self.options.accept_code_change)
+                        accept_code_change=self.options.accept_code_change,
+                        on_commit=search.committed if search is not None else None)
         resumed = commit.resume(self.clock())
         self.stats.start(resumed.ok, resumed.failed, retried=resumed.retried)
         state = JobState.FAILED
         write_error: OutputWriteError | None = None
         lost: SchedulerLost | None = None
         try:
+            if search is not None:
+                objective = search.spec.objective
+                await search.open(resumed.committed,
+                                  lambda ids: commit.outcomes(ids, objective))
+                self.stats.search_progress(search.view())
             # A key of its own for every run: no worker reuses a module it imported for
             # another job, or for an earlier run of this one.
             key = f"{self.job.job_id}-{code.hash[:12]}-{uuid.uuid4().hex[:8]}"
@@ -184,6 +215,9 @@ class Runner:
             await self.cluster.cancel_all()
             closed = commit.close(state, write_error, reason=self.breaker.reason)
             state = closed.state
+            if search is not None:
+                search.close()  # after the last part's tells
+                self.stats.search_progress(search.view())
             self.stats.part_written(closed.flushed)
             if closed.error is not None:
                 log.error("%s; %d params are committed, a rerun resumes", closed.error,
@@ -194,6 +228,8 @@ class Runner:
         summary = self.stats.summary(state, output, closed.parts)
         summary.error = str(closed.error) if closed.error else None
         summary.reason = self.breaker.reason
+        if search is not None:
+            summary.search = search.view()
         if summary.failed:
             summary.tracebacks = TRACEBACK_HINT.format(output=output)
             self.stats.log_groups(summary.tracebacks)
@@ -307,7 +343,13 @@ class Runner:
         drains and the suspect runs alone on the cluster."""
         w = self.window
         if w.solo_beside or not w.solo_waiting:
-            w.fill(self.batch_size - w.params, self._submit)
+            room = self.batch_size - w.params
+            if self.search is not None:
+                # At most `parallel` trials in flight; each new one asked as its slot
+                # frees up, knowing every trial told so far.
+                room = min(room, self.search.parallel - w.params)
+                await self.search.ask_ahead(room - w.queued)
+            w.fill(room, self._submit)
         elif (not w.params and self.isolation.calm_since_cancel  # before asking the workers
               and self.isolation.solo_may_start(await self.cluster.executing(self.job.job_id))):
             w.fill_solo(self._submit)
@@ -412,6 +454,9 @@ class Runner:
                 targets: Sequence[TargetResult], commit: Commit) -> None:
         pid = param.param_id
         error = commit.record(pid, param.values, self.job.seeds(pid), error, sims, targets)
+        if self.search is not None:
+            self.search.completed(pid, None if error is not None
+                                  else _loss_of(targets, self.search.spec.objective))
         self.isolation.forget(pid)
         self.stats.param_done(pid, error, param.values)
         reason = self.breaker.record(pid, error.type if error else None,
@@ -534,5 +579,15 @@ class Runner:
 
     def _report(self) -> None:
         self.stats.gauges(self.window)
+        if self.search is not None:
+            self.stats.search_progress(self.search.view())
         if self.progress is not None:
             self.progress.update(self.snapshot())
+
+
+def _loss_of(targets: Sequence[TargetResult], objective: str) -> float | None:
+    """The objective target's loss, or None if it has none (it failed)."""
+    for t in targets:
+        if t.target == objective:
+            return t.loss if t.error is None else None
+    return None

@@ -29,6 +29,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    StrictBool,
     StrictInt,
     StringConstraints,
     Tag,
@@ -233,7 +234,8 @@ Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 # outputs is a keyword or a list; the tags pick the branch so that an error reports that
 # branch only, and _field_error drops them from the location.
 _KEYWORD, _NAMES, _BREAKER = "<keyword>", "<names>", "<breaker>"
-_UNION_TAGS = frozenset({_KEYWORD, _NAMES, _BREAKER})
+_RANGE, _CHOICES = "<range>", "<choices>"  # a search dimension
+_UNION_TAGS = frozenset({_KEYWORD, _NAMES, _BREAKER, _RANGE, _CHOICES})
 Outputs = Annotated[
     Annotated[Literal["all", "none"], Tag(_KEYWORD)]
     | Annotated[list[Name], Field(min_length=1), Tag(_NAMES)],
@@ -282,8 +284,93 @@ class TargetSpec(_Strict):
     function: CallableRef = Field(description="a callable reference 'module:function'")
 
 
+Bound = Annotated[float, Field(allow_inf_nan=False, strict=True)] | StrictInt
+
+
+class RangeSpec(_Strict):
+    """A search dimension of numbers between ``low`` and ``high`` (both included):
+    floats unless ``type: int``; ``log`` samples the logarithm uniformly."""
+
+    low: Bound = Field(description="the smallest value (a number)")
+    high: Bound = Field(description="the largest value (a number above low)")
+    type: Literal["float", "int"] = Field("float", description="float (default) or int")
+    log: StrictBool = Field(False, description="sample log(value) uniformly; low must be > 0")
+    step: Bound | None = Field(None, gt=0, description="a grid step from low; not with log")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RangeSpec:
+        if self.type == "int":
+            for name in ("low", "high", "step"):
+                v = getattr(self, name)
+                if v is not None and not (isinstance(v, int) or float(v).is_integer()):
+                    raise _invalid(name, "a whole number (type: int)", repr(v))
+                if v is not None and not -_INT64 <= v < _INT64:
+                    raise _invalid(name, "an integer that fits in 64 bits", repr(v))
+        if not self.low < self.high:
+            raise _invalid("high", f"a number above low ({self.low!r})", repr(self.high))
+        if self.log and self.low <= 0:
+            raise _invalid("low", "a number above 0 (log: true)", repr(self.low))
+        if self.log and self.step is not None:
+            raise _invalid("step", "no step with log: true", repr(self.step))
+        return self
+
+
+class ChoicesSpec(_Strict):
+    """A search dimension of a few values, none ordered."""
+
+    choices: list[ParamValue] = Field(
+        min_length=1, max_length=10_000, description="a list of bool, int, float or string values")
+
+
+# A dimension is a range or a list of choices, told apart by their keys.
+Dimension = Annotated[
+    Annotated[RangeSpec, Tag(_RANGE)] | Annotated[ChoicesSpec, Tag(_CHOICES)],
+    Discriminator(
+        lambda v: (_CHOICES if isinstance(v, ChoicesSpec) or (isinstance(v, dict)
+                                                              and "choices" in v)
+                   else _RANGE if isinstance(v, dict | RangeSpec) else None),
+        custom_error_type=ERROR_TYPE,
+        custom_error_message="expected {expected}",
+        custom_error_context={
+            "field": "",
+            "expected": "a mapping {low, high} (with type: int, log: true or step: N "
+            "if wanted) or {choices: [...]}",
+        },
+    ),
+]
+SAMPLERS = ("tpe", "random", "cmaes")
+MAX_TRIALS = 1_000_000
+
+
+class SearchSpec(_Strict):
+    """A calibration: trials asked from a sampler as slots free up, each a param with
+    the spec's replicates and targets; ``objective``'s loss is minimised."""
+
+    space: dict[ParamName, Dimension] = Field(
+        min_length=1, max_length=1000, description="name -> {low, high} or {choices}")
+    objective: Name = Field(description="the name of the target whose loss is minimised")
+    trials: StrictInt = Field(ge=1, le=MAX_TRIALS, description="parameter sets in all")
+    sampler: Literal["tpe", "random", "cmaes"] = Field(
+        "tpe", description="tpe, random or cmaes (float ranges only; needs cmaes)")
+    seed: StrictInt | None = Field(None, ge=0, description="the sampler's; null: the job's")
+    parallel: StrictInt | None = Field(
+        None, ge=1, le=10_000,
+        description="most trials in flight (also at most B); null: chosen from trials")
+
+    @model_validator(mode="after")
+    def _sampler_fits(self) -> SearchSpec:
+        if self.sampler == "cmaes":
+            for name, dim in self.space.items():
+                if not (isinstance(dim, RangeSpec) and dim.type == "float"):
+                    raise _invalid(f"space.{name}", "a float range {low, high} "
+                                   "(sampler cmaes searches float ranges only)",
+                                   "choices" if isinstance(dim, ChoicesSpec) else "type: int")
+        return self
+
+
 class ParametersSpec(_Strict):
-    """Exactly one of: a grid (cartesian product), inline values, or a file of rows."""
+    """Exactly one of: a grid (cartesian product), inline values, a file of rows, or a
+    search."""
 
     grid: dict[ParamName, Annotated[list[ParamValue], Field(min_length=1)]] | None = Field(
         None, min_length=1, description="name -> list of values; the cartesian product"
@@ -295,12 +382,15 @@ class ParametersSpec(_Strict):
         None, description="a .csv, .parquet or .jsonl file relative to the spec, one row a param"
     )
 
+    search: SearchSpec | None = Field(
+        None, description="a calibration: {space, objective, trials, sampler, seed, parallel}")
+
     @model_validator(mode="after")
     def _exactly_one(self) -> ParametersSpec:
-        given = [k for k in ("grid", "values", "file") if getattr(self, k) is not None]
+        given = [k for k in ("grid", "values", "file", "search") if getattr(self, k) is not None]
         if len(given) != 1:
             got = " and ".join(given) if given else "none of them"
-            raise _invalid("", "exactly one of grid, values or file", got)
+            raise _invalid("", "exactly one of grid, values, file or search", got)
         if self.file is not None and Path(self.file).suffix.lower() not in PARAM_FILE_SUFFIXES:
             raise _invalid("file", "a .csv, .parquet or .jsonl file", repr(self.file))
         return self
@@ -314,7 +404,8 @@ class JobSpec(_Strict):
     code_paths: list[PathText] = Field(
         default_factory=lambda: ["."], description="directories put on sys.path"
     )
-    parameters: ParametersSpec = Field(description="a mapping with one of grid, values or file")
+    parameters: ParametersSpec = Field(
+        description="a mapping with one of grid, values, file or search")
     replicates: StrictInt = Field(1, ge=1)
     seed: StrictInt = Field(0, ge=0)
     targets: list[TargetSpec] = Field(default_factory=list)
@@ -342,6 +433,14 @@ class JobSpec(_Strict):
                 f"targets[{j}].name",
                 "a unique target name",
                 f"{targets[j]!r}, already the name of targets[{i}]",
+            )
+        search = self.parameters.search
+        if search is not None and search.objective not in targets:
+            raise _invalid(
+                "parameters.search.objective",
+                f"the name of one of the targets ({', '.join(map(repr, targets))})"
+                if targets else "the name of a target (the spec has no targets)",
+                repr(search.objective),
             )
         if isinstance(self.outputs, list):
             dup = _first_duplicate(self.outputs)
@@ -375,6 +474,10 @@ _MODELS_AT: dict[tuple[str, ...], type[BaseModel]] = {
     ("batch",): BatchSpec,
     ("on_error",): BreakerSpec,
     ("parameters",): ParametersSpec,
+    ("parameters", "search"): SearchSpec,
+    # "*": any key of the mapping (a dimension's parameter name).
+    ("parameters", "search", "space", "*", _RANGE): RangeSpec,
+    ("parameters", "search", "space", "*", _CHOICES): ChoicesSpec,
     ("targets", "[]"): TargetSpec,
 }
 _field_errors = ErrorTranslator(_MODELS_AT, _PATTERN_TEXT, _UNION_TAGS).field_errors
@@ -636,8 +739,42 @@ def _expand(spec: JobSpec, base_dir: Path, limits: SpecLimits) -> _Expanded:
         return _expand_rows(
             [(f"parameters.values[{i}]", row) for i, row in enumerate(parameters.values)]
         )
+    if parameters.search is not None:
+        check(parameters.search.trials, "parameters.search.trials", " trials")
+        return _expand_search(parameters.search)
     assert parameters.file is not None  # ParametersSpec guarantees exactly one form
     return _expand_file(parameters.file, base_dir, check)
+
+
+def _expand_search(search: SearchSpec) -> _Expanded:
+    """A search's names and types; its source is made once the output is known."""
+    from tidegate import search as searching
+
+    try:
+        searching.require(search.sampler)
+    except searching.SearchUnavailable as exc:
+        raise SpecError([FieldError(exc.field, exc.expected, exc.got)]) from None
+    names = list(search.space)
+    collision = _case_collision(names, "parameters.search.space")
+    errors: list[FieldError] = [collision] if collision else []
+    types: dict[str, str] = {}
+    fits: dict[str, frozenset[str]] = {}
+    for name, dim in search.space.items():
+        if isinstance(dim, ChoicesSpec):
+            fields = [f"parameters.search.space.{name}.choices[{j}]"
+                      for j in range(len(dim.choices))]
+            types[name], fits[name], column = _unify(
+                list(zip(fields, dim.choices, strict=True)), errors)
+            dup = _first_duplicate(column)
+            if dup is not None:
+                errors.append(FieldError(fields[dup[1]], "unique choices",
+                                         f"a duplicate of {fields[dup[0]]}"))
+        else:
+            types[name] = dim.type
+            fits[name] = frozenset({"int", "float"} if dim.type == "int" else {"float"})
+    if errors:
+        raise SpecError(errors)
+    return _Expanded(names, types, fits, ListSource([]))
 
 
 # --- the job ------------------------------------------------------------------------------------
@@ -682,14 +819,27 @@ def _identity(spec: JobSpec, names: list[str]) -> dict[str, Any]:
     either: a job whose values grow (or shrink) is the same job, which resumes, runs
     the new params and keeps the others; its parameter names are (as a set: the order
     of a grid's names or a file's columns changes no param's id)."""
+    search = spec.parameters.search
     return {
         "model": spec.model,
         "param_names": sorted(names),
+        # A search's told losses are the objective's, over its space's dimensions (their
+        # kinds and choices: Optuna refuses another distribution for a told name; a
+        # range's bounds may change, and its trials budget grow).
+        **({"search": {"objective": search.objective,
+                       "space": {n: _dimension_identity(d) for n, d in search.space.items()}}}
+           if search is not None else {}),
         "replicates": spec.replicates,
         "seed": spec.seed,
         "targets": [{"name": t.name, "function": t.function} for t in spec.targets],
         "outputs": spec.outputs,
     }
+
+
+def _dimension_identity(dim: RangeSpec | ChoicesSpec) -> dict[str, Any]:
+    if isinstance(dim, ChoicesSpec):
+        return {"choices": dim.choices}
+    return {"type": dim.type, "log": dim.log, "step": dim.step is not None}
 
 
 def _fingerprint(identity: Mapping[str, Any]) -> str:
@@ -738,12 +888,18 @@ def job_from_dict(
         output_dir = (base_dir / spec.output).resolve()
     else:
         output_dir = (Path(output_root or base_dir / "results") / job_id).resolve()
+    params: ParamSource = expanded.source
+    if spec.parameters.search is not None:
+        from tidegate.search import SearchSource
+
+        params = SearchSource(spec.parameters.search, expanded.names, output_dir,
+                              job_id=job_id, job_seed=spec.seed)
     return Job(
         spec=spec,
         source=source,
         base_dir=base_dir,
         job_id=job_id,
-        params=expanded.source,
+        params=params,
         param_names=expanded.names,
         param_types=expanded.types,
         param_fits=expanded.fits,

@@ -272,6 +272,15 @@ class RunStats:
         m.job_params.labels("total").set(self.total)
         m.job_params.labels("done").set(self.ok + self.failed)
 
+    def search_progress(self, view: Mapping[str, Any]) -> None:
+        """A search's trials and best loss (SearchSource.view), as gauges."""
+        m = self.metrics
+        m.search_trials.labels("budget").set(view["trials"])
+        m.search_trials.labels("told").set(view["told"])
+        m.search_trials.labels("failed").set(view["failed"])
+        if view["best"] is not None:
+            m.search_best_loss.set(view["best"]["loss"])
+
     def _counters(self) -> dict[str, Any]:
         """What the snapshot and the summary both report, under the same names."""
         names = ("job_id", "total", "ok", "failed", "resumed", "quarantined", "oom_events",

@@ -171,29 +171,43 @@ class ErrorTranslator:
         return [self.field_error(e) for e in exc.errors(include_url=False)]
 
     def field_error(self, error: Mapping[str, Any]) -> FieldError:
-        loc = [p for p in error["loc"] if p not in self.skip]
-        if loc and loc[-1] == "[key]":  # a dict key failed: name the key itself
-            loc.pop()
+        # ``tagged`` keeps the union tags, which pick the model where a location alone
+        # cannot (a search dimension: a range or choices); ``loc`` is what is shown.
+        tagged = list(error["loc"])
+        if tagged and tagged[-1] == "[key]":  # a dict key failed: name the key itself
+            tagged.pop()
+        loc = [p for p in tagged if p not in self.skip]
         kind, value, ctx = error["type"], error.get("input"), error.get("ctx") or {}
         if kind == ERROR_TYPE:
             got = ctx["got"] if "got" in ctx else show(value, typed=self.typed)
             return FieldError(dotted(loc, ctx["field"]), ctx["expected"], got)
         if kind in ("missing", "extra_forbidden"):
-            return self._key_error(loc, kind)
+            return self._key_error(tagged, kind)
         typed = self.typed and kind.endswith(("_type", "_parsing"))
-        expected = self._expected(kind, ctx, error["msg"], value, self._info(loc))
+        expected = self._expected(kind, ctx, error["msg"], value, self._info(tagged))
         return FieldError(dotted(loc), expected, show(value, typed))
 
-    def _model_at(self, loc: Sequence[str | int]) -> type[BaseModel] | None:
-        return self.models.get(tuple("[]" if isinstance(p, int) else p for p in loc))
+    def _model_at(self, tagged: Sequence[str | int]) -> type[BaseModel] | None:
+        """The model at a location, looked up with its union tags, then without."""
+        for loc in (tagged, [p for p in tagged if p not in self.skip]):
+            key = tuple("[]" if isinstance(p, int) else p for p in loc)
+            found = self.models.get(key)
+            # "*" in a location stands for any key of a mapping (a dimension's name).
+            found = found or next(
+                (m for k, m in self.models.items() if len(k) == len(key) and "*" in k
+                 and all(a in ("*", b) for a, b in zip(k, key, strict=True))), None)
+            if found is not None:
+                return found
+        return None
 
-    def _info(self, loc: Sequence[str | int]) -> FieldInfo | None:
-        model = self._model_at(loc[:-1]) if loc else None
-        return model.model_fields.get(str(loc[-1])) if model else None
+    def _info(self, tagged: Sequence[str | int]) -> FieldInfo | None:
+        model = self._model_at(tagged[:-1]) if tagged else None
+        return model.model_fields.get(str(tagged[-1])) if model else None
 
-    def _key_error(self, loc: Sequence[str | int], kind: str) -> FieldError:
+    def _key_error(self, tagged: Sequence[str | int], kind: str) -> FieldError:
+        loc = [p for p in tagged if p not in self.skip]
         name = dotted(loc)
-        model = self._model_at(loc[:-1])
+        model = self._model_at(tagged[:-1])
         known = list(model.model_fields) if model else []
         if kind == "missing":
             info = model.model_fields.get(str(loc[-1])) if model else None

@@ -109,6 +109,11 @@ class Window(Generic[P]):
         return self._fresh_left + len(self._retry) + len(self._solo)
 
     @property
+    def queued(self) -> int:
+        """Params waiting to be admitted again (retries and suspects)."""
+        return len(self._retry) + len(self._solo)
+
+    @property
     def finished(self) -> bool:
         return self.to_admit == 0 and not self._inflight
 
