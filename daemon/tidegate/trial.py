@@ -24,9 +24,9 @@ import pyarrow.dataset as ds
 from tidegate.cluster import ClusterOptions, open_cluster
 from tidegate.knobs import RunOptions
 from tidegate.metrics import Metrics
-from tidegate.params import ListSource
+from tidegate.params import ListSource, Param
 from tidegate.runner import Runner
-from tidegate.spec import Job
+from tidegate.spec import Job, SearchSpec
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,12 @@ async def run_trial(job: Job, n: int, *, threads: int = 2,
                     memory_limit: str | int | None = None) -> TrialReport:
     """Run the job's first ``n`` params on one embedded worker of ``threads`` threads into
     a scratch directory, read the datasets back and remove it."""
-    first = list(itertools.islice(iter(job.params), min(n, MAX_TRIAL_PARAMS)))
+    count = min(n, MAX_TRIAL_PARAMS)
+    search = job.spec.parameters.search
+    # A search's first trials depend on a study in the output, which a trial never
+    # touches: it runs points drawn at random from the space instead.
+    first = (random_points(search, job.param_names, count, job.spec.seed) if search is not None
+             else list(itertools.islice(iter(job.params), count)))
     scratch = Path(tempfile.mkdtemp(prefix="tidegate-trial-"))
     try:
         trial = dataclasses.replace(job, output_dir=scratch / "output")
@@ -122,3 +127,21 @@ def _failures(params_dir: Path, names: list[str]) -> list[TrialFailure]:
     return [TrialFailure({n: r.get(f"param_{n}") for n in names},
                          str(r.get("error_type") or ""), str(r.get("error") or ""))
             for r in rows]
+
+
+def random_points(search: SearchSpec, names: list[str], n: int, seed: int) -> list[Param]:
+    """``n`` points of the search's space drawn by Optuna's random sampler, in memory,
+    with the param ids the search would give trials 0..n-1."""
+    import optuna
+
+    from tidegate.search import distributions, trial_param_id
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=search.seed or seed))
+    dists = distributions(search)
+    points = []
+    for _ in range(n):
+        t = study.ask(dists)
+        values = {name: t.params[name] for name in names}
+        points.append(Param(trial_param_id(t.number, values), values))
+    return points
