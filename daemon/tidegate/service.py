@@ -469,6 +469,11 @@ class Service:
         assert self.queue is not None
         output, root = prepared.job.output_dir, self.config.output_root.resolve()
         try:
+            if retry_failed and prepared.job.spec.parameters.search is not None:
+                raise SpecError([FieldError(
+                    "retry_failed", "a sweep's failed params (a search tells its failed "
+                    "trials as failed; raise parameters.search.trials to search on)",
+                    "a search")])
             record = self.queue.submit(prepared.job.job_id, prepared.spec, str(output),
                                        priority, guard=lambda: _check_output_dir(output, root),
                                        retry_failed=retry_failed, prune=prune)
@@ -579,6 +584,9 @@ class Service:
                             extra={"action": "output_write_failed"})
             else:
                 log.error("job %s failed: %s", record.id, exc, extra={"action": "job_failed"})
+        except TidegateError as exc:  # checked and explained (a spec field, a ledger)
+            error = str(exc)
+            log.error("job %s failed: %s", record.id, exc, extra={"action": "job_failed"})
         except Exception as exc:  # a job's failure must not take the daemon down
             error = f"{type(exc).__name__}: {exc}"
             log.exception("job %s failed", record.id, extra={"action": "job_failed"})

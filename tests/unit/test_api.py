@@ -336,3 +336,27 @@ def test_a_connection_cap_above_the_fd_limit_is_lowered(
         assert connection_cap(soft) == max(1, soft - FD_HEADROOM)
     [record] = caplog.records
     assert "open-file limit" in record.getMessage() and str(soft) in record.getMessage()
+
+
+def test_a_retry_of_a_search_is_400_naming_retry_failed(service: Service) -> None:
+    """A search tells its failed trials as failed (Optuna cannot untell them): a retry of
+    one is refused at submission, not a job that fails when it starts."""
+    search = {**SMALL, "parameters": {"search": {
+        "space": {"k": {"low": 0.0, "high": 1.0}}, "objective": "t", "trials": 3}},
+        "targets": [{"name": "t", "function": "tidegate.workloads:synthetic_loss"}]}
+
+    async def main() -> tuple[int, Any]:
+        server, port = make_server(service, "127.0.0.1", 0)
+        client = AsyncHTTPClient()
+        try:
+            r = await client.fetch(f"http://127.0.0.1:{port}/v1/jobs?retry_failed=true",
+                                   method="POST", body=json.dumps(search), raise_error=False)
+            return r.code, json.loads(r.body)
+        finally:
+            server.stop()
+            client.close()
+
+    status, body = asyncio.run(main())
+    assert status == 400, body
+    assert "retry_failed" in json.dumps(body) and "search" in json.dumps(body)
+    assert service.queue is not None and not service.queue.list()
