@@ -223,8 +223,14 @@ def test_second_run_on_a_held_output_exits_2_naming_the_holder(tmp_path: Path) -
     assert f"pid {os.getpid()}" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("name", [".tidegate.lock", LEDGER, f"{LEDGER}-journal",
-                                  f"{LEDGER}-wal", f"{LEDGER}-shm", "manifest.json"])
+# Two names in `make test` (the lock, opened without following links, and the ledger,
+# which SQLite opens); every name in `make test-all` (check_own_files has unit tests).
+_SLOW = pytest.mark.slow
+@pytest.mark.parametrize("name", [".tidegate.lock", LEDGER,
+                                  pytest.param(f"{LEDGER}-journal", marks=_SLOW),
+                                  pytest.param(f"{LEDGER}-wal", marks=_SLOW),
+                                  pytest.param(f"{LEDGER}-shm", marks=_SLOW),
+                                  pytest.param("manifest.json", marks=_SLOW)])
 def test_run_refuses_a_link_at_its_own_files(tmp_path: Path, name: str) -> None:
     """A symbolic link under the name of one of tidegate's own files in the output: exit
     2 naming it, and the link's target is neither written nor removed, with --restart

@@ -180,6 +180,8 @@ def test_disk_full_at_start_interrupts_cleanly(tmp_path: Path, where: str) -> No
         assert len(ids) == len(set(ids)) == 4
 
 
+# 90 s of back-off; test_disk_full_at_start_interrupts_cleanly is its light variant.
+@pytest.mark.slow
 def test_daemon_job_starting_on_a_full_disk_is_interrupted_and_retried(
         tmp_path: Path) -> None:
     """The daemon's output_root is full when a job starts: the job is `interrupted` with

@@ -18,6 +18,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.conftest import read_dataset, start_tidegate, synthetic_spec, tidegate, write_spec
 from tests.daemon_harness import Daemon, base_config
 
@@ -174,6 +176,7 @@ _KILLER = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow  # tests/unit/test_prune.py injects a crash at every step of the prune
 def test_kill_9_during_the_prune_then_a_rerun_finishes_it(tmp_path: Path) -> None:
     """The run and its cluster are killed (SIGKILL to their process group) mid-prune:
     once the first part rewritten with params left in it is renamed into place, before

@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from tests.conftest import read_dataset, start_tidegate, tidegate, wait_quietly, write_spec
@@ -182,6 +183,7 @@ def _ledger_ok(out: Path) -> int:
         return 0
 
 
+@pytest.mark.slow  # tests/unit/test_rewrite.py injects a crash at every step of the rewrite
 def test_kill_9_during_a_retry_then_a_rerun_has_each_param_once(tmp_path: Path) -> None:
     """kill -9 of `tidegate run --retry-failed` and its cluster once the retried params
     are being committed; a rerun without the flag, then one with it, finish with every
