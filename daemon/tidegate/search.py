@@ -303,8 +303,9 @@ class SearchSource:
 
     def check_budget(self) -> None:
         """SearchShrunk if ``trials`` is below the budget recorded in the journal, read
-        before the run touches the output (a refused run changes nothing)."""
-        if not self.path.is_file():
+        before the run touches the output (a refused run changes nothing). A journal
+        that is a link is not read: resume refuses it (check_own_files)."""
+        if self.path.is_symlink() or not self.path.is_file():
             return
         storage = _read_only_journal(self.path)
         for study in storage.get_all_studies():
