@@ -1,6 +1,7 @@
 """Calibration through the real `tidegate run`: a model of the test's own against a
 synthetic truth on the embedded LocalCluster, kill -9 mid-search and resume, failed
-trials, a budget raised and lowered, repeated points, --restart and verify --repair.
+trials, a budget raised and lowered, repeated points, --restart and verify --repair;
+and kill -9 of a real `tidegate serve` mid-search.
 The output is read back with pyarrow and the study with Optuna, no tidegate code.
 
 The invariants after every run that finished: exactly ``trials`` trials in the study,
@@ -23,9 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from optuna.trial import TrialState
 
 from tests.conftest import read_dataset, tidegate, write_spec
+from tests.daemon_harness import FINISHED, Daemon, base_config
 from tests.search_journal import told_once, trials
 
 JOURNAL = "search.journal"
@@ -339,3 +342,55 @@ def test_a_linked_journal_is_refused(tmp_path: Path) -> None:
     restart = tidegate(*run_args(spec, "--restart"), cwd=tmp_path, timeout=120)
     assert restart.returncode == 2 and "symbolic link" in restart.stderr
     assert theirs.read_bytes() == before and (out / JOURNAL).is_symlink()
+
+
+def test_kill_9_of_the_daemon_mid_search_resumes_to_exactly_the_budget(
+        tmp_path: Path) -> None:
+    """A search submitted to a real `tidegate serve`: the daemon (and its embedded
+    cluster) killed -9 once a third of the trials are committed, restarted, killed again
+    as soon as the resumed run asks, restarted; the job ends with exactly its trials
+    told, none twice, each one param."""
+    n = 30
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "bowl.py").write_text(MODEL.format(sleep=0.08))
+    spec = {
+        "job_id": "bowl", "model": "bowl:model", "code_paths": ["."],
+        "parameters": {"search": {
+            "space": {"x": {"low": 0.0, "high": 1.0}, "y": {"low": -1.0, "high": 1.0}},
+            "objective": "fit", "trials": n, "seed": 5}},
+        "replicates": 2, "seed": 11, "outputs": "none", "on_error": "continue",
+        "targets": [{"name": "fit", "function": "bowl:fit"}], "output": "bowl",
+    }
+    daemon = Daemon(tmp_path, base_config(tmp_path, security={"code_roots": [str(models)]},
+                                          flush={"params": 2, "seconds": 1}))
+    out = tmp_path / "outputs" / "bowl"
+
+    def kill_when(reached: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 120
+        while not reached():
+            status, job = daemon.request("GET", "/v1/jobs/bowl")
+            assert not (status == 200 and job["state"] in FINISHED), job
+            assert time.monotonic() < deadline, daemon.log()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                assert daemon.proc is not None
+                daemon.proc.wait(timeout=0.02)
+        daemon.kill_all()
+
+    try:
+        daemon.start()
+        status, body = daemon.request("POST", "/v1/jobs", yaml.safe_dump(spec))
+        assert status == 201, body
+        kill_when(lambda: committed_params(out) >= n // 3)
+        first = committed_params(out)
+        assert n // 3 <= first < n
+        lines = journal_lines(out)
+        daemon.start()
+        kill_when(lambda: journal_lines(out) > lines)
+        daemon.start()
+        job = daemon.wait_job("bowl", {"succeeded", "completed_with_failures"})
+        assert job["params"]["ok"] + job["params"]["failed"] == n, job
+        assert job["params"]["resumed"] >= first
+    finally:
+        daemon.stop()
+    check_search(out, n)
