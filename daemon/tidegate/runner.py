@@ -163,8 +163,12 @@ class Runner:
         try:
             if search is not None:
                 objective = search.spec.objective
-                await search.open(resumed.committed,
-                                  lambda ids: commit.outcomes(ids, objective))
+                try:
+                    await search.open(resumed.committed,
+                                      lambda ids: commit.outcomes(ids, objective))
+                except SearchShrunk as exc:  # the journal changed since check_budget
+                    raise SpecError([FieldError(exc.field, exc.expected, exc.got)],
+                                    self.job.source) from None
                 self.stats.search_progress(search.view())
             # A key of its own for every run: no worker reuses a module it imported for
             # another job, or for an earlier run of this one.

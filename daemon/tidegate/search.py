@@ -39,13 +39,14 @@ import os
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tidegate.errors import TidegateError
 from tidegate.params import Param, Scalar, canonical
+from tidegate.writer import SEARCH_JOURNAL
 
 if TYPE_CHECKING:
     import optuna
@@ -54,7 +55,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-JOURNAL = "search.journal"
+JOURNAL = SEARCH_JOURNAL
 # TPE's random start: its first trials are independent draws, so they may all run at once.
 TPE_STARTUP_TRIALS = 10
 # Past its start, a trial asked with P others in flight misses their results: P of at
@@ -103,10 +104,14 @@ def require(sampler: str) -> None:
                                     f"{type(exc).__name__}: {exc}") from None
 
 
-def trial_param_id(number: int, values: Mapping[str, Scalar]) -> str:
-    """The param id of trial ``number``: its values alone would collide for a repeat."""
-    text = json.dumps({"trial": number, "values": {k: canonical(v) for k, v in values.items()}},
-                      sort_keys=True, separators=(",", ":"), allow_nan=False)
+def trial_param_id(number: int, values: Mapping[str, Scalar], salt: int = 0) -> str:
+    """The param id of trial ``number``: its values alone would collide for a repeat.
+    ``salt`` (0 but for a collision: see SearchSource._unique_id) makes another."""
+    key: dict[str, Any] = {"trial": number,
+                           "values": {k: canonical(v) for k, v in values.items()}}
+    if salt:
+        key["salt"] = salt
+    text = json.dumps(key, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -167,22 +172,33 @@ def _journal(path: Path) -> optuna.storages.JournalStorage:
     return JournalStorage(JournalFileBackend(str(path), lock_obj=NoLock()))
 
 
-def cut_torn_tail(path: Path) -> int:
-    """Cut ``path`` after its last whole JSON line; returns the bytes cut. A line is
-    whole when it ends with a newline and parses."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return 0
-    keep = 0
+def _whole_lines(data: bytes) -> tuple[int, list[dict[str, Any]]]:
+    """The bytes of ``data`` up to its first line that is not whole (one that lacks its
+    newline or does not parse as a JSON object), and the logs of the lines before it."""
+    keep, logs = 0, []
     for line in data.splitlines(keepends=True):
         if not line.endswith(b"\n"):
             break
         try:
-            json.loads(line)
+            log_entry = json.loads(line)
         except ValueError:
             break
+        if not isinstance(log_entry, dict):
+            break
+        logs.append(log_entry)
         keep += len(line)
+    return keep, logs
+
+
+def cut_torn_tail(path: Path) -> int:
+    """Cut ``path`` after its last whole JSON line; returns the bytes cut. A line is
+    whole when it ends with a newline and parses. A bad line amid good ones cuts the
+    rest too: the operations after it name trials by their order in the file."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return 0
+    keep, _ = _whole_lines(data)
     if keep < len(data):
         with open(path, "r+b") as f:
             f.truncate(keep)
@@ -191,10 +207,30 @@ def cut_torn_tail(path: Path) -> int:
     return len(data) - keep
 
 
+def _read_only_journal(path: Path) -> optuna.storages.JournalStorage:
+    """The study in ``path`` as its whole lines hold it, read without writing anything
+    (no lock is held yet: the torn tail is only cut once the output's lock is)."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import BaseJournalBackend
+
+    _, logs = _whole_lines(path.read_bytes())
+
+    class Lines(BaseJournalBackend):
+        def read_logs(self, log_number_from: int) -> Iterator[dict[str, Any]]:
+            yield from logs[log_number_from:]
+
+        def append_logs(self, logs: list[dict[str, Any]]) -> None:
+            raise RuntimeError("a read-only journal")
+
+    return JournalStorage(Lines())
+
+
 class SearchSource:
     """The trials of one search, as a ParamSource: ``open`` it once the output's ledger
     is bound, ``ask_ahead`` before the window fills, ``completed`` as params are judged,
-    ``committed`` as parts commit, ``close`` at the end."""
+    ``committed`` as parts commit, ``close`` at the end. A source may be opened again
+    for another run of its job (the embedded cluster restarted): each ``open`` starts
+    from the journal and the ledger alone."""
 
     def __init__(self, spec: SearchSpec, names: list[str], output_dir: Path, *,
                  job_id: str, job_seed: int):
@@ -205,8 +241,12 @@ class SearchSource:
         self.seed = spec.seed if spec.seed is not None else job_seed
         self.parallel = spec.parallel or default_parallel(spec)
         self._ops: ThreadPoolExecutor | None = None
+        self._reset()
+
+    def _reset(self) -> None:
         self._study: optuna.Study | None = None
         self._dists: dict[str, Any] = {}
+        self._committed: frozenset[str] = frozenset()  # committed when the run opened
         self._known: list[Param] = []  # committed trials, yielded for Pending to skip
         self._rerun: deque[Param] = deque()  # asked, not committed: same values again
         self._ready: deque[Param] = deque()  # asked ahead, not yet taken by the window
@@ -256,17 +296,18 @@ class SearchSource:
                 "parallel": self.parallel,
                 "best": self.best.as_dict() if self.best else None}
 
-    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
         if self._ops is None:
             self._ops = ThreadPoolExecutor(1, thread_name_prefix="tidegate-search")
         return self._ops.submit(fn, *args)
 
     def check_budget(self) -> None:
         """SearchShrunk if ``trials`` is below the budget recorded in the journal, read
-        before the run touches the output (a refused run changes nothing)."""
-        if not self.path.is_file():
+        before the run touches the output (a refused run changes nothing). A journal
+        that is a link is not read: resume refuses it (check_own_files)."""
+        if self.path.is_symlink() or not self.path.is_file():
             return
-        storage = _journal(self.path)
+        storage = _read_only_journal(self.path)
         for study in storage.get_all_studies():
             budget = study.user_attrs.get("trials")
             if isinstance(budget, int) and self.spec.trials < budget:
@@ -292,13 +333,13 @@ class SearchSource:
 
     def committed(self, statuses: Sequence[tuple[str, str]]) -> None:
         """A part committed these params, (param id, status) each, on any thread: tell
-        their trials."""
+        their trials (on the study's thread, in the order their parts committed)."""
         tells = []
         for pid, _ in statuses:
             if pid in self._numbers and pid in self._outcomes:
                 tells.append((pid, self._outcomes.pop(pid)))
         if tells:
-            self._call(self._tell_all, tells)
+            self._call(self._tell_all, tells).add_done_callback(_log_failed_tells)
 
     def close(self) -> None:
         """Wait for the tells queued (the last part's), then stop the study's thread."""
@@ -313,6 +354,8 @@ class SearchSource:
         import optuna
         from optuna.trial import TrialState
 
+        self._reset()
+        self._committed = committed
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self._dists = distributions(self.spec)
         cut = cut_torn_tail(self.path)
@@ -327,11 +370,20 @@ class SearchSource:
         probe = optuna.load_study(study_name=name, storage=storage) if studies else None
         trials = probe.get_trials(deepcopy=False) if probe else []
         told = sum(t.state.is_finished() for t in trials)
+        # Committed trials the journal lacks are added to it below: they count as asked
+        # and told, so that the sampler's seed moves on past the points they hold.
+        ids = {pid for t in trials if isinstance(pid := t.user_attrs.get("param_id"), str)}
+        missing = set(committed) - ids
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # experimental-feature notices of Optuna's
-            sampler = self._sampler(sampler_seed(self.seed, len(trials), told))
-            study = optuna.create_study(storage=storage, sampler=sampler, study_name=name,
-                                        direction="minimize", load_if_exists=True)
+            sampler = self._sampler(sampler_seed(self.seed, len(trials) + len(missing),
+                                                 told + len(missing)))
+            # Loaded, not created with load_if_exists: that appends a creation line the
+            # replay then ignores, and a refused run is to write nothing.
+            study = (optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+                     if probe is not None else
+                     optuna.create_study(storage=storage, sampler=sampler, study_name=name,
+                                         direction="minimize"))
         self._study = study
         budget = study.user_attrs.get("trials")
         if isinstance(budget, int) and self.spec.trials < budget:
@@ -339,30 +391,28 @@ class SearchSource:
         if budget != self.spec.trials:  # a new search, or one grown: trials raised
             study.set_user_attr("trials", self.spec.trials)
         untold: dict[str, int] = {}
-        values_of: dict[str, dict[str, Scalar]] = {}
         for t in trials:
-            pid = str(t.user_attrs.get("param_id") or trial_param_id(t.number, t.params))
+            pid, values = self._trial_of(t)
             self._numbers[pid] = t.number
-            values_of[pid] = {n: t.params[n] for n in self.names if n in t.params}
             if t.state.is_finished():
                 self._told.add(pid)
                 if t.state == TrialState.COMPLETE and t.value is not None:
-                    self._consider(t.number, pid, float(t.value), values_of[pid])
+                    self._consider(t.number, pid, float(t.value), values)
                 else:
                     self.failed_tells += 1
                 if pid not in committed:  # a part un-committed since (verify --repair)
-                    self._rerun.append(Param(pid, values_of[pid]))
+                    self._rerun.append(Param(pid, values))
             elif pid in committed:
                 untold[pid] = t.number
             else:
-                self._rerun.append(Param(pid, values_of[pid]))
-        missing = set(committed) - set(self._numbers)
+                self._rerun.append(Param(pid, values))
+        missing -= set(self._numbers)
         found = outcomes(set(untold) | missing) if untold or missing else {}
         for pid, number in untold.items():
             o = found.get(pid)
             self._tell(pid, number, None if o is None or o.failed else o.loss)
         if missing:
-            self._rebuild(missing, found)
+            self._rebuild(missing, found, len(trials))
         self._asked = len(study.get_trials(deepcopy=False))
         # Their values are not needed: the walk only skips them as committed.
         self._known = [Param(pid, {}) for pid in committed if pid in self._numbers]
@@ -370,6 +420,40 @@ class SearchSource:
                  name, self.told, self.spec.trials, len(self._rerun),
                  f"{self.best.loss:.6g}" if self.best else "none yet",
                  extra={"action": "search_opened"})
+
+    def _trial_of(self, t: optuna.trial.FrozenTrial) -> tuple[str, dict[str, Scalar]]:
+        """A trial's param id and values, as the journal holds them. A trial whose ask
+        a kill cut short (some of its values or its id not written) never ran: the ask
+        is finished now, and the trial runs with the values it then has."""
+        pid = t.user_attrs.get("param_id")
+        if isinstance(pid, str) and all(n in t.params for n in self.names):
+            return pid, {n: t.params[n] for n in self.names}
+        assert self._study is not None
+        import optuna
+
+        if t.state.is_finished():  # told: its values are what they are
+            values = {n: t.params[n] for n in self.names if n in t.params}
+            return trial_param_id(t.number, values), values
+        trial = optuna.Trial(self._study, t._trial_id)
+        for n in self.names:
+            trial._suggest(n, self._dists[n])  # the values it lacks, drawn as ask does
+        values = {n: trial.params[n] for n in self.names}
+        pid = self._unique_id(t.number, values)
+        trial.set_user_attr("param_id", pid)
+        log.info("search trial %d: its ask was cut short by a kill; finished now",
+                 t.number, extra={"action": "search_trial_completed"})
+        return pid, values
+
+    def _unique_id(self, number: int, values: Mapping[str, Scalar]) -> str:
+        """trial_param_id, salted past the ids already taken. Numbers are unique in a
+        study, but trials rebuilt from the ledger (a journal lost) are numbered anew,
+        and a later trial may repeat the number and values one of them ran with."""
+        salt = 0
+        while True:
+            pid = trial_param_id(number, values, salt)
+            if pid not in self._numbers and pid not in self._committed:
+                return pid
+            salt += 1
 
     def _sampler(self, seed: int) -> optuna.samplers.BaseSampler:
         import optuna
@@ -381,8 +465,9 @@ class SearchSource:
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
                                           n_startup_trials=TPE_STARTUP_TRIALS)
 
-    def _rebuild(self, missing: set[str], found: Mapping[str, Outcome]) -> None:
-        """Add committed params the journal lacks to the study as told trials."""
+    def _rebuild(self, missing: set[str], found: Mapping[str, Outcome], number: int) -> None:
+        """Add committed params the journal lacks to the study as told trials;
+        ``number``: the study's trial count, the number the first one gets."""
         import optuna
         from optuna.trial import TrialState
 
@@ -398,18 +483,18 @@ class SearchSource:
                     params=o.values, distributions={n: self._dists[n] for n in o.values},
                     value=o.loss if state == TrialState.COMPLETE else None, state=state,
                     user_attrs={"param_id": pid})
-                self._study.add_trial(trial)
+                self._study.add_trial(trial)  # one journal line: whole, or cut as torn
             except (ValueError, KeyError) as exc:  # outside the space as it is now
                 log.warning("search: committed param %s not added to the study: %s", pid,
                             exc, extra={"action": "search_trial_skipped"})
                 continue
-            number = self._study.get_trials(deepcopy=False)[-1].number
             self._numbers[pid] = number
             self._told.add(pid)
             if state == TrialState.COMPLETE:
                 self._consider(number, pid, float(o.loss or 0.0), o.values)
             else:
                 self.failed_tells += 1
+            number += 1
             added += 1
         log.warning("search journal %s lacked %d committed trials: added from the output",
                     self.path, added, extra={"action": "search_journal_rebuilt"})
@@ -421,7 +506,8 @@ class SearchSource:
                 return
             trial = self._study.ask(self._dists)
             values: dict[str, Scalar] = {name: trial.params[name] for name in self.names}
-            pid = trial_param_id(trial.number, values)
+            pid = self._unique_id(trial.number, values)
+            # Written before the trial can run: a trial with no id in the journal never ran.
             trial.set_user_attr("param_id", pid)
             self._numbers[pid] = trial.number
             self._asked += 1
@@ -450,6 +536,15 @@ class SearchSource:
         if self.best is None or loss < self.best.loss:
             self.best = Best(number, pid, loss, {n: values[n] for n in self.names
                                                  if n in values})
+
+
+def _log_failed_tells(done: Future[Any]) -> None:
+    """A tell that raised is logged (its trial is told on the next run's open, from the
+    ledger): the future's exception would otherwise go unseen."""
+    if not done.cancelled() and (exc := done.exception()) is not None:
+        log.error("search: telling trials failed: %s: %s; they are told from the output "
+                  "on the next run", type(exc).__name__, exc,
+                  extra={"action": "search_tell_failed"})
 
 
 def distributions(spec: SearchSpec) -> dict[str, Any]:

@@ -41,6 +41,8 @@ from tidegate.simreturn import SimReturn, TargetResult, TaskError
 MANIFEST = "manifest.json"
 LEDGER = "_ledger.sqlite"
 LOCK = ".tidegate.lock"
+# A search's study (Optuna's journal; search.py): part of the job's state like the ledger.
+SEARCH_JOURNAL = "search.journal"
 DATASET_DIRS = ("params", "model_outputs", "targets")
 PART_RE = re.compile(r"^part-(\d{6,})\.parquet$")
 _TMP_PREFIX = ".part-"
@@ -499,9 +501,11 @@ def linked_dataset_dirs(root: Path) -> list[Path]:
     return links
 
 
-# tidegate's own files at the top of a job output: SQLite and the manifest would write
-# through a link planted under one of these names (the lock opens with O_NOFOLLOW).
-OWN_FILES = (LOCK, LEDGER, LEDGER + "-journal", LEDGER + "-wal", LEDGER + "-shm", MANIFEST)
+# tidegate's own files at the top of a job output: SQLite, the manifest and a search's
+# journal would write through a link planted under one of these names (the lock opens
+# with O_NOFOLLOW).
+OWN_FILES = (LOCK, LEDGER, LEDGER + "-journal", LEDGER + "-wal", LEDGER + "-shm", MANIFEST,
+             SEARCH_JOURNAL)
 
 
 def check_own_files(root: Path) -> None:
@@ -586,8 +590,9 @@ def remove_unrecorded(root: Path, recorded: set[str],
 def discard_output(root: Path) -> list[str]:
     """Remove what tidegate writes in a job output (for --restart): part files and their
     temporaries in the dataset directories (then those directories, once empty), the
-    ledger and the manifest. Nothing else, and nothing through a link. Returns the
-    relative paths removed."""
+    ledger, the manifest and a search's journal (its told trials are the discarded
+    params' results). Nothing else, and nothing through a link. Returns the relative
+    paths removed."""
     removed: list[str] = []
     for top in DATASET_DIRS:
         for dirpath, _, filenames in sorted(_walk(root / top, []), reverse=True):
@@ -599,7 +604,7 @@ def discard_output(root: Path) -> list[str]:
             with contextlib.suppress(OSError):  # not empty: it holds someone else's files
                 Path(dirpath).rmdir()
     for name in (MANIFEST, f".{MANIFEST}.tmp", LEDGER, LEDGER + "-journal", LEDGER + "-wal",
-                 LEDGER + "-shm"):
+                 LEDGER + "-shm", SEARCH_JOURNAL):
         path = root / name
         if path.is_file() and not path.is_symlink():
             path.unlink()
