@@ -12,11 +12,16 @@ the ledger is the truth about what ran:
 - a trial is told only after its part is committed; one committed but not told at a
   crash is told on resume from the committed loss, so no trial is told twice;
 - a trial asked but not committed at a crash is run again with the same values (the same
-  trial, counted once);
+  trial, counted once); one whose ask the crash cut short (a value or its param id not
+  written: it never ran) has its ask finished first;
 - committed trials the journal lacks (a journal removed or cut short) are added to it
-  from the output;
+  from the output, numbered anew: a later trial's id is salted past the committed ids,
+  lest it repeat the number and values of one of them;
 - the sampler is seeded anew on each run from the spec's seed and the trials already
-  asked and told, so a restarted search does not replay the points it has.
+  asked and told (those added from the output too), so a restarted search does not
+  replay the points it has.
+
+``--restart`` discards the journal with the ledger (writer.discard_output).
 
 The journal is written under the output's lock (held for the whole run), so no lock file
 of Optuna's is used: its default lock, left behind by a kill -9, would stall the next run

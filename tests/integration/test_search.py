@@ -268,8 +268,7 @@ def test_kill_9_at_many_points(tmp_path: Path, fraction: float) -> None:
     check_search(out, n)
 
 
-def test_raising_trials_runs_only_the_new_ones_and_lowering_is_refused(
-        tmp_path: Path) -> None:
+def test_raising_trials_on_a_finished_search_runs_only_the_new_ones(tmp_path: Path) -> None:
     spec = search_job(tmp_path, trials=10)
     out = tmp_path / "out"
     finished(spec)
@@ -280,6 +279,12 @@ def test_raising_trials_runs_only_the_new_ones_and_lowering_is_refused(
     assert s["params"]["ok"] + s["params"]["failed"] == 15
     assert s["search"]["told"] == 15
     assert first <= {r["param_id"] for r in check_search(out, 15)}
+
+
+def test_lowering_trials_is_refused_and_restart_starts_a_new_search(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    finished(search_job(tmp_path, trials=15))
+    check_search(out, 15)
     before = snapshot(out)
     lowered = search_job(tmp_path, trials=12)
     proc = tidegate(*run_args(lowered), cwd=tmp_path, timeout=120)
