@@ -213,6 +213,8 @@ def test_every_panel_has_a_unit_a_datasource_and_a_place() -> None:
         ("Jobs by state", "short", {"tidegate_jobs"}),
         ("Flush latency", "s", {"tidegate_flush_seconds_bucket"}),
         ("Scheduler connected", "none", {"tidegate_scheduler_connected"}),
+        ("Search best loss", "short", {"tidegate_search_best_loss"}),
+        ("Search trials: told and failed vs budget", "short", {"tidegate_search_trials"}),
     ],
 )
 def test_dashboard_panel(title: str, unit: str, metrics: set[str]) -> None:
