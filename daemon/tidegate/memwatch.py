@@ -31,12 +31,53 @@ logger = logging.getLogger(__name__)
 _GONE = (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess)
 
 
-def _rss(proc: psutil.Process) -> int:
-    """RSS of one process, 0 if it vanished (or became a zombie) meanwhile."""
+def _mem(proc: psutil.Process) -> tuple[int, int]:
+    """(RSS, virtual size) of one process, (0, 0) if it vanished (or became a zombie)
+    meanwhile."""
     try:
-        return int(proc.memory_info().rss)
+        info = proc.memory_info()
     except _GONE:
-        return 0
+        return 0, 0
+    return int(info.rss), int(info.vms)
+
+
+def _rss(proc: psutil.Process) -> int:
+    return _mem(proc)[0]
+
+
+def _is_image(child: tuple[int, int], parent: tuple[int, int]) -> bool:
+    """Whether a child's memory is still its parent's: forked or vforked, not yet
+    exec'd, nothing mapped of its own. Its RSS then reads the parent's pages (all of
+    them after a vfork, which shares the parent's memory; the anonymous, copy-on-write
+    ones after a fork), which it does not add to the tree. Counted, a worker of 250 MiB
+    starting any subprocess reads as up to 500 MiB until the exec, long enough on a
+    loaded machine for the watch to kill the child (seen: a tree "of 521 MiB" under a
+    410 MiB limit, the child not yet started). The test: the parent's virtual size and
+    no more than its RSS (2% slack). A fork that never execs and rewrites the parent's
+    pages without mapping any is undercounted by at most the parent's RSS."""
+    rss, vms = child
+    parent_rss, parent_vms = parent
+    return 0 < rss <= parent_rss + max(parent_rss // 50, 1 << 20) and vms == parent_vms
+
+
+def _below(proc: psutil.Process, mem: tuple[int, int]) -> int:
+    """The RSS of every descendant of ``proc`` (whose own is ``mem``), a descendant that
+    is still an image of its parent counting 0."""
+    total = 0
+    seen = {proc.pid}
+    frontier = [(proc, mem)]
+    while frontier:
+        nxt = []
+        for p, pmem in frontier:
+            for c in _children(p):
+                if c.pid in seen:  # pid reuse cannot make a loop
+                    continue
+                seen.add(c.pid)
+                cmem = _mem(c)
+                total += 0 if _is_image(cmem, pmem) else cmem[0]
+                nxt.append((c, cmem))
+        frontier = nxt
+    return total
 
 
 def _child_pids(pid: int) -> list[int] | None:
@@ -100,9 +141,12 @@ def _descendants(proc: psutil.Process) -> list[psutil.Process]:
 def tree_rss(proc: psutil.Process) -> int:
     """RSS of ``proc`` plus every descendant; processes that end mid-read count 0.
 
-    Shared pages (a forked child's copy-on-write pages) count once per process: the
-    sum can exceed what the tree really holds, an overestimate on the safe side."""
-    return _rss(proc) + sum(_rss(p) for p in _descendants(proc))
+    A child not yet exec'd that has mapped nothing of its own counts 0 (``_is_image``).
+    Otherwise shared pages (a forked child's copy-on-write pages) count once per
+    process: the sum can exceed what the tree really holds, an overestimate on the safe
+    side."""
+    mem = _mem(proc)
+    return mem[0] + _below(proc, mem)
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,11 +322,15 @@ class TreeWatch:
             self._stop.wait(self.interval_s)
 
     def _read(self) -> _Sample:
-        own = _rss(self._proc)
+        mem = _mem(self._proc)
+        own = mem[0]
         children = _children(self._proc)
         subtrees = []
         for child in children:
-            size = _rss(child) + sum(_rss(d) for d in _descendants(child))
+            cmem = _mem(child)
+            # An image of the worker (not yet exec'd) has size 0: it holds nothing of
+            # its own, so it is never the one killed.
+            size = (0 if _is_image(cmem, mem) else cmem[0]) + _below(child, cmem)
             created = _created_since_boot(child)
             subtrees.append((child, size, created))
         return _Sample(own, own + sum(s for _, s, _ in subtrees), tuple(subtrees))

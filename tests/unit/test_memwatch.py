@@ -144,6 +144,65 @@ def test_tree_rss_counts_a_child_process(hogs: Callable[[], Hog]) -> None:
     assert me.memory_info().rss < after - 95 * MiB
 
 
+class ForkedImage:
+    """A fork of this test process that maps nothing of its own until told to allocate:
+    what any subprocess is between its fork (or vfork) and its exec."""
+
+    def __init__(self) -> None:
+        self.go_r, self.go_w = os.pipe()
+        self.done_r, self.done_w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # the child: no Python-level work beyond this
+            try:
+                n = int(os.read(self.go_r, 64) or b"0")
+                if n:
+                    buf = bytearray(n)
+                    buf[::4096] = b"\x01" * len(range(0, n, 4096))
+                    os.write(self.done_w, b"1")
+                    os.read(self.go_r, 1)
+            finally:
+                os._exit(0)
+
+    def alloc(self, nbytes: int) -> None:
+        os.write(self.go_w, str(nbytes).encode())
+        assert os.read(self.done_r, 1) == b"1"
+
+    def close(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, 9)
+        os.waitpid(self.pid, 0)
+        for fd in (self.go_r, self.go_w, self.done_r, self.done_w):
+            os.close(fd)
+
+
+def test_a_child_not_yet_exec_d_counts_nothing_and_is_not_killed(
+    watches: Callable[..., TreeWatch]
+) -> None:
+    """A fresh fork reads the parent's RSS as its own; it holds nothing yet, so the tree
+    is not doubled and a limit between one and two copies of this process kills nothing.
+    Once the fork allocates, its memory counts and it is the one killed."""
+    me = psutil.Process()
+    own = me.memory_info().rss
+    assert own > 60 * MiB
+    # Between one and two copies of this process: counted as before, the fork crosses it.
+    limit = tree_rss(me) + own // 2
+    watch = watches(int(limit / 0.95) + 1)
+    token = watch.begin("a")
+    image = ForkedImage()
+    try:
+        child = psutil.Process(image.pid)
+        assert child.memory_info().rss > 20 * MiB  # it reads the parent's pages as its own
+        assert tree_rss(me) < limit
+        watch.sample()
+        assert not watch.kills and child.status() != psutil.STATUS_ZOMBIE
+        image.alloc(own // 2 + 100 * MiB)
+        wait_for(lambda: bool(watch.sample() and watch.kills))
+        assert watch.kills[-1].child_pid == image.pid
+        assert watch.end(token).killed is not None
+    finally:
+        image.close()
+
+
 def test_descendants_are_found_through_grandchildren() -> None:
     """A grandchild's memory counts too (read through /proc/<pid>/task/*/children)."""
     me = psutil.Process()
