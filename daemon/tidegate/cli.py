@@ -1,4 +1,5 @@
-"""``tidegate run | validate | schema | serve``; the client commands are in client.py.
+"""``tidegate run | validate | schema | verify | failures | best | serve``; the client
+commands are in client.py.
 
 Exit codes: :class:`tidegate.exitcodes.RunExit` and ``ServeExit``, listed in each
 command's ``--help``.
@@ -207,6 +208,18 @@ def build_parser() -> argparse.ArgumentParser:
     failures.add_argument("output", type=Path, metavar="OUTPUT_DIR", help="a job's output")
     failures.add_argument("--json", action="store_true", help="print the groups as JSON")
 
+    best = _command(sub, common, "best", "list a job output's params with the lowest loss "
+                    "(a search's best trials), with their values")
+    best.add_argument("output", type=Path, metavar="OUTPUT_DIR", help="a job's output")
+    best.add_argument("--top", type=_positive_int("--top"), default=10, metavar="N",
+                      help="how many (default 10)")
+    best.add_argument("--target", metavar="NAME",
+                      help="the target whose loss ranks them (default: a search's "
+                      "objective, else the job's first target)")
+    best.add_argument("--json", action="store_true",
+                      help="print them as a JSON list: rank, loss, param_id, trial (a "
+                      "search's), values")
+
     serve = _command(sub, common, "serve", "run the daemon: job queue, HTTP API, /metrics")
     serve.add_argument("--config", type=Path, metavar="FILE",
                        help="daemon config (YAML); TIDEGATE_* variables and flags override it")
@@ -269,7 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.log_level = args.log_level_given or os.environ.get("TIDEGATE_LOG_LEVEL", "INFO")
     setup_logging(args.log_level)
     handlers = {"run": cmd_run, "validate": cmd_validate, "schema": cmd_schema,
-                "serve": cmd_serve, "verify": cmd_verify, "failures": cmd_failures}
+                "serve": cmd_serve, "verify": cmd_verify, "failures": cmd_failures,
+                "best": cmd_best}
     from tidegate.migrations import SchemaError
     from tidegate.spec import SpecError
     from tidegate.store import LedgerMismatch
@@ -353,6 +367,18 @@ def cmd_failures(args: argparse.Namespace) -> int:
         if first:
             print("  traceback of the first:")
             print("\n".join("    " + line for line in first.rstrip().splitlines()))
+    return RunExit.OK
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    """The params of an output with the lowest loss of a target (best.py)."""
+    from tidegate.best import NotRanked, dumps, rank
+
+    try:
+        ranking = rank(args.output, args.top, args.target)
+    except NotRanked as exc:
+        raise UsageError(str(exc)) from None
+    print(dumps(ranking) if args.json else ranking.text())
     return RunExit.OK
 
 
