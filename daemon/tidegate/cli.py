@@ -508,16 +508,23 @@ def cmd_validate(args: argparse.Namespace) -> int:
         "tasks": job.n_tasks,
         "output": str(job.output_dir),
     }
+    search = job.spec.parameters.search
+    if search is not None:  # its params are its trials, asked as the run goes
+        info["search"] = {"trials": search.trials, "objective": search.objective,
+                          "sampler": search.sampler, "space": list(search.space)}
     trial = _trial(job, args.trial) if args.trial else None
     if args.json:
         print(json.dumps(info if trial is None else {**info, "trial": trial.as_dict()}))
     else:
+        count = f"params   {job.n_params}" if search is None else f"trials   {search.trials}"
         print(
             f"{args.spec}: ok\n"
             f"  job_id   {job.job_id}\n"
-            f"  params   {job.n_params} x {job.spec.replicates} replicates, "
+            f"  {count} x {job.spec.replicates} replicates, "
             f"{len(job.spec.targets)} targets\n"
-            f"  tasks    {job.n_tasks}\n"
+            + (f"  search   {search.sampler} over {', '.join(search.space)}, objective "
+               f"{search.objective}\n" if search is not None else "")
+            + f"  tasks    {job.n_tasks}\n"
             f"  output   {job.output_dir}"
         )
         if trial is not None:
@@ -772,12 +779,17 @@ def _install_stop_handlers(stopper: _Stopper) -> Callable[[], None]:
 def _retry_hint(s: Any) -> str | None:
     """What to do about a finished run's failed params, if it has any."""
     if s.failed and s.state in ("succeeded", "completed_with_failures") and not s.error:
+        if getattr(s, "search", None):  # a search refuses --retry-failed
+            return (f"{s.failed} trials failed (told to the search as failed); to search "
+                    "on, raise parameters.search.trials and rerun")
         return (f"rerun with --retry-failed to run the {s.failed} failed params again "
                 "(after fixing the model); the others stay as they are")
     return None
 
 
 def _print_summary(s: Any, *, hint: bool = True) -> None:
+    from tidegate.progress import search_text
+
     lines = [
         f"job {s.job_id}: {s.state} in {s.wall_seconds:.1f} s",
         f"  params   {s.ok} ok, {s.failed} failed of {s.total} ({s.resumed} from earlier runs"
@@ -788,6 +800,8 @@ def _print_summary(s: Any, *, hint: bool = True) -> None:
            if s.worker_losses else ""),
         f"  output   {s.output} ({s.parts} parts)",
     ]
+    if getattr(s, "search", None):
+        lines.insert(4, f"  search   {search_text(s.search)}")
     if s.pruned:
         lines.append(f"  pruned   {s.pruned} orphaned params (no longer in the spec) dropped "
                      "from every dataset")
