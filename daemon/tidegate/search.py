@@ -258,6 +258,7 @@ def trial_numbers(path: Path, ids: AbstractSet[str]) -> dict[str, int]:
             if not isinstance(op, dict):
                 break
             code = op.get("op_code")
+            trial: Any
             if code == _CREATE_TRIAL:
                 study = op.get("study_id")
                 numbers.append(per_study.get(study, 0))

@@ -145,7 +145,7 @@ def test_a_search_ranked_by_its_objective_with_trial_numbers(
     assert [r["trial"] for r in ranked] == [numbers[r["param_id"]] for r in ranked]
     assert sorted(r["trial"] for r in ranked) == list(range(len(want)))
     code, text, _ = best(search, "--top", "2", capsys=capsys)
-    head, header, first, second = text.splitlines()
+    head, header, first, _ = text.splitlines()
     assert head.startswith(f"{search}: 2 best of {len(want)} trials")
     assert header.split() == ["rank", "loss", "param_id", "trial", "x", "y"]
     assert first.split()[:4] == ["1", f"{want[0]['loss']:.6g}", want[0]["param_id"],
