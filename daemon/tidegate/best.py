@@ -158,10 +158,13 @@ def _losses(root: Path, target: str) -> pa.Table:
     """param_id and loss of every committed param with a finite loss of ``target`` (a
     search tells a trial of a loss that is not finite as failed)."""
     path = root / "targets" / target
+    empty = pa.table({"param_id": pa.array([], pa.string()),
+                      "loss": pa.array([], pa.float64())})
     if not path.is_dir():
-        return pa.table({"param_id": pa.array([], pa.string()),
-                         "loss": pa.array([], pa.float64())})
+        return empty
     dataset = _dataset(path)
+    if not dataset.files:  # the directory made, no part committed into it yet
+        return empty
     missing = {"param_id", "loss"} - set(dataset.schema.names)
     if missing:
         raise NotRanked(f"OUTPUT_DIR: {path} is not a target dataset: it lacks "

@@ -177,11 +177,15 @@ def test_an_output_with_no_loss_yet_exits_2(tmp_path: Path, grid: Path) -> None:
     empty.mkdir()
     for name in ("manifest.json", "_ledger.sqlite"):
         (empty / name).write_bytes((grid / name).read_bytes())
+    message = [f"tidegate: error: OUTPUT_DIR: no committed param of {empty} has a loss "
+               "of target 'fit' yet (targets/fit is empty)"]
     proc: subprocess.CompletedProcess[str] = tidegate("best", empty)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
-        f"tidegate: error: OUTPUT_DIR: no committed param of {empty} has a loss of target "
-        "'fit' yet (targets/fit is empty)"]
+    assert proc.stderr.strip().splitlines() == message
+    (empty / "targets" / "fit").mkdir(parents=True)  # a dataset's directory, no part yet
+    proc = tidegate("best", empty)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == message
 
 
 def test_validate_counts_a_searchs_trials(tmp_path: Path) -> None:
