@@ -1,4 +1,5 @@
-"""``tidegate run | validate | schema | serve``; the client commands are in client.py.
+"""``tidegate run | validate | schema | verify | failures | best | serve``; the client
+commands are in client.py.
 
 Exit codes: :class:`tidegate.exitcodes.RunExit` and ``ServeExit``, listed in each
 command's ``--help``.
@@ -207,6 +208,18 @@ def build_parser() -> argparse.ArgumentParser:
     failures.add_argument("output", type=Path, metavar="OUTPUT_DIR", help="a job's output")
     failures.add_argument("--json", action="store_true", help="print the groups as JSON")
 
+    best = _command(sub, common, "best", "list a job output's params with the lowest loss "
+                    "(a search's best trials), with their values")
+    best.add_argument("output", type=Path, metavar="OUTPUT_DIR", help="a job's output")
+    best.add_argument("--top", type=_positive_int("--top"), default=10, metavar="N",
+                      help="how many (default 10)")
+    best.add_argument("--target", metavar="NAME",
+                      help="the target whose loss ranks them (default: a search's "
+                      "objective, else the job's first target)")
+    best.add_argument("--json", action="store_true",
+                      help="print them as a JSON list: rank, loss, param_id, trial (a "
+                      "search's), values")
+
     serve = _command(sub, common, "serve", "run the daemon: job queue, HTTP API, /metrics")
     serve.add_argument("--config", type=Path, metavar="FILE",
                        help="daemon config (YAML); TIDEGATE_* variables and flags override it")
@@ -269,7 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.log_level = args.log_level_given or os.environ.get("TIDEGATE_LOG_LEVEL", "INFO")
     setup_logging(args.log_level)
     handlers = {"run": cmd_run, "validate": cmd_validate, "schema": cmd_schema,
-                "serve": cmd_serve, "verify": cmd_verify, "failures": cmd_failures}
+                "serve": cmd_serve, "verify": cmd_verify, "failures": cmd_failures,
+                "best": cmd_best}
     from tidegate.migrations import SchemaError
     from tidegate.spec import SpecError
     from tidegate.store import LedgerMismatch
@@ -353,6 +367,18 @@ def cmd_failures(args: argparse.Namespace) -> int:
         if first:
             print("  traceback of the first:")
             print("\n".join("    " + line for line in first.rstrip().splitlines()))
+    return RunExit.OK
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    """The params of an output with the lowest loss of a target (best.py)."""
+    from tidegate.best import NotRanked, dumps, rank
+
+    try:
+        ranking = rank(args.output, args.top, args.target)
+    except NotRanked as exc:
+        raise UsageError(str(exc)) from None
+    print(dumps(ranking) if args.json else ranking.text())
     return RunExit.OK
 
 
@@ -482,16 +508,23 @@ def cmd_validate(args: argparse.Namespace) -> int:
         "tasks": job.n_tasks,
         "output": str(job.output_dir),
     }
+    search = job.spec.parameters.search
+    if search is not None:  # its params are its trials, asked as the run goes
+        info["search"] = {"trials": search.trials, "objective": search.objective,
+                          "sampler": search.sampler, "space": list(search.space)}
     trial = _trial(job, args.trial) if args.trial else None
     if args.json:
         print(json.dumps(info if trial is None else {**info, "trial": trial.as_dict()}))
     else:
+        count = f"params   {job.n_params}" if search is None else f"trials   {search.trials}"
         print(
             f"{args.spec}: ok\n"
             f"  job_id   {job.job_id}\n"
-            f"  params   {job.n_params} x {job.spec.replicates} replicates, "
+            f"  {count} x {job.spec.replicates} replicates, "
             f"{len(job.spec.targets)} targets\n"
-            f"  tasks    {job.n_tasks}\n"
+            + (f"  search   {search.sampler} over {', '.join(search.space)}, objective "
+               f"{search.objective}\n" if search is not None else "")
+            + f"  tasks    {job.n_tasks}\n"
             f"  output   {job.output_dir}"
         )
         if trial is not None:
@@ -746,12 +779,17 @@ def _install_stop_handlers(stopper: _Stopper) -> Callable[[], None]:
 def _retry_hint(s: Any) -> str | None:
     """What to do about a finished run's failed params, if it has any."""
     if s.failed and s.state in ("succeeded", "completed_with_failures") and not s.error:
+        if getattr(s, "search", None):  # a search refuses --retry-failed
+            return (f"{s.failed} trials failed (told to the search as failed); to search "
+                    "on, raise parameters.search.trials and rerun")
         return (f"rerun with --retry-failed to run the {s.failed} failed params again "
                 "(after fixing the model); the others stay as they are")
     return None
 
 
 def _print_summary(s: Any, *, hint: bool = True) -> None:
+    from tidegate.progress import search_text
+
     lines = [
         f"job {s.job_id}: {s.state} in {s.wall_seconds:.1f} s",
         f"  params   {s.ok} ok, {s.failed} failed of {s.total} ({s.resumed} from earlier runs"
@@ -762,6 +800,8 @@ def _print_summary(s: Any, *, hint: bool = True) -> None:
            if s.worker_losses else ""),
         f"  output   {s.output} ({s.parts} parts)",
     ]
+    if getattr(s, "search", None):
+        lines.insert(4, f"  search   {search_text(s.search)}")
     if s.pruned:
         lines.append(f"  pruned   {s.pruned} orphaned params (no longer in the spec) dropped "
                      "from every dataset")

@@ -252,6 +252,7 @@ def progress_of(job: JobView | Mapping[str, Any], now: float) -> Progress:
         quarantined=params.quarantined,
         worker_restarts=view.worker_restarts,
         retried=params.retried,
+        search=view.search.model_dump(mode="json") if view.search is not None else None,
     )
 
 
@@ -281,6 +282,10 @@ def describe_job(job: JobView) -> str:
         f"{_when(job.started_at)}, finished {_when(job.finished_at)}",
         f"  output    {job.output or '-'}",
     ]
+    if job.search is not None:
+        from tidegate.progress import search_text
+
+        lines.insert(4, f"  search    {search_text(job.search.model_dump(mode='json'))}")
     if job.error:
         lines.append(f"  error     {job.error}")
     for e in job.errors[:_SHOWN_ERRORS]:

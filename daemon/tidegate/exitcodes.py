@@ -84,6 +84,7 @@ COMMANDS: dict[str, tuple[ExitCode, ...]] = {
     "schema": (RunExit.OK, RunExit.USAGE),
     "verify": tuple(VerifyExit),
     "failures": _READING,
+    "best": _READING,
     "serve": tuple(ServeExit),
     "submit": tuple(ClientExit),
     "status": _ASKING,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from rich import progress as rp
@@ -34,12 +34,44 @@ def _duration(seconds: float | None) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def value_text(value: Any) -> str:
+    """A parameter value or a loss, short: six significant digits for a float."""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def best_loss(search: Mapping[str, Any] | None) -> str | None:
+    """``best 1.234`` for a search with a told loss, else None: the compact form the
+    bar and the progress lines show."""
+    best = (search or {}).get("best")
+    if not isinstance(best, Mapping) or not isinstance(best.get("loss"), int | float):
+        return None
+    return f"best {best['loss']:.4g}"
+
+
+def search_text(search: Mapping[str, Any]) -> str:
+    """A search's standing, one line: told T/N (F failed), best LOSS at {values}
+    (trial K), for the run's summary and `tidegate status`."""
+    text = f"told {search.get('told', 0)}/{search.get('trials', '?')}"
+    if search.get("failed"):
+        text += f" ({search['failed']} failed)"
+    best = search.get("best")
+    if not isinstance(best, Mapping) or best.get("loss") is None:
+        return text + ", no loss told yet"
+    values = ", ".join(f"{k}={value_text(v)}" for k, v in (best.get("values") or {}).items())
+    text += f", best {value_text(float(best['loss']))} at {{{values}}}"
+    if best.get("trial") is not None:
+        text += f" (trial {best['trial']})"
+    return text
+
+
 def describe(p: Progress) -> str:
-    """One line: done/total, B, in flight, rate, ETA."""
+    """One line: done/total, B, in flight, rate, ETA (and a search's best loss)."""
+    best = best_loss(p.search)
     return (
         f"{p.done}/{p.total} params ({p.failed} failed)  B={p.batch_size}  "
         f"in flight {p.inflight_params} params / {p.inflight_tasks} tasks  "
         f"{p.rate:.1f} params/s  ETA {_duration(p.eta_seconds)}"
+        + (f"  {best}" if best else "")
     )
 
 
@@ -54,6 +86,8 @@ def bar_parts(p: Progress, since: float = 0.0) -> list[str]:
         eta = max(eta - since, 0.0)
     parts = [f"{p.done}/{p.total}", f"ETA {_duration(eta)}", f"B={p.batch_size}",
              f"OOM {p.oom_events}", f"{p.rate:.1f}/s", _duration(elapsed)]
+    if (best := best_loss(p.search)) is not None:  # what a search is for: kept before B
+        parts.insert(2, best)
     if p.failed:  # also in the summary, and each failure is logged as it comes
         parts.append(f"{p.failed} failed")
     return parts

@@ -83,7 +83,6 @@ class RunSummary:
     pruned: int | None = None
     search: dict[str, Any] | None = None  # as Progress.search
 
-
     def __post_init__(self) -> None:
         self.state = JobState(self.state)
 
@@ -131,5 +130,5 @@ class RunSummary:
             **({"tracebacks": self.tracebacks} if self.tracebacks else {}),
             **({"error": self.error} if self.error else {}),
             **({"reason": self.reason} if self.reason else {}),
-            **({"search": self.search} if self.search is not None else {}),
+            "search": self.search,  # null for a sweep
         }

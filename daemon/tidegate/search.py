@@ -44,6 +44,7 @@ import os
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,6 +229,50 @@ def _read_only_journal(path: Path) -> optuna.storages.JournalStorage:
             raise RuntimeError("a read-only journal")
 
     return JournalStorage(Lines())
+
+
+# Optuna's journal operations read by trial_numbers (optuna.storages.journal).
+_CREATE_TRIAL, _SET_TRIAL_USER_ATTR = 4, 8
+
+
+def trial_numbers(path: Path, ids: AbstractSet[str]) -> dict[str, int]:
+    """The trial numbers of the param ids ``ids`` in the journal at ``path`` (those it
+    names), read a line at a time without Optuna: what ``tidegate best`` shows beside a
+    trial. A trial's number is its place among its study's trials (as Optuna numbers
+    them on replay); its param id is a user attribute, set at the ask or, for a trial
+    rebuilt from the output, in the trial's creation. Reading stops at the first line
+    that is not whole (a torn tail: what follows it is not the study's)."""
+    if not ids:
+        return {}
+    numbers: list[int] = []  # trial id (its creation's order in the journal) -> number
+    per_study: dict[Any, int] = {}
+    found: dict[str, int] = {}
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                break
+            try:
+                op = json.loads(line)
+            except ValueError:
+                break
+            if not isinstance(op, dict):
+                break
+            code = op.get("op_code")
+            trial: Any
+            if code == _CREATE_TRIAL:
+                study = op.get("study_id")
+                numbers.append(per_study.get(study, 0))
+                per_study[study] = numbers[-1] + 1
+                attrs, trial = op.get("user_attrs"), len(numbers) - 1
+            elif code == _SET_TRIAL_USER_ATTR:
+                attrs, trial = op.get("user_attr"), op.get("trial_id")
+            else:
+                continue
+            pid = attrs.get("param_id") if isinstance(attrs, dict) else None
+            if (isinstance(pid, str) and pid in ids and isinstance(trial, int)
+                    and 0 <= trial < len(numbers)):
+                found[pid] = numbers[trial]
+    return found
 
 
 class SearchSource:

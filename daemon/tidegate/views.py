@@ -8,6 +8,7 @@ from these models, so the three cannot drift apart.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
@@ -29,6 +30,9 @@ class _View(BaseModel):
     # A newer daemon's extra fields reach an older client intact (and `--json` prints them).
     model_config = ConfigDict(extra="allow")
     _absent_when_none: ClassVar[tuple[str, ...]] = ()  # keys left out rather than null
+    # Keys null when given as null, left out when never given: an answer of a daemon
+    # before them, parsed by a client, is printed back as it came.
+    _absent_unless_given: ClassVar[tuple[str, ...]] = ()
 
     @model_serializer(mode="wrap")
     def _leave_out_nones(self, handler: SerializerFunctionWrapHandler) -> Any:
@@ -36,6 +40,9 @@ class _View(BaseModel):
         if isinstance(data, dict):
             for key in self._absent_when_none:
                 if data.get(key) is None:
+                    data.pop(key, None)
+            for key in self._absent_unless_given:
+                if data.get(key) is None and key not in self.model_fields_set:
                     data.pop(key, None)
         return data
 
@@ -88,6 +95,28 @@ class ErrorGroup(_View):
     examples: list[FailureExample] = Field(default_factory=list)
 
 
+class SearchBest(_View):
+    """A search's best trial so far: the lowest loss of its objective told."""
+
+    trial: int = Field(description="the trial's number in the study")
+    param_id: str
+    loss: float
+    values: dict[str, Any] = Field(default_factory=dict, description="its parameter values")
+
+
+class SearchView(_View):
+    """Where a search (``parameters.search``) stands: its budget, the trials told (each
+    once its part is committed), those told as failed, and the best so far."""
+
+    objective: str = Field(description="the target whose loss the search minimises")
+    sampler: str
+    trials: int = Field(description="the budget: parameters.search.trials")
+    told: int = 0
+    failed: int = Field(default=0, description="trials told as failed")
+    parallel: int | None = Field(default=None, description="trials in flight at most")
+    best: SearchBest | None = Field(default=None, description="null until a loss is told")
+
+
 class JobView(_View):
     """A job as ``GET /v1/jobs/{id}`` returns it: the queue's record, with live numbers
     while it runs (``rate`` is present only then)."""
@@ -122,7 +151,12 @@ class JobView(_View):
     prune: bool | None = Field(
         default=None, description="true when submitted with prune (its run ends by dropping "
         "from the output the committed params the spec no longer has); absent otherwise")
+    search: SearchView | None = Field(
+        default=None, description="a search's trials told and best loss so far (live while "
+        "it runs, else its summary's `search`); null for a job that is not a search, or "
+        "one whose run has not started")
     _absent_when_none = ("rate", "retry_failed", "error_groups", "prune")
+    _absent_unless_given = ("search",)
 
     @classmethod
     def of(cls, record: JobRecord, live: Progress | None = None) -> JobView:
@@ -151,6 +185,7 @@ class JobView(_View):
                           for g in summary.get("error_groups") or []],
             summary=record.summary,
             error=record.error,
+            search=_search(summary.get("search")),
         )
         return view if live is None else view.with_progress(live)
 
@@ -166,7 +201,13 @@ class JobView(_View):
             "errors": [ParamError.model_validate(e) for e in p.errors[:SHOWN_ERRORS]],
             "error_groups": [ErrorGroup.model_validate(g) for g in p.error_groups],
             "rate": round(p.rate, 3),
+            # A snapshot of a search before its study opened has none: keep the stored one.
+            "search": _search(p.search) if p.search is not None else self.search,
         })
+
+
+def _search(data: Any) -> SearchView | None:
+    return SearchView.model_validate(dict(data)) if isinstance(data, Mapping) and data else None
 
 
 class JobList(_View):

@@ -396,6 +396,11 @@ def test_kill_9_of_the_daemon_mid_search_resumes_to_exactly_the_budget(
         job = daemon.wait_job("bowl", {"succeeded", "completed_with_failures"})
         assert job["params"]["ok"] + job["params"]["failed"] == n, job
         assert job["params"]["resumed"] >= first
+        # The job's view carries the search: every trial told, the best loss the
+        # lowest in the output.
+        assert (job["search"]["told"], job["search"]["trials"]) == (n, n), job
+        losses = [r["loss"] for r in read_dataset(out / "targets" / "fit")]
+        assert job["search"]["best"]["loss"] == min(losses)
     finally:
         daemon.stop()
     check_search(out, n)

@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +133,8 @@ def test_job_view_keeps_todays_json_shape(service: Service) -> None:
     assert list(data) == ["id", "url", "state", "priority", "submitted_at", "started_at",
                           "finished_at", "cancel_requested", "params", "batch_size",
                           "inflight", "oom_events", "worker_restarts", "output", "errors",
-                          "error_groups", "summary", "error"]
+                          "error_groups", "summary", "error", "search"]
+    assert data["search"] is None  # not a search
     assert (data["url"], data["batch_size"], data["inflight"]) == (
         "/v1/jobs/j", 2, {"params": 0, "tasks": 0})
     assert (data["params"], data["summary"], len(data["errors"])) == (
@@ -360,3 +362,57 @@ def test_a_retry_of_a_search_is_400_naming_retry_failed(service: Service) -> Non
     assert status == 400, body
     assert "retry_failed" in json.dumps(body) and "search" in json.dumps(body)
     assert service.queue is not None and not service.queue.list()
+
+
+SEARCH_VIEW = {"objective": "fit", "sampler": "tpe", "trials": 40, "told": 12, "failed": 2,
+               "parallel": 4, "best": {"trial": 7, "param_id": "ab12cd34ef56ab78",
+                                       "loss": 0.0123, "values": {"beta": 0.31, "gamma": 0.1}}}
+
+
+def test_a_search_jobs_view_carries_its_best_in_the_schema(service: Service) -> None:
+    """GET /v1/jobs/{id} of a finished search: `search` from its summary (told, failed,
+    best loss and values), valid under the document's JobView schema; a running one's
+    comes from its live snapshot; a sweep's is null."""
+    queue = service.queue
+    assert queue is not None
+    queue.submit("s", {"model": "m:f"}, "/out/s")
+    queue.start("s")
+    queue.finish("s", JobState.SUCCEEDED, summary={
+        "params": {"total": 40, "ok": 38, "failed": 2}, "search": SEARCH_VIEW})
+    queue.submit("g", {"model": "m:f"}, "/out/g")
+    (s1, job), (s2, sweep) = fetch(service, ("GET", "/v1/jobs/s"), ("GET", "/v1/jobs/g"))
+    assert (s1, s2) == (200, 200)
+    validator = Draft202012Validator(schema_of("JobView"))
+    validator.validate(job)
+    validator.validate(sweep)
+    assert job["search"] == SEARCH_VIEW and job["summary"]["search"] == SEARCH_VIEW
+    assert sweep["search"] is None
+    schema = openapi_document()["components"]["schemas"]
+    assert set(schema["SearchView"]["properties"]) == set(SEARCH_VIEW)
+    assert set(schema["SearchBest"]["properties"]) == set(SEARCH_VIEW["best"])
+    bad = {**job, "search": {**SEARCH_VIEW, "told": "twelve"}}
+    assert list(validator.iter_errors(bad)), "the schema types the search's fields"
+
+    record = queue.get("s")
+    live = {**SEARCH_VIEW, "told": 13, "best": {**SEARCH_VIEW["best"], "loss": 0.01}}
+    p = Progress(job_id="s", total=40, done=13, ok=12, failed=1, resumed=0, batch_size=4,
+                 inflight_params=4, inflight_tasks=8, rate=1.0, elapsed=3.0, search=live)
+    running = JobView.of(record, p).model_dump(mode="json")
+    validator.validate(running)
+    assert running["search"] == live
+    # A snapshot taken before the study opened has no search: the stored one stays.
+    early = JobView.of(record, replace(p, search=None)).model_dump(mode="json")
+    assert early["search"] == SEARCH_VIEW
+
+
+def test_a_client_prints_an_older_daemons_answer_without_a_search_key() -> None:
+    """A daemon before `search` sends no such key: parsed and printed back, the answer
+    is as it came (the key is null only when the daemon sent null)."""
+    data = {"id": "j", "url": "/v1/jobs/j", "state": "queued", "priority": 0,
+            "submitted_at": 1.0, "started_at": None, "finished_at": None,
+            "cancel_requested": False, "params": {"total": None}, "batch_size": None,
+            "inflight": {}, "oom_events": 0, "worker_restarts": 0, "output": None,
+            "errors": [], "summary": None, "error": None}
+    assert "search" not in JobView.model_validate(data).model_dump(mode="json")
+    sent = JobView.model_validate({**data, "search": None}).model_dump(mode="json")
+    assert "search" in sent and sent["search"] is None

@@ -225,3 +225,39 @@ def test_the_summary_text_says_what_was_pruned(capsys: pytest.CaptureFixture[str
     err = capsys.readouterr().err
     assert "pruned" not in err and "--prune drops them" in err
     assert "pruned" not in plain.as_dict()["params"]
+
+
+def test_the_summary_of_a_search_shows_its_best_and_no_retry_hint(
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A search's summary: told/trials, failed, the best loss at its values and trial;
+    its failed trials get no --retry-failed hint (a retry of a search is refused), a
+    sweep's failed params do."""
+    from tidegate.cli import _print_summary, _retry_hint
+    from tidegate.report import RunSummary
+
+    search = {"objective": "fit", "sampler": "tpe", "trials": 30, "told": 30, "failed": 3,
+              "parallel": 10, "best": {"trial": 17, "param_id": "p", "loss": 0.000123456,
+                                       "values": {"beta": 0.30012345, "gamma": 0.1}}}
+
+    def summary(**kw: Any) -> RunSummary:
+        return RunSummary(job_id="j", state="completed_with_failures", total=30, ok=27,
+                          failed=3, resumed=0, batch_min=1, batch_max=4, batch_final=4,
+                          oom_events=0, worker_restarts=0, wall_seconds=1.0, output="out",
+                          parts=2, **kw)
+
+    s = summary(search=search)
+    _print_summary(s)
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert lines[4] == ("  search   told 30/30 (3 failed), best 0.000123456 at "
+                        "{beta=0.300123, gamma=0.1} (trial 17)")
+    assert lines[3].startswith("  workers  ")
+    assert "--retry-failed" not in err
+    assert "raise parameters.search.trials" in err
+    assert s.as_dict()["search"] == search
+    sweep = summary()
+    assert "--retry-failed" in (_retry_hint(sweep) or "")
+    _print_summary(sweep)
+    assert "search" not in capsys.readouterr().err
+    assert sweep.as_dict()["search"] is None

@@ -646,3 +646,26 @@ def test_spec_paths_are_resolved_against_the_spec_file(tmp_path: Path) -> None:
     assert sent["parameters"]["file"] == str(tmp_path.resolve() / "p.csv")
     assert sent["output"] == "runs/a"
     assert with_absolute_paths("model: [", tmp_path) == "model: ["
+
+
+SEARCH = {"objective": "fit", "sampler": "tpe", "trials": 40, "told": 12, "failed": 2,
+          "parallel": 4, "best": {"trial": 7, "param_id": "ab12cd34ef56ab78",
+                                  "loss": 0.0123, "values": {"beta": 0.31, "gamma": 0.1}}}
+
+
+def test_status_of_a_search_job_shows_its_best_loss_and_values(
+    daemon: FakeDaemon, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """status JOB_ID of a search: a line with the trials told and the best loss at its
+    values and trial; --json prints the search as it came; the bar's snapshot has it."""
+    daemon.jobs["cal"] = job_dict("cal", "running", ok=10, failed=2, total=40, search=SEARCH)
+    assert tidegate("status", "cal", "--url", daemon.url) == 0
+    out = capsys.readouterr().out
+    assert ("  search    told 12/40 (2 failed), best 0.0123 at {beta=0.31, gamma=0.1} "
+            "(trial 7)\n") in out
+    assert tidegate("status", "cal", "--json", "--url", daemon.url) == 0
+    assert json.loads(capsys.readouterr().out)["search"] == SEARCH
+    assert progress_of(daemon.jobs["cal"], now=T0 + 11).search == SEARCH
+    daemon.jobs["grid"] = job_dict("grid", "running", ok=1, total=4, search=None)
+    assert tidegate("status", "grid", "--url", daemon.url) == 0
+    assert "search" not in capsys.readouterr().out

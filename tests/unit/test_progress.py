@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.file_proxy import FileProxy
 from rich.text import Text
 
-from tidegate.progress import BarLine, TerminalBar, bar_parts
+from tidegate.progress import BarLine, TerminalBar, bar_parts, describe, search_text
 from tidegate.report import Progress
 
 
@@ -79,3 +79,29 @@ def test_log_lines_print_above_the_bar_on_their_own_line() -> None:
     lines = [Text.from_ansi(line).plain.strip() for line in stream.getvalue().splitlines()]
     assert "param p3 failed: boom" in lines, lines
     assert any(line.startswith("━") and "10/10" in line for line in lines), lines
+
+
+SEARCH = {"objective": "fit", "sampler": "tpe", "trials": 40, "told": 12, "failed": 0,
+          "parallel": 4, "best": {"trial": 7, "param_id": "ab12cd34ef56ab78",
+                                  "loss": 1.23456789, "values": {"beta": 0.3, "gamma": 0.1}}}
+
+
+def test_a_search_shows_its_best_loss_compactly_in_the_bar_and_the_lines() -> None:
+    """The bar keeps `best LOSS` right after the ETA, and the progress line ends with it;
+    before a loss is told (or for a sweep) neither says best."""
+    p = _snap(total=40, done=12, failed=0, search=SEARCH)
+    assert bar_parts(p)[:3] == ["12/40", bar_parts(p)[1], "best 1.235"]
+    assert describe(p).endswith("  best 1.235")
+    (line,) = _render(p, 60, color=False)
+    assert "best 1.235" in line
+    for search in (None, {**SEARCH, "told": 0, "best": None}):
+        q = _snap(search=search)
+        assert not any(part.startswith("best") for part in bar_parts(q))
+        assert "best" not in describe(q)
+
+
+def test_a_searchs_standing_in_one_line() -> None:
+    assert search_text(SEARCH) == ("told 12/40, best 1.23457 at {beta=0.3, gamma=0.1} "
+                                   "(trial 7)")
+    assert search_text({**SEARCH, "failed": 3, "best": None}) == (
+        "told 12/40 (3 failed), no loss told yet")

@@ -29,6 +29,7 @@ from tidegate.search import (
     cut_torn_tail,
     default_parallel,
     sampler_seed,
+    trial_numbers,
     trial_param_id,
 )
 from tidegate.spec import SearchSpec
@@ -248,6 +249,32 @@ def test_committed_trials_missing_from_a_deleted_journal_are_rebuilt(tmp_path: P
     run(again, book, rest)
     again.close()
     assert told_once(tmp_path / JOURNAL) == 10 and len(book.rows) == 10
+
+
+def test_trial_numbers_read_from_the_journal_match_the_studys(tmp_path: Path) -> None:
+    """trial_numbers (a line at a time, no Optuna) gives each param id the number Optuna
+    gives its trial: trials asked, and trials rebuilt from the output after the journal
+    was lost (their id written in their creation); a torn tail is not read."""
+    book = Book()
+    source = opened(tmp_path, book)
+    first = take(source, book, 6)
+    run(source, book, first[:4])
+    source.close()
+    (tmp_path / JOURNAL).unlink()
+    again = opened(tmp_path, book)
+    rest = take(again, book, 100)
+    run(again, book, rest)
+    again.close()
+    study = {t.user_attrs["param_id"]: t.number for t in trials(tmp_path / JOURNAL)}
+    assert len(study) == 10
+    ids = set(study) | {"not-a-trial"}
+    assert trial_numbers(tmp_path / JOURNAL, ids) == study
+    some = set(list(study)[:3])
+    assert trial_numbers(tmp_path / JOURNAL, some) == {k: study[k] for k in some}
+    assert trial_numbers(tmp_path / JOURNAL, set()) == {}
+    with (tmp_path / JOURNAL).open("ab") as f:
+        f.write(b'{"op_code": 4, "study_id": 0, "user_attrs": {"param_id": "torn"')
+    assert trial_numbers(tmp_path / JOURNAL, ids | {"torn"}) == study
 
 
 def test_a_repeated_point_never_takes_a_committed_id_after_a_rebuild(tmp_path: Path) -> None:
