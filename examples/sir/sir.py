@@ -184,7 +184,7 @@ def epidemic_loss(returns: Sequence[Any]) -> dict[str, Any]:
     """
     if not returns:
         raise ValueError("sir: no replicates to score")
-    days, obs = observed()
+    days = observed()[0]
     sim = np.mean([epidemic_stats(replicate_cases(ret, days)) for ret in returns], axis=0)
     want = observed_stats()
     z = (sim - want) / np.array(STAT_SCALES)

@@ -186,7 +186,7 @@ def test_epidemic_loss_is_the_sum_of_squared_z_scores(sir: ModuleType) -> None:
     """epidemic_loss averages the replicates' statistics, divides each one's distance
     from the observed by its scale, and sums the squares; diagnostics name them all."""
     returns = replicates(TRUE, [1, 2, 3])
-    days, obs = sir.observed()
+    _, obs = sir.observed()
     sims = [sir.epidemic_stats(r.table("incidence").column("new_cases").to_numpy())
             for r in returns]
     z = (np.mean(sims, axis=0) - sir.epidemic_stats(obs)) / np.array(sir.STAT_SCALES)
@@ -220,3 +220,30 @@ def test_epidemic_loss_tells_points_along_the_growth_ridge_apart(sir: ModuleType
     incidence = [sir.incidence_loss(r)["loss"] for r in (truth, ridge)]
     assert 3 * epidemic[0] < epidemic[1]
     assert incidence[1] / incidence[0] < epidemic[1] / epidemic[0]
+
+
+# --- the observed data and the job spec ------------------------------------------------
+
+
+def test_observed_csv_is_what_make_observed_generates(sir: ModuleType) -> None:
+    """The committed observed_incidence.csv is exactly what make_observed.py writes."""
+    make_observed = importlib.import_module("make_observed")
+    with (SIR_DIR / "observed_incidence.csv").open(newline="") as f:
+        reader = csv.reader(f)
+        assert next(reader) == ["day", "new_cases"]
+        rows = [(int(day), int(cases)) for day, cases in reader]
+    assert rows == make_observed.observed_rows()
+
+
+def test_job_spec_sweeps_a_100_point_grid_around_the_truth(sir: ModuleType) -> None:
+    """job.yaml has the spec's shape, >= 100 params including the true ones, and targets
+    that name functions of the sir module."""
+    spec = yaml.safe_load((SIR_DIR / "job.yaml").read_text())
+    assert spec["model"] == "sir:simulate"
+    grid = spec["parameters"]["grid"]
+    points = list(itertools.product(grid["beta"], grid["gamma"]))
+    assert len(set(points)) >= 100
+    assert (TRUE["beta"], TRUE["gamma"]) in points
+    for target in spec["targets"]:
+        module, _, name = target["function"].partition(":")
+        assert module == "sir" and callable(getattr(sir, name))
