@@ -1,4 +1,4 @@
-"""A stochastic SIR epidemic (discrete-time chain binomial) and two targets that score
+"""A stochastic SIR epidemic (discrete-time chain binomial) and three targets that score
 it against ``observed_incidence.csv``.
 
 Each day every susceptible is infected with probability ``1 - exp(-beta * I / N)`` and
@@ -25,6 +25,18 @@ RATES = ("beta", "gamma")
 # Poisson deviance needs a positive mean: a day with no simulated case anywhere is
 # scored as if half a case were expected, which keeps the loss finite and ordered.
 MIN_MEAN_CASES = 0.5
+
+# epidemic_loss: four summary statistics of an epidemic curve, each scaled by how far one
+# observed epidemic strays from its parameters' mean (measured at beta=0.3, gamma=0.1
+# over 300 seeds: the model's own spread, with the Poisson reporting noise of
+# observed_incidence.csv on top). Dividing by them makes the loss a sum of squared
+# z-scores, so no statistic outweighs the others by its units.
+STAT_NAMES = ("final_size", "peak_height", "peak_day", "growth_rate")
+STAT_SCALES = (100.0, 13.0, 2.5, 0.013)
+SMOOTH_DAYS = 7  # the peak of a 7-day mean: a single day's count is too noisy a peak
+# The growth rate is fitted where the rise is exponential: past the first few cases
+# (whose timing is chance) and before susceptibles run short.
+GROWTH_WINDOW = (0.02, 0.3)  # fractions of the smoothed peak
 
 
 # --- the model -----------------------------------------------------------------------
@@ -158,20 +170,84 @@ def peak_loss(returns: Sequence[Any]) -> dict[str, Any]:
     }
 
 
+def epidemic_loss(returns: Sequence[Any]) -> dict[str, Any]:
+    """Sum of squared z-scores of the replicates' mean summary statistics against the
+    observed ones: final size, peak height (of the 7-day mean), peak day and early growth
+    rate, each divided by its scale in STAT_SCALES.
+
+    Why not the whole curve: the day-by-day deviance of incidence_loss is dominated by
+    when the epidemic happens to take off (the first few cases' chance timing moves the
+    peak by +-2.5 days), and it is flat along the line beta - gamma = 0.2 (the early
+    growth rate), so a handful of replicates cannot tell (0.28, 0.08) from (0.30, 0.10).
+    The growth rate pins beta - gamma; final size and peak height pin R0 = beta / gamma;
+    and none of the four moves much with take-off timing.
+    """
+    if not returns:
+        raise ValueError("sir: no replicates to score")
+    days = observed()[0]
+    sim = np.mean([epidemic_stats(replicate_cases(ret, days)) for ret in returns], axis=0)
+    want = observed_stats()
+    z = (sim - want) / np.array(STAT_SCALES)
+    return {
+        "loss": float(np.sum(z**2)),
+        "diagnostics": {
+            **{f"{name}_sim": float(v) for name, v in zip(STAT_NAMES, sim, strict=True)},
+            **{f"{name}_obs": float(v) for name, v in zip(STAT_NAMES, want, strict=True)},
+            "n_replicates": len(returns),
+        },
+    }
+
+
+@functools.cache
+def observed_stats() -> np.ndarray:
+    """epidemic_stats of the observed incidence, computed once per process."""
+    stats = epidemic_stats(observed()[1])
+    stats.flags.writeable = False
+    return stats
+
+
+def epidemic_stats(cases: np.ndarray) -> np.ndarray:
+    """(final size, peak of the 7-day mean, its day (1-based), early growth rate per day)
+    of one daily incidence series."""
+    cases = np.asarray(cases, dtype=np.float64)
+    smooth = np.convolve(cases, np.ones(SMOOTH_DAYS) / SMOOTH_DAYS, mode="same")
+    peak = int(np.argmax(smooth))
+    return np.array([cases.sum(), smooth[peak], peak + 1, _growth_rate(smooth[: peak + 1])])
+
+
+def _growth_rate(rise: np.ndarray) -> float:
+    """The log-linear slope of the smoothed incidence on its way up to the peak, fitted
+    between GROWTH_WINDOW's fractions of the peak; 0 for a curve that never rises
+    through them (an epidemic that dies out)."""
+    low, high = GROWTH_WINDOW
+    top = rise[-1] if len(rise) else 0.0
+    inside = (rise > 0) & (rise >= low * top) & (rise <= high * top)
+    if inside.sum() < 3:
+        return 0.0
+    t = np.flatnonzero(inside)
+    return float(np.polyfit(t, np.log(rise[t]), 1)[0])
+
+
 def mean_incidence(returns: Sequence[Any], days: np.ndarray) -> np.ndarray:
     """The replicates' mean new_cases on each of ``days``."""
     if not returns:
         raise ValueError("sir: no replicates to score")
     total = np.zeros(len(days), dtype=np.float64)
     for ret in returns:
-        table = ret.table("incidence")
-        sim_days = table.column("day").to_numpy()
-        pos = np.searchsorted(sim_days, days)
-        covered = pos < len(sim_days)
-        if not (covered.all() and (sim_days[pos] == days).all()):
-            raise ValueError(
-                f"sir: replicate {ret.replicate} simulates days {sim_days.min()}.."
-                f"{sim_days.max()}; {OBSERVED_CSV.name} needs days {days[0]}..{days[-1]}"
-            )
-        total += table.column("new_cases").to_numpy()[pos]
+        total += replicate_cases(ret, days)
     return total / len(returns)
+
+
+def replicate_cases(ret: Any, days: np.ndarray) -> np.ndarray:
+    """One replicate's new_cases on each of ``days``; an error if it does not simulate
+    them all."""
+    table = ret.table("incidence")
+    sim_days = table.column("day").to_numpy()
+    pos = np.searchsorted(sim_days, days)
+    covered = pos < len(sim_days)
+    if not (covered.all() and (sim_days[pos] == days).all()):
+        raise ValueError(
+            f"sir: replicate {ret.replicate} simulates days {sim_days.min()}.."
+            f"{sim_days.max()}; {OBSERVED_CSV.name} needs days {days[0]}..{days[-1]}"
+        )
+    return np.asarray(table.column("new_cases").to_numpy()[pos], dtype=np.float64)
