@@ -21,6 +21,7 @@ namespaces left by a test process that died are deleted at the next start.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -111,6 +112,7 @@ class Lines:
             with self._cond:
                 self.lines.append(line)
                 self._cond.notify_all()
+        stream.close()  # type: ignore[attr-defined]
         with self._cond:
             self._done = True
             self._cond.notify_all()
@@ -300,16 +302,34 @@ class Hosts:
         self._built.clear()
 
 
+@dataclass
+class Run:
+    """A process started on a host, its stdout and stderr each read into Lines (so a
+    test can wait for a log line while it runs)."""
+
+    proc: subprocess.Popen[str]
+    out: Lines
+    err: Lines
+
+    def wait(self, timeout: float) -> int:
+        """Its exit code, killing it (its process group) if it outlives ``timeout``."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+
+
 def run_in(hosts: Hosts, name: str, argv: Sequence[str | Path],
-           cwd: Path | None = None, env: Mapping[str, str] | None = None,
-           ) -> tuple[subprocess.Popen[str], Lines]:
-    """Start ``argv`` on host ``name`` with its stdout piped and its stderr read into
-    Lines (so a test can wait for a log line while it runs)."""
+           cwd: Path | None = None, env: Mapping[str, str] | None = None) -> Run:
+    """Start ``argv`` on host ``name``."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     proc = subprocess.Popen(hosts.command(name, argv), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=cwd, env=full_env,
                             start_new_session=True)
-    return proc, Lines(proc.stderr)
+    return Run(proc, Lines(proc.stdout), Lines(proc.stderr))
 
 
 def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:

@@ -6,6 +6,7 @@ restarted mid-job: the run resumes from its ledger."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sys
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import read_dataset, wait_for_part, write_spec
-from tests.multihost import Hosts, NetnsUnavailable, run_in
+from tests.multihost import Hosts, NetnsUnavailable, Run, run_in, until
 
 # The scheduler drops a worker that has not heartbeaten for this long (Dask's default is
 # 5 minutes), and every comm gives up on an unanswered peer after the TCP timeout (Dask:
@@ -50,11 +51,12 @@ def simulate(params, seed):
 '''
 
 
-@pytest.fixture
-def hosts(tmp_path: Path) -> Iterator[Hosts]:
-    """The hosts, torn down after the test whatever happens. Building them needs root and
-    iproute2: without them the test fails saying so (CI runs as root)."""
-    h = Hosts(tmp_path / "hosts", workers=2, dask_env=FAST_DASK)
+@contextlib.contextmanager
+def running_hosts(root: Path, dask_env: dict[str, str]) -> Iterator[Hosts]:
+    """The hosts with their scheduler and two workers up, torn down afterwards whatever
+    happens. Building them needs root and iproute2: without them the test fails saying
+    so (CI runs as root)."""
+    h = Hosts(root, workers=2, dask_env=dask_env)
     try:
         try:
             h.build()
@@ -69,10 +71,19 @@ def hosts(tmp_path: Path) -> Iterator[Hosts]:
         h.close()
 
 
+@pytest.fixture
+def hosts(tmp_path: Path) -> Iterator[Hosts]:
+    with running_hosts(tmp_path / "hosts", FAST_DASK) as h:
+        yield h
+
+
 def _job(tmp_path: Path, n: int, run_seconds: float, replicates: int = 2) -> Path:
-    marks = tmp_path / "marks"
+    # The job's code path holds the model alone: the hosts' logs and the marks change
+    # while it runs, and would change the job's code hash between a run and its rerun.
+    marks, job = tmp_path / "marks", tmp_path / "job"
     marks.mkdir()
-    (tmp_path / "mhmodel.py").write_text(MODEL.format(marks=str(marks)))
+    job.mkdir()
+    (job / "mhmodel.py").write_text(MODEL.format(marks=str(marks)))
     spec = {
         "job_id": "multihost",
         "model": "mhmodel:simulate",
@@ -82,7 +93,7 @@ def _job(tmp_path: Path, n: int, run_seconds: float, replicates: int = 2) -> Pat
         "seed": 11,
         "output": "out",
     }
-    return write_spec(tmp_path / "job.yaml", spec)
+    return write_spec(job / "job.yaml", spec)
 
 
 def _marks(tmp_path: Path) -> list[tuple[str, str, str]]:
@@ -94,8 +105,49 @@ def _summary(stdout: str) -> dict[str, Any]:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def _tidegate(hosts: Hosts, *args: str | Path) -> list[str | Path]:
-    return [sys.executable, "-m", "tidegate", *args]
+def _start_run(hosts: Hosts, spec: Path, *extra: str) -> Run:
+    return run_in(hosts, "client", [
+        sys.executable, "-m", "tidegate", "run", str(spec), "--scheduler",
+        hosts.scheduler_address, "--json", "--no-progress", "--flush-params", "4", *extra],
+        cwd=spec.parent)
+
+
+def _finish(run: Run, timeout: float, code: int = 0) -> dict[str, Any]:
+    """The run's exit code checked, its --json summary."""
+    assert run.wait(timeout) == code, run.err.text()
+    return _summary(run.out.text())
+
+
+def _check_lost_not_oom(summary: dict[str, Any], stderr: str, worker_ip: str) -> None:
+    """One loss, classified lost; no OOM event and no backoff of B (a lost worker's
+    memory tells nothing of the sims' memory: B shrinks only to the ceiling that the
+    workers left can hold)."""
+    assert summary["worker_losses"] == {"lost": 1}, summary
+    assert summary["oom_events"] == 0, summary
+    assert re.search(rf"worker tcp://{re.escape(worker_ip)}:\d+ lost: lost", stderr), stderr
+    assert "action=oom_detected" not in stderr
+    assert "OOM event" not in stderr  # the controller's backoff reason
+
+
+def _check_once(tmp_path: Path, n: int, reps: int, summary: dict[str, Any],
+                lost_ip: str | None) -> int:
+    """Every param and every sim's output written exactly once (read back with pyarrow);
+    returns how many sim executions were recomputations. Those are bounded by the window
+    (a committed param is never run again: only params in flight can be) and, with a
+    host lost, are all of sims that had run on that host."""
+    ids = [r["param_id"] for r in read_dataset(tmp_path / "job" / "out" / "params")]
+    assert len(ids) == len(set(ids)) == n
+    data = read_dataset(tmp_path / "job" / "out" / "model_outputs" / "data")
+    assert len({(r["param_id"], r["replicate"]) for r in data}) == len(data) == n * reps
+    marks = _marks(tmp_path)
+    runs = Counter((k, seed) for k, seed, _ in marks)
+    assert len(runs) == n * reps
+    again = sum(c - 1 for c in runs.values())
+    assert again <= summary["batch_size"]["max"] * reps, (again, summary["batch_size"])
+    if lost_ip is not None:
+        on_lost = {(k, seed) for k, seed, host in marks if host == lost_ip}
+        assert {sim for sim, c in runs.items() if c > 1} <= on_lost
+    return again
 
 
 def test_partitioned_worker_host_is_lost_not_oom(tmp_path: Path, hosts: Hosts) -> None:
@@ -105,35 +157,65 @@ def test_partitioned_worker_host_is_lost_not_oom(tmp_path: Path, hosts: Hosts) -
     itself when its scheduler comm broke), and every param is written exactly once."""
     n, reps = 50, 2
     spec = _job(tmp_path, n, run_seconds=0.5, replicates=reps)
-    proc, err = run_in(hosts, "client", _tidegate(
-        hosts, "run", spec, "--scheduler", hosts.scheduler_address, "--json",
-        "--no-progress", "--flush-params", "4"), cwd=tmp_path)
-    try:
-        assert wait_for_part(proc, tmp_path / "out", timeout=60), err.text()
-        cut = time.monotonic()
+    run = _start_run(hosts, spec)
+    assert wait_for_part(run.proc, tmp_path / "job" / "out", timeout=60), run.err.text()
+    cut = time.monotonic()
+    hosts.partition("w2")
+    lost = run.err.wait_for(r"action=worker_lost", timeout=60)
+    declared = time.monotonic() - cut
+    hosts.heal("w2")
+    summary = _finish(run, timeout=120)
+    assert lost is not None, run.err.text()
+    _check_lost_not_oom(summary, run.err.text(), hosts.hosts["w2"].address)
+    again = _check_once(tmp_path, n, reps, summary, hosts.hosts["w2"].address)
+    print(f"lost declared {declared:.1f} s after the cut; recomputed {again} of "
+          f"{n * reps} sims; B max {summary['batch_size']['max']}; "
+          f"w2's dask worker started {hosts.starts('w2')} times")
+
+
+@pytest.mark.slow
+def test_worker_restarted_by_the_ttl_check_after_the_link_returns_is_lost(
+        tmp_path: Path) -> None:
+    """The scheduler's worker-ttl runs out before the TCP timeout (5 s against Dask's
+    30 s), it asks w2's nanny to restart its worker, and the link is back in time for
+    that: the worker process exits 0 at the nanny's kill, which alone would read as a
+    planned restart. tidegate reads the scheduler's worker-ttl-timed-out event: lost."""
+    env = {"DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL": "5s"}
+    with running_hosts(tmp_path / "hosts", env) as hosts:
+        n, reps = 50, 2
+        spec = _job(tmp_path, n, run_seconds=0.5, replicates=reps)
+        run = _start_run(hosts, spec)
+        assert wait_for_part(run.proc, tmp_path / "job" / "out", timeout=60), run.err.text()
         hosts.partition("w2")
-        lost = err.wait_for(r"action=worker_lost", timeout=60)
-        declared = time.monotonic() - cut
-        assert lost is not None, err.text()
+        until(lambda: "failed to heartbeat" in hosts.log("scheduler"), 60,
+              "the scheduler's worker-ttl check")
         hosts.heal("w2")
-        stdout, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    stderr = err.text()
-    print(f"lost declared after {declared:.1f} s: {lost.strip()}")
-    assert proc.returncode == 0, stderr
-    assert re.search(r"worker tcp://10\.77\.0\.12:\d+ lost: lost \(exit code None\)", lost), lost
-    summary = _summary(stdout)
-    assert summary["worker_losses"] == {"lost": 1}, summary
-    assert summary["oom_events"] == 0
-    assert "action=oom_detected" not in stderr
-    assert "OOM event" not in stderr
-    ids = [r["param_id"] for r in read_dataset(tmp_path / "out" / "params")]
-    assert len(ids) == len(set(ids)) == n
-    data = read_dataset(tmp_path / "out" / "model_outputs" / "data")
-    assert len({(r["param_id"], r["replicate"]) for r in data}) == len(data) == n * reps
-    runs = Counter((k, seed) for k, seed, _ in _marks(tmp_path))
-    again = sum(c - 1 for c in runs.values())
-    print(f"sims {n * reps}, executions {sum(runs.values())}, recomputed {again}, "
-          f"B max {summary['batch_size']['max']}, w2 starts {hosts.starts('w2')}")
+        summary = _finish(run, timeout=120)
+        assert "Restarting worker" in hosts.log("w2"), "the nanny did not restart it"
+        _check_lost_not_oom(summary, run.err.text(), hosts.hosts["w2"].address)
+        _check_once(tmp_path, n, reps, summary, hosts.hosts["w2"].address)
+
+
+def test_scheduler_host_restarted_mid_job_resumes(tmp_path: Path, hosts: Hosts) -> None:
+    """The scheduler process is killed on its host and started again on the same
+    address: `tidegate run` ends saying the scheduler was lost (its in-flight work is
+    gone with the scheduler's state), the workers' supervisors bring `dask worker` back
+    (each closed itself when its scheduler comm broke), and a rerun resumes from the
+    ledger: the committed params are kept, none is written twice."""
+    n, reps = 40, 2
+    spec = _job(tmp_path, n, run_seconds=0.3, replicates=reps)
+    run = _start_run(hosts, spec)
+    assert wait_for_part(run.proc, tmp_path / "job" / "out", timeout=60), run.err.text()
+    hosts.kill_scheduler()
+    hosts.start_scheduler()
+    assert run.wait(timeout=120) == 3, run.err.text()  # the cluster: see the exit codes
+    assert "lost the connection to the scheduler" in run.err.text()
+    manifest = json.loads((tmp_path / "job" / "out" / "manifest.json").read_text())
+    assert manifest["state"] == "interrupted"
+    hosts.wait_for_workers(2)
+    summary = _finish(_start_run(hosts, spec), timeout=120)
+    assert 0 < summary["params"]["resumed"] < n
+    assert summary["params"]["ok"] == n
+    _check_once(tmp_path, n, reps, summary, None)
+    print(f"resumed {summary['params']['resumed']} of {n}; dask worker started "
+          f"{hosts.starts('w1')} and {hosts.starts('w2')} times")
