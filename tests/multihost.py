@@ -78,6 +78,13 @@ def remove_stale() -> None:
         subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
 
 
+def _address_in(sched_file: Path) -> str | None:
+    try:
+        return str(json.loads(sched_file.read_text())["address"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -225,14 +232,15 @@ class Hosts:
             "--port", str(SCHEDULER_PORT), "--no-dashboard",
             "--scheduler-file", str(sched_file)]))
         deadline = time.monotonic() + timeout
-        while not sched_file.exists():
+        # The scheduler writes the file once it listens (not atomically: it may be seen
+        # empty first).
+        while _address_in(sched_file) != self.scheduler_address:
             if proc.poll() is not None:
                 raise RuntimeError(f"dask scheduler exited {proc.returncode}: "
                                    f"{self.log('scheduler')[-2000:]}")
             if time.monotonic() > deadline:
                 raise RuntimeError("dask scheduler did not start")
             time.sleep(0.05)
-        assert json.loads(sched_file.read_text())["address"] == self.scheduler_address
 
     def kill_scheduler(self) -> None:
         """SIGKILL the scheduler process: its host going down with it."""
