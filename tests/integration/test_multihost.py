@@ -78,6 +78,7 @@ def hosts(tmp_path: Path) -> Iterator[Hosts]:
 
 
 def _job(tmp_path: Path, n: int, run_seconds: float, replicates: int = 2) -> Path:
+    """The job's spec in ``tmp_path``/job, its marks in ``tmp_path``/marks."""
     # The job's code path holds the model alone: the hosts' logs and the marks change
     # while it runs, and would change the job's code hash between a run and its rerun.
     marks, job = tmp_path / "marks", tmp_path / "job"
@@ -219,3 +220,43 @@ def test_scheduler_host_restarted_mid_job_resumes(tmp_path: Path, hosts: Hosts) 
     _check_once(tmp_path, n, reps, summary, None)
     print(f"resumed {summary['params']['resumed']} of {n}; dask worker started "
           f"{hosts.starts('w1')} and {hosts.starts('w2')} times")
+
+
+# As docs/operations.md recommends across hosts: a worker-ttl of 15 s, Dask's own comm
+# timeouts (30 s).
+DOCUMENTED_DASK = {"DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL": "15s"}
+
+
+@pytest.mark.slow
+def test_a_minute_long_partition_in_a_three_minute_job(tmp_path: Path) -> None:
+    """A clean run of about 3 minutes, then the same job again with w2's link down for
+    60 s from about 30% in: w2 is lost (not OOM), B is not halved, every param is
+    written once, and only sims of params in flight on w2 ran again. The wall time
+    against the clean run is printed (bench territory, not asserted)."""
+    n, reps, seconds = 180, 2, 2.0
+    with running_hosts(tmp_path / "hosts", DOCUMENTED_DASK) as hosts:
+        clean_dir, cut_dir = tmp_path / "clean", tmp_path / "cut"
+        clean_dir.mkdir()
+        cut_dir.mkdir()
+        clean = _finish(_start_run(hosts, _job(clean_dir, n, seconds, reps)), timeout=600)
+        assert clean["worker_losses"] == {}
+        _check_once(clean_dir, n, reps, clean, None)
+
+        run = _start_run(hosts, _job(cut_dir, n, seconds, reps))
+        until(lambda: len(list((cut_dir / "marks").iterdir())) >= 0.3 * n * reps, 300,
+              "30% of the sims to start")
+        cut = time.monotonic()
+        hosts.partition("w2")
+        lost = run.err.wait_for(r"action=worker_lost", timeout=120)
+        declared = time.monotonic() - cut
+        assert lost is not None, run.err.text()
+        time.sleep(max(0.0, 60 - (time.monotonic() - cut)))  # the outage lasts 60 s
+        hosts.heal("w2")
+        summary = _finish(run, timeout=900)
+        _check_lost_not_oom(summary, run.err.text(), hosts.hosts["w2"].address)
+        again = _check_once(cut_dir, n, reps, summary, hosts.hosts["w2"].address)
+        ratio = summary["wall_seconds"] / clean["wall_seconds"]
+        print(f"clean {clean['wall_seconds']:.0f} s; partitioned {summary['wall_seconds']:.0f}"
+              f" s ({ratio:.2f}x); lost declared {declared:.1f} s after the cut; "
+              f"recomputed {again} of {n * reps} sims; B max {summary['batch_size']['max']}"
+              f", min {summary['batch_size']['min']}")
