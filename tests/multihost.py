@@ -286,10 +286,8 @@ class Hosts:
         proc = self._procs.pop(key, None)
         if proc is None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         proc.wait(timeout=30)
 
     def close(self) -> None:
@@ -302,10 +300,8 @@ class Hosts:
             pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True,
                                   text=True, check=False).stdout.split()
             for pid in pids:
-                try:
+                with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(pid), signal.SIGKILL)
-                except (ProcessLookupError, ValueError):
-                    pass
             subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
         self._built.clear()
 
