@@ -303,6 +303,7 @@ class Cluster:
         self._planned.clear()
         for topic, handler in (
             ("all", watch.on_all),
+            ("scheduler", watch.on_scheduler),
             ("worker-restart-memory", watch.on_memory_kill),
             (EXIT_TOPIC, watch.on_exit),
             (EXECUTING_TOPIC, watch.on_executing),
@@ -669,6 +670,14 @@ class WorkerWatch:
                 now=self.clock(),
                 executing=executing,
             )
+
+    def on_scheduler(self, event: tuple[float, Any]) -> None:
+        """The scheduler's own events: of these, its giving up on workers that missed
+        their heartbeats for ``distributed.scheduler.worker-ttl``."""
+        msg = event[1]
+        if isinstance(msg, dict) and msg.get("action") == "worker-ttl-timed-out":
+            for worker in msg.get("workers") or ():
+                self.tracker.on_unreachable(str(worker), self.clock())
 
     def on_memory_kill(self, event: tuple[float, Any]) -> None:
         msg = event[1]

@@ -5,6 +5,12 @@ Pure: events and the time are arguments. The scheduler never learns a worker's e
 code (dask/distributed#2297), so cluster.py has each nanny report it as a ``tidegate-worker-exit``
 event; where that cannot run, a removal with no exit code is classified from what the
 scheduler's events say, and as ``lost`` after ``exit_wait_s``.
+
+A worker the scheduler gave up on for missing its heartbeats (``worker-ttl``: a host
+partitioned, or a process hung) is ``lost`` whatever exit code follows: the scheduler
+then asks its nanny to restart it, and if the nanny can be reached again (the link came
+back) the killed process exits 0 or by SIGTERM, which would otherwise read as planned
+or evicted.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ class Cause(StrEnum):
     MEMORY_TERMINATE = "memory_terminate"  # Dask's nanny killed it at its memory limit
     EVICTED = "evicted"  # SIGTERM without a memory kill: eviction, preemption, scale-down
     CRASH = "crash"  # any other non-zero exit
-    LOST = "lost"  # no exit code at all: the host or pod went away
+    LOST = "lost"  # unreachable: no exit code at all, or heartbeats missed past the TTL
     PLANNED = "planned"  # retired or closed on purpose
 
 
@@ -71,10 +77,15 @@ class MemoryKill:
                 f"of its {self.limit / mib:.0f} MiB limit")
 
 
-def classify(*, exitcode: int | None, memory_kill: bool, planned: bool) -> Cause:
-    """The cause of a worker's end from what is known of it."""
+def classify(*, exitcode: int | None, memory_kill: bool, planned: bool,
+             unreachable: bool = False) -> Cause:
+    """The cause of a worker's end from what is known of it. ``unreachable``: the
+    scheduler dropped it for missed heartbeats (its exit code, if one comes, is that of
+    the restart the scheduler asked for, not of what ended it)."""
     if memory_kill:
         return Cause.MEMORY_TERMINATE
+    if unreachable:
+        return Cause.LOST
     if planned or exitcode == 0:
         return Cause.PLANNED
     if exitcode is None:
@@ -95,6 +106,7 @@ class _Pending:
     exitcode: int | None = None
     exited: bool = False
     memory_kill: bool = False
+    unreachable: bool = False
     rss: int | None = None
     first_seen: float = 0.0
 
@@ -126,6 +138,12 @@ class LossTracker:
         entry = self._entry(worker, now)
         entry.memory_kill, entry.rss = True, rss
 
+    def on_unreachable(self, worker: str, now: float) -> None:
+        """The scheduler timed ``worker`` out for missed heartbeats (its
+        ``worker-ttl-timed-out`` event): its removal follows, once the nanny's restart
+        is done or has failed."""
+        self._entry(worker, now).unreachable = True
+
     def on_exit(self, worker: str, exitcode: int | None, now: float) -> None:
         entry = self._entry(worker, now)
         entry.exitcode, entry.exited = exitcode, True
@@ -146,6 +164,8 @@ class LossTracker:
         entry.executing = None if executing is None else tuple(executing)
         entry.planned = (entry.planned or bool(expected)
                          or stimulus_id.startswith("retire-workers"))
+        # A worker without a nanny is removed by the TTL check itself.
+        entry.unreachable = entry.unreachable or stimulus_id.startswith("check-worker-ttl")
 
     def ready(self, now: float) -> list[WorkerLoss]:
         """Losses that can be classified now; each is handed out once."""
@@ -156,11 +176,13 @@ class LossTracker:
                 if now - e.first_seen > self.forget_after_s:
                     del self._pending[worker]
                 continue
-            if not (e.exited or e.planned or e.memory_kill) and (
+            # Unreachable: lost whatever exit code may still come.
+            if not (e.exited or e.planned or e.memory_kill or e.unreachable) and (
                 now - e.removed_at < self.exit_wait_s
             ):
                 continue
-            cause = classify(exitcode=e.exitcode, memory_kill=e.memory_kill, planned=e.planned)
+            cause = classify(exitcode=e.exitcode, memory_kill=e.memory_kill, planned=e.planned,
+                             unreachable=e.unreachable)
             out.append(WorkerLoss(worker, cause, e.exitcode, e.rss, e.processing, e.removed_at,
                                   e.executing))
             del self._pending[worker]

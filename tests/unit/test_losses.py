@@ -46,7 +46,7 @@ def test_removal_waits_for_its_exit_code() -> None:
 def test_removal_without_exit_code_is_lost_after_the_wait() -> None:
     """No exit code within the wait: the host or pod went away."""
     t = LossTracker(exit_wait_s=2.0)
-    t.on_removed("w1", [], expected=False, stimulus_id="check-worker-ttl-1", now=10)
+    t.on_removed("w1", [], expected=False, stimulus_id="handle-worker-cleanup-1", now=10)
     assert t.ready(11.9) == []
     assert [x.cause for x in t.ready(12.1)] == [Cause.LOST]
 
@@ -86,3 +86,60 @@ def test_shared_kills_isolate_and_only_a_solo_kill_quarantines() -> None:
     assert judge.on_memory_kill(["d"], alone="a").quarantine == ()
     judge.forget("a")
     assert judge.strikes("a") == 0
+
+
+@pytest.mark.parametrize("exitcode", [0, -15, 143, -9, None])
+def test_a_worker_timed_out_for_heartbeats_is_lost_whatever_exit_follows(exitcode) -> None:
+    """The scheduler gave up on w1's heartbeats (a partitioned host) and had its nanny
+    restart it once the link came back: the restarted process's exit code (0, SIGTERM,
+    even SIGKILL) says nothing of why w1 went, so it is lost, not planned, evicted or
+    an OOM kill; and no wait for an exit code is needed."""
+    t = LossTracker(exit_wait_s=5.0)
+    t.on_unreachable("w1", now=0)
+    if exitcode is not None:
+        t.on_exit("w1", exitcode, now=20)
+    t.on_removed("w1", ["sim-a"], expected=False, stimulus_id="handle-worker-cleanup-2",
+                 now=20.1)
+    (loss,) = t.ready(20.2)
+    assert (loss.worker, loss.cause, loss.is_oom) == ("w1", Cause.LOST, False)
+
+
+def test_removal_by_the_ttl_check_itself_is_lost() -> None:
+    """A worker without a nanny is removed by the TTL check (its stimulus id says so)."""
+    t = LossTracker(exit_wait_s=5.0)
+    t.on_removed("w1", [], expected=False, stimulus_id="check-worker-ttl-1796276701.2",
+                 now=0)
+    (loss,) = t.ready(0.1)
+    assert loss.cause is Cause.LOST
+
+
+def test_a_memory_kill_outranks_the_heartbeat_timeout() -> None:
+    """A worker its nanny killed for memory (and so stopped heartbeating) is still a
+    memory kill: B must back off for it."""
+    t = LossTracker()
+    t.on_unreachable("w1", now=0)
+    t.on_memory_kill("w1", 900, now=1)
+    t.on_removed("w1", [], expected=False, stimulus_id="handle-worker-cleanup-3", now=1)
+    (loss,) = t.ready(1.1)
+    assert loss.cause is Cause.MEMORY_TERMINATE
+
+
+def test_worker_watch_reads_the_schedulers_ttl_event() -> None:
+    """WorkerWatch turns the scheduler's ``worker-ttl-timed-out`` event (topic
+    ``scheduler``, as distributed's Scheduler.check_worker_ttl logs it) into unreachable
+    workers; other scheduler events change nothing."""
+    from tidegate.cluster import WorkerWatch
+
+    now = [0.0]
+    watch = WorkerWatch(lambda: now[0])
+    watch.on_scheduler((0.0, {"action": "worker-ttl-timed-out",
+                              "workers": ["tcp://10.77.0.12:40000"], "ttl": 5.0}))
+    watch.on_scheduler((0.0, {"action": "something-else", "workers": ["tcp://w2:1"]}))
+    for worker, code in (("tcp://10.77.0.12:40000", 0), ("tcp://w2:1", 0)):
+        watch.on_exit((1.0, {"worker": worker, "exitcode": code}))
+        watch.on_all((1.0, {"action": "remove-worker", "worker": worker,
+                            "processing-tasks": [], "expected": False,
+                            "stimulus_id": "handle-worker-cleanup-4"}))
+    now[0] = 1.0
+    causes = {loss.worker: loss.cause for loss in watch.losses()}
+    assert causes == {"tcp://10.77.0.12:40000": Cause.LOST, "tcp://w2:1": Cause.PLANNED}
