@@ -37,10 +37,10 @@ demo: $(STAMP)
 test: $(STAMP) tools
 	$(PY) -m ruff check .
 	$(PY) -m mypy
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile --durations=25
 
 test-all: $(STAMP) tools
-	$(PY) -m pytest -m "slow or not slow"
+	$(PY) -m pytest -n 2 --dist loadfile --durations=25 -m "slow or not slow"
 
 # BENCH_ARGS: flags for python -m bench, e.g. BENCH_ARGS="--light --scenarios pile-up".
 BENCH_ARGS ?=
