@@ -20,6 +20,8 @@ import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import psutil
+
 from tidegate.cluster import ClusterPort, LossSource, SchedulerLost, WorkerInfo, WorkersLost
 from tidegate.codepaths import CodeDigest, CodePathError, hash_code
 from tidegate.commit import Commit, Rewritten
@@ -40,6 +42,11 @@ from tidegate.window import Admission, Entry, Lane, TaskKeys, Window
 from tidegate.writer import OutputWriteError
 
 __all__ = ["RunOptions", "Runner"]
+
+def _process_started() -> float:
+    """When this process started (epoch seconds), for the start-up time logged."""
+    return float(psutil.Process().create_time())
+
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +99,7 @@ class Runner:
         self._child_killed: dict[str, MemoryKill] = {}  # param id -> the kill it caused
         self.breaker = Breaker.of(job.spec.on_error)
         self._stuck: set[str] = set()  # workers whose sim thread outran sim_timeout_s
+        self._admitted_any = False
         # Also set when the run ends by SchedulerLost: `tidegate run` prints it then.
         self.summary: RunSummary | None = None
 
@@ -354,6 +362,12 @@ class Runner:
                 room = min(room, self.search.parallel - w.params)
                 await self.search.ask_ahead(room - w.queued)
             w.fill(room, self._submit)
+            if not self._admitted_any and w.params:
+                # When start-up ended: the time to the first admission is what a large
+                # job's start-up costs (bench/scale_startup.py reads this line).
+                self._admitted_any = True
+                log.info("first params admitted, %.2f s after the process started",
+                         time.time() - _process_started(), extra={"action": "first_admission"})
         elif (not w.params and self.isolation.calm_since_cancel  # before asking the workers
               and self.isolation.solo_may_start(await self.cluster.executing(self.job.job_id))):
             w.fill_solo(self._submit)
