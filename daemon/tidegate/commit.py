@@ -38,7 +38,7 @@ from tidegate.search import Outcome
 from tidegate.simreturn import SimReturn, TargetResult, TaskError
 from tidegate.spec import Job
 from tidegate.states import JobState
-from tidegate.store import Ledger, LedgerMismatch, RecordedFile
+from tidegate.store import Ledger, LedgerIds, LedgerMismatch, RecordedFile
 from tidegate.verify import (
     OutputDamaged,
     check_parts,
@@ -75,7 +75,8 @@ STAGING_POLL_S = 0.05
 
 @dataclass(frozen=True, slots=True)
 class Resumed:
-    committed: frozenset[str]  # param ids already in a committed part
+    # Param ids already in a committed part: a set, or the ledger's look-up when many.
+    committed: frozenset[str] | LedgerIds
     ok: int
     failed: int
     # name -> "int" | "float": the committed parts' type of a column, which the spec's
@@ -310,7 +311,7 @@ class Commit:
                      counts.params, job.n_params, extra={"action": "job_resumed"})
         self._last_flush = now
         self._manifest("running")
-        return Resumed(frozenset(ledger.committed_param_ids()), counts.ok, counts.failed,
+        return Resumed(ledger.committed_ids(), counts.ok, counts.failed,
                        casts, ledger.typed_ids(),
                        retried.params if retried is not None else None)
 

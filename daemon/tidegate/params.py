@@ -14,9 +14,11 @@ import hashlib
 import itertools
 import json
 import math
+from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 Scalar = bool | int | float | str
 
@@ -84,39 +86,92 @@ class ParamSource(Protocol):
         ...
 
 
+@runtime_checkable
+class CommittedIds(Protocol):
+    """The ids committed when a run started, asked about a chunk of ids at a time: an
+    in-memory set for a small ledger (``InMemoryIds``), SQLite for a large one
+    (``store.LedgerIds``), so that a 10^6-param resume never holds every id."""
+
+    def __len__(self) -> int: ...
+
+    def which(self, ids: Sequence[str]) -> AbstractSet[str]:
+        """The committed ones among ``ids``, noted as met by the walk."""
+        ...
+
+    def unmet(self) -> set[str]:
+        """The committed ids no ``which`` returned (asked once the walk is over)."""
+        ...
+
+
+class InMemoryIds:
+    """Committed ids held as a set: a small ledger's, or a test's."""
+
+    def __init__(self, ids: Collection[str]):
+        self._ids = ids
+        self._met: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def which(self, ids: Sequence[str]) -> set[str]:
+        hits = {i for i in ids if i in self._ids}
+        self._met |= hits
+        return hits
+
+    def unmet(self) -> set[str]:
+        return {i for i in self._ids if i not in self._met}
+
+
 class Pending:
     """The params of a source that are not committed, walked lazily, once.
 
-    It counts the committed ids it meets on the way, so that once the walk is over the
-    committed ids the source never yielded (``orphans``: params removed from the spec)
-    are known without a pass of their own before the first admission.
+    The source is read ``chunk`` params at a time and the committed ones among each
+    chunk are asked for in one look-up (one SQL query against a large ledger). It counts
+    the committed ids it meets on the way, so that once the walk is over it knows
+    whether any committed id was never yielded (``orphans``: params removed from the
+    spec) without a pass of its own before the first admission; only then are they
+    named. A source whose ``read_ahead`` is False is read one param at a time: a search
+    asks its sampler for each point as a slot frees up, never a chunk ahead.
     """
 
-    def __init__(self, source: Iterable[Param], committed: Collection[str]):
+    def __init__(self, source: Iterable[Param], committed: Collection[str] | CommittedIds,
+                 *, chunk: int = 256):
+        if not getattr(source, "read_ahead", True):
+            chunk = 1
         self._source = iter(source)
-        self._committed = committed
-        self.met: set[str] = set()  # committed ids the walk has passed
+        self._committed: CommittedIds = (
+            committed if isinstance(committed, CommittedIds) else InMemoryIds(committed))
+        self._chunk = chunk
+        self._ready: deque[Param] = deque()
+        self.met = 0  # committed ids the walk has passed
         self.exhausted = False
 
     def __iter__(self) -> Iterator[Param]:
         return self
 
     def __next__(self) -> Param:
-        for p in self._source:
-            if p.param_id in self._committed:
-                self.met.add(p.param_id)
-                continue
-            return p
-        self.exhausted = True
-        raise StopIteration
+        while not self._ready:
+            batch = list(itertools.islice(self._source, self._chunk))
+            if not batch:
+                self.exhausted = True
+                raise StopIteration
+            if not len(self._committed):
+                self._ready.extend(batch)
+                break
+            hits = self._committed.which([p.param_id for p in batch])
+            self.met += len(hits)
+            self._ready.extend(p for p in batch if p.param_id not in hits)
+        return self._ready.popleft()
 
     def orphans(self) -> set[str] | None:
         """Committed ids not in the source, once the walk is over (else None)."""
-        if not self._committed:
+        if not len(self._committed):
             return set()
         if not self.exhausted:
             return None
-        return {pid for pid in self._committed if pid not in self.met}
+        if self.met == len(self._committed):  # every committed id is still in the spec
+            return set()
+        return self._committed.unmet()
 
 
 class ListSource:

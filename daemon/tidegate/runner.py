@@ -172,7 +172,7 @@ class Runner:
             if search is not None:
                 objective = search.spec.objective
                 try:
-                    await search.open(resumed.committed,
+                    await search.open(frozenset(resumed.committed),  # trials: a bounded few
                                       lambda ids: commit.outcomes(ids, objective))
                 except SearchShrunk as exc:  # the journal changed since check_budget
                     raise SpecError([FieldError(exc.field, exc.expected, exc.got)],

@@ -282,6 +282,9 @@ class SearchSource:
     for another run of its job (the embedded cluster restarted): each ``open`` starts
     from the journal and the ledger alone."""
 
+    # Asked a point at a time as slots free up: a walk never reads it a chunk ahead.
+    read_ahead = False
+
     def __init__(self, spec: SearchSpec, names: list[str], output_dir: Path, *,
                  job_id: str, job_seed: int):
         self.spec = spec

@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -253,6 +254,15 @@ class Ledger:
     def committed_param_ids(self) -> set[str]:
         return {r[0] for r in self._db.execute("SELECT param_id FROM params")}
 
+    def committed_ids(self, in_memory: int | None = None) -> frozenset[str] | LedgerIds:
+        """The ids committed now, for a run's walk to skip: a set when there are at most
+        ``in_memory`` (``COMMITTED_IN_MEMORY``), else asked of SQLite a chunk at a time."""
+        limit = COMMITTED_IN_MEMORY if in_memory is None else in_memory
+        (n,) = self._db.execute("SELECT COUNT(*) FROM params").fetchone()
+        if n <= limit:
+            return frozenset(self.committed_param_ids())
+        return LedgerIds(self._db, self.next_part(), int(n))
+
     def counts(self) -> LedgerCounts:
         ok, failed = self._db.execute(
             "SELECT COALESCE(SUM(status = 'ok'), 0), COALESCE(SUM(status = 'failed'), 0) "
@@ -471,6 +481,53 @@ class _Transaction:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             raise
+
+
+# Up to this many committed ids, a resume holds them as a Python set (about 100 bytes an
+# id): beyond it the ledger answers "committed?" a chunk at a time (LedgerIds).
+COMMITTED_IN_MEMORY = 50_000
+
+
+class LedgerIds(AbstractSet[str]):
+    """The ids committed before a run (in the parts below ``before``), never loaded: a
+    walk asks which of a chunk of ids are committed with one query (``which``), the
+    hits are noted in a temporary table, and the committed ids never met (the orphans)
+    are one query once the walk is over (``unmet``). Parts this run commits are not
+    among them, as a set of the ids at the start would not hold them either."""
+
+    def __init__(self, db: sqlite3.Connection, before: int, count: int):
+        self._db, self._before, self._count = db, before, count
+        # TEMP: a table of this connection only, in its own file, never in the ledger.
+        db.execute("CREATE TEMP TABLE IF NOT EXISTS walk_met (param_id TEXT PRIMARY KEY)")
+        db.execute("DELETE FROM temp.walk_met")
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __contains__(self, item: object) -> bool:
+        return self._db.execute("SELECT 1 FROM params WHERE param_id = ? AND part < ?",
+                                (item, self._before)).fetchone() is not None
+
+    def __iter__(self) -> Iterator[str]:
+        for (pid,) in self._db.execute("SELECT param_id FROM params WHERE part < ?",
+                                       (self._before,)):
+            yield pid
+
+    def which(self, ids: Sequence[str]) -> set[str]:
+        hits: set[str] = set()
+        for chunk in _chunks(list(ids)):
+            hits.update(r[0] for r in self._db.execute(
+                f"SELECT param_id FROM params WHERE part < ? AND param_id IN "
+                f"({','.join('?' * len(chunk))})", [self._before, *chunk]))
+        if hits:
+            self._db.executemany("INSERT OR IGNORE INTO temp.walk_met VALUES (?)",
+                                 [(h,) for h in hits])
+        return hits
+
+    def unmet(self) -> set[str]:
+        return {r[0] for r in self._db.execute(
+            "SELECT param_id FROM params WHERE part < ? AND param_id NOT IN "
+            "(SELECT param_id FROM temp.walk_met)", (self._before,))}
 
 
 def _chunks(items: list[str], size: int = 500) -> Iterator[list[str]]:
