@@ -98,8 +98,9 @@ class CommittedIds(Protocol):
         """The committed ones among ``ids``, noted as met by the walk."""
         ...
 
-    def unmet(self) -> set[str]:
-        """The committed ids no ``which`` returned (asked once the walk is over)."""
+    def unmet(self, source: Iterable[Param]) -> set[str]:
+        """The committed ids not in ``source``, asked once its walk is over and met fewer
+        than ``len`` of them (the ids met, or a second walk of it)."""
         ...
 
 
@@ -118,7 +119,7 @@ class InMemoryIds:
         self._met |= hits
         return hits
 
-    def unmet(self) -> set[str]:
+    def unmet(self, source: Iterable[Param]) -> set[str]:
         return {i for i in self._ids if i not in self._met}
 
 
@@ -138,6 +139,7 @@ class Pending:
                  *, chunk: int = 256):
         if not getattr(source, "read_ahead", True):
             chunk = 1
+        self._walked = source  # walked again only to name a large ledger's orphans
         self._source = iter(source)
         self._committed: CommittedIds = (
             committed if isinstance(committed, CommittedIds) else InMemoryIds(committed))
@@ -171,7 +173,7 @@ class Pending:
             return None
         if self.met == len(self._committed):  # every committed id is still in the spec
             return set()
-        return self._committed.unmet()
+        return self._committed.unmet(self._walked)
 
 
 class ListSource:

@@ -191,7 +191,10 @@ class Runner:
             # Lazily: committed ids are skipped as the walk meets them, and those it never
             # meets (params removed from the spec) are known once it is over.
             source = self.source.typed_ids() if resumed.typed_ids else self.source
-            pending = Pending(source, resumed.committed)
+            # A search's trials are a bounded few, held as a set: its source is never
+            # walked twice (a second walk would ask the sampler for new points).
+            committed = frozenset(resumed.committed) if search else resumed.committed
+            pending = Pending(source, committed)
             fresh = map(typed_as(resumed.casts), pending) if resumed.casts else pending
             self.window = Window(fresh, self.source.total - len(resumed.committed),
                                  solo_beside=any(w.capacity > 0 for w in workers),

@@ -10,6 +10,7 @@ the ledger names neither as committed nor as intended are debris, removed on res
 
 from __future__ import annotations
 
+import itertools
 import json
 import sqlite3
 import time
@@ -21,6 +22,7 @@ from typing import Any
 
 from tidegate.errors import TidegateError
 from tidegate.migrations import Migration, Schema, migrate
+from tidegate.params import Param
 
 # Version 1 is the schema of the releases that recorded no version; never edit it, add a
 # migration (see docs/operations.md, "State and output schema versions").
@@ -490,16 +492,14 @@ COMMITTED_IN_MEMORY = 50_000
 
 class LedgerIds(AbstractSet[str]):
     """The ids committed before a run (in the parts below ``before``), never loaded: a
-    walk asks which of a chunk of ids are committed with one query (``which``), the
-    hits are noted in a temporary table, and the committed ids never met (the orphans)
-    are one query once the walk is over (``unmet``). Parts this run commits are not
-    among them, as a set of the ids at the start would not hold them either."""
+    walk asks which of a chunk of ids are committed with one query (``which``). The
+    committed ids never met (the orphans, when the walk met fewer than ``len``) take a
+    second walk of the source into a temporary table and one query (``unmet``): only a
+    spec that lost params pays for it, at the end of its run. Parts this run commits
+    are not among the ids, as a set of the ids at the start would not hold them."""
 
     def __init__(self, db: sqlite3.Connection, before: int, count: int):
         self._db, self._before, self._count = db, before, count
-        # TEMP: a table of this connection only, in its own file, never in the ledger.
-        db.execute("CREATE TEMP TABLE IF NOT EXISTS walk_met (param_id TEXT PRIMARY KEY)")
-        db.execute("DELETE FROM temp.walk_met")
 
     def __len__(self) -> int:
         return self._count
@@ -517,17 +517,30 @@ class LedgerIds(AbstractSet[str]):
         hits: set[str] = set()
         for chunk in _chunks(list(ids)):
             hits.update(r[0] for r in self._db.execute(
-                f"SELECT param_id FROM params WHERE part < ? AND param_id IN "
-                f"({','.join('?' * len(chunk))})", [self._before, *chunk]))
-        if hits:
-            self._db.executemany("INSERT OR IGNORE INTO temp.walk_met VALUES (?)",
-                                 [(h,) for h in hits])
+                # No part filter: the primary key's index alone answers (no table row
+                # read), and an id this run committed was yielded before, so the walk
+                # never asks about it again.
+                f"SELECT param_id FROM params WHERE param_id IN "
+                f"({','.join('?' * len(chunk))})", chunk))
         return hits
 
-    def unmet(self) -> set[str]:
-        return {r[0] for r in self._db.execute(
-            "SELECT param_id FROM params WHERE part < ? AND param_id NOT IN "
-            "(SELECT param_id FROM temp.walk_met)", (self._before,))}
+    def unmet(self, source: Iterable[Param]) -> set[str]:
+        db = self._db
+        # TEMP: this connection's own table, in a file of its own, never in the ledger.
+        db.execute("CREATE TEMP TABLE IF NOT EXISTS walked (param_id TEXT PRIMARY KEY)")
+        db.execute("BEGIN")
+        try:
+            db.execute("DELETE FROM temp.walked")
+            it = iter(source)
+            while batch := [(p.param_id,) for p in itertools.islice(it, 10_000)]:
+                db.executemany("INSERT OR IGNORE INTO temp.walked VALUES (?)", batch)
+            out = {r[0] for r in db.execute(
+                "SELECT param_id FROM params WHERE part < ? AND param_id NOT IN "
+                "(SELECT param_id FROM temp.walked)", (self._before,))}
+            db.execute("DELETE FROM temp.walked")
+        finally:
+            db.execute("COMMIT")
+        return out
 
 
 def _chunks(items: list[str], size: int = 500) -> Iterator[list[str]]:
