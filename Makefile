@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv tools demo test test-all lint bench clean
+.PHONY: venv tools demo test test-all lint bench bench-scale clean
 
 venv: $(STAMP)
 
@@ -55,3 +55,9 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) examples/sir/results .pytest_cache .ruff_cache
+
+# The 10^6-param grid through `tidegate run` against the same job at 10^4 (scheduler
+# and workers out of process): start-up, peak RSS, wall. Long (about 35 minutes on 2
+# cores); reported on its own in bench/results/scale.json and docs/BENCHMARKS.md.
+bench-scale: $(STAMP)
+	$(PY) -m bench.scale $(BENCH_SCALE_ARGS)

@@ -33,7 +33,7 @@ def test_ledger_ids_walk_as_a_set_does(tmp_path: Path) -> None:
     """Every committed param skipped, every other one yielded in order, the orphans
     named once the walk is over: the same from SQLite as from a Python set."""
     source = _grid(2000)
-    committed = list(range(0, 2000, 3)) + [1999]
+    committed = [*range(0, 2000, 3), 1999]
     gone = ["0123456789abcdef", "fedcba9876543210"]
     with _ledger(tmp_path, source, committed, gone) as ledger:
         ids = ledger.committed_ids(in_memory=10)
