@@ -11,6 +11,7 @@ Writes bench/results/scale.json and prints a Markdown table for docs/BENCHMARKS.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -61,10 +62,8 @@ def _run(spec: Path, address: str) -> dict[str, object]:
     rss = 0.0
     while proc.poll() is None:  # sampled: VmHWM is gone once the process has exited
         rss = max(rss, _peak_rss_mib(proc.pid))
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=1.0)
-        except subprocess.TimeoutExpired:
-            pass
     out, err = proc.communicate()
     first = FIRST.search(err)
     summary = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
@@ -106,7 +105,7 @@ def main() -> int:
     small, big = results[str(args.small)], results[str(args.params)]
     assert isinstance(small, dict) and isinstance(big, dict)
     ratio = big["peak_rss_mib"] / small["peak_rss_mib"]
-    print("| measure | at %d | at %d | target |" % (args.small, args.params))
+    print(f"| measure | at {args.small} | at {args.params} | target |")
     print("|---|---|---|---|")
     print(f"| start-up to first admission (s) | {small['startup_s']} | {big['startup_s']} | < 5 |")
     print(f"| tidegate peak RSS (MiB) | {small['peak_rss_mib']} | {big['peak_rss_mib']} | "
