@@ -17,7 +17,6 @@ from tests.strategies import (
     worker_sets,
 )
 from tidegate.controller import (
-    IDLE_WINDOW,
     UNMANAGED_WINDOW,
     Action,
     Controller,
