@@ -18,6 +18,14 @@ from typing import Any, cast
 # decide() calls (about two a second) over which a worker's unmanaged memory keeps its
 # minimum: long enough to see past the working memory of the tasks running right now.
 UNMANAGED_WINDOW = 30
+# decide() calls over which a worker's idle memory keeps its minimum: enough to pass over
+# a reading taken as a sim ended (its memory not yet freed), short enough to follow a
+# baseline that rises. It does rise: Arrow's allocator (mimalloc) keeps the pages of freed
+# results, so a worker's idle RSS grows with the most it ever held, 90 -> 330 MiB within
+# 15 s on a 400 MiB worker; a 30-reading minimum kept the first reading and budgeted
+# results on memory that was no longer there (6 results on a worker whose budget held 1,
+# then Dask's nanny terminated it under load).
+IDLE_WINDOW = 4
 # Shortest run time Little's law uses, so a 0 s measurement cannot divide by zero.
 MIN_RUN_S = 1e-4
 # Dask's defaults for distributed.worker.memory.pause and .terminate: a worker stops
@@ -361,8 +369,9 @@ class Controller:
         self._agg_bytes: deque[int] = deque(maxlen=window)
         self._latency_s: deque[float] = deque(maxlen=window)
         self._unmanaged: dict[str, deque[int]] = {}
-        # Each worker's idle readings: one taken as a sim ended, before the sim's memory
-        # was freed, would read a sim's working memory as idle (seen: 392 of 162 MiB).
+        # Each worker's last IDLE_WINDOW idle readings: one taken as a sim ended, before
+        # the sim's memory was freed, would read a sim's working memory as idle (seen: 392
+        # of 162 MiB); a longer window would hide a baseline that has risen.
         self._idle: dict[str, deque[int]] = {}
         self._last: Observation | None = None
         self._batch: int | None = None
@@ -514,7 +523,7 @@ class Controller:
             history = self._unmanaged.setdefault(w.address, deque(maxlen=UNMANAGED_WINDOW))
             history.append(max(0, w.used - w.managed))
             if w.idle is not None:
-                self._idle.setdefault(w.address, deque(maxlen=UNMANAGED_WINDOW)).append(w.idle)
+                self._idle.setdefault(w.address, deque(maxlen=IDLE_WINDOW)).append(w.idle)
         self._last = obs
 
     def _budget(self, w: WorkerMemory) -> int:

@@ -545,6 +545,30 @@ def test_pile_up_keeps_both_workers_busy_and_bounds_results_per_worker() -> None
     assert d.batch_size >= 2
 
 
+def test_a_rising_idle_memory_lowers_the_results_ceiling_within_a_few_decisions() -> None:
+    """The run that lost workers under load, in numbers: 2 workers x 1 thread x 400 MiB,
+    24 MiB results, 140 MiB working memory. Idle RSS read 90 MiB at the first sim and
+    then 258 MiB (Arrow's allocator keeps the pages of freed results). The ceiling must
+    follow the new baseline (no room for results above one sim per worker), not keep the
+    first reading's 12 until it leaves a long window."""
+    c = Controller()
+    fresh = (capped("a", idle=90 * MiB), capped("b", idle=90 * MiB))
+    c.decide(observe(fresh, 0.0, inflight=0))
+    _measured(c, nbytes=24 * MiB, run=0.2, work=140 * MiB)
+    d = c.decide(observe(fresh, 0.5, inflight=2))
+    # min(300 - 90, 380 - 90 - 140) // 24 per worker, half the params each.
+    assert d.memory_ceiling == 12
+    warm = (capped("a", idle=258 * MiB), capped("b", idle=258 * MiB))
+    # One high reading (a sim's memory not yet freed) is passed over...
+    assert c.decide(observe(warm, 1.0, inflight=12)).memory_ceiling == 12
+    # ...a baseline that stays up is followed within 4 decisions (2 s), not 30 (15 s,
+    # which a worker holding 6 results did not survive).
+    for i in range(4):
+        d = c.decide(observe(warm, 1.5 + i / 2, inflight=12))
+    assert d.memory_ceiling == 2  # 380 - 258 - 140 < 0: one sim per worker, the floor
+    assert d.batch_size == 2
+
+
 def test_sims_that_cannot_share_a_worker_get_one_each() -> None:
     """2 workers x 2 threads x 450 MB, 230 MB of working memory: one sim per worker."""
     c = Controller()
