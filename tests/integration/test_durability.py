@@ -252,10 +252,12 @@ def _finished(proc: subprocess.CompletedProcess[str]) -> dict:
 
 
 def _one_part_per_param(tmp_path: Path, n: int) -> tuple[tuple[str | Path, ...], Path]:
-    """A finished run of ``n`` params committed one part each; its arguments and output."""
+    """A finished run of ``n`` params committed one part each; its arguments and output.
+    B is pinned to 1: with more in flight, two params that end while the loop is busy
+    (a loaded machine) are collected, and committed, together."""
     path = write_spec(tmp_path / "job.yaml", synthetic_spec(n))
     run = ("run", path, "--workers", "1", "--threads-per-worker", "1", "--flush-params", "1",
-           "--json", "--no-progress")
+           "--batch-size", "1", "--json", "--no-progress")
     _finished(tidegate(*run, cwd=tmp_path))
     return run, tmp_path / "out"
 
