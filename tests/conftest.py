@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -49,12 +50,28 @@ def temp_module(folder: Path, source: str, prefix: str) -> Iterator[str]:
 def tidegate(
     *args: str | Path, timeout: float = 300, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m tidegate ARGS`` to completion, capturing its output."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run(
-        [sys.executable, "-m", "tidegate", *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env, check=False,
-    )
+    """Run ``python -m tidegate ARGS`` to completion, capturing its output. One still
+    running after ``timeout`` seconds is sent SIGABRT, on which Python's faulthandler
+    writes every thread's stack to stderr, and the test fails with the tail of it: a
+    hang says where it hangs."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
+    command = [sys.executable, "-m", "tidegate", *map(str, args)]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, cwd=cwd, env=env) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            try:
+                out, err = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+            tail = "\n".join((err or "").splitlines()[-200:])
+            raise AssertionError(
+                f"`tidegate {' '.join(map(str, args))}` still running after {timeout} s; "
+                f"its stderr ends:\n{tail}") from None
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
 def start_tidegate(*args: str | Path, cwd: Path | None = None) -> subprocess.Popen[str]:
