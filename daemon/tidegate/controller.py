@@ -409,6 +409,15 @@ class Controller:
             "latency_seconds": len(self._latency_s),
         }
 
+    def sim_profile(self) -> tuple[float | None, int, int]:
+        """A sim as measured: its median run time (None before any), and the quantile of
+        its output bytes and of its working memory that the budget uses (0 unknown)."""
+        run = statistics.median(self._run_s) if self._run_s else None
+        q = self.config.quantile
+        out = self._bumped(_quantile(self._sim_bytes, q)) if self._sim_bytes else 0
+        work = self._bumped(_quantile(self._work_bytes, q)) if self._work_bytes else 0
+        return run, out, work
+
     # --- decisions --------------------------------------------------------------------
 
     def observe_oom(self, now: float) -> Decision:

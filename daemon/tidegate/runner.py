@@ -74,6 +74,7 @@ class Runner:
         self.search = self.source if isinstance(self.source, SearchSource) else None
         self.limiter = Limiter.of(controller_config(job, self.options), job.spec.replicates,
                                   len(job.spec.targets))
+        self.limiter.fuse = job.spec.batch.fuse
         self.stats = RunStats(job.job_id, self.source.total, metrics or Metrics(), clock)
         self.stats.prune = self.options.prune
         self.isolation = Isolation()
@@ -374,8 +375,14 @@ class Runner:
         return None
 
     def _submit(self, batch: Sequence[Admission[Param]]) -> Sequence[TaskKeys]:
-        job, spec = self.job, self.job.spec
-        requests = [self.limiter.request(solo=a.solo) for a in batch]
+        job, spec, limiter = self.job, self.job.spec, self.limiter
+        # A param runs again split, one task per sim: whatever ended its attempt before
+        # (a memory kill, a lost worker, a cancellation) is then one sim's, and a
+        # suspect's memory is measured sim by sim.
+        k = limiter.replicates_per_task()
+        fuse = [1 if a.solo or a.attempt > 0 else k for a in batch]
+        requests = [limiter.task_request(limiter.request(solo=a.solo), f)
+                    for a, f in zip(batch, fuse, strict=True)]
         keys = self.cluster.submit_params(
             job.job_id,
             [(a.param.param_id, a.param.values, job.seeds(a.param.param_id), a.attempt)
@@ -386,9 +393,11 @@ class Runner:
             # running there to end, not for those queued behind it.
             priorities=[1 if a.solo else 0 for a in batch],
             sim_timeout_s=spec.sim_timeout_s,
+            fuse=fuse,
         )
         for a, request in zip(batch, requests, strict=True):
             self._requests[a.param.param_id] = request
+        self.stats.submitted(sum(len(t.sims) for t in keys), len(batch) * spec.replicates)
         return keys
 
     # --- completion ----------------------------------------------------------------
@@ -407,6 +416,7 @@ class Runner:
         i = 0
         for entry in ready:
             chunk, i = results[i : i + len(entry.keys.gather)], i + len(entry.keys.gather)
+            chunk = _unfused(chunk)
             self.window.remove(entry.param_id)
             self._requests.pop(entry.param_id, None)
             self.cluster.release(entry.keys.all)
@@ -587,6 +597,12 @@ class Runner:
             self.stats.search_progress(self.search.view())
         if self.progress is not None:
             self.progress.update(self.snapshot())
+
+
+def _unfused(results: Sequence[Result | list[Result]]) -> list[Result]:
+    """A param's results one per sim or target: a fused task (run_fused) returns a
+    list of them, a failed one a single TaskFailure that stands for all it ran."""
+    return [r for item in results for r in (item if isinstance(item, list) else [item])]
 
 
 def _loss_of(targets: Sequence[TargetResult], objective: str) -> float | None:
