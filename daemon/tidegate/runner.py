@@ -550,6 +550,7 @@ class Runner:
         self.stats.worker_lost(loss)
         self._lost_since_join = True
         if not loss.is_oom:
+            await self._split_fused(loss)
             return
         decision, limit = self.limiter.memory_killed(loss.worker, self.clock())
         self.stats.oom_backoff(loss, limit, self.window.params)
@@ -580,6 +581,27 @@ class Runner:
             else:
                 self.stats.isolate(action.param_id, action.strikes)
                 w.requeue(entry.param, entry.attempt + 1, Lane.SOLO)
+        await self._split_fused(loss)
+
+    async def _split_fused(self, loss: WorkerLoss) -> None:
+        """A fused task that ran on a lost worker runs again split, one task per sim
+        (any attempt after the first is, see _submit), not as Dask would rerun it: whole,
+        into the same end if one of its sims is what the worker died of. Its strikes
+        stay with its param, so poison isolation counts the kill as before. Every task
+        the worker held, not only those it reported started: a worker killed just as a
+        task started never sent that report, and splitting an innocent costs little."""
+        w, r = self.window, self.job.spec.replicates
+        for pid in dict.fromkeys(p for key in loss.processing if (p := w.owner(key)) is not None):
+            entry = w.get(pid)
+            if entry is None or len(entry.keys.sims) >= r:
+                continue  # split already: Dask's own rerun is the retry
+            w.remove(pid)
+            self._requests.pop(pid, None)
+            await self.cluster.cancel(entry.keys.all)
+            log.info("param %s: its fused task was on lost worker %s; resubmitting it split, "
+                     "one task per sim (attempt %d)", pid, loss.worker, entry.attempt + 1,
+                     extra={"action": "param_split"})
+            w.requeue(entry.param, entry.attempt + 1, Lane.SOLO if entry.solo else Lane.RETRY)
 
     def _on_child_killed(self, kill: MemoryKill) -> None:
         """A worker's tree passed its terminate fraction and the plugin killed a sim's
