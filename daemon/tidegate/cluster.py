@@ -434,12 +434,12 @@ class Cluster:
         out: dict[int, TaskKeys] = {}
         for (request, priority, k), idx in groups.items():
             resources = {MEMORY_RESOURCE: float(request)} if request > 0 else None
-            group = [params[i] for i in idx]
+            rows = [params[i] for i in idx]
             if k > 1:
-                keys = self._submit_fused(job_key, group, model, targets, want_outputs,
+                keys = self._submit_fused(job_key, rows, model, targets, want_outputs,
                                           resources, priority, sim_timeout_s, k)
             else:
-                keys = self._submit_group(job_key, group, model, targets, want_outputs,
+                keys = self._submit_group(job_key, rows, model, targets, want_outputs,
                                           resources, priority, sim_timeout_s)
             out.update(zip(idx, keys, strict=True))
         return [out[i] for i in range(n)]
