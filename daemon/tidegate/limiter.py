@@ -69,7 +69,7 @@ class Limiter:
         obs = Observation(
             now=now, workers=tuple(w.memory() for w in workers), inflight=inflight,
             pending=pending, replicates=self.replicates, targets=self.targets,
-            memory_scale=self.memory_scale,
+            memory_scale=self.memory_scale, fuse=self.replicates_per_task(),
         )
         self.decision = self.controller.decide(obs)
         calm = all(w.calm(self.config.low_water) for w in obs.workers)
