@@ -66,7 +66,7 @@ def run_arm(
     workload = scenario.workload_for(arm)
     tag = f"{scenario.name}.{arm.label}.r{repeat}"
     output = workdir / key_tag(tag)
-    job = build_job(workload, tag, output)
+    job = build_job(workload, tag, output, fuse=arm.fuse)
     cluster.reset()
     strategy = STRATEGY_CLASSES[arm.strategy](arm, cluster, job, output)
     killer = Killer(cluster, strategy.probe, workload.n_params // 2) if arm.kill else None

@@ -34,6 +34,12 @@ COLUMNS: dict[str, list[tuple[str, str, str]]] = {
         ("peak scheduler tasks", "peak_scheduler_tasks", "{:.0f}"),
         ("window tasks (B max x tasks/param)", "window_tasks", "{:.0f}"),
     ],
+    # Short sims: throughput against the physical limit (threads / sim time).
+    **{name: [
+        ("wall s", "wall_s", "{:.1f}"),
+        ("params/s", "params_per_s", "{:.1f}"),
+        ("utilization", "utilization", "{:.2f}"),
+    ] for name in ("fast-sims", "fast-sims-cpu", "long-sims")},
     "worker-kill": [
         ("wall s", "wall_s", "{:.2f}"),
         ("worker deaths", "worker_deaths", "{:.0f}"),

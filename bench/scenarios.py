@@ -156,6 +156,7 @@ class Arm:
     kill: bool = False  # SIGKILL a worker once half the params are done
     time_limit: float = 300.0
     max_repeats: int | None = None  # cap on --repeats for the long arms
+    fuse: bool = True  # tidegate: batch.fuse (several short replicates in one task)
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -251,6 +252,41 @@ def full() -> list[Scenario]:
             race_arms(60),
         ),
         Scenario(
+            "fast-sims",
+            "Sims of 5 ms (sleeping: a stand-in for many-thread clusters and I/O-bound "
+            "models), 4 replicates: the physical limit is threads / sim time = 400 sims/s, "
+            "and one Dask task per sim spends much of it in per-task cost.",
+            Shape(2, 1),
+            Workload(5000, replicates=4, run_seconds=0.005),
+            (
+                Arm("dask-window-16", "dask-window", batch=16, time_limit=240),
+                Arm("tidegate", "tidegate", time_limit=240),
+                Arm("tidegate-unfused", "tidegate", fuse=False, time_limit=240,
+                    max_repeats=1),
+            ),
+        ),
+        Scenario(
+            "fast-sims-cpu",
+            "The same with 5 ms of CPU per sim: the scheduler, the client and Parquet "
+            "share the 2 cores with the sims.",
+            Shape(2, 1),
+            Workload(5000, replicates=4, run_seconds=0.005, busy=True),
+            (
+                Arm("dask-window-16", "dask-window", batch=16, time_limit=240),
+                Arm("tidegate", "tidegate", time_limit=240),
+            ),
+        ),
+        Scenario(
+            "long-sims",
+            "Sims of 0.5 s, 4 replicates: fusion does not pay and must turn itself off.",
+            Shape(2, 1),
+            Workload(60, replicates=4, run_seconds=0.5),
+            (
+                Arm("dask-window-4", "dask-window", batch=4, time_limit=240),
+                Arm("tidegate", "tidegate", time_limit=240),
+            ),
+        ),
+        Scenario(
             "heavy-tail",
             "Run times from a lognormal (sigma 1): barriers wait for the slowest task. A "
             "32-thread cluster is emulated by sleeping tasks on 2 cores.",
@@ -332,7 +368,8 @@ def smoke() -> list[Scenario]:
     return out
 
 
-LIGHT_N = {"pile-up": 60, "working-memory": 30, "child-process": 12}
+LIGHT_N = {"pile-up": 60, "working-memory": 30, "child-process": 12,
+           "fast-sims": 2000, "fast-sims-cpu": 2000, "long-sims": 20}
 
 
 def light() -> list[Scenario]:

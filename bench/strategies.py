@@ -216,6 +216,8 @@ class Tidegate(Strategy):
             "peak_inflight_tasks": summary.peak_inflight_tasks,
             "parts": summary.parts,
             "quarantined": summary.quarantined,
+            "sim_tasks": summary.sim_tasks,
+            "sims_submitted": summary.sims_submitted,
         }
         return Outcome(status, wall, summary.ok, self.n - summary.ok, detail)
 

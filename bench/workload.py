@@ -23,7 +23,7 @@ def key_tag(tag: str) -> str:
     return re.sub(r"[^A-Za-z0-9._]", "_", tag)
 
 
-def build_job(workload: Workload, tag: str, output: Path) -> Job:
+def build_job(workload: Workload, tag: str, output: Path, *, fuse: bool = True) -> Job:
     spec = {
         "job_id": tag,
         "model": MODEL,
@@ -33,6 +33,7 @@ def build_job(workload: Workload, tag: str, output: Path) -> Job:
         "seed": workload.seed,
         "targets": [{"name": TARGET[0], "function": TARGET[1]}] if workload.targets else [],
         "outputs": workload.outputs,
+        "batch": {"fuse": fuse},
     }
     return job_from_dict(spec, base_dir=output, output=output)
 

@@ -235,6 +235,7 @@ class FakeCluster:
         requests: Sequence[int] | None = None,
         priorities: Sequence[int] | None = None,
         sim_timeout_s: float | None = None,
+        fuse: Sequence[int] | None = None,  # the fake runs one task per sim regardless
     ) -> list[TaskKeys]:
         out = []
         for i, (pid, values, seeds, attempt) in enumerate(params):

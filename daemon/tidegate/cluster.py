@@ -31,6 +31,7 @@ from distributed.security import Security
 
 from tidegate.controller import WorkerMemory
 from tidegate.errors import TidegateError
+from tidegate.fusion import chunks
 from tidegate.losses import LossTracker, MemoryKill, WorkerLoss
 from tidegate.outcome import FailureKind, Result, TaskFailure
 from tidegate.simreturn import TaskError, run_sim
@@ -49,6 +50,7 @@ from tidegate.worker import (
     host_layout,
     memory_watch_plugin,
     place_waiting,
+    run_fused,
     run_target_list,
     switch_code,
 )
@@ -174,7 +176,8 @@ class ClusterPort(Protocol):
                       targets: Sequence[tuple[str, str]], want_outputs: bool,
                       requests: Sequence[int] | None = None,
                       priorities: Sequence[int] | None = None,
-                      sim_timeout_s: float | None = None) -> list[TaskKeys]: ...
+                      sim_timeout_s: float | None = None,
+                      fuse: Sequence[int] | None = None) -> list[TaskKeys]: ...
     async def restart_worker(self, address: str) -> None: ...
     async def host_layout(self) -> dict[str, dict[str, Any]]: ...
     async def place_waiting(self) -> int: ...
@@ -408,30 +411,132 @@ class Cluster:
         requests: Sequence[int] | None = None,
         priorities: Sequence[int] | None = None,
         sim_timeout_s: float | None = None,
+        fuse: Sequence[int] | None = None,
     ) -> list[TaskKeys]:
         """Submit the sim and agg tasks of ``params`` [(param_id, values, seeds, attempt)]
         and return each param's task keys; completions of its watched keys then come
         from ``completed``. ``requests``: per param, the bytes of the tidegate-memory
-        resource each of its sims holds while it runs (0: none); ``priorities``: per
+        resource each of its sim tasks holds while it runs (0: none); ``priorities``: per
         param, Dask's priority for its tasks (a suspect's run first on their worker);
-        ``sim_timeout_s``: a sim running longer returns a Timeout failure (run_sim).
+        ``sim_timeout_s``: a sim running longer returns a Timeout failure (run_sim);
+        ``fuse``: per param, the replicates one sim task runs (1: one task per sim).
         """
         n = len(params)
         requests = list(requests) if requests is not None else [0] * n
         priorities = list(priorities) if priorities is not None else [0] * n
-        if len(requests) != n or len(priorities) != n:
-            raise ValueError(f"{len(requests)} requests and {len(priorities)} priorities "
-                             f"for {n} params")
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, group in enumerate(zip(requests, priorities, strict=True)):
+        fuse = list(fuse) if fuse is not None else [1] * n
+        if len(requests) != n or len(priorities) != n or len(fuse) != n:
+            raise ValueError(f"{len(requests)} requests, {len(priorities)} priorities and "
+                             f"{len(fuse)} fusion factors for {n} params")
+        groups: dict[tuple[int, int, int], list[int]] = {}
+        for i, group in enumerate(zip(requests, priorities, fuse, strict=True)):
             groups.setdefault(group, []).append(i)
         out: dict[int, TaskKeys] = {}
-        for (request, priority), idx in groups.items():
+        for (request, priority, k), idx in groups.items():
             resources = {MEMORY_RESOURCE: float(request)} if request > 0 else None
-            keys = self._submit_group(job_key, [params[i] for i in idx], model, targets,
-                                      want_outputs, resources, priority, sim_timeout_s)
+            rows = [params[i] for i in idx]
+            if k > 1:
+                keys = self._submit_fused(job_key, rows, model, targets, want_outputs,
+                                          resources, priority, sim_timeout_s, k)
+            else:
+                keys = self._submit_group(job_key, rows, model, targets, want_outputs,
+                                          resources, priority, sim_timeout_s)
             out.update(zip(idx, keys, strict=True))
         return [out[i] for i in range(n)]
+
+    def _submit_fused(
+        self,
+        job_key: str,
+        params: Sequence[ParamRow],
+        model: str,
+        targets: Sequence[tuple[str, str]],
+        want_outputs: bool,
+        resources: dict[str, float] | None,
+        priority: int,
+        sim_timeout_s: float | None,
+        k: int,
+    ) -> list[TaskKeys]:
+        """Submit params whose sim tasks run up to ``k`` replicates each (run_fused).
+
+        A param whose replicates all fit one task gets one task in all, its targets run
+        in it too: key ``sim-<job>-<param_id>-f<R>``. Otherwise its sim tasks are
+        ``sim-<job>-<param_id>-f<first>_<last>`` and its agg tasks as unfused. With
+        ``-r<attempt>`` on a retry, as unfused.
+        """
+        job = _key_part(job_key)
+        final_specs: list[tuple[str | None, str | None]] = (
+            [(n, f) for n, f in targets] if targets else ([] if want_outputs else [(None, None)]))
+        whole = [p for p in params if len(chunks(len(p[2]), k)) == 1]
+        split = [p for p in params if len(chunks(len(p[2]), k)) > 1]
+        keys: dict[str, TaskKeys] = {}
+        if whole:
+            futs = self.client.map(
+                run_fused,
+                [model] * len(whole),
+                [p[1] for p in whole],
+                [p[0] for p in whole],
+                [list(range(len(p[2]))) for p in whole],
+                [list(p[2]) for p in whole],
+                [sim_timeout_s] * len(whole),
+                [self._code] * len(whole),
+                [final_specs] * len(whole),
+                [want_outputs] * len(whole),
+                key=[f"sim-{job}-{p[0]}-f{len(p[2])}{f'-r{p[3]}' if p[3] else ''}"
+                     for p in whole],
+                pure=False, resources=resources, priority=priority,
+            )
+            self._completed.update(futs)
+            for p, f in zip(whole, futs, strict=True):
+                key = str(f.key)
+                self._futures[key] = f
+                keys[p[0]] = TaskKeys(sims=(key,), finals=(), watch=(key,), gather=(key,))
+            del futs
+        if split:
+            sim_args = [(p, c) for p in split for c in chunks(len(p[2]), k)]
+            sim_futs = self.client.map(
+                run_fused,
+                [model] * len(sim_args),
+                [p[1] for p, _ in sim_args],
+                [p[0] for p, _ in sim_args],
+                [list(c) for _, c in sim_args],
+                [[p[2][i] for i in c] for p, c in sim_args],
+                [sim_timeout_s] * len(sim_args),
+                [self._code] * len(sim_args),
+                key=[f"sim-{job}-{p[0]}-f{c.start}_{c.stop - 1}{f'-r{p[3]}' if p[3] else ''}"
+                     for p, c in sim_args],
+                pure=False, resources=resources, priority=priority,
+            )
+            by_param: dict[str, list[Future]] = {}
+            for (p, _), f in zip(sim_args, sim_futs, strict=True):
+                by_param.setdefault(p[0], []).append(f)
+            del sim_futs
+            agg_args = [(fn, name, p[0], by_param[p[0]], f"-r{p[3]}" if p[3] else "")
+                        for p in split for name, fn in final_specs]
+            agg_futs: list[Future] = []
+            if agg_args:
+                agg_futs = self.client.map(
+                    run_target_list,
+                    [a[0] for a in agg_args], [a[1] for a in agg_args],
+                    [a[2] for a in agg_args], [a[3] for a in agg_args],
+                    [self._code] * len(agg_args),
+                    key=[f"agg-{job}-{a[2]}-{_key_part(a[1] or 'summary')}{a[4]}"
+                         for a in agg_args],
+                    pure=False, priority=priority,
+                )
+            per = len(final_specs)
+            for n, p in enumerate(split):
+                sims, finals = by_param[p[0]], agg_futs[n * per : (n + 1) * per]
+                watch = finals or sims
+                self._completed.update(watch)
+                for f in (*sims, *finals):
+                    self._futures[str(f.key)] = f
+                keys[p[0]] = TaskKeys(
+                    sims=tuple(str(f.key) for f in sims),
+                    finals=tuple(str(f.key) for f in finals),
+                    watch=tuple(str(f.key) for f in watch),
+                    gather=tuple(str(f.key) for f in (finals + (sims if want_outputs else []))),
+                )
+        return [keys[p[0]] for p in params]
 
     def _submit_group(
         self,

@@ -203,6 +203,9 @@ class Observation:
     # The fraction of each worker's limit the budget counts on: below 1 where the limits
     # of workers sharing a host or cgroup add up to more than it holds.
     memory_scale: float = 1.0
+    # Replicates one sim task runs (tidegate.fusion): a param's R sims then occupy
+    # ceil(R / fuse) threads, each for fuse sims' time.
+    fuse: int = 1
 
     def __post_init__(self) -> None:
         _check_counts(self, inflight=0, pending=0, replicates=1, targets=0)
@@ -418,6 +421,15 @@ class Controller:
             "latency_seconds": len(self._latency_s),
         }
 
+    def sim_profile(self) -> tuple[float | None, int, int]:
+        """A sim as measured: its median run time (None before any), and the quantile of
+        its output bytes and of its working memory that the budget uses (0 unknown)."""
+        run = statistics.median(self._run_s) if self._run_s else None
+        q = self.config.quantile
+        out = self._bumped(_quantile(self._sim_bytes, q)) if self._sim_bytes else 0
+        work = self._bumped(_quantile(self._work_bytes, q)) if self._work_bytes else 0
+        return run, out, work
+
     # --- decisions --------------------------------------------------------------------
 
     def observe_oom(self, now: float) -> Decision:
@@ -570,7 +582,7 @@ class Controller:
         bounds the results the workers hold, and never leaves a slot without a sim."""
         slots = tuple((w.address, worker_slots(w, request)) for w in workers)
         total = sum(n for _, n in slots)
-        floor = self._clamp(max(1, math.ceil(total / r)))
+        floor = self._clamp(max(1, math.ceil(total / self._width(r))))
         budgets = []
         for w, (_, n) in zip(workers, slots, strict=True):
             if w.memory_limit > 0:
@@ -619,9 +631,18 @@ class Controller:
         death = math.floor(TERMINATE_FRACTION * scale * w.memory_limit) - base - slots * work
         return min(high, death)
 
+    def _fuse(self, r: int) -> int:
+        k = self._last.fuse if self._last is not None else 1
+        return max(1, min(k, r))
+
+    def _width(self, r: int) -> int:
+        """The threads one param's sim tasks occupy at once: R, or fewer when fused."""
+        return math.ceil(r / self._fuse(r))
+
     def _useful(self, threads: int, r: int) -> int | None:
         if not self._run_s or threads <= 0:
             return None
-        run = statistics.median(self._run_s)
+        # A fused task runs k sims: Little's law over tasks, k sims' time each.
+        run = statistics.median(self._run_s) * self._fuse(r)
         latency = min(self._latency_s, default=0.0)  # BBR-style min: queueing excluded
-        return useful_ceiling(threads, run, latency, self.config.saturation, r)
+        return useful_ceiling(threads, run, latency, self.config.saturation, self._width(r))

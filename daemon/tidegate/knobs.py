@@ -25,6 +25,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
     StrictFloat,
     StrictInt,
     ValidationError,
@@ -187,6 +188,10 @@ class BatchSpec(ControllerKnobs, _Pin):
 
     min: Int = _b_value("the smallest B the controller may choose", DEFAULTS.min_size)
     max: Int = _b_value("the largest B the controller may choose", DEFAULTS.max_size)
+    # Not a controller knob: how tasks are cut, not how many params are in flight.
+    fuse: StrictBool = Field(
+        True, description="run several short replicates of a param in one Dask task "
+        "(docs/controller.md, task granularity); false: one task per sim")
 
     @model_validator(mode="after")
     def _pin_in_range(self) -> BatchSpec:
@@ -332,7 +337,7 @@ def controller_config(job: Job, options: RunOptions) -> ControllerConfig:
     b = job.spec.batch
     values = dict(options.defaults)
     values.update({_CONFIG_NAMES.get(k, k): getattr(b, k)
-                   for k in b.model_fields_set if getattr(b, k) is not None})
+                   for k in b.model_fields_set if getattr(b, k) is not None and k != "fuse"})
     values.update(options.controller)
     if options.batch_size is not None:
         values["pinned"] = options.batch_size

@@ -14,6 +14,7 @@ from typing import Any
 
 from tidegate.cluster import WorkerInfo
 from tidegate.controller import Controller, ControllerConfig, Decision, Observation
+from tidegate.fusion import fuse_factor, fused_request
 from tidegate.outcome import Measured
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class Limiter:
     # The first result sizes end the slow start at once, not at the next poll.
     sizes_arrived: bool = False
     rtt: float = 0.001  # a scheduler round trip, measured by every poll
+    fuse: bool = True  # batch.fuse: several short replicates of a param in one task
     pass_seconds: float = 0.0  # one pass of the loop: collect, flush, poll, refill
 
     @classmethod
@@ -67,7 +69,7 @@ class Limiter:
         obs = Observation(
             now=now, workers=tuple(w.memory() for w in workers), inflight=inflight,
             pending=pending, replicates=self.replicates, targets=self.targets,
-            memory_scale=self.memory_scale,
+            memory_scale=self.memory_scale, fuse=self.replicates_per_task(),
         )
         self.decision = self.controller.decide(obs)
         calm = all(w.calm(self.config.low_water) for w in obs.workers)
@@ -80,6 +82,32 @@ class Limiter:
         if solo:
             return max(self.capacities.values(), default=0)
         return self.decision.sim_request if self.decision is not None else 0
+
+    def replicates_per_task(self) -> int:
+        """k, the replicates one task of a fresh param runs now (tidegate.fusion), from
+        the latest measurements: 1 while nothing is measured, with batch.fuse false, and
+        where sims are long enough to pay for their own task."""
+        if not self.fuse or self.replicates <= 1:
+            return 1
+        run, out, work = self.controller.sim_profile()
+        return fuse_factor(run, self.replicates, out_bytes=out, work_bytes=work,
+                           share_bytes=self._thread_share())
+
+    def task_request(self, request: int, k: int) -> int:
+        """The memory resource a task of k replicates requests (its outputs count)."""
+        _, out, _ = self.controller.sim_profile()
+        fraction = self.config.memory_fraction * self.memory_scale
+        return fused_request(request, k, out, fraction,
+                             max(self.capacities.values(), default=0))
+
+    def _thread_share(self) -> int:
+        """The memory one thread of the smallest worker may use for a sim's working
+        memory and outputs (0 unknown)."""
+        fraction = self.config.memory_fraction * self.memory_scale
+        sizes = self.capacities or {a: m for a, m in self.limits.items() if m > 0}
+        shares = [int(size * fraction) // max(1, self.threads.get(a, 1))
+                  for a, size in sizes.items()]
+        return min(shares, default=0)
 
     def ran_alone(self, worker: str, limit: int) -> bool:
         """A sim on ``worker`` had it to itself (one thread), and no worker is larger:

@@ -64,6 +64,9 @@ class RunSummary:
     parts: int
     errors: list[dict[str, str]] = field(default_factory=list)
     peak_inflight_tasks: int = 0
+    # Sim tasks and sims submitted: fewer tasks than sims where replicates were fused.
+    sim_tasks: int = 0
+    sims_submitted: int = 0
     worker_losses: dict[str, int] = field(default_factory=dict)  # cause -> count
     quarantined: int = 0
     retried: int | None = None  # failed params of earlier runs run again; None: no retry
@@ -124,6 +127,7 @@ class RunSummary:
             "output": self.output,
             "parts": self.parts,
             "peak_inflight_tasks": self.peak_inflight_tasks,
+            "sim_tasks": {"submitted": self.sim_tasks, "sims": self.sims_submitted},
             "errors": self.errors,
             **({"orphans": self.orphans} if self.orphans else {}),
             "error_groups": self.error_groups,

@@ -81,6 +81,7 @@ class Runner:
         self.search = self.source if isinstance(self.source, SearchSource) else None
         self.limiter = Limiter.of(controller_config(job, self.options), job.spec.replicates,
                                   len(job.spec.targets))
+        self.limiter.fuse = job.spec.batch.fuse
         self.stats = RunStats(job.job_id, self.source.total, metrics or Metrics(), clock)
         self.stats.prune = self.options.prune
         self.isolation = Isolation()
@@ -391,8 +392,14 @@ class Runner:
         return None
 
     def _submit(self, batch: Sequence[Admission[Param]]) -> Sequence[TaskKeys]:
-        job, spec = self.job, self.job.spec
-        requests = [self.limiter.request(solo=a.solo) for a in batch]
+        job, spec, limiter = self.job, self.job.spec, self.limiter
+        # A param runs again split, one task per sim: whatever ended its attempt before
+        # (a memory kill, a lost worker, a cancellation) is then one sim's, and a
+        # suspect's memory is measured sim by sim.
+        k = limiter.replicates_per_task()
+        fuse = [1 if a.solo or a.attempt > 0 else k for a in batch]
+        requests = [limiter.task_request(limiter.request(solo=a.solo), f)
+                    for a, f in zip(batch, fuse, strict=True)]
         keys = self.cluster.submit_params(
             job.job_id,
             [(a.param.param_id, a.param.values, job.seeds(a.param.param_id), a.attempt)
@@ -403,9 +410,11 @@ class Runner:
             # running there to end, not for those queued behind it.
             priorities=[1 if a.solo else 0 for a in batch],
             sim_timeout_s=spec.sim_timeout_s,
+            fuse=fuse,
         )
         for a, request in zip(batch, requests, strict=True):
             self._requests[a.param.param_id] = request
+        self.stats.submitted(sum(len(t.sims) for t in keys), len(batch) * spec.replicates)
         return keys
 
     # --- completion ----------------------------------------------------------------
@@ -424,6 +433,7 @@ class Runner:
         i = 0
         for entry in ready:
             chunk, i = results[i : i + len(entry.keys.gather)], i + len(entry.keys.gather)
+            chunk = _unfused(chunk)
             self.window.remove(entry.param_id)
             self._requests.pop(entry.param_id, None)
             self.cluster.release(entry.keys.all)
@@ -557,6 +567,7 @@ class Runner:
         self.stats.worker_lost(loss)
         self._lost_since_join = True
         if not loss.is_oom:
+            await self._split_fused(loss)
             return
         decision, limit = self.limiter.memory_killed(loss.worker, self.clock())
         self.stats.oom_backoff(loss, limit, self.window.params)
@@ -587,6 +598,27 @@ class Runner:
             else:
                 self.stats.isolate(action.param_id, action.strikes)
                 w.requeue(entry.param, entry.attempt + 1, Lane.SOLO)
+        await self._split_fused(loss)
+
+    async def _split_fused(self, loss: WorkerLoss) -> None:
+        """A fused task that ran on a lost worker runs again split, one task per sim
+        (any attempt after the first is, see _submit), not as Dask would rerun it: whole,
+        into the same end if one of its sims is what the worker died of. Its strikes
+        stay with its param, so poison isolation counts the kill as before. Every task
+        the worker held, not only those it reported started: a worker killed just as a
+        task started never sent that report, and splitting an innocent costs little."""
+        w, r = self.window, self.job.spec.replicates
+        for pid in dict.fromkeys(p for key in loss.processing if (p := w.owner(key)) is not None):
+            entry = w.get(pid)
+            if entry is None or len(entry.keys.sims) >= r:
+                continue  # split already: Dask's own rerun is the retry
+            w.remove(pid)
+            self._requests.pop(pid, None)
+            await self.cluster.cancel(entry.keys.all)
+            log.info("param %s: its fused task was on lost worker %s; resubmitting it split, "
+                     "one task per sim (attempt %d)", pid, loss.worker, entry.attempt + 1,
+                     extra={"action": "param_split"})
+            w.requeue(entry.param, entry.attempt + 1, Lane.SOLO if entry.solo else Lane.RETRY)
 
     def _on_child_killed(self, kill: MemoryKill) -> None:
         """A worker's tree passed its terminate fraction and the plugin killed a sim's
@@ -604,6 +636,12 @@ class Runner:
             self.stats.search_progress(self.search.view())
         if self.progress is not None:
             self.progress.update(self.snapshot())
+
+
+def _unfused(results: Sequence[Result | list[Result]]) -> list[Result]:
+    """A param's results one per sim or target: a fused task (run_fused) returns a
+    list of them, a failed one a single TaskFailure that stands for all it ran."""
+    return [r for item in results for r in (item if isinstance(item, list) else [item])]
 
 
 def _loss_of(targets: Sequence[TargetResult], objective: str) -> float | None:

@@ -57,6 +57,8 @@ class RunStats:
     batch_min: int = 0
     batch_max: int = 0
     peak_inflight_tasks: int = 0
+    sim_tasks: int = 0  # sim tasks submitted (a fused one runs several sims)
+    sims_submitted: int = 0
     started: float = 0.0
     resumed_failed: int = 0
     child_kills: int = 0  # child process trees tidegate's workers killed for memory
@@ -156,6 +158,10 @@ class RunStats:
         for rep in m.replicates:
             self.metrics.simreturn_bytes.observe(rep.nbytes)
             self.metrics.tasks.labels("sim", "ok" if rep.error is None else "failed").inc()
+
+    def submitted(self, sim_tasks: int, sims: int) -> None:
+        self.sim_tasks += sim_tasks
+        self.sims_submitted += sims
 
     def admitted(self, inflight_tasks: int) -> None:
         self.peak_inflight_tasks = max(self.peak_inflight_tasks, inflight_tasks)
@@ -314,6 +320,8 @@ class RunStats:
             errors=list(self.errors),
             error_groups=self.groups.as_list(),
             peak_inflight_tasks=self.peak_inflight_tasks,
+            sim_tasks=self.sim_tasks,
+            sims_submitted=self.sims_submitted,
             worker_losses=dict(self.losses),
             orphaned=self.orphan_count,
             orphans=list(self.orphan_sample),

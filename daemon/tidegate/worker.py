@@ -21,7 +21,7 @@ from distributed.diagnostics.plugin import NannyPlugin, WorkerPlugin
 
 from tidegate.memwatch import KillReport, TreeWatch, active_watch, set_active_watch
 from tidegate.simreturn import EXECUTING_TOPIC as EXECUTING_TOPIC  # run_sim logs it
-from tidegate.simreturn import run_target, use_code
+from tidegate.simreturn import SimReturn, TargetResult, run_sim, run_target, use_code
 
 EXIT_TOPIC = "tidegate-worker-exit"
 MEMORY_RESOURCE = "tidegate-memory"
@@ -95,9 +95,38 @@ def run_target_list(
     function: str | None, target: str | None, param_id: str, returns: list[Any],
     code: tuple[Sequence[str], str] | None = None,
 ) -> Any:
+    """A target on a param's replicates: ``returns`` holds SimReturns, or the lists of
+    SimReturns of fused sim tasks (run_fused), in replicate order."""
     if code is not None:
         use_code(*code)
-    return run_target(function, target, param_id, *returns)
+    flat = [s for r in returns for s in (r if isinstance(r, list) else [r])]
+    return run_target(function, target, param_id, *flat)
+
+
+def run_fused(
+    model: str, params: Any, param_id: str, replicates: Sequence[int], seeds: Sequence[int],
+    timeout_s: float | None = None, code: tuple[Sequence[str], str] | None = None,
+    targets: Sequence[tuple[str | None, str | None]] | None = None,
+    want_outputs: bool = True,
+) -> list[SimReturn | TargetResult]:
+    """Several replicates of one param in one Dask task, one after the other, each with
+    its own seed and its own SimReturn (so its own output rows, error and measurements).
+
+    ``targets`` None: the SimReturns are the result (some of a param's replicates; agg
+    tasks take them). Otherwise the task runs all of the param's replicates and then its
+    targets ((name, "module:function"), or (None, None) for the summary): the result is
+    the TargetResults, followed by the SimReturns when the outputs are wanted, the order
+    of the unfused tasks' results.
+    """
+    sims = [run_sim(model, params, param_id, rep, seed, timeout_s, code)
+            for rep, seed in zip(replicates, seeds, strict=True)]
+    if targets is None:
+        return list(sims)
+    out: list[SimReturn | TargetResult] = [
+        run_target(fn, name, param_id, *sims) for name, fn in targets]
+    if want_outputs:
+        out.extend(sims)
+    return out
 
 
 def executing_keys(prefixes: Sequence[str], dask_worker: Any = None) -> list[str]:

@@ -74,7 +74,9 @@ async def _run_recording_gathers(spec: Path) -> tuple[list[str], object]:
 
     async def recording_gather(futures):
         results = await real_gather(futures)
-        gathered.extend(type(r).__name__ for r in results)
+        # A fused task (several replicates and their targets in one) brings a list.
+        for r in results:
+            gathered.extend(type(x).__name__ for x in (r if isinstance(r, list) else [r]))
         return results
 
     cluster.gather = recording_gather  # type: ignore[method-assign]

@@ -396,6 +396,21 @@ def test_latency_is_a_windowed_minimum() -> None:
     assert d.useful_ceiling == useful_ceiling(2, 0.1, 0.1, 2.0, 1) == 8
 
 
+def test_fused_params_count_as_tasks_of_k_sims_in_littles_law() -> None:
+    """A param of 4 replicates fused into one task holds one thread for 4 sims' time:
+    the useful ceiling is over such tasks, deeper than over 4 parallel sims."""
+    def ceiling(fuse: int) -> int | None:
+        controller = Controller()
+        controller.observe_sim(0, 0.005, 0)
+        controller.observe_latency(0.01)
+        ws = (worker("a", limit=0, threads=2),)
+        obs = Observation(0.0, ws, 10**6, 1, 4, 0, fuse=fuse)
+        return controller.decide(obs).useful_ceiling
+
+    assert ceiling(1) == useful_ceiling(2, 0.005, 0.01, 2.0, 4) == 3
+    assert ceiling(4) == useful_ceiling(2, 0.02, 0.01, 2.0, 1) == 6
+
+
 def test_slow_start_holds_until_sizes_are_known() -> None:
     """B starts at threads // R and does not grow before any result size is known."""
     controller = Controller()

@@ -198,8 +198,10 @@ def test_size_pins_b_and_a_pin_widens_the_range(tmp_path: Path) -> None:
 
 
 def test_spec_batch_keeps_its_fields() -> None:
-    """The spec's batch section lists size, min and max first, then the controller's knobs."""
-    assert list(BatchSpec.model_fields) == ["size", "min", "max", *KNOBS]
+    """The spec's batch section lists size, min and max first, then the controller's knobs,
+    then fuse (how tasks are cut, not a controller knob)."""
+    assert list(BatchSpec.model_fields) == ["size", "min", "max", *KNOBS, "fuse"]
+    assert BatchSpec().fuse is True
     assert set(ControllerKnobs.model_fields) == set(BOUNDS + KNOBS)
     assert (BatchSpec().min, BatchSpec().max) == (1, 10000)
 
@@ -293,3 +295,11 @@ def test_run_flag_is_read_by_the_knob_rules(
     assert "--memory-fraction: expected a number <= 1, got '1.5'" in capsys.readouterr().err
     with pytest.raises(KnobError):
         knob_from_flag("memory_fraction", "--memory-fraction", "true")
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_batch_fuse_takes_true_or_false(value: Any) -> None:
+    with pytest.raises(ValidationError) as err:
+        BatchSpec.model_validate({"fuse": value})
+    assert "fuse" in str(err.value)
+    assert BatchSpec.model_validate({"fuse": False}).fuse is False

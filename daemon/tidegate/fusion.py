@@ -1,0 +1,80 @@
+"""Task granularity: how many replicates of a param one Dask task runs.
+
+Pure: no Dask, no clock. Each Dask task costs about the same whatever it runs (the
+client's submit, the scheduler's transitions, the worker's execute and the result's
+report: 1-2 ms of CPU on a small machine, shared with the sims themselves). A sim of
+5 ms in a task of its own then spends a quarter of its thread's time on that cost; the
+same sim fused with three others into a 20 ms task spends less than a tenth.
+
+So k, the replicates per task, is the smallest that makes a task last ``FUSE_TASK_S``
+from the measured median run time of a sim (k = ceil(FUSE_TASK_S / run)), never more
+than the param has, and never so many that the outputs the task holds until it returns
+take more memory than one thread's share of its worker: a fused task's outputs and one
+sim's working memory count as one request, and fusing must not cost a worker a thread
+it could run. Long sims (run >= FUSE_TASK_S) keep k = 1: one task per sim, as without
+fusion, so fusion turns itself off where it does not pay. Until run times are measured
+k is 1 too.
+"""
+
+from __future__ import annotations
+
+import math
+
+# A fused task lasts at least this long: 25-50 times the per-task cost, so that cost is
+# a few percent of the thread's time. Longer buys little and serialises replicates that
+# could run on other threads.
+FUSE_TASK_S = 0.05
+# Shortest run time used, so a 0 s measurement cannot divide by zero.
+_MIN_RUN_S = 1e-4
+
+
+def fuse_factor(
+    run_s: float | None,
+    replicates: int,
+    *,
+    task_s: float = FUSE_TASK_S,
+    out_bytes: int = 0,
+    work_bytes: int = 0,
+    share_bytes: int = 0,
+) -> int:
+    """Replicates per task for a param of ``replicates``, given a sim's median run time
+    (None: not measured yet). ``out_bytes``: one sim's outputs; ``work_bytes``: one sim's
+    working memory; ``share_bytes``: the memory one thread of the smallest worker may
+    use (0: unknown, no memory bound)."""
+    if run_s is None or replicates <= 1 or not math.isfinite(run_s):
+        return 1
+    k = min(replicates, math.ceil(task_s / max(run_s, _MIN_RUN_S)))
+    if share_bytes > 0 and out_bytes > 0:
+        # The first replicate's outputs share the room of its working memory; each one
+        # more adds its outputs, held until the task returns.
+        room = share_bytes - max(work_bytes, out_bytes)
+        k = min(k, 1 + max(0, room) // out_bytes)
+    return max(1, k)
+
+
+def chunks(replicates: int, k: int) -> list[range]:
+    """The replicates 0..replicates-1 in tasks of at most ``k``, as even as can be (4 in
+    tasks of 3: 2 + 2, not 3 + 1, so no task is the straggler)."""
+    if replicates <= 0:
+        return []
+    k = max(1, min(k, replicates))
+    n = math.ceil(replicates / k)
+    base, extra = divmod(replicates, n)
+    out, start = [], 0
+    for i in range(n):
+        size = base + (1 if i < extra else 0)
+        out.append(range(start, start + size))
+        start += size
+    return out
+
+
+def fused_request(request: int, k: int, out_bytes: int, fraction: float, largest: int) -> int:
+    """The memory resource a task of ``k`` replicates requests: one sim's request plus
+    the outputs of the other k - 1 it holds until it returns (over the same fraction a
+    sim's working memory is requested at), never more than the largest worker has."""
+    if request <= 0 or k <= 1:
+        return request
+    extra = math.ceil((k - 1) * max(0, out_bytes) / fraction) if fraction > 0 else 0
+    step = 2**20
+    total = -(-(request + extra) // step) * step
+    return min(total, largest) if largest > 0 else total
