@@ -13,12 +13,14 @@ commit.py's and every counter stats.py's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import psutil
 
@@ -48,6 +50,7 @@ def _process_started() -> float:
     return float(psutil.Process().create_time())
 
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 # A search's parts come at least this often: a trial is told only once committed.
@@ -428,7 +431,8 @@ class Runner:
         ready = self.window.complete(finished)
         if not ready:
             return
-        results = await self.cluster.gather([k for e in ready for k in e.keys.gather])
+        results = await self._while_workers(
+            self.cluster.gather([k for e in ready for k in e.keys.gather]))
         self.limiter.gathered()
         i = 0
         for entry in ready:
@@ -540,6 +544,26 @@ class Runner:
                      pid, request // 2**20, extra={"action": "param_resized"})
             self.window.requeue(entry.param, entry.attempt + 1,
                                 Lane.SOLO if entry.solo else Lane.RETRY)
+
+    async def _while_workers(self, awaitable: Awaitable[T]) -> T:
+        """Await a cluster call that waits on workers, reading them meanwhile. A gather
+        of results whose workers died after completing them makes Dask recompute them
+        and wait for that with no timeout; with no worker left it waits for ever (seen:
+        a run hung past its 300 s test timeout, the loop idle in select). Here no
+        workers for ``no_workers_timeout_s`` raises WorkersLost as it does between
+        passes."""
+        task = asyncio.ensure_future(awaitable)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=self.options.poll_seconds)
+                if done:
+                    return task.result()
+                self._check_workers(await self.cluster.workers())
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
 
     def _check_workers(self, workers: Sequence[WorkerInfo]) -> None:
         now = self.clock()

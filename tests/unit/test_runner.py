@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import read_dataset, synthetic_spec
 from tests.fakes import FakeCluster, FakeTask, after_aggs
-from tidegate.cluster import SchedulerLost
+from tidegate.cluster import SchedulerLost, WorkersLost
 from tidegate.losses import Cause
 from tidegate.metrics import Metrics
 from tidegate.runner import Runner, RunOptions
@@ -258,3 +258,29 @@ def test_metrics_follow_the_run(tmp_path: Path) -> None:
     assert value("tidegate_params_total", {"outcome": "ok"}) == 10
     assert value("tidegate_tasks_total", {"kind": "sim", "outcome": "ok"}) == 20
     assert value("tidegate_inflight_params") == 0
+
+
+class _GatherHangs(FakeCluster):
+    """Every worker leaves as the first gather starts, and that gather never returns:
+    Dask recomputing lost results with no worker to run them. Reading the workers moves
+    the fake clock, as the real one moves while the run waits."""
+
+    async def gather(self, keys: Any) -> Any:
+        self.workers_.clear()  # gone for good: no nanny brings them back
+        await asyncio.Event().wait()
+
+    async def workers(self) -> Any:
+        self.now += 1.0
+        return await super().workers()
+
+
+def test_a_gather_waiting_on_no_workers_ends_in_workers_lost(tmp_path: Path) -> None:
+    """A gather that waits for results no worker is left to recompute does not hang the
+    run: after no_workers_timeout_s without workers it raises WorkersLost, as between
+    passes, and the summary says so."""
+    job = _job(tmp_path, 6)
+    fake = _GatherHangs()
+    runner = Runner(job, fake, RunOptions(poll_seconds=0.01), clock=fake.clock,
+                    no_workers_timeout_s=5)
+    with pytest.raises(WorkersLost, match="no workers"):
+        asyncio.run(asyncio.wait_for(runner.run(), timeout=30))
