@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from optuna.trial import TrialState
@@ -320,13 +321,16 @@ def test_verify_repair_reruns_the_trials_of_a_damaged_part_without_telling_them_
     finished(spec)
     check_search(out, 10)
     part = sorted((out / "targets" / "fit").glob("part-*.parquet"))[0]
+    # A part holds flush_params or more: one written in the background takes what
+    # arrived meanwhile. Its params file has a row for each, failed ones too.
+    in_part = pq.ParquetFile(out / "params" / part.name).metadata.num_rows
     part.write_bytes(part.read_bytes()[:-20])  # damaged
     refused = tidegate(*run_args(spec), cwd=tmp_path, timeout=120)
     assert refused.returncode == 2 and "verify" in refused.stderr, refused.stderr
     repaired = tidegate("verify", out, "--repair")
     assert repaired.returncode == 0, repaired.stderr
     s = finished(spec)
-    assert 0 < s["params"]["ok"] + s["params"]["failed"] - s["params"]["resumed"] <= 3
+    assert s["params"]["ok"] + s["params"]["failed"] - s["params"]["resumed"] == in_part > 0
     assert s["search"]["told"] == 10
     check_search(out, 10)
 
