@@ -252,17 +252,24 @@ def outputs_to_ipc(value: Any, ids: Mapping[str, Any] | None = None) -> dict[str
 # --- importing user callables ------------------------------------------------------
 
 
-def add_code_paths(paths: Sequence[str]) -> None:
-    """Put ``paths`` at the front of sys.path (once each)."""
+def add_code_paths(paths: Sequence[str]) -> list[str]:
+    """Put ``paths`` at the front of sys.path (once each). Returns those it inserted (not
+    those already there)."""
+    added: list[str] = []
     for p in reversed(list(paths)):
         if p not in sys.path:
             sys.path.insert(0, p)
+            added.append(p)
+    return added
 
 
-# The code this process imports jobs' modules from: (key, code paths). A new key means
-# another job (or another run of one): the modules loaded from the old and new code
-# paths are evicted first, so nothing imported for an earlier job is reused.
-_active_code: tuple[str, tuple[str, ...]] | None = None
+# The code this process imports jobs' modules from: (key, code paths, the paths of them
+# that use_code put on sys.path). A new key means another job (or another run of one):
+# the modules loaded from the old and new code paths are evicted first, so nothing
+# imported for an earlier job is reused. Only what use_code inserted leaves sys.path: a
+# code path that was there already (a site directory, tidegate's own, a .pth entry) stays,
+# or processes this one spawns (Dask's nannies copy sys.path) could not import tidegate.
+_active_code: tuple[str, tuple[str, ...], tuple[str, ...]] | None = None
 # Held across a swap and, by fresh_code, across the imports that follow it: two threads
 # of one process never import under each other's code.
 _code_lock = threading.RLock()
@@ -318,14 +325,16 @@ def use_code(paths: Sequence[str], key: str) -> list[str]:
         if _active_code is not None and _active_code[0] == key:
             return []
         old = _active_code[1] if _active_code is not None else ()
+        inserted = _active_code[2] if _active_code is not None else ()
         stuck = evict_modules([*old, *paths])
-        for p in old:
-            while p in sys.path and p not in paths:
+        kept = [p for p in inserted if p in paths]
+        for p in inserted:
+            if p not in paths and p in sys.path:
                 sys.path.remove(p)
-        add_code_paths(paths)
+        added = add_code_paths(paths)
         _callables.clear()
         importlib.invalidate_caches()
-        _active_code = (key, paths)
+        _active_code = (key, paths, (*kept, *added))
         return stuck
 
 

@@ -156,3 +156,25 @@ def test_a_failed_import_is_not_cached_and_a_new_key_imports_afresh(tmp_path: Pa
     finally:
         simreturn.use_code([], "none")
     assert str(code) not in sys.path
+
+
+def test_a_code_path_already_on_sys_path_stays_there_when_the_job_changes(tmp_path: Path) -> None:
+    """use_code takes off sys.path only what it put there: tidegate's own directory (an
+    editable install's .pth entry) left sys.path once a job named it, and the Dask workers
+    spawned after (they copy the parent's sys.path) could not import tidegate."""
+    own = str(Path(simreturn.__file__).parents[1])
+    other = str(tmp_path)
+    saved = list(sys.path)
+    if own not in sys.path:
+        sys.path.append(own)
+    try:
+        simreturn.use_code([own, other], "first")
+        assert sys.path.count(own) == 1 and other in sys.path
+        simreturn.use_code([other], "second")
+        assert own in sys.path and other in sys.path
+        simreturn.use_code([], "none")
+        assert own in sys.path
+        assert other not in sys.path
+    finally:
+        simreturn.use_code([], "none")
+        sys.path[:] = saved
