@@ -308,6 +308,8 @@ def full() -> list[Scenario]:
             (
                 Arm("dask-window-500", "dask-window", batch=500, time_limit=240, max_repeats=2),
                 Arm("tidegate", "tidegate", time_limit=240, max_repeats=2),
+                Arm("tidegate-unfused", "tidegate", fuse=False, time_limit=240,
+                    max_repeats=1),
             ),
         ),
         Scenario(

@@ -236,6 +236,7 @@ class FakeCluster:
         priorities: Sequence[int] | None = None,
         sim_timeout_s: float | None = None,
         fuse: Sequence[int] | None = None,  # the fake runs one task per sim regardless
+        groups: Sequence[int] | None = None,  # and of each param alone
     ) -> list[TaskKeys]:
         out = []
         for i, (pid, values, seeds, attempt) in enumerate(params):

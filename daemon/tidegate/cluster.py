@@ -51,6 +51,7 @@ from tidegate.worker import (
     memory_watch_plugin,
     place_waiting,
     run_fused,
+    run_params,
     run_target_list,
     switch_code,
 )
@@ -177,7 +178,8 @@ class ClusterPort(Protocol):
                       requests: Sequence[int] | None = None,
                       priorities: Sequence[int] | None = None,
                       sim_timeout_s: float | None = None,
-                      fuse: Sequence[int] | None = None) -> list[TaskKeys]: ...
+                      fuse: Sequence[int] | None = None,
+                      groups: Sequence[int] | None = None) -> list[TaskKeys]: ...
     async def restart_worker(self, address: str) -> None: ...
     async def host_layout(self) -> dict[str, dict[str, Any]]: ...
     async def place_waiting(self) -> int: ...
@@ -412,6 +414,7 @@ class Cluster:
         priorities: Sequence[int] | None = None,
         sim_timeout_s: float | None = None,
         fuse: Sequence[int] | None = None,
+        groups: Sequence[int] | None = None,
     ) -> list[TaskKeys]:
         """Submit the sim and agg tasks of ``params`` [(param_id, values, seeds, attempt)]
         and return each param's task keys; completions of its watched keys then come
@@ -419,20 +422,42 @@ class Cluster:
         resource each of its sim tasks holds while it runs (0: none); ``priorities``: per
         param, Dask's priority for its tasks (a suspect's run first on their worker);
         ``sim_timeout_s``: a sim running longer returns a Timeout failure (run_sim);
-        ``fuse``: per param, the replicates one sim task runs (1: one task per sim).
+        ``fuse``: per param, the replicates one sim task runs (1: one task per sim);
+        ``groups``: per param, a task number (-1: none): params with the same number run
+        in one task (run_params), all their replicates and targets, and must share
+        their request and priority and be fused whole (``fuse`` >= their replicates).
         """
         n = len(params)
         requests = list(requests) if requests is not None else [0] * n
         priorities = list(priorities) if priorities is not None else [0] * n
         fuse = list(fuse) if fuse is not None else [1] * n
-        if len(requests) != n or len(priorities) != n or len(fuse) != n:
-            raise ValueError(f"{len(requests)} requests, {len(priorities)} priorities and "
-                             f"{len(fuse)} fusion factors for {n} params")
-        groups: dict[tuple[int, int, int], list[int]] = {}
-        for i, group in enumerate(zip(requests, priorities, fuse, strict=True)):
-            groups.setdefault(group, []).append(i)
+        tasks = list(groups) if groups is not None else [-1] * n
+        if len(requests) != n or len(priorities) != n or len(fuse) != n or len(tasks) != n:
+            raise ValueError(f"{len(requests)} requests, {len(priorities)} priorities, "
+                             f"{len(fuse)} fusion factors and {len(tasks)} groups for {n} "
+                             "params")
+        packed: dict[int, list[int]] = {}
+        by_shape: dict[tuple[int, int, int], list[int]] = {}
+        for i, shape in enumerate(zip(requests, priorities, fuse, strict=True)):
+            if tasks[i] >= 0:
+                packed.setdefault(tasks[i], []).append(i)
+            else:
+                by_shape.setdefault(shape, []).append(i)
         out: dict[int, TaskKeys] = {}
-        for (request, priority, k), idx in groups.items():
+        if packed:
+            members = list(packed.values())
+            for idx in members:
+                if (len({requests[i] for i in idx}) > 1 or len({priorities[i] for i in idx}) > 1
+                        or any(fuse[i] < len(params[i][2]) or params[i][3] for i in idx)):
+                    raise ValueError("the params of one task must share their request and "
+                                     "priority, be first attempts and be fused whole")
+            packs = self._submit_packed(
+                job_key, [[params[i] for i in idx] for idx in members], model, targets,
+                want_outputs, [requests[idx[0]] for idx in members],
+                [priorities[idx[0]] for idx in members], sim_timeout_s)
+            for idx, task_keys in zip(members, packs, strict=True):
+                out.update(zip(idx, task_keys, strict=True))
+        for (request, priority, k), idx in by_shape.items():
             resources = {MEMORY_RESOURCE: float(request)} if request > 0 else None
             rows = [params[i] for i in idx]
             if k > 1:
@@ -443,6 +468,40 @@ class Cluster:
                                           resources, priority, sim_timeout_s)
             out.update(zip(idx, keys, strict=True))
         return [out[i] for i in range(n)]
+
+    def _submit_packed(
+        self,
+        job_key: str,
+        tasks: Sequence[Sequence[ParamRow]],
+        model: str,
+        targets: Sequence[tuple[str, str]],
+        want_outputs: bool,
+        requests: Sequence[int],
+        priorities: Sequence[int],
+        sim_timeout_s: float | None,
+    ) -> list[list[TaskKeys]]:
+        """Submit tasks of several whole params each (run_params): key
+        ``sim-<job>-<first param_id>-p<params>``, one result list for them all, in which
+        each param's TaskKeys.slot is its place. One ``submit`` per task: a map call
+        cannot give each task its own resources."""
+        job = _key_part(job_key)
+        final_specs: list[tuple[str | None, str | None]] = (
+            [(n, f) for n, f in targets] if targets else ([] if want_outputs else [(None, None)]))
+        out: list[list[TaskKeys]] = []
+        for rows, request, priority in zip(tasks, requests, priorities, strict=True):
+            resources = {MEMORY_RESOURCE: float(request)} if request > 0 else None
+            fut = self.client.submit(
+                run_params, model, [(p[0], p[1], list(p[2])) for p in rows], sim_timeout_s,
+                self._code, final_specs, want_outputs,
+                key=f"sim-{job}-{rows[0][0]}-p{len(rows)}",
+                pure=False, resources=resources, priority=priority,
+            )
+            key = str(fut.key)
+            self._futures[key] = fut
+            self._completed.add(fut)
+            out.append([TaskKeys(sims=(key,), finals=(), watch=(key,), gather=(key,),
+                                 fused=True, slot=i) for i in range(len(rows))])
+        return out
 
     def _submit_fused(
         self,
@@ -489,7 +548,8 @@ class Cluster:
             for p, f in zip(whole, futs, strict=True):
                 key = str(f.key)
                 self._futures[key] = f
-                keys[p[0]] = TaskKeys(sims=(key,), finals=(), watch=(key,), gather=(key,))
+                keys[p[0]] = TaskKeys(sims=(key,), finals=(), watch=(key,), gather=(key,),
+                                      fused=True)
             del futs
         if split:
             sim_args = [(p, c) for p in split for c in chunks(len(p[2]), k)]
@@ -535,6 +595,7 @@ class Cluster:
                     finals=tuple(str(f.key) for f in finals),
                     watch=tuple(str(f.key) for f in watch),
                     gather=tuple(str(f.key) for f in (finals + (sims if want_outputs else []))),
+                    fused=True,
                 )
         return [keys[p[0]] for p in params]
 

@@ -206,9 +206,12 @@ class Observation:
     # Replicates one sim task runs (tidegate.fusion): a param's R sims then occupy
     # ceil(R / fuse) threads, each for fuse sims' time.
     fuse: int = 1
+    # Params one task runs (whole params, fuse >= R): pack params take one thread for
+    # pack x R sims' time.
+    pack: int = 1
 
     def __post_init__(self) -> None:
-        _check_counts(self, inflight=0, pending=0, replicates=1, targets=0)
+        _check_counts(self, inflight=0, pending=0, replicates=1, targets=0, fuse=1, pack=1)
         if not (_is_real(self.memory_scale) and 0 < self.memory_scale <= 1):
             raise ValueError(f"memory_scale must be in (0, 1], got {self.memory_scale!r}")
 
@@ -420,6 +423,11 @@ class Controller:
             "agg_bytes": len(self._agg_bytes),
             "latency_seconds": len(self._latency_s),
         }
+
+    def round_trip(self) -> float | None:
+        """The round trip a refill cannot hide, its least over the recent window
+        (queueing excluded), or None before any was measured."""
+        return min(self._latency_s) if self._latency_s else None
 
     def sim_profile(self) -> tuple[float | None, int, int]:
         """A sim as measured: its median run time (None before any), and the quantile of
@@ -635,14 +643,22 @@ class Controller:
         k = self._last.fuse if self._last is not None else 1
         return max(1, min(k, r))
 
-    def _width(self, r: int) -> int:
-        """The threads one param's sim tasks occupy at once: R, or fewer when fused."""
-        return math.ceil(r / self._fuse(r))
+    def _pack(self, r: int) -> int:
+        g = self._last.pack if self._last is not None else 1
+        return g if self._fuse(r) >= r else 1
+
+    def _width(self, r: int) -> float:
+        """The threads one param's sim tasks occupy at once: R, fewer when its
+        replicates are fused, a fraction of one when params share a task."""
+        return math.ceil(r / self._fuse(r)) / self._pack(r)
 
     def _useful(self, threads: int, r: int) -> int | None:
         if not self._run_s or threads <= 0:
             return None
-        # A fused task runs k sims: Little's law over tasks, k sims' time each.
-        run = statistics.median(self._run_s) * self._fuse(r)
+        # A fused task runs k sims (or g whole params, g x R): Little's law over tasks,
+        # that many sims' time each.
+        sims = self._fuse(r) * self._pack(r)
+        run = statistics.median(self._run_s) * sims
         latency = min(self._latency_s, default=0.0)  # BBR-style min: queueing excluded
-        return useful_ceiling(threads, run, latency, self.config.saturation, self._width(r))
+        tasks = useful_ceiling(threads, run, latency, self.config.saturation, 1)
+        return math.ceil(tasks / self._width(r))

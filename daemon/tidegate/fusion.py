@@ -6,26 +6,50 @@ report: 1-2 ms of CPU on a small machine, shared with the sims themselves). A si
 5 ms in a task of its own then spends a quarter of its thread's time on that cost; the
 same sim fused with three others into a 20 ms task spends less than a tenth.
 
-So k, the replicates per task, is the smallest that makes a task last ``FUSE_TASK_S``
-from the measured median run time of a sim (k = ceil(FUSE_TASK_S / run)), never more
+So k, the replicates per task, is the smallest that makes a task last ``task_s``
+from the measured median run time of a sim (k = ceil(task_s / run)), never more
 than the param has, and never so many that the outputs the task holds until it returns
 take more memory than one thread's share of its worker: a fused task's outputs and one
 sim's working memory count as one request, and fusing must not cost a worker a thread
-it could run. Long sims (run >= FUSE_TASK_S) keep k = 1: one task per sim, as without
+it could run. ``task_s`` is OVERHEAD_RATIO times the round trip a task costs the run
+loop, as measured (``task_seconds``; FUSE_TASK_S until then). Long sims (run >= task_s)
+keep k = 1: one task per sim, as without
 fusion, so fusion turns itself off where it does not pay. Until run times are measured
 k is 1 too.
+
+When a whole param (all its replicates, and then its targets) still runs shorter than
+``task_s``, several params share one task: g, the params per task, is found the same
+way over the param's run time (R sims), with the same memory bound over all the outputs
+the task holds. A param with one replicate can only be fused this way.
 """
 
 from __future__ import annotations
 
 import math
 
-# A fused task lasts at least this long: 25-50 times the per-task cost, so that cost is
-# a few percent of the thread's time. Longer buys little and serialises replicates that
-# could run on other threads.
+# A fused task lasts at least this long before the per-task cost is measured: 25-50
+# times that cost on a small machine, so it is a few percent of the thread's time.
 FUSE_TASK_S = 0.05
+# Once measured (task_seconds), a task lasts OVERHEAD_RATIO times the round trip each
+# task costs the loop, within these bounds: a busy scheduler (a slower round trip) gets
+# longer tasks; longer than the upper bound serialises sims that could run on other
+# threads and makes the tail of a job coarse.
+OVERHEAD_RATIO = 20
+FUSE_TASK_MIN_S = 0.02
+FUSE_TASK_MAX_S = 0.5
 # Shortest run time used, so a 0 s measurement cannot divide by zero.
 _MIN_RUN_S = 1e-4
+# Most params one task runs: a task's result (a list per param) is one message, and the
+# params of a task are retried together when its worker is lost.
+MAX_PACK = 256
+
+
+def task_seconds(round_trip_s: float | None) -> float:
+    """How long a fused task should last, from the measured round trip a task costs
+    (None: not measured yet, FUSE_TASK_S)."""
+    if round_trip_s is None or not math.isfinite(round_trip_s) or round_trip_s <= 0:
+        return FUSE_TASK_S
+    return min(FUSE_TASK_MAX_S, max(FUSE_TASK_MIN_S, OVERHEAD_RATIO * round_trip_s))
 
 
 def fuse_factor(
@@ -50,6 +74,29 @@ def fuse_factor(
         room = share_bytes - max(work_bytes, out_bytes)
         k = min(k, 1 + max(0, room) // out_bytes)
     return max(1, k)
+
+
+def pack_factor(
+    run_s: float | None,
+    replicates: int,
+    k: int,
+    *,
+    task_s: float = FUSE_TASK_S,
+    out_bytes: int = 0,
+    work_bytes: int = 0,
+    share_bytes: int = 0,
+) -> int:
+    """Params per task, for params of ``replicates`` whose replicates run ``k`` per task:
+    1 unless one task already runs a whole param (k >= replicates) in less than
+    ``task_s``. Bounded like ``fuse_factor``: every output of every param the task runs
+    is held until it returns, within one thread's share of its worker."""
+    if run_s is None or k < replicates or not math.isfinite(run_s):
+        return 1
+    g = min(MAX_PACK, math.ceil(task_s / (max(run_s, _MIN_RUN_S) * replicates)))
+    if share_bytes > 0 and out_bytes > 0:
+        room = share_bytes - max(work_bytes, out_bytes)
+        g = min(g, (1 + max(0, room) // out_bytes) // replicates)
+    return max(1, g)
 
 
 def chunks(replicates: int, k: int) -> list[range]:

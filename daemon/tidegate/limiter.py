@@ -14,7 +14,7 @@ from typing import Any
 
 from tidegate.cluster import WorkerInfo
 from tidegate.controller import Controller, ControllerConfig, Decision, Observation
-from tidegate.fusion import fuse_factor, fused_request
+from tidegate.fusion import fuse_factor, fused_request, pack_factor, task_seconds
 from tidegate.outcome import Measured
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ class Limiter:
             now=now, workers=tuple(w.memory() for w in workers), inflight=inflight,
             pending=pending, replicates=self.replicates, targets=self.targets,
             memory_scale=self.memory_scale, fuse=self.replicates_per_task(),
+            pack=self.params_per_task(),
         )
         self.decision = self.controller.decide(obs)
         calm = all(w.calm(self.config.low_water) for w in obs.workers)
@@ -90,7 +91,22 @@ class Limiter:
         if not self.fuse or self.replicates <= 1:
             return 1
         run, out, work = self.controller.sim_profile()
-        return fuse_factor(run, self.replicates, out_bytes=out, work_bytes=work,
+        return fuse_factor(run, self.replicates, task_s=self.task_seconds(), out_bytes=out,
+                           work_bytes=work, share_bytes=self._thread_share())
+
+    def task_seconds(self) -> float:
+        """How long a fused task should last (tidegate.fusion.task_seconds), from the
+        round trip the loop measures."""
+        return task_seconds(self.controller.round_trip())
+
+    def params_per_task(self) -> int:
+        """g, the params one task runs now (tidegate.fusion.pack_factor): more than 1 only
+        where a whole param's sims together are still short against a task's cost."""
+        if not self.fuse:
+            return 1
+        run, out, work = self.controller.sim_profile()
+        return pack_factor(run, self.replicates, self.replicates_per_task(),
+                           task_s=self.task_seconds(), out_bytes=out, work_bytes=work,
                            share_bytes=self._thread_share())
 
     def task_request(self, request: int, k: int) -> int:

@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 import psutil
 
@@ -28,6 +28,7 @@ from tidegate.cluster import ClusterPort, LossSource, SchedulerLost, WorkerInfo,
 from tidegate.codepaths import CodeDigest, CodePathError, hash_code
 from tidegate.commit import Commit, Rewritten
 from tidegate.failures import TRACEBACK_HINT, Breaker
+from tidegate.fusion import chunks
 from tidegate.knobs import RunOptions, controller_config
 from tidegate.limiter import Limiter, check_layout
 from tidegate.losses import Isolation, MemoryKill, Quarantine, WorkerLoss
@@ -401,8 +402,12 @@ class Runner:
         # suspect's memory is measured sim by sim.
         k = limiter.replicates_per_task()
         fuse = [1 if a.solo or a.attempt > 0 else k for a in batch]
-        requests = [limiter.task_request(limiter.request(solo=a.solo), f)
-                    for a, f in zip(batch, fuse, strict=True)]
+        sized: dict[tuple[bool, int], int] = {}  # one sizing per kind of task, not per param
+        for a, f in zip(batch, fuse, strict=True):
+            if (a.solo, f) not in sized:
+                sized[a.solo, f] = limiter.task_request(limiter.request(solo=a.solo), f)
+        requests = [sized[a.solo, f] for a, f in zip(batch, fuse, strict=True)]
+        groups = self._pack(batch, fuse, requests)
         keys = self.cluster.submit_params(
             job.job_id,
             [(a.param.param_id, a.param.values, job.seeds(a.param.param_id), a.attempt)
@@ -414,11 +419,44 @@ class Runner:
             priorities=[1 if a.solo else 0 for a in batch],
             sim_timeout_s=spec.sim_timeout_s,
             fuse=fuse,
+            groups=groups,
         )
         for a, request in zip(batch, requests, strict=True):
             self._requests[a.param.param_id] = request
-        self.stats.submitted(sum(len(t.sims) for t in keys), len(batch) * spec.replicates)
+        self.stats.submitted(len({k for t in keys for k in t.sims}),
+                             len(batch) * spec.replicates)
         return keys
+
+    def _pack(self, batch: Sequence[Admission[Param]], fuse: list[int],
+              requests: list[int]) -> list[int] | None:
+        """Which of ``batch`` share a task (tidegate.fusion.pack_factor): first attempts
+        fused whole, g at a time, as even as can be; their request becomes the task's
+        (every sim's outputs counted). Never so few tasks that a thread would wait: a
+        window of B params in tasks of g keeps at least two tasks per thread. None when
+        no task is shared."""
+        limiter, r = self.limiter, self.job.spec.replicates
+        g = limiter.params_per_task()
+        threads = sum(limiter.threads.values())
+        if threads > 0:
+            g = min(g, max(1, self.batch_size // (2 * threads)))
+        whole = [i for i, (a, f) in enumerate(zip(batch, fuse, strict=True))
+                 if not a.solo and a.attempt == 0 and f >= r]
+        if g <= 1 or len(whole) <= 1:
+            return None
+        groups = [-1] * len(batch)
+        sized: dict[int, int] = {}
+        for n, chunk in enumerate(chunks(len(whole), g)):
+            members = [whole[j] for j in chunk]
+            if len(members) == 1:
+                continue  # a task of its own, as unpacked
+            if len(members) not in sized:
+                sized[len(members)] = limiter.task_request(limiter.request(solo=False),
+                                                           len(members) * r)
+            request = sized[len(members)]
+            for i in members:
+                groups[i] = n
+                requests[i] = request
+        return groups
 
     # --- completion ----------------------------------------------------------------
 
@@ -431,13 +469,13 @@ class Runner:
         ready = self.window.complete(finished)
         if not ready:
             return
-        results = await self._while_workers(
-            self.cluster.gather([k for e in ready for k in e.keys.gather]))
+        # A task several params share is gathered once.
+        keys = list(dict.fromkeys(k for e in ready for k in e.keys.gather))
+        results = dict(zip(keys, await self._while_workers(self.cluster.gather(keys)),
+                           strict=True))
         self.limiter.gathered()
-        i = 0
         for entry in ready:
-            chunk, i = results[i : i + len(entry.keys.gather)], i + len(entry.keys.gather)
-            chunk = _unfused(chunk)
+            chunk = _unfused([_own(results[k], entry.keys.slot) for k in entry.keys.gather])
             self.window.remove(entry.param_id)
             self._requests.pop(entry.param_id, None)
             self.cluster.release(entry.keys.all)
@@ -631,10 +669,10 @@ class Runner:
         stay with its param, so poison isolation counts the kill as before. Every task
         the worker held, not only those it reported started: a worker killed just as a
         task started never sent that report, and splitting an innocent costs little."""
-        w, r = self.window, self.job.spec.replicates
-        for pid in dict.fromkeys(p for key in loss.processing if (p := w.owner(key)) is not None):
+        w = self.window
+        for pid in dict.fromkeys(p for key in loss.processing for p in w.owners(key)):
             entry = w.get(pid)
-            if entry is None or len(entry.keys.sims) >= r:
+            if entry is None or not entry.keys.fused:
                 continue  # split already: Dask's own rerun is the retry
             w.remove(pid)
             self._requests.pop(pid, None)
@@ -660,6 +698,14 @@ class Runner:
             self.stats.search_progress(self.search.view())
         if self.progress is not None:
             self.progress.update(self.snapshot())
+
+
+def _own(result: Any, slot: int) -> Result | list[Result]:
+    """A param's part of a task's result: where params share a task (run_params), its
+    item of the list; a failure of the task (a TaskFailure) is every param's."""
+    if slot < 0 or not isinstance(result, list):
+        return cast("Result | list[Result]", result)
+    return cast("list[Result]", result[slot])
 
 
 def _unfused(results: Sequence[Result | list[Result]]) -> list[Result]:

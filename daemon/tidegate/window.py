@@ -29,13 +29,22 @@ class TaskKeys:
     """The task keys of one param on the cluster.
 
     ``watch``: the keys whose completion means the param is done; ``gather``: the keys
-    whose results tidegate needs (a subset of ``sims + finals``).
+    whose results tidegate needs (a subset of ``sims + finals``). ``fused``: a task of
+    the param runs more than one sim (its replicates, or other params too). ``slot``:
+    where several params share one task (its one key), this param's place in that
+    task's result list; -1 where the task is the param's own.
     """
 
     sims: tuple[str, ...]
     finals: tuple[str, ...]
     watch: tuple[str, ...]
     gather: tuple[str, ...]
+    fused: bool = False
+    slot: int = -1
+
+    @property
+    def shared(self) -> bool:
+        return self.slot >= 0
 
     @property
     def all(self) -> tuple[str, ...]:
@@ -87,7 +96,9 @@ class Window(Generic[P]):
         self._retry: deque[Admission[P]] = deque()
         self._solo: deque[Admission[P]] = deque()
         self._inflight: dict[str, Entry[P]] = {}
-        self._owner: dict[str, str] = {}  # every task key in flight -> param id
+        # Every task key in flight -> the ids of the params it runs (several where params
+        # share a task).
+        self._owner: dict[str, list[str]] = {}
 
     # --- derived counts ---------------------------------------------------------------
 
@@ -101,7 +112,8 @@ class Window(Generic[P]):
 
     @property
     def sims(self) -> int:
-        return sum(len(e.keys.sims) for e in self._inflight.values())
+        """Sim tasks in flight (a task several params share counts once)."""
+        return len({k for e in self._inflight.values() for k in e.keys.sims})
 
     @property
     def to_admit(self) -> int:
@@ -141,7 +153,13 @@ class Window(Generic[P]):
         return self._inflight.get(param_id)
 
     def owner(self, key: str) -> str | None:
-        return self._owner.get(key)
+        """The param a task key is of, if it is of one param alone."""
+        owners = self._owner.get(key)
+        return owners[0] if owners is not None and len(owners) == 1 else None
+
+    def owners(self, key: str) -> tuple[str, ...]:
+        """Every param a task key runs."""
+        return tuple(self._owner.get(key, ()))
 
     def entries(self) -> list[Entry[P]]:
         return list(self._inflight.values())
@@ -206,7 +224,7 @@ class Window(Generic[P]):
             raise ValueError(f"param {pid} is already in flight")
         self._inflight[pid] = Entry(a.param, a.attempt, keys, a.solo, set(keys.watch))
         for key in keys.all:
-            self._owner[key] = pid
+            self._owner.setdefault(key, []).append(pid)
 
     # --- completion ---------------------------------------------------------------------
 
@@ -217,19 +235,26 @@ class Window(Generic[P]):
         ``remove``d."""
         ready: list[Entry[P]] = []
         for key in keys:
-            entry = self._inflight.get(self._owner.get(key, ""))
-            if entry is None or key not in entry.waiting:
-                continue
-            entry.waiting.discard(key)
-            if not entry.waiting:
-                ready.append(entry)
+            for pid in self._owner.get(key, ()):
+                entry = self._inflight.get(pid)
+                if entry is None or key not in entry.waiting:
+                    continue
+                entry.waiting.discard(key)
+                if not entry.waiting:
+                    ready.append(entry)
         return ready
 
     def remove(self, param_id: str) -> Entry[P]:
         """Take a param out of flight; its task keys are forgotten."""
         entry = self._inflight.pop(param_id)
         for key in entry.keys.all:
-            self._owner.pop(key, None)
+            owners = self._owner.get(key)
+            if owners is None:
+                continue
+            if param_id in owners:
+                owners.remove(param_id)
+            if not owners:
+                del self._owner[key]
         return entry
 
     def requeue(self, param: P, attempt: int, lane: Lane = Lane.RETRY) -> None:

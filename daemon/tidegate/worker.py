@@ -129,6 +129,20 @@ def run_fused(
     return out
 
 
+def run_params(
+    model: str, params: Sequence[tuple[str, Any, Sequence[int]]],
+    timeout_s: float | None = None, code: tuple[Sequence[str], str] | None = None,
+    targets: Sequence[tuple[str | None, str | None]] = (),
+    want_outputs: bool = True,
+) -> list[list[SimReturn | TargetResult]]:
+    """Several whole params in one Dask task: for each (param_id, values, seeds), in
+    order, what run_fused returns for all its replicates and targets. A user error stays
+    in its own sim's SimReturn, so one param's failure is not its neighbours'."""
+    return [run_fused(model, values, param_id, range(len(seeds)), seeds, timeout_s, code,
+                      targets, want_outputs)
+            for param_id, values, seeds in params]
+
+
 def executing_keys(prefixes: Sequence[str], dask_worker: Any = None) -> list[str]:
     """Keys starting with one of ``prefixes`` that this worker is executing, cancelled ones
     included: a cancelled task runs on until its function returns (a thread cannot be

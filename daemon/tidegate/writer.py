@@ -268,7 +268,9 @@ class PartWriter:
         self._buf.param_rows.append(row)
         for name, chunks in tables.items():
             self._buf.outputs.setdefault(name, []).extend(chunks)
-            self._buf.nbytes += sum(t.nbytes for t in chunks)
+            # get_total_buffer_size, not nbytes: nbytes walks every buffer to count a
+            # shared one once, a cost per param the loop pays for short sims.
+            self._buf.nbytes += sum(t.get_total_buffer_size() for t in chunks)
         for result in targets:
             if result.error is None and result.target is not None:
                 self._buf.targets.setdefault(result.target, []).append(

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.dataset as ds
+import pytest
 
 from tests.conftest import synthetic_spec, tidegate, write_spec
 
@@ -32,8 +33,11 @@ def _rows(path: Path) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: json.dumps(r, sort_keys=True, default=str))
 
 
-def test_short_sims_fuse_with_the_rows_and_seeds_of_one_task_per_sim(tmp_path: Path) -> None:
-    n, r = 120, 4
+# Four replicates fuse a param's sims into its task; one replicate packs several params
+# into a task (the only fusion a single replicate has).
+@pytest.mark.parametrize(("n", "r"), [(120, 4), (300, 1)])
+def test_short_sims_fuse_with_the_rows_and_seeds_of_one_task_per_sim(tmp_path: Path, n: int,
+                                                                    r: int) -> None:
     values = [{"k": i, "output_bytes": 256, "run_seconds": 0.002} for i in range(n)]
     runs = {}
     for fuse in (True, False):
@@ -84,8 +88,9 @@ KILLER = textwrap.dedent('''
 ''')
 
 
-def test_a_fused_task_on_a_killed_worker_runs_again_split(tmp_path: Path) -> None:
-    n, r, kill_at = 80, 4, 60
+@pytest.mark.parametrize(("n", "r", "kill_at"), [(80, 4, 60), (300, 1, 250)])
+def test_a_fused_task_on_a_killed_worker_runs_again_split(tmp_path: Path, n: int, r: int,
+                                                          kill_at: int) -> None:
     (tmp_path / "killer.py").write_text(KILLER)
     spec = synthetic_spec(n, replicates=r, model="killer:model",
                           parameters={"values": [{"k": i, "kill_at": kill_at}

@@ -70,3 +70,24 @@ def test_tight_memory_races_the_fastest_window_that_lost_no_worker() -> None:
     t = target(runs, "tight-memory",
                "tidegate params/s / fastest surviving dask-window params/s")
     assert t.met is False and "dask-window-4" in t.measured and t.measured.startswith("0.80")
+
+
+def test_short_sims_targets_compare_sims_per_second_and_the_physical_limit() -> None:
+    """fast-sims: sims/s against the raw window (>= 1.45x) and against threads / 5 ms
+    (>= 0.85 of 400 sims/s); fast-sims-cpu >= 1.3x; long-sims within 2% of the window's
+    wall; overhead (trivial sims) >= 2x the window's params/s."""
+    runs = [run("fast-sims", "dask-window-16", 10.0, replicates=4, ok=500),
+            run("fast-sims", "tidegate", 6.0, replicates=4, ok=500),
+            run("fast-sims-cpu", "dask-window-16", 10.0, replicates=4),
+            run("fast-sims-cpu", "tidegate", 8.0, replicates=4),
+            run("long-sims", "dask-window-4", 20.0), run("long-sims", "tidegate", 20.5),
+            run("overhead", "dask-window-500", 10.0), run("overhead", "tidegate", 4.0)]
+    window = target(runs, "fast-sims", "tidegate sims/s / dask-window sims/s")
+    assert window.met is True and window.measured.startswith("1.67")
+    limit = target(runs, "fast-sims", "tidegate sims/s / the physical limit")
+    # 500 params x 4 sims in 6 s: 333 of 400 sims/s, 0.83.
+    assert limit.met is False and limit.measured.startswith("0.83")
+    assert target(runs, "fast-sims-cpu", "tidegate sims/s / dask-window sims/s").met is False
+    wall = target(runs, "long-sims", "tidegate wall / dask-window wall")
+    assert wall.met is False and wall.measured.startswith("1.02")  # 1.025 > 1.02
+    assert target(runs, "overhead", "tidegate params/s / dask-window params/s").met is True

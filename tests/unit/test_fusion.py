@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tidegate.fusion import FUSE_TASK_S, chunks, fuse_factor, fused_request
+from tidegate.fusion import FUSE_TASK_S, MAX_PACK, chunks, fuse_factor, fused_request, pack_factor
 
 MiB = 2**20
 
@@ -61,3 +61,26 @@ def test_a_fused_request_counts_the_outputs_it_holds() -> None:
     assert fused_request(0, 4, MiB, 0.5, 0) == 0  # no resource: none
     assert fused_request(10 * MiB, 4, MiB, 0.5, 0) == 16 * MiB  # 3 MiB / 0.5 more
     assert fused_request(10 * MiB, 4, MiB, 0.5, 12 * MiB) == 12 * MiB  # the largest caps
+
+
+@pytest.mark.parametrize(("run_s", "r", "k", "g"), [
+    (0.005, 1, 1, 10),  # one replicate of 5 ms: ten params make 50 ms
+    (0.005, 4, 4, 3),  # whole params of 20 ms: ceil(2.5)
+    (0.005, 32, 10, 1),  # a param's replicates already fill several tasks
+    (0.02, 4, 3, 1),  # a param of 80 ms is long enough alone
+    (0.5, 1, 1, 1),  # long sims: one param per task
+    (0.0, 1, 1, MAX_PACK),  # trivial sims: as many as one task may hold
+])
+def test_g_packs_whole_params_until_a_task_lasts_the_target(run_s: float, r: int, k: int,
+                                                            g: int) -> None:
+    assert pack_factor(run_s, r, k) == g
+
+
+def test_unmeasured_params_are_not_packed_and_memory_bounds_g() -> None:
+    assert pack_factor(None, 1, 1) == 1
+    assert pack_factor(float("inf"), 1, 1) == 1
+    # A thread's share of 100 MiB, 10 MiB outputs per sim, 2 replicates: 10 sims' outputs
+    # fit beside one working memory (of 10 MiB): 5 params.
+    assert pack_factor(0.001, 2, 2, out_bytes=10 * MiB, work_bytes=10 * MiB,
+                       share_bytes=100 * MiB) == 5
+    assert pack_factor(0.001, 2, 2, out_bytes=80 * MiB, share_bytes=100 * MiB) == 1

@@ -56,6 +56,29 @@ def test_complete_reports_a_param_once_all_watched_keys_are_done() -> None:
     assert w.owner("sim-p0-1-r0") is None and w.finished
 
 
+def _packed(batch: Sequence[Admission[P]]) -> list[TaskKeys]:
+    """Every param of the batch in one task, each at its place in its result."""
+    key = f"sim-{batch[0].param.param_id}-p{len(batch)}"
+    return [TaskKeys((key,), (), (key,), (key,), fused=True, slot=i) for i in range(len(batch))]
+
+
+def test_params_sharing_a_task_complete_together_and_its_key_outlives_each_one() -> None:
+    """One key, three params: its completion readies all three; the key is owned by
+    the params still in flight, and forgotten with the last of them."""
+    w = _window(4)
+    assert w.fill(3, _packed) == 3
+    assert (w.params, w.tasks, w.sims) == (3, 1, 1)
+    assert w.owners("sim-p0-p3") == ("p0", "p1", "p2")
+    assert w.owner("sim-p0-p3") is None  # not one param's alone
+    assert sorted(e.param_id for e in w.complete(["sim-p0-p3"])) == ["p0", "p1", "p2"]
+    w.remove("p1")
+    assert w.owners("sim-p0-p3") == ("p0", "p2") and w.tasks == 1
+    w.remove("p0")
+    assert w.owner("sim-p0-p3") == "p2"
+    w.remove("p2")
+    assert w.owners("sim-p0-p3") == () and w.tasks == 0
+
+
 def test_a_failed_submit_puts_every_param_back() -> None:
     """If submitting raises, retries and new params return to where they were."""
     w = _window(3)
