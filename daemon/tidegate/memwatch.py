@@ -166,6 +166,7 @@ class SimMemory:
 
     work_bytes: int
     killed: KillReport | None = None
+    tree_rss: int = 0  # the tree's RSS when it ended: the next sim's begin in one task
 
 
 @dataclass(slots=True)
@@ -281,8 +282,11 @@ class TreeWatch:
 
     # --- sims ------------------------------------------------------------------------
 
-    def begin(self, key: str) -> object:
-        rss = tree_rss(self._proc)
+    def begin(self, key: str, rss: int | None = None) -> object:
+        """``rss``: a reading of the tree just taken (the previous sim's end, in a
+        task that runs sims one after another), so the tree is not read again."""
+        if rss is None:
+            rss = tree_rss(self._proc)
         token = next(self._tokens)
         with self._lock:
             self._note(rss)
@@ -298,8 +302,8 @@ class TreeWatch:
             self._note(rss)
             sim = self._sims.pop(token, None)  # type: ignore[call-overload]
         if sim is None:
-            return SimMemory(0, None)
-        return SimMemory(max(0, sim.rise), sim.killed)
+            return SimMemory(0, None, rss)
+        return SimMemory(max(0, sim.rise), sim.killed, rss)
 
     def _note(self, total: int) -> None:
         """Record a reading (lock held): the latest, and every active sim's peak."""

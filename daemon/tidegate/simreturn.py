@@ -497,13 +497,35 @@ def run_sim(
     )
 
 
+# Sims run one after another inside one Dask task (worker.run_fused, run_params): the
+# task's key is announced once, by its first sim (tidegate needs key -> worker, not a
+# message per sim: a fused task of 5 ms sims sent 200 a second), and each sim begins
+# from the tree reading its predecessor ended with instead of reading the tree again.
+# Both cost about 0.3 ms a sim, 6% of a 5 ms sim.
+_in_task = threading.local()
+
+
+@contextlib.contextmanager
+def one_task() -> Iterator[None]:
+    """The sims run inside share one Dask task on this thread (reentrant)."""
+    if getattr(_in_task, "active", False):
+        yield
+        return
+    _in_task.active, _in_task.key, _in_task.rss = True, None, None
+    try:
+        yield
+    finally:
+        _in_task.active, _in_task.key, _in_task.rss = False, None, None
+
+
 def _watched_call(
     watch: Any, call: _Call
 ) -> tuple[dict[str, bytes], TaskError | None, int]:
     """The model's call on a worker with tidegate's memory watch: announced, charged its
     process tree's working memory, and MemoryExceeded if its child was killed."""
     key, nthreads = _announce_executing()
-    token = watch.begin(key)
+    in_task = getattr(_in_task, "active", False)
+    token = watch.begin(key, _in_task.rss if in_task else None)
     # VmHWM is per process and its reset is too: with several threads one sim's reset
     # would erase the peak another sim is being measured by. With one thread it sees the
     # worker process's peaks between the watch's samples.
@@ -513,6 +535,8 @@ def _watched_call(
             outputs, error = call()
     finally:
         used = watch.end(token)
+        if in_task:
+            _in_task.rss = used.tree_rss or None
     work = used.work_bytes
     if isinstance(peak, _WorkingMemory):
         work = max(work, peak.bytes)
@@ -596,6 +620,10 @@ def _announce_executing() -> tuple[str, int]:
         nthreads = int(getattr(worker.state, "nthreads", 0) or 0)
     except Exception:
         return "", 0
+    if getattr(_in_task, "active", False):
+        if _in_task.key == key:  # this task's first sim announced it
+            return key, nthreads
+        _in_task.key = key
     with contextlib.suppress(Exception):
         worker.log_event(EXECUTING_TOPIC, {"worker": worker.address, "key": key})
     return key, nthreads
@@ -620,6 +648,7 @@ def run_target(
                 f"replicate {failed.replicate} failed, target not evaluated: {failed.error}",
             )
         return TargetResult(param_id, target, None, {}, error, summaries)
+    _in_task.rss = None  # the user's target may hold memory: the next sim reads afresh
     start = time.perf_counter()
     try:
         loss, diagnostics = _loss_of(import_callable(function)(list(returns)))

@@ -21,7 +21,14 @@ from distributed.diagnostics.plugin import NannyPlugin, WorkerPlugin
 
 from tidegate.memwatch import KillReport, TreeWatch, active_watch, set_active_watch
 from tidegate.simreturn import EXECUTING_TOPIC as EXECUTING_TOPIC  # run_sim logs it
-from tidegate.simreturn import SimReturn, TargetResult, run_sim, run_target, use_code
+from tidegate.simreturn import (
+    SimReturn,
+    TargetResult,
+    one_task,
+    run_sim,
+    run_target,
+    use_code,
+)
 
 EXIT_TOPIC = "tidegate-worker-exit"
 MEMORY_RESOURCE = "tidegate-memory"
@@ -118,8 +125,9 @@ def run_fused(
     the TargetResults, followed by the SimReturns when the outputs are wanted, the order
     of the unfused tasks' results.
     """
-    sims = [run_sim(model, params, param_id, rep, seed, timeout_s, code)
-            for rep, seed in zip(replicates, seeds, strict=True)]
+    with one_task():
+        sims = [run_sim(model, params, param_id, rep, seed, timeout_s, code)
+                for rep, seed in zip(replicates, seeds, strict=True)]
     if targets is None:
         return list(sims)
     out: list[SimReturn | TargetResult] = [
@@ -138,9 +146,10 @@ def run_params(
     """Several whole params in one Dask task: for each (param_id, values, seeds), in
     order, what run_fused returns for all its replicates and targets. A user error stays
     in its own sim's SimReturn, so one param's failure is not its neighbours'."""
-    return [run_fused(model, values, param_id, range(len(seeds)), seeds, timeout_s, code,
-                      targets, want_outputs)
-            for param_id, values, seeds in params]
+    with one_task():
+        return [run_fused(model, values, param_id, range(len(seeds)), seeds, timeout_s,
+                          code, targets, want_outputs)
+                for param_id, values, seeds in params]
 
 
 def executing_keys(prefixes: Sequence[str], dask_worker: Any = None) -> list[str]:

@@ -114,3 +114,48 @@ def test_memory_watch_on_a_real_worker() -> None:
     notice = {n["key"]: n for n in out["notices"]}
     assert notice[out["hog_key"]]["worker"] == before["address"]
     assert notice[out["ok_key"]]["worker"] == before["address"]
+
+
+async def _fused_scenario() -> dict[str, Any]:
+    from tidegate.worker import run_params
+
+    async with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, memory_limit=LIMIT,
+        dashboard_address=None, asynchronous=True,
+    ) as cluster, Client(cluster, asynchronous=True) as client:
+        await client.wait_for_workers(1)
+        plugin = memory_watch_plugin()
+        await client.register_plugin(plugin, name=plugin.name)
+        notices: list[dict[str, Any]] = []
+        client.subscribe_topic(EXECUTING_TOPIC, lambda event: notices.append(event[1]))
+        light = {"output_bytes": 64}
+        # Each replicate of the middle param holds 120 MiB while it runs, its
+        # neighbours' nothing.
+        heavy = {"alloc_bytes": 120 * MiB}
+        params = [("p0", light, [1, 2, 3]), ("p1", heavy, [4, 5, 6]), ("p2", light, [7, 8, 9])]
+        fused = client.submit(run_params, MODEL, params, pure=False)
+        result = await fused
+        single = client.submit(run_sim, MODEL, light, "p3", 0, 1, pure=False)
+        await single
+        await _until(lambda: single.key in {n.get("key") for n in notices})
+        return {"result": result, "key": fused.key, "single": single.key,
+                "notices": list(notices)}
+
+
+def test_a_task_of_several_sims_announces_once_and_charges_each_sim_its_own_memory() -> None:
+    out = asyncio.run(_fused_scenario())
+    keys = [n["key"] for n in out["notices"]]
+    # One notice for the task of nine sims, one for the task of one.
+    assert keys.count(out["key"]) == 1, keys
+    assert keys.count(out["single"]) == 1, keys
+    per_param = out["result"]
+    assert [len(p) for p in per_param] == [3, 3, 3]
+    for sims, heavy in zip(per_param, (False, True, False), strict=True):
+        for sim in sims:
+            assert isinstance(sim, SimReturn) and sim.ok, sim
+            # Each sim of the heavy param is charged its 120 MiB, each light one far less,
+            # though every sim after the first begins from its predecessor's reading.
+            if heavy:
+                assert sim.rss_delta_bytes >= 100 * MiB, sim.rss_delta_bytes
+            else:
+                assert sim.rss_delta_bytes < 40 * MiB, sim.rss_delta_bytes
