@@ -55,16 +55,20 @@ def _peak_rss_mib(pid: int) -> float:
 
 def _run(spec: Path, address: str) -> dict[str, object]:
     start = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tidegate", "run", str(spec), "--scheduler", address,
-         "--no-progress", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    rss = 0.0
-    while proc.poll() is None:  # sampled: VmHWM is gone once the process has exited
-        rss = max(rss, _peak_rss_mib(proc.pid))
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=1.0)
-    out, err = proc.communicate()
+    # Files, not pipes: a pipe read only at the end fills (64 KiB of log lines, a few
+    # minutes into a 10^6 run) and the run blocks writing its log.
+    out_path, err_path = spec.with_suffix(".out"), spec.with_suffix(".err")
+    with out_path.open("w") as out_f, err_path.open("w") as err_f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tidegate", "run", str(spec), "--scheduler", address,
+             "--no-progress", "--json"], stdout=out_f, stderr=err_f,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        rss = 0.0
+        while proc.poll() is None:  # sampled: VmHWM is gone once the process has exited
+            rss = max(rss, _peak_rss_mib(proc.pid))
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=1.0)
+    out, err = out_path.read_text(), err_path.read_text()
     first = FIRST.search(err)
     summary = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
     return {"params": summary.get("params"), "state": summary.get("state"),
