@@ -78,6 +78,14 @@ ALTER TABLE parts ADD COLUMN code_hash TEXT;
 ALTER TABLE intents ADD COLUMN code_hash TEXT;
 """
 
+# Version 5: an index of params by part. Resume checks each committed part's params
+# against its files (part_param_ids, one query a part) and forgetting a part deletes its
+# params: without it each was a scan of the whole table, and a resume with 900,000 of
+# 10^6 params committed in 900 parts spent 51 of its 55 s in those scans.
+_V5 = """
+CREATE INDEX params_part ON params (part);
+"""
+
 LEDGER_SCHEMA = Schema(
     what="tidegate ledger",
     migrations=(
@@ -85,6 +93,7 @@ LEDGER_SCHEMA = Schema(
         Migration(2, "per-file sizes and checksums; part intents", _V2),
         Migration(3, "intents that replace a committed part", _V3),
         Migration(4, "the code hash of each part", _V4),
+        Migration(5, "an index of params by part", _V5),
     ),
     legacy={
         "meta": frozenset({"key", "value"}),
