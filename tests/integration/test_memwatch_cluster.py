@@ -5,9 +5,10 @@ past the worker's limit failing alone while the worker lives on."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from distributed import Client, LocalCluster
@@ -37,8 +38,10 @@ async def _until(cond: Callable[[], Any], timeout: float = 60) -> Any:
     raise TimeoutError("condition not met in time")
 
 
-async def _scenario() -> dict[str, Any]:
-    out: dict[str, Any] = {}
+@contextlib.asynccontextmanager
+async def _watched_worker() -> AsyncIterator[tuple[Client, list[dict[str, Any]]]]:
+    """One worker of one thread with tidegate's memory watch, and the executing notices
+    it sends, as they come."""
     async with LocalCluster(
         n_workers=1, threads_per_worker=1, processes=True, memory_limit=LIMIT,
         dashboard_address=None, asynchronous=True,
@@ -48,6 +51,12 @@ async def _scenario() -> dict[str, Any]:
         await client.register_plugin(plugin, name=plugin.name)
         notices: list[dict[str, Any]] = []
         client.subscribe_topic(EXECUTING_TOPIC, lambda event: notices.append(event[1]))
+        yield client, notices
+
+
+async def _scenario() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    async with _watched_worker() as (client, notices):
 
         async def worker_info() -> dict[str, Any] | None:
             workers = (await client.scheduler.identity())["workers"]
@@ -119,15 +128,7 @@ def test_memory_watch_on_a_real_worker() -> None:
 async def _fused_scenario() -> dict[str, Any]:
     from tidegate.worker import run_params
 
-    async with LocalCluster(
-        n_workers=1, threads_per_worker=1, processes=True, memory_limit=LIMIT,
-        dashboard_address=None, asynchronous=True,
-    ) as cluster, Client(cluster, asynchronous=True) as client:
-        await client.wait_for_workers(1)
-        plugin = memory_watch_plugin()
-        await client.register_plugin(plugin, name=plugin.name)
-        notices: list[dict[str, Any]] = []
-        client.subscribe_topic(EXECUTING_TOPIC, lambda event: notices.append(event[1]))
+    async with _watched_worker() as (client, notices):
         light = {"output_bytes": 64}
         # Each replicate of the middle param holds 120 MiB while it runs, its
         # neighbours' nothing.
