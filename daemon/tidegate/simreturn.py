@@ -501,7 +501,8 @@ def run_sim(
 # task's key is announced once, by its first sim (tidegate needs key -> worker, not a
 # message per sim: a fused task of 5 ms sims sent 200 a second), and each sim begins
 # from the tree reading its predecessor ended with instead of reading the tree again.
-# Both cost about 0.3 ms a sim, 6% of a 5 ms sim.
+# Measured in one task of 200 5 ms sims on a one-thread worker, the watch's cost a sim
+# (with it against without) fell from 1.1 ms to 0.2 ms.
 _in_task = threading.local()
 
 
