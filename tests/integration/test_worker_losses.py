@@ -36,7 +36,9 @@ async def _classify_each_end() -> dict[str, WorkerLoss]:
         watch = await cluster.watch_workers(time.monotonic)
 
         async def a_worker() -> tuple[str, int]:
-            await client.wait_for_workers(2)
+            # Bounded: a nanny whose restart failed leaves one worker, and an unbounded
+            # wait hung the suite instead of failing this test.
+            await client.wait_for_workers(2, timeout=180)
             return sorted((await client.run(os.getpid)).items())[0]
 
         for label, signum in (("sigkill", signal.SIGKILL), ("sigterm", signal.SIGTERM)):
