@@ -80,8 +80,9 @@ ALTER TABLE intents ADD COLUMN code_hash TEXT;
 
 # Version 5: an index of params by part. Resume checks each committed part's params
 # against its files (part_param_ids, one query a part) and forgetting a part deletes its
-# params: without it each was a scan of the whole table, and a resume with 900,000 of
-# 10^6 params committed in 900 parts spent 51 of its 55 s in those scans.
+# params: without it each was a scan of the whole table. With 900,000 of 10^6 params
+# committed in 900 parts, Commit.resume took 243.5 s without it and 20.0 s with it (one
+# run each on a loaded machine).
 _V5 = """
 CREATE INDEX params_part ON params (part);
 """
