@@ -141,6 +141,7 @@ class CommittedPart:
     files: list[str]
     nbytes: int  # the total the part was recorded with
     sizes: dict[str, RecordedFile]  # empty for parts committed by ledger version 1
+    n_params: int = 0  # the params it was committed with
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,11 +277,13 @@ class Ledger:
         return LedgerIds(self._db, self.next_part(), int(n))
 
     def counts(self) -> LedgerCounts:
-        ok, failed = self._db.execute(
-            "SELECT COALESCE(SUM(status = 'ok'), 0), COALESCE(SUM(status = 'failed'), 0) "
-            "FROM params"
+        # From the parts' own counts (one row a part), not a scan of every params row:
+        # 0.16 s a call with 900,000 committed. Resume's check_parts compares each part's
+        # count with its params rows, and nothing changes a params row's status in place.
+        ok, failed, parts = self._db.execute(
+            "SELECT COALESCE(SUM(n_params - n_failed), 0), COALESCE(SUM(n_failed), 0), "
+            "COUNT(*) FROM parts"
         ).fetchone()
-        (parts,) = self._db.execute("SELECT COUNT(*) FROM parts").fetchone()
         return LedgerCounts(int(ok), int(failed), int(parts))
 
     def next_part(self) -> int:
@@ -297,9 +300,9 @@ class Ledger:
         ):
             sizes.setdefault(part, {})[file] = RecordedFile(nbytes, sha)
         return [
-            CommittedPart(part, json.loads(files), nbytes, sizes.get(part, {}))
-            for part, files, nbytes in self._db.execute(
-                "SELECT part, files, bytes FROM parts ORDER BY part"
+            CommittedPart(part, json.loads(files), nbytes, sizes.get(part, {}), n_params)
+            for part, files, nbytes, n_params in self._db.execute(
+                "SELECT part, files, bytes, n_params FROM parts ORDER BY part"
             )
         ]
 
@@ -349,6 +352,11 @@ class Ledger:
     def part_param_ids(self, part: int) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT param_id FROM params WHERE part = ?",
                                                (part,))]
+
+    def params_per_part(self) -> dict[int, int]:
+        """How many params rows name each part: one pass of the part index."""
+        return {int(part): int(n) for part, n in self._db.execute(
+            "SELECT part, COUNT(*) FROM params GROUP BY part")}
 
     def dangling_params(self) -> dict[int, int]:
         """Params rows naming a part the ledger does not record (its ``parts`` row was

@@ -1,10 +1,11 @@
 """Checking a job output against its ledger, and repairing it.
 
 Resume runs the cheap check (:func:`check_parts` with ``full=False``): every committed
-file exists with its recorded size, its Parquet footer reads, and the params part holds
-exactly the param ids the ledger has for it. ``tidegate verify`` adds the full check:
-sha256 of every file, every file read whole, and the model output and target rows
-belonging to the part's params. Damage is never counted as done: resume refuses
+file exists with its recorded size, each params part's footer reads and counts the rows
+the part was committed with, and the ledger holds that many params rows for it.
+``tidegate verify`` adds the full check: sha256 of every file, every file read whole, the
+params part's ids against the ledger's, and the model output and target rows belonging
+to the part's params. Damage is never counted as done: resume refuses
 (:class:`OutputDamaged`) and ``tidegate verify --repair`` un-commits the damaged parts
 (their params rerun) or rebuilds a lost ledger from the parts' param ids.
 """
@@ -140,14 +141,28 @@ def roll_intents(root: Path, ledger: Ledger) -> list[str]:
 
 
 def check_parts(root: Path, ledger: Ledger, *, full: bool) -> list[Damage]:
-    """What is wrong with the committed parts: cheap checks, or (``full``) everything."""
+    """What is wrong with the committed parts: cheap checks, or (``full``) everything.
+
+    The cheap check costs a stat a file, a footer a part and one pass of the ledger's
+    part index, never a read of every committed id: with 900,000 params committed in 900
+    parts, reading each params file's ids and comparing them with the ledger's rows took
+    2.7 s of a 3.2 s resume. A part of ledger version 1 (no recorded sizes) still has its
+    ids compared: its total size is all the ledger knows of it."""
     damage: list[Damage] = []
+    rows = ledger.params_per_part()
     for cp in ledger.parts():
-        ids = ledger.part_param_ids(cp.part)
-        total = 0
         sizes_known = bool(cp.sizes)
+        if full or not sizes_known:
+            ids: list[str] | None = ledger.part_param_ids(cp.part)
+        else:
+            ids = None
+            if (n := rows.get(cp.part, 0)) != cp.n_params:
+                damage.append(Damage(cp.part, "(ledger)", f"{n} params rows name this part, "
+                                     f"which was committed with {cp.n_params}"))
+        total = 0
         for rel in cp.files:
-            problem, size = _check_file(root, rel, cp.sizes.get(rel), ids, full=full)
+            problem, size = _check_file(root, rel, cp.sizes.get(rel), ids, cp.n_params,
+                                        full=full)
             total += size
             if problem:
                 damage.append(Damage(cp.part, rel, problem))
@@ -163,8 +178,11 @@ def check_parts(root: Path, ledger: Ledger, *, full: bool) -> list[Damage]:
     return damage
 
 
-def _check_file(root: Path, rel: str, recorded: RecordedFile | None, ids: list[str], *,
-                full: bool) -> tuple[str, int]:
+def _check_file(root: Path, rel: str, recorded: RecordedFile | None, ids: list[str] | None,
+                n_params: int, *, full: bool) -> tuple[str, int]:
+    """One committed file's problem ("" if none) and size. ``ids``: the part's ledger
+    rows, to compare with the file's; None for the cheap check of a file whose size is
+    recorded (its size, and a params file's row count, are compared instead)."""
     path = root / rel
     if (link := _linked(root, rel)) is not None:
         # Accepted, a copy elsewhere would be counted as this output's data, and a
@@ -178,11 +196,19 @@ def _check_file(root: Path, rel: str, recorded: RecordedFile | None, ids: list[s
         return f"{size} bytes, the ledger recorded {recorded.bytes}", size
     if full and recorded is not None and sha256_of(path) != recorded.sha256:
         return "sha256 differs from the ledger's (the contents changed)", size
+    is_params = rel.startswith("params/")
+    if ids is None and not is_params:
+        return "", size
     try:
-        pq.read_metadata(path)
+        meta = pq.read_metadata(path)
+        if ids is None:
+            if meta.num_rows != n_params:
+                return (f"{meta.num_rows} rows, the part was committed with {n_params} "
+                        "params"), size
+            return "", size
         if full:
             table = pq.read_table(path)
-        elif rel.startswith("params/"):
+        elif is_params:
             table = pq.read_table(path, columns=["param_id"])
         else:
             return "", size
@@ -191,7 +217,7 @@ def _check_file(root: Path, rel: str, recorded: RecordedFile | None, ids: list[s
     if "param_id" not in table.column_names:
         return "no param_id column", size
     got = table.column("param_id").to_pylist()
-    if rel.startswith("params/"):
+    if is_params:
         return _ids_problem(got, ids), size
     stray = set(got) - set(ids)
     if stray:
