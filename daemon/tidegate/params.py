@@ -85,6 +85,19 @@ class ParamSource(Protocol):
         written by one keeps its ids)."""
         ...
 
+    @property
+    def digest(self) -> str | None:
+        """A digest of the params and their order (two sources with one digest yield the
+        same params in the same order), or None. A resume skips the leading params the
+        ledger's watermark for this digest counts as committed without computing their
+        ids (``Pending``); a source without a digest is walked from its first param."""
+        ...
+
+    def iter_from(self, start: int) -> Iterator[Param]:
+        """The params from position ``start`` on (0 is the first), the ones before it
+        skipped without computing their ids."""
+        ...
+
 
 @runtime_checkable
 class CommittedIds(Protocol):
@@ -193,6 +206,13 @@ class ListSource:
         return ListSource([Param(param_id_of(p.values, typed=True), p.values)
                            for p in self._params])
 
+    @property
+    def digest(self) -> str | None:
+        return None  # inline values: few enough to walk, and their ids are already made
+
+    def iter_from(self, start: int) -> Iterator[Param]:
+        return itertools.islice(self._params, start, None)
+
 
 class GridSource:
     """The product of a grid's columns (the last name varies fastest), never expanded."""
@@ -210,10 +230,24 @@ class GridSource:
         return math.prod(len(c) for c in self._columns)
 
     def __iter__(self) -> Iterator[Param]:
+        return self.iter_from(0)
+
+    def iter_from(self, start: int) -> Iterator[Param]:
         names, typed = self._names, self._typed
-        for combo in itertools.product(*self._columns):
+        # islice skips in C, before any id is made: 900,000 combinations in about 40 ms.
+        for combo in itertools.islice(itertools.product(*self._columns), start, None):
             values = dict(zip(names, combo, strict=True))
             yield Param(param_id_of(values, typed=typed), values)
 
     def typed_ids(self) -> GridSource:
         return GridSource(self._names, self._columns, typed=True)
+
+    @property
+    def digest(self) -> str | None:
+        # Types kept (1 and 1.0 are one id but two columns' values), and the id scheme:
+        # a typed source yields other ids in the same order.
+        body = {"grid": [[n, [[type(v).__name__, v] for v in c]]
+                         for n, c in zip(self._names, self._columns, strict=True)],
+                "typed": self._typed}
+        text = json.dumps(body, separators=(",", ":"), allow_nan=False)
+        return "grid-" + hashlib.sha256(text.encode()).hexdigest()

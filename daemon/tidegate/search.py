@@ -319,6 +319,15 @@ class SearchSource:
     def typed_ids(self) -> SearchSource:
         return self  # searches came after canonical ids: there are no older ids
 
+    @property
+    def digest(self) -> str | None:
+        return None  # its points come from the sampler: no order to resume within
+
+    def iter_from(self, start: int) -> Iterator[Param]:
+        if start:
+            raise ValueError("a search is walked from its first trial")
+        return iter(self)
+
     def __iter__(self) -> Iterator[Param]:
         yield from self._known
         while True:
