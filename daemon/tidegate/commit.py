@@ -18,7 +18,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -228,8 +228,14 @@ class Commit:
         )
         self._last_flush = 0.0
         self._pool: ThreadPoolExecutor | None = None
-        # The part written in the background: its number, its write, when it started.
-        self._staging: tuple[int, Future[WrittenPart], float] | None = None
+        # The part written in the background: its number, its write, when it started,
+        # and the watermark its commit records.
+        self._staging: tuple[int, Future[WrittenPart], float, tuple[str, int] | None] \
+            | None = None
+        # The digest of the source the run walks, and how far its committed prefix
+        # reaches once given params are committed (Pending.done): each part's commit
+        # records it, so that a resume starts its walk there.
+        self._watermark: tuple[str, Callable[[Iterable[str]], int]] | None = None
 
     @property
     def ledger(self) -> Ledger:
@@ -456,6 +462,17 @@ class Commit:
         self._stage()
         return flushed
 
+    def watermark(self, digest: str | None) -> int:
+        """How far the committed prefix of the source of digest ``digest`` reaches (0 for
+        a source without a digest)."""
+        return self.ledger.watermark(digest) if digest else 0
+
+    def track_watermark(self, digest: str, done: Callable[[Iterable[str]], int]) -> None:
+        """Record with each part the committed prefix of the source of ``digest``,
+        ``done(ids)`` once the part's ids are committed. Called on the thread that
+        flushes (the run loop's), as parts are staged in the order they commit."""
+        self._watermark = (digest, done)
+
     def start_clock(self, now: float) -> None:
         """The flush interval counts from here (the loop's start, once workers joined)."""
         self._last_flush = now
@@ -477,16 +494,22 @@ class Commit:
 
     def _stage(self) -> None:
         taken = self._writer.take(self.ledger.next_part())
+        mark = None
+        if self._watermark is not None:
+            # Here, not in the flush thread: parts are staged one at a time in the order
+            # they commit, and a failed write ends the run before another is staged.
+            digest, done = self._watermark
+            mark = (digest, done(r["param_id"] for r in taken.buf.param_rows))
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="tidegate-flush")
         future = self._pool.submit(self._writer.write_taken, taken)
-        self._staging = (taken.part, future, time.perf_counter())
+        self._staging = (taken.part, future, time.perf_counter(), mark)
 
     def _finish_staged(self, *, wait: bool) -> Flushed | None:
         """Record and publish the part written in the background, once it is written."""
         if self._staging is None:
             return None
-        part, future, t0 = self._staging
+        part, future, t0, mark = self._staging
         if not wait and not future.done():
             return None
         self._staging = None
@@ -497,7 +520,7 @@ class Commit:
             ledger.record_intent(part, sizes, written.statuses)
             publish(out, written)
             ledger.commit(written.part, written.files, written.statuses, written.nbytes,
-                          sizes)
+                          sizes, watermark=mark)
         except (OSError, sqlite3.Error, OutputWriteError) as exc:
             unpublish(out, written)
             with contextlib.suppress(sqlite3.Error):  # else resume rolls it back
@@ -543,7 +566,7 @@ class Commit:
         written in the background (a failure elsewhere) is done and its temporaries are
         removed: its params were never committed and rerun on resume."""
         if self._staging is not None:
-            _, future, _ = self._staging
+            _, future, _, _ = self._staging
             self._staging = None
             with contextlib.suppress(Exception):  # its own error: temporaries removed
                 written = future.result()

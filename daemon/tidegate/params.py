@@ -11,6 +11,7 @@ its next point as a slot frees up is another implementation of the same members.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import itertools
 import json
 import math
@@ -111,9 +112,10 @@ class CommittedIds(Protocol):
         """The committed ones among ``ids``, noted as met by the walk."""
         ...
 
-    def unmet(self, source: Iterable[Param]) -> set[str]:
+    def unmet(self, source: Iterable[Param], *, walked: bool = True) -> set[str]:
         """The committed ids not in ``source``, asked once its walk is over and met fewer
-        than ``len`` of them (the ids met, or a second walk of it)."""
+        than ``len`` of them. ``walked``: the walk asked about every param of the source
+        (else it skipped a prefix, whose ids only another walk of it names)."""
         ...
 
 
@@ -132,8 +134,14 @@ class InMemoryIds:
         self._met |= hits
         return hits
 
-    def unmet(self, source: Iterable[Param]) -> set[str]:
-        return {i for i in self._ids if i not in self._met}
+    def unmet(self, source: Iterable[Param], *, walked: bool = True) -> set[str]:
+        left = {i for i in self._ids if i not in self._met}
+        if not walked:
+            for p in source:
+                if not left:
+                    break
+                left.discard(p.param_id)
+        return left
 
 
 class Pending:
@@ -146,20 +154,37 @@ class Pending:
     spec) without a pass of its own before the first admission; only then are they
     named. A source whose ``read_ahead`` is False is read one param at a time: a search
     asks its sampler for each point as a slot frees up, never a chunk ahead.
+
+    ``start``: the source's first ``start`` params are known to be committed (the
+    ledger's watermark for its digest), so the walk begins there, their ids never made;
+    they count as met. With ``track``, ``done`` says how far that prefix reaches once
+    given params are committed: the position of the first param read from the source and
+    not committed.
     """
 
-    def __init__(self, source: Iterable[Param], committed: Collection[str] | CommittedIds,
-                 *, chunk: int = 256):
+    def __init__(self, source: ParamSource | Iterable[Param],
+                 committed: Collection[str] | CommittedIds, *, chunk: int = 256,
+                 start: int = 0, track: bool = False):
         if not getattr(source, "read_ahead", True):
             chunk = 1
+        if start < 0 or (start and not hasattr(source, "iter_from")):
+            raise ValueError(f"cannot start a walk of {type(source).__name__} at {start}")
         self._walked = source  # walked again only to name a large ledger's orphans
-        self._source = iter(source)
+        self._source = source.iter_from(start) if start else iter(source)  # type: ignore[union-attr]
         self._committed: CommittedIds = (
             committed if isinstance(committed, CommittedIds) else InMemoryIds(committed))
         self._chunk = chunk
         self._ready: deque[Param] = deque()
-        self.met = 0  # committed ids the walk has passed
+        self.start = start
+        self.met = start  # committed ids the walk has passed (the prefix's among them)
         self.exhausted = False
+        self._read = start  # the source position of the next param read
+        # With ``track``: the params read from the source and not yet committed, id ->
+        # position, and their positions as a heap (an entry whose id is done is dropped
+        # once it reaches the top). Bounded by the window and the buffered part.
+        self._track = track
+        self._open: dict[str, int] = {}
+        self._heap: list[tuple[int, str]] = []
 
     def __iter__(self) -> Iterator[Param]:
         return self
@@ -170,13 +195,35 @@ class Pending:
             if not batch:
                 self.exhausted = True
                 raise StopIteration
-            if not len(self._committed):
-                self._ready.extend(batch)
-                break
-            hits = self._committed.which([p.param_id for p in batch])
+            first, self._read = self._read, self._read + len(batch)
+            hits: AbstractSet[str] = (self._committed.which([p.param_id for p in batch])
+                                      if len(self._committed) else frozenset())
             self.met += len(hits)
-            self._ready.extend(p for p in batch if p.param_id not in hits)
+            for k, p in enumerate(batch, first):
+                if p.param_id in hits:
+                    continue
+                self._ready.append(p)
+                if self._track:
+                    self._open[p.param_id] = k
+                    heapq.heappush(self._heap, (k, p.param_id))
         return self._ready.popleft()
+
+    @property
+    def read(self) -> int:
+        """The source position the walk has read to (read ahead of what it yielded)."""
+        return self._read
+
+    def done(self, ids: Iterable[str]) -> int:
+        """Note ``ids`` as committed (a part's, in the order parts commit); returns how
+        many of the source's leading params are then all committed."""
+        if not self._track:
+            raise RuntimeError("Pending(track=False) does not know what is committed")
+        for i in ids:
+            self._open.pop(i, None)
+        heap, open_ = self._heap, self._open
+        while heap and open_.get(heap[0][1]) != heap[0][0]:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else self._read
 
     def orphans(self) -> set[str] | None:
         """Committed ids not in the source, once the walk is over (else None)."""
@@ -186,7 +233,7 @@ class Pending:
             return None
         if self.met == len(self._committed):  # every committed id is still in the spec
             return set()
-        return self._committed.unmet(self._walked)
+        return self._committed.unmet(self._walked, walked=not self.start)
 
 
 class ListSource:

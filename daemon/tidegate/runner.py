@@ -199,7 +199,21 @@ class Runner:
             # A search's trials are a bounded few, held as a set: its source is never
             # walked twice (a second walk would ask the sampler for new points).
             committed = frozenset(resumed.committed) if search else resumed.committed
-            pending = Pending(source, committed)
+            # The source's leading params the ledger counts as committed are skipped
+            # without making their ids: a resume far into a 10^6 grid admits at once.
+            digest = source.digest
+            start = commit.watermark(digest)
+            if start > min(len(committed), source.total):  # never: a ledger edited by hand
+                log.warning("ignoring the ledger's watermark (%d, beyond the %d committed "
+                            "params): walking from the first param", start, len(committed),
+                            extra={"action": "watermark_ignored"})
+                start = 0
+            pending = Pending(source, committed, start=start, track=digest is not None)
+            if digest is not None:
+                commit.track_watermark(digest, pending.done)
+            if start:
+                log.info("skipping the first %d params without a look-up: all committed",
+                         start, extra={"action": "resume_watermark"})
             fresh = map(typed_as(resumed.casts), pending) if resumed.casts else pending
             self.window = Window(fresh, self.source.total - len(resumed.committed),
                                  solo_beside=any(w.capacity > 0 for w in workers),

@@ -87,6 +87,27 @@ _V5 = """
 CREATE INDEX params_part ON params (part);
 """
 
+# Version 6: how far each param source's leading params are all committed (its
+# watermark), so that a resume starts its walk there instead of making the id of every
+# param it already holds (with 900,000 of 10^6 committed: 10.4 s of walking before the
+# first admission). Written in a part's own commit transaction; any params row deleted
+# or changed (a retry, a prune, a repair) forgets every watermark, so one is never
+# ahead of the committed rows.
+_V6 = """
+CREATE TABLE watermarks (
+    source   TEXT PRIMARY KEY,   -- the digest of a param source (ParamSource.digest)
+    position INTEGER NOT NULL    -- its first `position` params are all committed
+);
+CREATE TRIGGER watermarks_forget_deleted AFTER DELETE ON params
+BEGIN
+    DELETE FROM watermarks;
+END;
+CREATE TRIGGER watermarks_forget_updated AFTER UPDATE ON params
+BEGIN
+    DELETE FROM watermarks;
+END;
+"""
+
 LEDGER_SCHEMA = Schema(
     what="tidegate ledger",
     migrations=(
@@ -95,6 +116,7 @@ LEDGER_SCHEMA = Schema(
         Migration(3, "intents that replace a committed part", _V3),
         Migration(4, "the code hash of each part", _V4),
         Migration(5, "an index of params by part", _V5),
+        Migration(6, "each param source's committed prefix (watermark)", _V6),
     ),
     legacy={
         "meta": frozenset({"key", "value"}),
@@ -397,6 +419,13 @@ class Ledger:
 
     # --- writing --------------------------------------------------------------------
 
+    def watermark(self, source: str) -> int:
+        """How many of the leading params of the source with digest ``source`` are all
+        committed (0 if not known)."""
+        row = self._db.execute("SELECT position FROM watermarks WHERE source = ?",
+                               (source,)).fetchone()
+        return int(row[0]) if row else 0
+
     def commit(
         self,
         part: int,
@@ -406,13 +435,16 @@ class Ledger:
         sizes: Mapping[str, RecordedFile] | None = None,
         replaces: int | None = None,
         code_hash: str | None = None,
+        watermark: tuple[str, int] | None = None,
     ) -> None:
         """Record a part, its files (with their sizes and checksums) and its params in one
         transaction, and drop its intent. With ``replaces``, the same transaction forgets
         that committed part and its params rows (the new part holds the ones kept), so a
         param is never in both, nor in neither. The part's code hash is ``code_hash``,
         else the replaced part's (its rows were computed by that code), else the
-        ledger's ``code_hash``."""
+        ledger's ``code_hash``. ``watermark``: (source digest, position), that source's
+        first ``position`` params all committed once this part is; the one kept (a
+        source of another digest is another spec's order, no longer walked)."""
         statuses = list(statuses)
         n_failed = sum(1 for _, s in statuses if s == "failed")
         code = code_hash or self._code_of(replaces)
@@ -434,6 +466,12 @@ class Ledger:
                 ((pid, part, status) for pid, status in statuses),
             )
             self._db.execute("DELETE FROM intents WHERE part = ?", (part,))
+            if watermark is not None:
+                self._db.execute("DELETE FROM watermarks WHERE source != ?", (watermark[0],))
+                self._db.execute(
+                    "INSERT INTO watermarks (source, position) VALUES (?, ?) "
+                    "ON CONFLICT (source) DO UPDATE SET position = excluded.position",
+                    watermark)
 
     def record_intent(
         self, part: int, files: Mapping[str, RecordedFile], statuses: Iterable[tuple[str, str]],
@@ -542,7 +580,8 @@ class LedgerIds(AbstractSet[str]):
                 f"({','.join('?' * len(chunk))})", chunk))
         return hits
 
-    def unmet(self, source: Iterable[Param]) -> set[str]:
+    def unmet(self, source: Iterable[Param], *, walked: bool = True) -> set[str]:
+        # Always a second walk of the whole source, so a skipped prefix is walked too.
         db = self._db
         # TEMP: this connection's own table, in a file of its own, never in the ledger.
         db.execute("CREATE TEMP TABLE IF NOT EXISTS walked (param_id TEXT PRIMARY KEY)")

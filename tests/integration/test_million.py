@@ -80,9 +80,16 @@ def test_million_params_start_fast_stay_small_and_resume(tmp_path: Path) -> None
     first = len(_ledger_ids(out))
     assert first > 0
 
+    # The first run's parts recorded how far its leading params are all committed (the
+    # window's params admitted in order, completing out of order): the resume starts there.
+    with sqlite3.connect(out / "_ledger.sqlite") as db:
+        (mark,) = db.execute("SELECT position FROM watermarks").fetchone()
+    assert 0 < mark <= first
+
     code, err, rss = _run_until_parts(spec, out, committed_parts(out) + 1)
     assert code == 130, err
     assert f"{first} of {N * N} params already committed" in err, err
+    assert f"skipping the first {mark} params without a look-up" in err, err
     assert rss < MAX_RSS_MIB, f"peak RSS {rss:.0f} MiB"
     ids = _ledger_ids(out)
     assert len(ids) > first

@@ -33,7 +33,7 @@ def test_output_of_the_unversioned_release_resumes(tmp_path: Path) -> None:
     ids = [r["param_id"] for r in read_dataset(out / "params")]
     assert len(ids) == len(set(ids)) == 3
     with Ledger(out / "_ledger.sqlite") as ledger:
-        assert ledger.schema_version == 5
+        assert ledger.schema_version == 6
         assert ledger.committed_param_ids() == set(ids)
         assert ledger.next_part() == 3
         assert [bool(p.sizes) for p in ledger.parts()] == [False, False, True]

@@ -146,11 +146,11 @@ def test_new_ledger_records_its_schema_version(tmp_path: Path) -> None:
     """A fresh ledger is created through the migrations and carries the newest version."""
     path = tmp_path / LEDGER
     with Ledger(path) as ledger:
-        assert ledger.schema_version == SCHEMA_VERSION == 5
-    assert _user_version(path) == 5
+        assert ledger.schema_version == SCHEMA_VERSION == 6
+    assert _user_version(path) == 6
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (
-            "5",
+            "6",
         )
 
 
