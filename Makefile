@@ -57,7 +57,10 @@ clean:
 	rm -rf $(VENV) examples/sir/results .pytest_cache .ruff_cache
 
 # The 10^6-param grid through `tidegate run` against the same job at 10^4 (scheduler
-# and workers out of process): start-up, peak RSS, wall. Long (about 35 minutes on 2
-# cores); reported on its own in bench/results/scale.json and docs/BENCHMARKS.md.
+# and workers out of process): start-up, peak RSS, wall; then a resume with 900,000 of
+# them committed, with and without the ledger's watermark. Long (about 37 minutes on 2
+# cores); reported on its own in bench/results/{scale,resume_scale}.json and
+# docs/BENCHMARKS.md.
 bench-scale: $(STAMP)
 	$(PY) -m bench.scale $(BENCH_SCALE_ARGS)
+	$(PY) -m bench.resume_scale

@@ -77,3 +77,21 @@ def test_bench_smoke_pile_up_races_every_arm_and_reports_its_target(tmp_path: Pa
     assert f"**{verdict}**." in text
     assert "Adaptive against the best arm, pinned or window, that lost no worker" in text
     assert f"{verdict} pile-up: tidegate wall / best surviving pinned wall" in proc.stdout
+
+
+def test_resume_scale_bench_resumes_from_the_watermark_and_without_it(tmp_path: Path) -> None:
+    """bench.resume_scale at a small size: the built output's watermark covers every
+    committed param, the run with it skips them, the copy without it walks them, and both
+    reach their first admission."""
+    out = tmp_path / "resume.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.resume_scale", "--params", "6000", "--committed",
+         "4000", "--workers", "1", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(out.read_text())
+    assert got["watermark"] == 4000
+    assert got["with_watermark"]["watermark_used"] is True
+    assert got["without_watermark"]["watermark_used"] is False
+    for run in (got["with_watermark"], got["without_watermark"]):
+        assert run["startup_s"] is not None and run["exit"] == 130, proc.stdout
