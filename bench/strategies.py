@@ -36,6 +36,20 @@ from tidegate.spec import Job
 FLUSH_PARAMS = 1000  # tidegate's default flush_params, for the window strategy
 
 
+def gather(client: Client, futures: list[Any], deadline: float) -> list[Any]:
+    """``client.gather`` that gives up at ``deadline`` (TimeoutError: the arm did not
+    finish). Futures already finished still need their data fetched, and when the
+    worker holding it dies the key is recomputed; with the cluster short of workers
+    (a nanny whose restart failed) an unbounded gather hung a whole bench run."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the run's time limit passed")
+    # Client.gather takes no timeout; its own sync call does (callback_timeout).
+    out: list[Any] = client.sync(client._gather, futures, errors="skip",
+                                 callback_timeout=left)
+    return out
+
+
 @dataclass(slots=True)
 class Outcome:
     status: str  # "ok" | "did not finish" | "failed"
@@ -84,15 +98,16 @@ class Naive(Strategy):
         start = time.monotonic()
         subs = tasks.submit(list(range(self.n)))
         self._subs = tuple(subs)
+        client = self.cluster.client
         try:
             wait([f for s in subs for f in s.watch], timeout=time_limit)
+            results = gather(client, [f for s in subs for f in s.aggs], start + time_limit)
+            if tasks.outputs:
+                results += gather(client, [f for s in subs for f in s.sims],
+                                  start + time_limit)
         except TimeoutError:
             self._subs = ()
             return self._outcome("did not finish", start, sink)
-        client = self.cluster.client
-        results = client.gather([f for s in subs for f in s.aggs], errors="skip")
-        if tasks.outputs:
-            results += client.gather([f for s in subs for f in s.sims], errors="skip")
         self._subs = ()
         del subs
         sink.add(results)
@@ -115,11 +130,12 @@ class Fixed(Strategy):
             subs = tasks.submit(list(range(first, min(first + self.batch, self.n))))
             try:
                 wait([f for s in subs for f in s.watch], timeout=deadline - time.monotonic())
+                sink.add(gather(self.cluster.client,
+                                [f for s in subs for f in s.to_gather(tasks.outputs)],
+                                deadline))
             except TimeoutError:
                 return self._outcome("did not finish", start, sink)
-            gather = [f for s in subs for f in s.to_gather(tasks.outputs)]
-            sink.add(self.cluster.client.gather(gather, errors="skip"))
-            del subs, gather  # the barrier: the whole batch is released at once
+            del subs  # the barrier: the whole batch is released at once
             sink.flush()
             self.done = sink.ok + sink.failed
         return self._outcome("ok", start, sink)
@@ -130,6 +146,7 @@ class DaskWindow(Strategy):
         client = self.cluster.client
         self._tasks, sink = Tasks(client, self.job), ParquetSink(self.output)
         start = time.monotonic()
+        self._deadline = start + time_limit
         self._ac = as_completed(loop=client.loop, timeout=time_limit)
         # watched key -> (its param's futures, how many of its watched futures are left)
         self._inflight: dict[str, tuple[Submitted, list[int]]] = {}
@@ -155,9 +172,8 @@ class DaskWindow(Strategy):
                 ready.append(s)
         if ready:
             outputs = self._tasks.outputs
-            sink.add(self.cluster.client.gather(
-                [f for s in ready for f in s.to_gather(outputs)], errors="skip"
-            ))
+            sink.add(gather(self.cluster.client,
+                            [f for s in ready for f in s.to_gather(outputs)], self._deadline))
             if sink.pending >= FLUSH_PARAMS:
                 sink.flush()
         return len(ready)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO
 
 RUN_FIELDS = (
@@ -95,3 +97,24 @@ def test_resume_scale_bench_resumes_from_the_watermark_and_without_it(tmp_path: 
     assert got["without_watermark"]["watermark_used"] is False
     for run in (got["with_watermark"], got["without_watermark"]):
         assert run["startup_s"] is not None and run["exit"] == 130, proc.stdout
+
+
+def test_a_baseline_arms_gather_gives_up_at_its_deadline() -> None:
+    """The raw strategies' gather is bounded by the run's time limit: a result that does
+    not come (here a task still running) makes the arm "did not finish", never a hang."""
+    import time
+
+    from bench.strategies import gather
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        slow = client.submit(time.sleep, 3, pure=False)
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            gather(client, [slow], time.monotonic() + 0.5)
+        assert time.monotonic() - t0 < 2.5
+        with pytest.raises(TimeoutError):
+            gather(client, [slow], time.monotonic() - 1)
+        assert gather(client, [client.submit(sum, [1, 2])], time.monotonic() + 30) == [3]
+        slow.cancel()
