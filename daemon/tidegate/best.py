@@ -58,7 +58,7 @@ class Ranking:
 
     def text(self) -> str:
         what = "trials" if self.search is not None else "params"
-        head = (f"{self.output}: {len(self.rows)} best of {self.scored} {what} by the loss "
+        head = (f"{self.output}: {len(self.rows)} best of {self.scored} {what} with a loss "
                 f"of target {self.target!r}, lowest first")
         columns = ["rank", "loss", "param_id"] + (["trial"] if self.search else []) + self.names
         cells = [[str(r.rank), f"{r.loss:.6g}", r.param_id]

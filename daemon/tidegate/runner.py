@@ -380,7 +380,9 @@ class Runner:
             room = self.batch_size - w.params
             if self.search is not None:
                 # At most `parallel` trials in flight; each new one asked as its slot
-                # frees up, knowing every trial told so far.
+                # frees up, knowing every trial told so far: a finished trial is told
+                # once its part commits (within SEARCH_FLUSH_S), so the sampler may not
+                # yet know the last second's results besides those in flight.
                 room = min(room, self.search.parallel - w.params)
                 await self.search.ask_ahead(room - w.queued)
             w.fill(room, self._submit)

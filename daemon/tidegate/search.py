@@ -132,8 +132,9 @@ def default_parallel(spec: SearchSpec) -> int:
 
 
 def sampler_seed(seed: int, asked: int, told: int) -> int:
-    """A seed of its own for each resume point: a restart draws new points."""
-    if asked == 0:
+    """A seed of its own for each resume point: a restart draws new points. Always
+    below 2**32, which Optuna's samplers require (a spec's seed may be any size)."""
+    if asked == 0 and seed < 2**32:
         return seed
     digest = hashlib.sha256(f"{seed}:{asked}:{told}".encode()).digest()
     return int.from_bytes(digest[:4], "big")

@@ -235,7 +235,8 @@ Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 # branch only, and _field_error drops them from the location.
 _KEYWORD, _NAMES, _BREAKER = "<keyword>", "<names>", "<breaker>"
 _RANGE, _CHOICES = "<range>", "<choices>"  # a search dimension
-_UNION_TAGS = frozenset({_KEYWORD, _NAMES, _BREAKER, _RANGE, _CHOICES})
+_FLOAT, _INT = "<float>", "<int>"  # a range's bound
+_UNION_TAGS = frozenset({_KEYWORD, _NAMES, _BREAKER, _RANGE, _CHOICES, _FLOAT, _INT})
 Outputs = Annotated[
     Annotated[Literal["all", "none"], Tag(_KEYWORD)]
     | Annotated[list[Name], Field(min_length=1), Tag(_NAMES)],
@@ -284,7 +285,20 @@ class TargetSpec(_Strict):
     function: CallableRef = Field(description="a callable reference 'module:function'")
 
 
-Bound = Annotated[float, Field(allow_inf_nan=False, strict=True)] | StrictInt
+# Tagged by the value's type, so that a bound that is neither is one error at its field,
+# not one per branch ("low.float: ..., low.int: ...").
+Bound = Annotated[
+    Annotated[float, Field(allow_inf_nan=False, strict=True), Tag(_FLOAT)]
+    | Annotated[StrictInt, Tag(_INT)],
+    Discriminator(
+        lambda v: _INT if type(v) is int else _FLOAT if type(v) is float else None,
+        custom_error_type=ERROR_TYPE,
+        custom_error_message="expected {expected}",
+        custom_error_context={"field": "", "expected": "a number"},
+    ),
+]
+# Optional, so untagged: the tagged union's context dict cannot be hashed into a Union.
+_Step = Annotated[float, Field(allow_inf_nan=False, strict=True)] | StrictInt | None
 
 
 class RangeSpec(_Strict):
@@ -295,7 +309,7 @@ class RangeSpec(_Strict):
     high: Bound = Field(description="the largest value (a number above low)")
     type: Literal["float", "int"] = Field("float", description="float (default) or int")
     log: StrictBool = Field(False, description="sample log(value) uniformly; low must be > 0")
-    step: Bound | None = Field(None, gt=0, description="a grid step from low; not with log")
+    step: _Step = Field(None, gt=0, description="a grid step from low; not with log")
 
     @model_validator(mode="after")
     def _ordered(self) -> RangeSpec:
@@ -308,6 +322,9 @@ class RangeSpec(_Strict):
                     raise _invalid(name, "an integer that fits in 64 bits", repr(v))
         if not self.low < self.high:
             raise _invalid("high", f"a number above low ({self.low!r})", repr(self.high))
+        if not math.isfinite(float(self.high) - float(self.low)):  # the sampler's width
+            raise _invalid("high", f"high - low to be a finite float (low is {self.low!r})",
+                           repr(self.high))
         if self.log and self.low <= 0:
             raise _invalid("low", "a number above 0 (log: true)", repr(self.low))
         if self.log and self.step is not None:

@@ -110,7 +110,7 @@ def test_a_grid_ranked_by_its_first_target(grid: Path,
     code, text, _ = best(grid, "--top", "3", capsys=capsys)
     assert code == 0
     head, header, *lines = text.splitlines()
-    assert head == f"{grid}: 3 best of 12 params by the loss of target 'fit', lowest first"
+    assert head == f"{grid}: 3 best of 12 params with a loss of target 'fit', lowest first"
     assert header.split() == ["rank", "loss", "param_id", "x", "y"]
     assert len(lines) == 3
     for i, (line, row) in enumerate(zip(lines, want, strict=False), start=1):

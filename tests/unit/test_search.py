@@ -127,6 +127,9 @@ def test_sampler_seed_is_the_spec_seed_first_then_one_per_resume_point() -> None
     assert len(seeds) == sum(range(2, 31))  # each (asked, told) a seed of its own
     assert sampler_seed(7, 5, 2) == sampler_seed(7, 5, 2) != sampler_seed(8, 5, 2)
     assert all(0 <= s < 2**32 for s in seeds)
+    # A spec's seed may be any size; Optuna's samplers take 0 <= seed < 2**32.
+    big = sampler_seed(2**70, 0, 0)
+    assert 0 <= big < 2**32 and big == sampler_seed(2**70, 0, 0) != sampler_seed(2**71, 0, 0)
 
 
 def test_cut_torn_tail(tmp_path: Path) -> None:
@@ -521,6 +524,15 @@ BAD_SEARCHES = [
     pytest.param(_with_search(space={"x": {"low": 0, "high": 1.5, "type": "int"}}),
                  "parameters.search.space.x.high", "a whole number", "1.5",
                  id="int-range-fraction"),
+    pytest.param(_with_search(space={"x": {"low": -1e308, "high": 1e308}}),
+                 "parameters.search.space.x.high", "high - low to be a finite float",
+                 "1e+308", id="range-wider-than-a-float"),
+    pytest.param(_with_search(space={"x": {"low": "x", "high": 1}}),
+                 "parameters.search.space.x.low", "a number", "'x' (str)",
+                 id="bound-a-string"),
+    pytest.param(_with_search(space={"x": {"low": True, "high": 1}}),
+                 "parameters.search.space.x.low", "a number", "true (bool)",
+                 id="bound-a-bool"),
     pytest.param(_with_search(space={"x": {"low": 0, "hi": 1}}),
                  "parameters.search.space.x.hi", "known fields (low, high, type, log, step)",
                  "did you mean 'high'?", id="range-unknown-key"),
@@ -551,6 +563,7 @@ def test_a_bad_search_exits_2_naming_the_field(
     assert err.startswith("tidegate: error: ") and "Traceback" not in err
     assert f"{field}: expected " in err, err
     assert expected in err and got in err, err
+    assert ".float:" not in err and ".int:" not in err, err  # no union branch named
 
 
 def test_a_bad_search_in_a_real_run_process(tmp_path: Path) -> None:
