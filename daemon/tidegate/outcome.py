@@ -86,7 +86,12 @@ def judge(
         # A new attempt number gives the rerun fresh task keys: the old ones may still be
         # known to the scheduler while their release is on its way.
         return Retry(RetryReason.CANCELLED, attempt + 1) if connected else Disconnected()
-    if FailureKind.KILLED_WORKER in kinds and attempt < KILLED_WORKER_RETRIES and not suspect:
+    # A result lost with its worker (finished, then the worker died before the gather
+    # and Dask's recomputation failed too) is the cluster's doing, not the model's: it
+    # is retried as a KilledWorker is. Seen under load with a fused task on a worker
+    # killed for memory: both of its params were recorded failed as "Lost".
+    dying = kinds & {FailureKind.KILLED_WORKER, FailureKind.LOST}
+    if dying and attempt < KILLED_WORKER_RETRIES and not suspect:
         return Retry(RetryReason.KILLED_WORKER, attempt + 1)
     sims = tuple(r for r in results if isinstance(r, SimReturn))
     targets = tuple(r for r in results if isinstance(r, TargetResult))

@@ -70,6 +70,17 @@ def test_killed_worker_retried_until_the_limit() -> None:
     assert isinstance(last, Failed) and last.error.type == "killed_worker"
 
 
+def test_a_result_lost_with_its_worker_is_retried_like_a_killed_worker() -> None:
+    """Finished, then lost with its worker: the cluster's doing, so retried up to the same
+    limit, then recorded as lost."""
+    lost = [_sim(0), _failure(FailureKind.LOST)]
+    for attempt in range(KILLED_WORKER_RETRIES):
+        assert judge(lost, attempt=attempt, connected=True, suspect=False) == Retry(
+            RetryReason.KILLED_WORKER, attempt + 1)
+    last = judge(lost, attempt=KILLED_WORKER_RETRIES, connected=True, suspect=False)
+    assert isinstance(last, Failed) and last.error.type == "lost"
+
+
 def test_a_suspect_is_not_retried_on_killed_worker() -> None:
     """The isolation rules decide a suspect's fate, not the KilledWorker retry."""
     outcome = judge([_failure(FailureKind.KILLED_WORKER)], attempt=0, connected=True,
