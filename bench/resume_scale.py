@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.scale import FIRST, _free_port, _spec
+from bench.scale import FIRST, _spec, start_cluster
 from tidegate.commit import Commit
 from tidegate.knobs import FlushPolicy
 from tidegate.params import Pending
@@ -87,15 +87,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=RESULTS / "resume_scale.json")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tidegate-resume-"))
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    sched = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler",
-                              "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    worker = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address,
-                               "--nworkers", str(args.workers), "--nthreads", "1",
-                               "--no-dashboard"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address, (sched, worker) = start_cluster(args.workers)
     results: dict[str, object] = {"params": args.params, "committed": args.committed}
     try:
         marked = _spec(work / "marked.yaml", args.params)

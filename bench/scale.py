@@ -47,6 +47,21 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def start_cluster(workers: int) -> tuple[str, tuple[subprocess.Popen[bytes], ...]]:
+    """A `dask scheduler` and `dask worker --nworkers N --nthreads 1` on 127.0.0.1: its
+    address, and the two processes (scheduler first)."""
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    sched = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler",
+                              "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address,
+                               "--nworkers", str(workers), "--nthreads", "1",
+                               "--no-dashboard"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return address, (sched, worker)
+
+
 def _peak_rss_mib(pid: int) -> float:
     text = Path(f"/proc/{pid}/status").read_text()
     m = re.search(r"VmHWM:\s+(\d+) kB", text)
@@ -85,15 +100,7 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tidegate-scale-"))
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    sched = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler",
-                              "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    worker = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address,
-                               "--nworkers", str(args.workers), "--nthreads", "1",
-                               "--no-dashboard"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address, (sched, worker) = start_cluster(args.workers)
     results: dict[str, object] = {}
     try:
         for n in (args.small, args.params):
