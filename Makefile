@@ -59,9 +59,11 @@ clean:
 
 # The 10^6-param grid through `tidegate run` against the same job at 10^4 (scheduler
 # and workers out of process): start-up, peak RSS, wall; then a resume with 900,000 of
-# them committed, with and without the ledger's watermark. Long (about 37 minutes on 2
-# cores); reported on its own in bench/results/{scale,resume_scale}.json and
-# docs/BENCHMARKS.md.
+# them committed, with and without the ledger's watermark; then a 10^6-row params file
+# (.csv, .parquet, .jsonl) loaded and started, against expanding it row by row. Long
+# (about 40 minutes on 2 cores); reported on its own in
+# bench/results/{scale,resume_scale,file_scale}.json and docs/BENCHMARKS.md.
 bench-scale: $(STAMP)
 	$(PY) -m bench.scale $(BENCH_SCALE_ARGS)
 	$(PY) -m bench.resume_scale
+	$(PY) -m bench.file_scale

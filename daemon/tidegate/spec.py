@@ -38,7 +38,7 @@ from pydantic import (
     model_validator,
 )
 
-from tidegate import simreturn, validation
+from tidegate import paramfile, simreturn, validation
 from tidegate.knobs import BatchSpec
 from tidegate.params import GridSource, ListSource, Param, ParamSource, Scalar, param_id_of
 from tidegate.validation import (
@@ -643,30 +643,34 @@ def _expand_rows(rows: list[tuple[str, Mapping[str, Any]]]) -> _Expanded:
     return _Expanded(names, types, fits, ListSource(params))
 
 
-_READERS: dict[str, Callable[[Path], pa.Table]] = {
+_READERS: dict[str, Callable[[pa.BufferReader], pa.Table]] = {
     ".csv": pa_csv.read_csv,
     ".parquet": pa_parquet.read_table,
     ".jsonl": pa_json.read_json,
 }
 
 
-def _read_param_file(name: str, base_dir: Path) -> pa.Table:
+def _read_param_file(name: str, base_dir: Path) -> tuple[pa.Table, str]:
+    """The file's rows and the SHA-256 of the bytes they were parsed from."""
     path = (base_dir / name).resolve()
     field = "parameters.file"
     if not path.is_file():
         raise SpecError([FieldError(field, "an existing file", f"{name!r} (no file {path})")])
-    if path.stat().st_size == 0:  # pyarrow calls an empty file invalid; it has no rows
-        raise SpecError([FieldError(field, "at least one row", f"no rows in {path}")])
     suffix = Path(name).suffix.lower()  # as named: a symlink's target may have another
     try:
-        table = _READERS[suffix](path)
+        # Read once: the digest and the params come from the same bytes, whatever
+        # writes to the file meanwhile.
+        data = path.read_bytes()
+        if not data:  # pyarrow calls an empty file invalid; it has no rows
+            raise SpecError([FieldError(field, "at least one row", f"no rows in {path}")])
+        table = _READERS[suffix](pa.BufferReader(data))
     except (pa.ArrowException, OSError) as exc:
         raise SpecError(
             [FieldError(field, f"a readable {suffix} file", f"{path}: {_unreadable(exc)}")]
         ) from None
     if table.num_rows == 0:
         raise SpecError([FieldError(field, "at least one row", f"no rows in {path}")])
-    return table
+    return table, hashlib.sha256(data).hexdigest()
 
 
 def _unreadable(exc: BaseException) -> str:
@@ -719,19 +723,21 @@ def _file_columns(table: pa.Table) -> list[FieldError]:
 def _expand_file(
     name: str, base_dir: Path, check: Callable[[int, str, str], None] = lambda *_: None
 ) -> _Expanded:
-    table = _read_param_file(name, base_dir)
+    table, data_sha256 = _read_param_file(name, base_dir)
     check(table.num_rows, "parameters.file", f" rows in {name!r}")
-    table = table.cast(
-        pa.schema(  # dictionary-encoded columns (pandas categoricals)
-            [
-                f.with_type(f.type.value_type) if pa.types.is_dictionary(f.type) else f
-                for f in table.schema
-            ]
-        )
-    )
+    table = paramfile.normalised(table)
     errors = _file_columns(table)
     if errors:
         raise SpecError(errors)
+    collision = _case_collision(table.column_names, "parameters.file")
+    if collision is not None:
+        raise SpecError([collision])
+    checked = paramfile.column_types(table)
+    if checked is not None:
+        types, fits = checked
+        source = paramfile.FileSource(table, paramfile.file_digest(data_sha256, table))
+        return _Expanded(list(table.column_names), types, fits, source)
+    # Something is wrong with a value or a row repeats: read row by row to name them.
     return _expand_rows(
         [(f"parameters.file[row {i}]", row) for i, row in enumerate(table.to_pylist())]
     )

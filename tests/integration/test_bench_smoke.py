@@ -99,6 +99,22 @@ def test_resume_scale_bench_resumes_from_the_watermark_and_without_it(tmp_path: 
         assert run["startup_s"] is not None and run["exit"] == 130, proc.stdout
 
 
+def test_file_scale_bench_loads_each_format_both_ways_and_starts(tmp_path: Path) -> None:
+    """bench.file_scale at a small size: each format loads as a FileSource and, row by
+    row, as the same number of params, and `tidegate run` reaches its first admission."""
+    out = tmp_path / "file.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.file_scale", "--rows", "3000", "--workers", "1",
+         "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(out.read_text())
+    for fmt in ("csv", "parquet", "jsonl"):
+        assert got[fmt]["file_source"]["source"] == "FileSource"
+        assert got[fmt]["row_by_row"]["source"] == "ListSource"
+        assert got[fmt]["file_source"]["params"] == got[fmt]["row_by_row"]["params"] == 3000
+        assert got[fmt]["run"]["startup_s"] is not None and got[fmt]["run"]["exit"] == 130
+
+
 def test_a_baseline_arms_gather_gives_up_at_its_deadline() -> None:
     """The raw strategies' gather is bounded by the run's time limit: a result that does
     not come (here a task still running) makes the arm "did not finish", never a hang."""

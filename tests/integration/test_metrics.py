@@ -11,9 +11,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tidegate.fusion import MAX_PACK
-
 from tests.conftest import start_tidegate, synthetic_spec, wait_quietly, write_spec
+from tidegate.fusion import MAX_PACK
 
 CONTRACT = {
     "tidegate_batch_size", "tidegate_batch_size_target", "tidegate_inflight_params",
