@@ -33,8 +33,11 @@ FUSE_TASK_S = 0.05
 # Once measured (task_seconds), a task lasts OVERHEAD_RATIO times the round trip each
 # task costs the loop, within these bounds: a busy scheduler (a slower round trip) gets
 # longer tasks; longer than the upper bound serialises sims that could run on other
-# threads and makes the tail of a job coarse.
-OVERHEAD_RATIO = 20
+# threads and makes the tail of a job coarse. The round trip is the least one measured,
+# and a task costs its worker's thread more (deserialising it, reporting its result, the
+# event loop's share of the GIL): with 20 round trips a task, 5 ms sims on 2 x 1 threads
+# ran at 0.83 of the physical limit, with 50 at 0.85 (about 2% of a thread's time).
+OVERHEAD_RATIO = 50
 FUSE_TASK_MIN_S = 0.02
 FUSE_TASK_MAX_S = 0.5
 # Shortest run time used, so a 0 s measurement cannot divide by zero.
