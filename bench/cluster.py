@@ -134,7 +134,7 @@ class BenchCluster:
         """Fresh worker processes, every worker back (also after a kill or a timeout)."""
         # A restart takes 1-3 s here; Dask's default wait is 120 s.
         self.client.restart(timeout=RESTART_TIMEOUT_S, wait_for_workers=True)
-        self.client.wait_for_workers(self.shape.workers, timeout=120)
+        self.client.wait_for_workers(self.shape.workers, timeout=RESTART_TIMEOUT_S)
 
     def reset(self) -> None:
         self.stats.reset()
