@@ -650,8 +650,12 @@ _READERS: dict[str, Callable[[pa.BufferReader], pa.Table]] = {
 }
 
 
-def _read_param_file(name: str, base_dir: Path) -> tuple[pa.Table, str]:
-    """The file's rows and the SHA-256 of the bytes they were parsed from."""
+def _read_param_file(
+    name: str, base_dir: Path, check: Callable[[int, str, str], None]
+) -> tuple[pa.Table, str]:
+    """The file's rows and the SHA-256 of the bytes they were parsed from; ``check``
+    is given the row count before the rows are read where the file says it (parquet's
+    footer: 200 KB of parquet can decompress to 50 million rows)."""
     path = (base_dir / name).resolve()
     field = "parameters.file"
     if not path.is_file():
@@ -663,7 +667,18 @@ def _read_param_file(name: str, base_dir: Path) -> tuple[pa.Table, str]:
         data = path.read_bytes()
         if not data:  # pyarrow calls an empty file invalid; it has no rows
             raise SpecError([FieldError(field, "at least one row", f"no rows in {path}")])
+        if suffix == ".parquet":
+            check(pa_parquet.ParquetFile(pa.BufferReader(data)).metadata.num_rows, field,
+                  f" rows in {name!r}")
+        elif suffix == ".jsonl":
+            deep = paramfile.deep_jsonl_line(data)
+            if deep is not None:
+                raise SpecError([FieldError(
+                    field, "one flat object of bool, number or string values a line",
+                    f"{path}: line {deep} nested more than "
+                    f"{paramfile.JSONL_MAX_DEPTH} levels deep")])
         table = _READERS[suffix](pa.BufferReader(data))
+        table.validate(full=True)  # e.g. a parquet string column that is not UTF-8
     except (pa.ArrowException, OSError) as exc:
         raise SpecError(
             [FieldError(field, f"a readable {suffix} file", f"{path}: {_unreadable(exc)}")]
@@ -691,6 +706,9 @@ def _file_columns(table: pa.Table) -> list[FieldError]:
     """Column problems, by column number: a name is the file's text, never shown."""
     errors = []
     names = table.column_names
+    if not names:  # JSONL of empty objects
+        errors.append(FieldError("parameters.file", "at least one column",
+                                 "rows with no columns"))
     for j, n in enumerate(names):
         if not re.fullmatch(PARAM_NAME_PATTERN, n) or n in _RESERVED_PARAM_NAMES:
             expected = (
@@ -720,10 +738,14 @@ def _file_columns(table: pa.Table) -> list[FieldError]:
     return errors
 
 
+# The first errors of a bad params file are shown, then how many more there were.
+MAX_FILE_ERRORS = 20
+
+
 def _expand_file(
     name: str, base_dir: Path, check: Callable[[int, str, str], None] = lambda *_: None
 ) -> _Expanded:
-    table, data_sha256 = _read_param_file(name, base_dir)
+    table, data_sha256 = _read_param_file(name, base_dir, check)
     check(table.num_rows, "parameters.file", f" rows in {name!r}")
     table = paramfile.normalised(table)
     errors = _file_columns(table)
@@ -737,10 +759,35 @@ def _expand_file(
         types, fits = checked
         source = paramfile.FileSource(table, paramfile.file_digest(data_sha256, table))
         return _Expanded(list(table.column_names), types, fits, source)
-    # Something is wrong with a value or a row repeats: read row by row to name them.
+    # Something is wrong with a value or a row repeats: read row by row to name them,
+    # by row and column number (a column's name is the file's text, never shown).
+    positional = table.rename_columns([f"_c{j + 1}" for j in range(table.num_columns)])
+    try:
+        _expand_rows(
+            [(f"parameters.file[row {i}]", row) for i, row in enumerate(positional.to_pylist())]
+        )
+    except SpecError as exc:
+        shown = [_by_position(e) for e in exc.errors[:MAX_FILE_ERRORS]]
+        more = len(exc.errors) - len(shown)
+        if more:
+            shown.append(FieldError("parameters.file", "rows like the ones above fixed too",
+                                    f"{more:,} more errors not shown"))
+        raise SpecError(shown) from None
+    # The Arrow checks refused what row by row accepts: none is known, but the row by
+    # row reading is the reference, so its params are the job's.
     return _expand_rows(
         [(f"parameters.file[row {i}]", row) for i, row in enumerate(table.to_pylist())]
     )
+
+
+_POSITIONAL = re.compile(r"\[row (\d+)\]\._c(\d+)\b")
+
+
+def _by_position(error: FieldError) -> FieldError:
+    """``parameters.file[row 3]._c2`` as ``parameters.file[row 3, column 2]``."""
+    def fix(text: str) -> str:
+        return _POSITIONAL.sub(r"[row \1, column \2]", text)
+    return FieldError(fix(error.field), fix(error.expected), fix(error.got))
 
 
 def _expand(spec: JobSpec, base_dir: Path, limits: SpecLimits) -> _Expanded:

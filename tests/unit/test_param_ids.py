@@ -71,7 +71,7 @@ def test_nan_and_inf_are_refused_naming_the_value(tmp_path: Path, value: str) ->
         assert e.expected == "a finite number"
     # The CSV reader makes "nan" a null: refused too, at the same row.
     (tmp_path / "p.csv").write_text(f"x\n1.5\n{value}\n")
-    with pytest.raises(SpecError, match=r"parameters\.file\[row 1\]\.x: expected"):
+    with pytest.raises(SpecError, match=r"parameters\.file\[row 1, column 1\]: expected"):
         job_from_dict({"model": "m:f", "parameters": {"file": "p.csv"}}, base_dir=tmp_path)
 
 

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 
 from tidegate import paramfile, spec
 from tidegate.paramfile import FileSource
-from tidegate.params import Pending
+from tidegate.params import Pending, param_id_of
 from tidegate.spec import SpecError, load_job
 
 SPEC = {"model": "m:f", "replicates": 1}
@@ -131,12 +131,21 @@ def test_the_digest_is_of_the_bytes_and_names_the_same_params_in_the_same_order(
     assert len({a.digest, reordered.digest, grown.digest, retyped.digest}) == 4
 
 
-def test_a_resume_from_a_watermark_skips_the_prefix(tmp_path: Path) -> None:
+def test_a_resume_from_a_watermark_skips_the_prefix(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The skipped params' ids are never made (hashing 10^6 of them took seconds)."""
     body = "n\n" + "".join(f"{i}\n" for i in range(10_000))
     source = _load(tmp_path, "p.csv", body.encode()).params
     ids = [p.param_id for p in source]
+    made = []
+
+    def counted(values: Any, *, typed: bool = False) -> str:
+        made.append(values)
+        return param_id_of(values, typed=typed)
+    monkeypatch.setattr(paramfile, "param_id_of", counted)
     walk = Pending(source, set(ids[:9_000]), start=9_000)
     assert [p.param_id for p in walk] == ids[9_000:]
+    assert len(made) == 1_000
     assert walk.orphans() == set()
 
 
@@ -145,10 +154,10 @@ def test_a_resume_from_a_watermark_skips_the_prefix(tmp_path: Path) -> None:
                  id="repeated-int"),
     pytest.param(b"x\n0.0\n-0.0\n", "parameters.file[row 1]",
                  "a duplicate of parameters.file[row 0]", id="signed-zero-is-one-param"),
-    pytest.param(b"x\n1.5\ninf\n", "parameters.file[row 1].x", "inf", id="infinite"),
-    pytest.param(b"x,y\n1,\n2,3\n", "parameters.file[row 0].y", "null", id="null"),
+    pytest.param(b"x\n1.5\ninf\n", "parameters.file[row 1, column 1]", "inf", id="infinite"),
+    pytest.param(b"x,y\n1,\n2,3\n", "parameters.file[row 0, column 2]", "null", id="null"),
 ])
-def test_a_bad_row_is_named_as_row_by_row_names_it(
+def test_a_bad_row_is_named_by_row_and_column(
         tmp_path: Path, content: bytes, field: str, got: str) -> None:
     with pytest.raises(SpecError) as info:
         _load(tmp_path, "p.csv", content)
@@ -163,8 +172,101 @@ def test_a_uint64_past_int64_is_refused_at_its_row(tmp_path: Path) -> None:
     (tmp_path / "job.yaml").write_text(json.dumps({**SPEC, "parameters": {"file": "p.parquet"}}))
     with pytest.raises(SpecError) as info:
         load_job(tmp_path / "job.yaml")
-    assert info.value.errors[0].field == "parameters.file[row 1].n"
+    assert info.value.errors[0].field == "parameters.file[row 1, column 1]"
     assert "64 bits" in info.value.errors[0].expected
+
+
+def _errors(tmp_path: Path, name: str, content: bytes) -> list[Any]:
+    with pytest.raises(SpecError) as info:
+        _load(tmp_path, name, content)
+    return list(info.value.errors)
+
+
+def test_no_error_shows_a_column_name_and_many_are_cut_short(tmp_path: Path) -> None:
+    """A header may hold someone's secret: errors name columns by number. A file bad
+    in every row gets its first MAX_FILE_ERRORS errors and a count of the rest."""
+    body = "ok,api_key_s3cr3t\n" + "".join(f"{i},{'' if i % 2 else 1}\n" for i in range(5000))
+    errors = _errors(tmp_path, "p.csv", body.encode())
+    assert len(errors) == spec.MAX_FILE_ERRORS + 1
+    assert errors[0].field == "parameters.file[row 1, column 2]"
+    assert "2,480 more" in errors[-1].got
+    text = " ".join(f"{e.field} {e.expected} {e.got}" for e in errors)
+    assert "s3cr3t" not in text and "_c2" not in text
+    mixed = _errors(tmp_path, "p.jsonl", b'{"s3cr3t": 1}\n{"s3cr3t": 1}\n')
+    assert "s3cr3t" not in str(mixed[0]) and mixed[0].field == "parameters.file[row 1]"
+
+
+@pytest.mark.parametrize(("name", "content", "expected", "got"), [
+    pytest.param("p.csv", b"ab,AB\n1,2\n", "differ in more than case", "columns 1 and 2",
+                 id="case-collision"),
+    pytest.param("p.jsonl", b"{}\n{}\n", "at least one column", "no columns", id="no-columns"),
+    pytest.param("p.jsonl", b'{"a": ' + b"[" * 20_000 + b"]" * 20_000 + b"}\n",
+                 "one flat object", "line 1 nested more than 512", id="nested-deep"),
+])
+def test_a_file_arrow_cannot_take_is_a_field_error(
+        tmp_path: Path, name: str, content: bytes, expected: str, got: str) -> None:
+    """Each of these crashed or was accepted before: a JSONL line nested 20,000 deep
+    killed the process in Arrow's reader (a segfault)."""
+    (error,) = _errors(tmp_path, name, content)
+    assert error.field == "parameters.file"
+    assert expected in error.expected
+    assert got in error.got
+
+
+def test_a_string_column_that_is_not_utf8_is_refused_at_load(tmp_path: Path) -> None:
+    """Not when the walk reaches its row (then the job would stop part way)."""
+    bad = pa.Array.from_buffers(pa.binary(), 3, [None, pa.py_buffer(b"\x00\x00\x00\x00"
+                                                                    b"\x01\x00\x00\x00"
+                                                                    b"\x02\x00\x00\x00"
+                                                                    b"\x03\x00\x00\x00"),
+                                                 pa.py_buffer(b"ab\xff")]).view(pa.string())
+    pa_parquet.write_table(pa.table({"s": bad}), tmp_path / "p.parquet")
+    (error,) = _errors(tmp_path, "p.parquet", (tmp_path / "p.parquet").read_bytes())
+    assert error.field == "parameters.file"
+    assert "readable .parquet" in error.expected
+
+
+def test_a_parquet_file_past_the_limit_is_refused_before_it_is_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its footer's row count is checked first: 200 KB of parquet can hold 50 million
+    rows, a table of several hundred MiB once read."""
+    pa_parquet.write_table(pa.table({"n": pa.array([7] * 50_000, pa.int64())}),
+                           tmp_path / "p.parquet")
+    (tmp_path / "job.yaml").write_text(json.dumps({**SPEC, "parameters": {"file": "p.parquet"}}))
+
+    def unread(*_: object) -> None:
+        raise AssertionError("the rows were read")
+    monkeypatch.setitem(spec._READERS, ".parquet", unread)
+    with pytest.raises(SpecError) as info:
+        spec.load_job(tmp_path / "job.yaml", limits=spec.SpecLimits(max_params=1000))
+    assert "at most 1,000 parameter sets" in info.value.errors[0].expected
+    assert "50,000" in info.value.errors[0].got
+
+
+def test_a_file_of_many_chunks_is_one_source_in_file_order(tmp_path: Path) -> None:
+    """A CSV several times the reader's 1 MB block and a parquet of several row groups
+    are tables of many chunks; the walk and a walk from the middle keep file order."""
+    rows = [{"i": i, "s": f"{i:08d}" * 4} for i in range(60_000)]
+    table = pa.Table.from_pylist(rows)
+    pa_csv.write_csv(table, tmp_path / "p.csv")
+    pa_parquet.write_table(table, tmp_path / "p.parquet", row_group_size=7_000)
+    for name in ("p.csv", "p.parquet"):
+        source = _load(tmp_path, name, (tmp_path / name).read_bytes()).params
+        assert isinstance(source, FileSource)
+        assert source._table.column(0).num_chunks > 1
+        assert [p.values["i"] for p in source] == list(range(60_000))
+        assert [p.values["i"] for p in source.iter_from(59_990)] == list(range(59_990, 60_000))
+        assert list(source.iter_from(60_000)) == []
+        assert list(source.iter_from(70_000)) == []
+
+
+def test_the_digest_names_the_arrow_version_that_parsed_the_bytes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another Arrow may parse the same bytes into other values: its digest differs, so
+    a resume walks from the first param instead of trusting the watermark."""
+    before = _load(tmp_path, "p.csv", b"x\n1e5\n2\n").params.digest
+    monkeypatch.setattr(pa, "__version__", "0.0.0-other")
+    assert _load(tmp_path, "p.csv", b"x\n1e5\n2\n").params.digest != before
 
 
 @settings(max_examples=20, deadline=None,

@@ -436,7 +436,7 @@ FILE_CASES = [
                  id="csv-header-only"),
     pytest.param("params.jsonl", "", "parameters.file", "at least one row", "no rows",
                  id="jsonl-empty"),
-    pytest.param("params.csv", "beta,gamma\n0.1,\n0.2,0.5\n", "parameters.file[row 0].gamma",
+    pytest.param("params.csv", "beta,gamma\n0.1,\n0.2,0.5\n", "parameters.file[row 0, column 2]",
                  "bool, int, float or string", "null", id="csv-missing-value"),
     pytest.param("params.csv", "beta,when\n0.1,2024-01-01\n", "parameters.file",
                  "bool, integer, float or string", "column 2 of type", id="csv-date-column"),
