@@ -4,8 +4,9 @@ The loop never needs the whole list: it asks a source for the params not yet com
 one at a time, as slots free up. A grid is never expanded: ``GridSource`` walks the
 product of its columns lazily and knows its size from their lengths, so a 10^6-param grid
 costs nothing until it runs (and only the params in flight are ever held). Params given
-one by one (inline values, a file's rows) are a ``ListSource``. A search that is asked for
-its next point as a slot frees up is another implementation of the same members.
+one by one in the spec (inline values) are a ``ListSource``, a params file's rows a
+``paramfile.FileSource``. A search that is asked for its next point as a slot frees up
+is another implementation of the same members.
 """
 
 from __future__ import annotations
@@ -237,7 +238,7 @@ class Pending:
 
 
 class ListSource:
-    """Params already expanded in memory (the spec's inline values, a file's rows)."""
+    """Params already expanded in memory (the spec's inline values)."""
 
     def __init__(self, params: Sequence[Param]):
         self._params = params
