@@ -36,7 +36,7 @@ from pathlib import Path
 from tidegate import paramfile, spec
 t0 = time.perf_counter()
 if sys.argv[2] == "rows":
-    table, _ = spec._read_param_file(sys.argv[3], Path(sys.argv[1]).parent)
+    table, _ = spec._read_param_file(sys.argv[3], Path(sys.argv[1]).parent, lambda *_: None)
     rows = paramfile.normalised(table).to_pylist()
     del table
     source = spec._expand_rows(
