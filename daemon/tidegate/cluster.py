@@ -136,6 +136,10 @@ def _sigint_ignored() -> Iterator[None]:
 
 
 _CLOSE_TIMEOUT_S = 30.0
+# How long a gather of finished tasks may take before what it has not fetched is lost
+# (Cluster.gather): a fetch takes milliseconds to seconds; longer is a recomputation
+# that may never be scheduled.
+GATHER_TIMEOUT_S = 60.0
 
 
 def _bytes_or_none(value: Any) -> int | None:
@@ -762,26 +766,47 @@ class Cluster:
         # Future outlives this call.
         return [str(f.key) for f in batch]
 
-    async def gather(self, keys: Sequence[str]) -> list[Result]:
-        """Results of completed tasks, in order; a TaskFailure in place of each failure."""
+    async def gather(self, keys: Sequence[str],
+                     timeout_s: float | None = None) -> list[Result]:
+        """Results of completed tasks, in order; a TaskFailure in place of each failure.
+
+        A result whose worker died after the task finished is recomputed by Dask inside
+        the gather, with the task's own restrictions: pinned to a worker that is gone it
+        is ``no-worker`` and the gather would wait for ever (seen in make bench: a run
+        idle for 10 minutes past its stop; so is a task whose resource a restarted
+        worker is given only by a plugin, as ``Scheduler.add_resources`` does not
+        reschedule unrunnable tasks, dask/distributed#6677). So the gather gives up
+        after ``timeout_s`` (GATHER_TIMEOUT_S), and each future not fetched gets as long
+        again on its own: a result not fetched by then is LOST, and its param runs
+        again through the window like any lost one."""
+        timeout_s = GATHER_TIMEOUT_S if timeout_s is None else timeout_s
         futures = [self._futures[k] for k in keys]
         ok = [f for f in futures if f.status == "finished"]
         results: dict[str, Any] = {}
         if ok:
             try:
-                values = await self.client.gather(ok)
+                values = await asyncio.wait_for(self.client.gather(ok), timeout_s)
                 results = {str(f.key): v for f, v in zip(ok, values, strict=True)}
             except Exception:
-                # A worker holding a result died between completion and gather and
-                # the recomputation failed: fall back to one future at a time.
-                results = {}
-                for f in ok:
-                    with contextlib.suppress(Exception):
-                        results[str(f.key)] = await self.client.gather(f)
+                # A worker holding a result died between completion and gather: each
+                # future on its own, all at once, so that the results still held are
+                # fetched (in milliseconds) and only the lost ones wait, as long again.
+                each = {asyncio.ensure_future(self.client.gather(f)): str(f.key) for f in ok}
+                done, pending = await asyncio.wait(each, timeout=timeout_s)
+                for task in pending:
+                    task.cancel()
+                results = {each[t]: t.result() for t in done if t.exception() is None}
         out: list[Result] = []
         for f in futures:
             key = str(f.key)
-            out.append(results[key] if key in results else await failure_of(f))
+            if key in results:
+                out.append(results[key])
+            elif f.status in ("error", "cancelled"):
+                out.append(await failure_of(f))
+            else:  # finished once, not fetched: waiting on it again could be for ever
+                out.append(TaskFailure(FailureKind.LOST, TaskError(
+                    "Lost", f"task {key} finished but its result could not be fetched "
+                    f"within {timeout_s:g} s (its worker was lost)")))
         return out
 
 

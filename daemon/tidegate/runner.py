@@ -27,6 +27,7 @@ import psutil
 from tidegate.cluster import ClusterPort, LossSource, SchedulerLost, WorkerInfo, WorkersLost
 from tidegate.codepaths import CodeDigest, CodePathError, hash_code
 from tidegate.commit import Commit, Rewritten
+from tidegate.errors import TidegateError
 from tidegate.failures import TRACEBACK_HINT, Breaker
 from tidegate.fusion import chunks
 from tidegate.knobs import RunOptions, controller_config
@@ -57,6 +58,10 @@ log = logging.getLogger(__name__)
 # A search's parts come at least this often: a trial is told only once committed.
 SEARCH_FLUSH_S = 1.0
 
+
+
+class _Stopped(TidegateError):
+    """Runner.stop came while the loop awaited the cluster."""
 
 class Runner:
     """Runs one job on a connected cluster until it is done or stopped."""
@@ -487,8 +492,11 @@ class Runner:
             return
         # A task several params share is gathered once.
         keys = list(dict.fromkeys(k for e in ready for k in e.keys.gather))
-        results = dict(zip(keys, await self._while_workers(self.cluster.gather(keys)),
-                           strict=True))
+        try:
+            gathered = await self._while_workers(self.cluster.gather(keys))
+        except _Stopped:
+            return  # not committed: the next run runs them
+        results = dict(zip(keys, gathered, strict=True))
         self.limiter.gathered()
         for entry in ready:
             chunk = _unfused([_own(results[k], entry.keys.slot) for k in entry.keys.gather])
@@ -607,13 +615,18 @@ class Runner:
         workers for ``no_workers_timeout_s`` raises WorkersLost as it does between
         passes."""
         task = asyncio.ensure_future(awaitable)
+        stop = asyncio.ensure_future(self._stop.wait())
         try:
             while True:
-                done, _ = await asyncio.wait({task}, timeout=self.options.poll_seconds)
-                if done:
+                done, _ = await asyncio.wait({task, stop}, timeout=self.options.poll_seconds,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if task in done:
                     return task.result()
+                if stop in done:  # stop drops the work in flight, this gather's too
+                    raise _Stopped
                 self._check_workers(await self.cluster.workers())
         finally:
+            stop.cancel()
             if not task.done():
                 task.cancel()
                 with contextlib.suppress(BaseException):

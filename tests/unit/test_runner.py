@@ -250,6 +250,30 @@ def test_stop_drops_inflight_work(tmp_path: Path) -> None:
     assert sum(_statuses(job).values()) == summary.ok >= 5
 
 
+def test_stop_ends_a_gather_that_never_returns(tmp_path: Path) -> None:
+    """A gather waiting on a result Dask can never recompute (its task no-worker) is
+    abandoned at stop(): the run ends interrupted, the params gathered before it
+    committed, the one in that gather not (the next run runs it)."""
+    job = _job(tmp_path, 30)
+
+    class HangingGather(FakeCluster):
+        calls = 0
+
+        async def gather(self, keys: Any) -> Any:
+            self.calls += 1
+            if self.calls == 4:
+                asyncio.get_running_loop().call_later(0.05, runner.stop)
+                await asyncio.Event().wait()  # never set
+            return await super().gather(keys)
+
+    fake = HangingGather()
+    runner = Runner(job, fake, RunOptions(batch_size=1), clock=fake.clock)
+    summary = asyncio.run(asyncio.wait_for(runner.run(), 30))
+    assert summary.state == "interrupted" and summary.exit_code == 130
+    assert summary.ok == 3
+    assert sum(_statuses(job).values()) == 3
+
+
 def test_metrics_follow_the_run(tmp_path: Path) -> None:
     """The run's counters reach the registry: params by outcome, sims by outcome."""
     job = _job(tmp_path, 10)
