@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -25,7 +23,7 @@ import pyarrow.parquet as pa_parquet
 import yaml
 
 from bench.resume_scale import _first_admission
-from bench.scale import start_cluster
+from bench.scale import scratch_cluster
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -79,10 +77,8 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", type=Path, default=RESULTS / "file_scale.json")
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="tidegate-file-"))
-    address, (sched, worker) = start_cluster(args.workers)
     results: dict[str, object] = {"rows": args.rows, "pyarrow": pa.__version__}
-    try:
+    with scratch_cluster(args.workers, "tidegate-file-") as (address, work):
         for fmt in args.formats.split(","):
             name = f"params.{fmt}"
             _write(work / name, args.rows)
@@ -97,11 +93,6 @@ def main() -> int:
                    "run": _first_admission(spec, address)}
             results[fmt] = got
             print(fmt, got, flush=True)
-    finally:
-        for p in (worker, sched):
-            p.send_signal(2)
-            p.wait(timeout=60)
-        shutil.rmtree(work, ignore_errors=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"| {args.rows:,}-row file | load (s) | peak RSS (MiB) | row by row: load (s) | "

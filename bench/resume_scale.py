@@ -22,11 +22,10 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from bench.scale import FIRST, _spec, start_cluster
+from bench.scale import FIRST, _spec, scratch_cluster
 from tidegate.commit import Commit
 from tidegate.knobs import FlushPolicy
 from tidegate.params import Pending
@@ -86,10 +85,8 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", type=Path, default=RESULTS / "resume_scale.json")
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="tidegate-resume-"))
-    address, (sched, worker) = start_cluster(args.workers)
     results: dict[str, object] = {"params": args.params, "committed": args.committed}
-    try:
+    with scratch_cluster(args.workers, "tidegate-resume-") as (address, work):
         marked = _spec(work / "marked.yaml", args.params)
         results["build_s"] = round(_build(marked, args.committed), 1)
         out = work / f"out-{args.params}"
@@ -105,11 +102,6 @@ def main() -> int:
         print("with", results["with_watermark"], flush=True)
         results["without_watermark"] = _first_admission(bare / "marked.yaml", address)
         print("without", results["without_watermark"], flush=True)
-    finally:
-        for p in (worker, sched):
-            p.send_signal(signal.SIGINT)
-            p.wait(timeout=60)
-        shutil.rmtree(work, ignore_errors=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     w, wo = results["with_watermark"], results["without_watermark"]

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -62,6 +63,21 @@ def start_cluster(workers: int) -> tuple[str, tuple[subprocess.Popen[bytes], ...
     return address, (sched, worker)
 
 
+@contextlib.contextmanager
+def scratch_cluster(workers: int, prefix: str) -> Iterator[tuple[str, Path]]:
+    """A cluster (``start_cluster``) and a scratch directory for one bench run: the
+    address and the directory; the processes stopped and the directory removed after."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    address, (sched, worker) = start_cluster(workers)
+    try:
+        yield address, work
+    finally:
+        for p in (worker, sched):
+            p.send_signal(signal.SIGINT)
+            p.wait(timeout=60)
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def _peak_rss_mib(pid: int) -> float:
     text = Path(f"/proc/{pid}/status").read_text()
     m = re.search(r"VmHWM:\s+(\d+) kB", text)
@@ -99,18 +115,11 @@ def main() -> int:
     ap.add_argument("--small", type=int, default=10_000)
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="tidegate-scale-"))
-    address, (sched, worker) = start_cluster(args.workers)
     results: dict[str, object] = {}
-    try:
+    with scratch_cluster(args.workers, "tidegate-scale-") as (address, work):
         for n in (args.small, args.params):
             results[str(n)] = _run(_spec(work / f"s{n}.yaml", n), address)
             print(n, results[str(n)], flush=True)
-    finally:
-        for p in (worker, sched):
-            p.send_signal(signal.SIGINT)
-            p.wait(timeout=60)
-        shutil.rmtree(work, ignore_errors=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "scale.json").write_text(json.dumps(results, indent=2))
     small, big = results[str(args.small)], results[str(args.params)]
