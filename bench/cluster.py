@@ -18,7 +18,7 @@ from bench.scenarios import Shape
 
 # Set before the LocalCluster starts: each nanny copies the config it is created with and
 # hands it to its worker processes, restarts included.
-RESTART_TIMEOUT_S = 30
+RESTART_TIMEOUT_S = 15
 
 NO_SPILL = {"distributed.worker.memory.spill": False, "distributed.worker.memory.target": False}
 
