@@ -770,8 +770,8 @@ def _expand_file(
         shown = [_by_position(e) for e in exc.errors[:MAX_FILE_ERRORS]]
         more = len(exc.errors) - len(shown)
         if more:
-            shown.append(FieldError("parameters.file", "rows like the ones above fixed too",
-                                    f"{more:,} more errors not shown"))
+            shown.append(FieldError("parameters.file", "no more errors",
+                                    f"{more:,} more, not shown"))
         raise SpecError(shown) from None
     # The Arrow checks refused what row by row accepts: none is known, but the row by
     # row reading is the reference, so its params are the job's.
