@@ -133,6 +133,52 @@ def _rows_distinct(columns: list[pa.ChunkedArray], n: int) -> bool:
     return False
 
 
+def bad_values(table: pa.Table, limit: int) -> tuple[list[int], int] | None:
+    """The first ``limit`` rows holding a value no param may have (null, non-finite, an
+    integer past 64 bits), in file order, and how many such values there are in all;
+    None when there is none. Found in Arrow, so that naming them reads those rows only."""
+    bad: pa.ChunkedArray | None = None
+    total = 0
+    for col in table.columns:
+        mask = pc.is_null(col)
+        if pa.types.is_floating(col.type):
+            mask = pc.or_(mask, pc.invert(pc.fill_null(pc.is_finite(col), True)))
+        elif col.type == pa.uint64():
+            mask = pc.or_(mask, pc.fill_null(pc.greater_equal(col, pa.scalar(_INT64, pa.uint64())),
+                                             False))
+        total += int(pc.sum(mask).as_py() or 0)
+        bad = mask if bad is None else pc.or_(bad, mask)
+    if not total or bad is None:
+        return None
+    rows = pc.indices_nonzero(bad.combine_chunks())[:limit]
+    return [int(r) for r in rows.to_pylist()], total
+
+
+def first_repeat(table: pa.Table) -> tuple[int, int] | None:
+    """(i, j): the first row j that repeats an earlier row, and the first such earlier
+    row i, as a walk of the rows in order would find them; None when rows are distinct."""
+    if table.num_rows < 2:
+        return None
+    names = [f"c{j}" for j in range(table.num_columns)]
+    # Stable: within a run of equal rows the indices ascend.
+    order = pc.sort_indices(pa.table(table.columns, names=names),
+                            sort_keys=[(name, "ascending") for name in names])
+    same: pa.Array | None = None
+    for col in table.columns:
+        ordered = pc.take(col, order)
+        equal = pc.equal(ordered[1:], ordered[:-1])
+        same = equal if same is None else pc.and_(same, equal)
+    assert same is not None
+    later = pc.filter(order[1:], same)  # each row with an equal row before it
+    if not len(later):
+        return None
+    j = pc.min(later).as_py()
+    # j is the second of its run (the first repeat of any run): its run's first is just
+    # before it in sorted order.
+    at = pc.index(order, pa.scalar(j, order.type)).as_py()
+    return int(order[at - 1].as_py()), int(j)
+
+
 def _bounds(col: pa.ChunkedArray) -> tuple[int | float, int | float]:
     mm = pc.min_max(col)
     return mm["min"].as_py(), mm["max"].as_py()

@@ -759,20 +759,29 @@ def _expand_file(
         types, fits = checked
         source = paramfile.FileSource(table, paramfile.file_digest(data_sha256, table))
         return _Expanded(list(table.column_names), types, fits, source)
-    # Something is wrong with a value or a row repeats: read row by row to name them,
-    # by row and column number (a column's name is the file's text, never shown).
+    # Something is wrong with a value or a row repeats. The rows at fault are found in
+    # Arrow and only they are read one by one, to name them as values in the spec are
+    # named, by row and column number (a column's name is the file's text, never shown):
+    # a file of 10^7 rows read row by row would take GBs.
     positional = table.rename_columns([f"_c{j + 1}" for j in range(table.num_columns)])
-    try:
-        _expand_rows(
-            [(f"parameters.file[row {i}]", row) for i, row in enumerate(positional.to_pylist())]
-        )
-    except SpecError as exc:
-        shown = [_by_position(e) for e in exc.errors[:MAX_FILE_ERRORS]]
-        more = len(exc.errors) - len(shown)
-        if more:
-            shown.append(FieldError("parameters.file", "no more errors",
-                                    f"{more:,} more, not shown"))
-        raise SpecError(shown) from None
+    bad = paramfile.bad_values(table, MAX_FILE_ERRORS + 1)
+    if bad is not None:
+        rows, total = bad
+        try:
+            _expand_rows([(f"parameters.file[row {i}]", row) for i, row
+                          in zip(rows, positional.take(rows).to_pylist(), strict=True)])
+        except SpecError as exc:
+            shown = [_by_position(e) for e in exc.errors[:MAX_FILE_ERRORS]]
+            more = total - len(shown)
+            if more > 0:
+                shown.append(FieldError("parameters.file", "no more errors",
+                                        f"{more:,} more, not shown"))
+            raise SpecError(shown) from None
+    repeat = paramfile.first_repeat(table)
+    if repeat is not None:
+        i, j = repeat
+        raise SpecError([FieldError(f"parameters.file[row {j}]", "unique parameter sets",
+                                    f"a duplicate of parameters.file[row {i}]")])
     # The Arrow checks refused what row by row accepts: none is known, but the row by
     # row reading is the reference, so its params are the job's.
     return _expand_rows(

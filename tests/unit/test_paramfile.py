@@ -306,3 +306,60 @@ def test_a_repeated_row_is_found_among_columns_that_each_repeat() -> None:
                for j, c in enumerate(cols)]
     assert paramfile._rows_distinct(changed, n + 1)
     assert paramfile._rows_distinct(repeated[:1], 1)
+
+
+def _errors_by_rows(table: pa.Table) -> list[Any]:
+    """The errors of reading every row one by one, by position, cut as a file's are."""
+    normal = paramfile.normalised(table)
+    positional = normal.rename_columns([f"_c{j + 1}" for j in range(normal.num_columns)])
+    try:
+        spec._expand_rows([(f"parameters.file[row {i}]", r)
+                           for i, r in enumerate(positional.to_pylist())])
+    except SpecError as exc:
+        errors = [spec._by_position(e) for e in exc.errors]
+        shown = errors[:spec.MAX_FILE_ERRORS]
+        if len(errors) > len(shown):
+            shown.append(spec.FieldError("parameters.file", "no more errors",
+                                         f"{len(errors) - len(shown):,} more, not shown"))
+        return shown
+    return []
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tables())
+def test_a_bad_file_is_named_as_reading_every_row_would(tmp_path: Path, table: pa.Table) -> None:
+    """Only the rows at fault are read one by one (found in Arrow); the errors are the
+    ones reading every row gives: the first MAX_FILE_ERRORS, and the count of the rest."""
+    expected = _errors_by_rows(table)
+    pa_parquet.write_table(table, tmp_path / "p.parquet")
+    (tmp_path / "job.yaml").write_text(json.dumps({**SPEC, "parameters": {"file": "p.parquet"}}))
+    got = _outcome(lambda: load_job(tmp_path / "job.yaml"))
+    if not expected:
+        assert not isinstance(got, list), got
+    else:
+        assert got == expected
+
+
+def test_many_bad_values_are_counted_without_reading_every_row(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """200,000 nulls: 20 named, the rest counted; only the rows named are read."""
+    n = 200_000
+    pa_parquet.write_table(pa.table({"i": pa.array(range(n), pa.int64()),
+                                     "x": pa.array([None] * n, pa.float64())}),
+                           tmp_path / "p.parquet")
+    (tmp_path / "job.yaml").write_text(json.dumps({**SPEC, "parameters": {"file": "p.parquet"}}))
+    read: list[int] = []
+    rows_of = spec._expand_rows
+
+    def counted(rows: Any) -> Any:
+        read.append(len(rows))
+        return rows_of(rows)
+    monkeypatch.setattr(spec, "_expand_rows", counted)
+    with pytest.raises(SpecError) as info:
+        load_job(tmp_path / "job.yaml")
+    errors = info.value.errors
+    assert [e.field for e in errors[:2]] == ["parameters.file[row 0, column 2]",
+                                             "parameters.file[row 1, column 2]"]
+    assert errors[-1].got == f"{n - spec.MAX_FILE_ERRORS:,} more, not shown"
+    assert read == [spec.MAX_FILE_ERRORS + 1]
