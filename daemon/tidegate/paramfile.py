@@ -6,8 +6,8 @@ compute kernels: nulls, integers past 64 bits, non-finite floats, repeated rows.
 that passes is a ``FileSource``, whose params are made a batch of rows at a time as the
 run loop asks for them, so only the params in flight are ever Python objects (a
 10^6-row CSV expanded row by row took 12.6 s and 1.1 GiB before the first admission). A file
-that fails any check is read row by row after all, by the caller, only to name the
-first rows at fault (by row and column number).
+that fails any check is refused: the caller finds the rows at fault here
+(``bad_values``, ``first_repeat``) and reads only those one by one to name them.
 
 Its digest is of the file's bytes (hashed as they are read, so that the params and the
 digest come from the same bytes), the Arrow version that parsed them and the columns'
