@@ -301,11 +301,11 @@ def test_a_repeated_row_is_found_among_columns_that_each_repeat() -> None:
     n = 100_000
     cols = [[(k * m) % n for k in range(n)] for m in (1, 3, 7, 11)]
     repeated = [pa.chunked_array([pa.array([*c, c[5]], pa.int64())]) for c in cols]
-    assert not paramfile._rows_distinct(repeated, n + 1)
+    assert paramfile.first_repeat(pa.table(repeated, names=list('abcd'))) == (5, n)
     changed = [pa.chunked_array([pa.array([*c, c[5] if j < 3 else -1], pa.int64())])
                for j, c in enumerate(cols)]
-    assert paramfile._rows_distinct(changed, n + 1)
-    assert paramfile._rows_distinct(repeated[:1], 1)
+    assert paramfile.first_repeat(pa.table(changed, names=list('abcd'))) is None
+    assert paramfile.first_repeat(pa.table(repeated[:1], names=['a']).slice(0, 1)) is None
 
 
 def _errors_by_rows(table: pa.Table) -> list[Any]:
