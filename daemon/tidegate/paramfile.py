@@ -9,8 +9,8 @@ run loop asks for them, so only the params in flight are ever Python objects (a
 that fails any check is refused: the caller finds the rows at fault here
 (``bad_values``, ``first_repeat``) and reads only those one by one to name them.
 
-Its digest is of the file's bytes (hashed as they are read, so that the params and the
-digest come from the same bytes), the Arrow version that parsed them and the columns'
+Its digest is of the file's bytes (read once, then hashed and parsed, so that the params
+and the digest come from the same bytes), the Arrow version that parsed them and the columns'
 types: the same digest means the same params in the same order, which is what lets a
 resume skip the committed prefix (``params.Pending``) without making its ids.
 """
@@ -82,25 +82,21 @@ def column_types(table: pa.Table) -> tuple[dict[str, str], dict[str, frozenset[s
     ``spec`` gives them for values read one by one), when every value is one a param may
     have and no row repeats another; None when something is wrong: the caller then reads
     only the rows at fault to name them. ``table`` is ``normalised`` and has rows."""
+    if bad_values(table, 0) is not None:
+        return None
     types: dict[str, str] = {}
     fits: dict[str, frozenset[str]] = {}
     for name, col in zip(table.column_names, table.columns, strict=True):
-        if col.null_count:
-            return None
         t = col.type
         if pa.types.is_boolean(t):
             types[name], fits[name] = "bool", frozenset({"bool"})
         elif pa.types.is_string(t) or pa.types.is_large_string(t):
             types[name], fits[name] = "str", frozenset({"str"})
         elif pa.types.is_integer(t):
-            lo, hi = _bounds(col)
-            if not (lo >= -_INT64 and hi < _INT64):  # uint64 past int64
-                return None
+            lo, hi = _bounds(col)  # within int64: bad_values refused a uint64 past it
             exact = lo >= -_FLOAT_EXACT and hi <= _FLOAT_EXACT
             types[name], fits[name] = "int", frozenset({"int"} | ({"float"} if exact else set()))
         elif pa.types.is_floating(t):
-            if not pc.all(pc.is_finite(col)).as_py():
-                return None
             lo, hi = _bounds(col)
             whole = (pc.all(pc.equal(pc.floor(col), col)).as_py()
                      and lo >= -_INT64 and hi < _INT64)

@@ -59,9 +59,9 @@ log = logging.getLogger(__name__)
 SEARCH_FLUSH_S = 1.0
 
 
-
 class _Stopped(TidegateError):
     """Runner.stop came while the loop awaited the cluster."""
+
 
 class Runner:
     """Runs one job on a connected cluster until it is done or stopped."""
