@@ -150,6 +150,119 @@ def tree_rss(proc: psutil.Process) -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class _Own:
+    """One reading of the watched process itself."""
+
+    rss: int
+    vms: int
+    peak: int  # the highest RSS since the previous reading (rss where Linux cannot tell)
+    children: list[int] | None  # its direct children's pids; None: read them another way
+
+
+class _ProcFiles:
+    """The /proc files of the watched process, opened once and read with pread.
+
+    A reading of the tree is taken at every sim's end, so its cost is per sim: opened,
+    read and closed each time, the status and one ``children`` file per thread of a Dask
+    worker (eleven) took 110 us; kept open, 13 us. Each reading also resets the
+    process's peak RSS (VmHWM, through ``clear_refs``; Linux >= 4.0), so the next one
+    reports the highest RSS between the two. That is what a sim allocating with the GIL
+    held needs: the sampler thread cannot run until it lets go, by when the memory may be
+    freed (seen under load: sims of 170 MiB read as a few MiB, four admitted where two
+    fit, two workers killed). The watch is then the only thing resetting it.
+
+    Every method is called with the watch's reading lock held: an fd is closed only
+    then, so no other thread can read a number the kernel has given to another file.
+    """
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self._status = _open(f"/proc/{pid}/status", os.O_RDONLY)
+        self._clear = _open(f"/proc/{pid}/clear_refs", os.O_WRONLY)
+        self._tasks: dict[str, int] = {}  # thread id -> fd of its children file
+        self._no_children_files = False
+        if self._clear is not None:
+            try:
+                os.write(self._clear, b"5")
+            except OSError:  # the kernel predates it, or a sandbox refuses it
+                os.close(self._clear)
+                self._clear = None
+
+    def read(self) -> _Own | None:
+        """The process's memory and children, the peak reset; None if it cannot be read
+        this way (the caller falls back to psutil)."""
+        if self._status is None:
+            return None
+        try:
+            data = os.pread(self._status, 8192, 0)
+            if self._clear is not None:
+                os.write(self._clear, b"5")
+        except OSError:
+            return None
+        rss, vms, hwm = (_status_kib(data, f) for f in (b"VmRSS:", b"VmSize:", b"VmHWM:"))
+        if rss is None or vms is None:
+            return None  # a kernel thread, or a zombie: nothing mapped to read
+        peak = max(rss, hwm) if hwm is not None and self._clear is not None else rss
+        return _Own(rss << 10, vms << 10, peak << 10, self._children())
+
+    def _children(self) -> list[int] | None:
+        if self._no_children_files:
+            return None
+        try:
+            tids = os.listdir(f"/proc/{self.pid}/task")
+        except OSError:
+            return None
+        for tid in self._tasks.keys() - set(tids):  # threads that ended
+            os.close(self._tasks.pop(tid))
+        pids: list[int] = []
+        for tid in tids:
+            fd = self._tasks.get(tid)
+            if fd is None:
+                try:
+                    fd = os.open(f"/proc/{self.pid}/task/{tid}/children", os.O_RDONLY)
+                except FileNotFoundError:
+                    if os.path.exists(f"/proc/{self.pid}/task/{tid}"):
+                        self._no_children_files = True  # Linux < 3.5
+                        return None
+                    continue  # that thread ended meanwhile
+                except OSError:
+                    return None
+                self._tasks[tid] = fd
+            try:
+                pids.extend(int(p) for p in os.pread(fd, 65536, 0).split())
+            except (OSError, ValueError):
+                return None
+        return pids
+
+    def close(self) -> None:
+        for fd in [self._status, self._clear, *self._tasks.values()]:
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._status = self._clear = None
+        self._tasks.clear()
+
+
+def _open(path: str, flags: int) -> int | None:
+    try:
+        return os.open(path, flags)
+    except OSError:
+        return None
+
+
+def _status_kib(data: bytes, field: bytes) -> int | None:
+    """A ``VmRSS:``-style field of /proc/<pid>/status, in KiB; None if absent."""
+    at = data.find(field)
+    if at < 0:
+        return None
+    end = data.find(b"\n", at)
+    try:
+        return int(data[at + len(field):end if end >= 0 else len(data)].split()[0])
+    except (ValueError, IndexError):
+        return None
+
+
+@dataclass(frozen=True, slots=True)
 class KillReport:
     """A child subtree the watch killed because the tree neared the memory limit."""
 
@@ -186,6 +299,7 @@ class _Sim:
 class _Sample:
     own: int  # the worker process alone
     total: int
+    peak: int  # the tree's highest since the previous reading: ``total`` with own's peak
     # (direct child, RSS of its subtree), the child's create_time
     subtrees: tuple[tuple[psutil.Process, int, float], ...]
 
@@ -197,11 +311,13 @@ class TreeWatch:
     ``work_bytes`` is the largest rise of the tree RSS seen while it ran above the lowest
     reading since it began (the tree RSS at its start, unless memory was freed meanwhile);
     begin and end take a sample themselves, so a sim shorter than the interval still
-    gets a reading. With exactly one active sim the attribution is exact. With several
-    at once each sim is charged the tree's whole rise during its run, whoever caused it:
-    conservative, an overestimate of each. Measured from the low, not from the start: a
-    sim that began while another's child held memory, which was freed before its own
-    child took as much, saw no rise above its start (read as 0 under load).
+    gets a reading. Each reading carries the worker process's peak RSS since the one
+    before (``_ProcFiles``): memory held only between two readings is charged too.
+    With exactly one active sim the attribution is exact. With several at once each sim is
+    charged the tree's whole rise during its run, whoever caused it: conservative, an
+    overestimate of each. Measured from the low, not from the start: a sim that began while
+    another's child held memory, which was freed before its own child took as much, saw no
+    rise above its start (read as 0 under load).
 
     When a sample exceeds ``terminate_fraction * memory_limit`` (a limit > 0) and the
     worker has children, the largest child subtree (the child and its descendants, by
@@ -231,6 +347,9 @@ class TreeWatch:
         self.interval_s = float(interval_s)
         self.on_kill = on_kill
         self._proc = psutil.Process(pid)
+        self._files = _ProcFiles(pid)
+        # Held while reading the tree, so that the peak between two readings is charged
+        # to the sims that ran between them, and no other.
         self._lock = threading.Lock()
         self._sims: dict[int, _Sim] = {}
         self._tokens = itertools.count()
@@ -260,6 +379,8 @@ class TreeWatch:
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5)
+        with self._lock:
+            self._files.close()
 
     # --- readings --------------------------------------------------------------------
 
@@ -285,11 +406,14 @@ class TreeWatch:
     def begin(self, key: str, rss: int | None = None) -> object:
         """``rss``: a reading of the tree just taken (the previous sim's end, in a
         task that runs sims one after another), so the tree is not read again."""
-        if rss is None:
-            rss = tree_rss(self._proc)
         token = next(self._tokens)
         with self._lock:
-            self._note(rss)
+            if rss is None:
+                reading = self._take()
+                self._note(reading.total, reading.peak)  # the others' peak before this sim
+                rss = reading.total
+            else:
+                self._note(rss, rss)
             began = _since_boot()
             if self._first_begin is None:
                 self._first_begin = began
@@ -297,23 +421,25 @@ class TreeWatch:
         return token
 
     def end(self, token: object) -> SimMemory:
-        rss = tree_rss(self._proc)
         with self._lock:
-            self._note(rss)
+            reading = self._take()
+            self._note(reading.total, reading.peak)
+            rss = reading.total
             sim = self._sims.pop(token, None)  # type: ignore[call-overload]
         if sim is None:
             return SimMemory(0, None, rss)
         return SimMemory(max(0, sim.rise), sim.killed, rss)
 
-    def _note(self, total: int) -> None:
-        """Record a reading (lock held): the latest, and every active sim's peak."""
+    def _note(self, total: int, peak: int) -> None:
+        """Record a reading (lock held): the latest, and every active sim's peak. The
+        peak came after every earlier reading, so it rises above their low."""
         self._latest = total
         if self._first is None:
             self._first = total
         for sim in self._sims.values():
-            sim.peak_rss = max(sim.peak_rss, total)
+            sim.peak_rss = max(sim.peak_rss, peak)
+            sim.rise = max(sim.rise, peak - sim.low_rss)
             sim.low_rss = min(sim.low_rss, total)
-            sim.rise = max(sim.rise, total - sim.low_rss)
 
     # --- the sampler -----------------------------------------------------------------
 
@@ -325,26 +451,36 @@ class TreeWatch:
                 logger.exception("tidegate tree watch: sample failed")
             self._stop.wait(self.interval_s)
 
-    def _read(self) -> _Sample:
-        mem = _mem(self._proc)
-        own = mem[0]
-        children = _children(self._proc)
+    def _take(self, created: bool = False) -> _Sample:
+        """Read the tree (lock held); ``created``: each child's start time too."""
+        own = self._files.read()
+        if own is None:  # no /proc files to keep open: psutil, no peak
+            rss, vms = _mem(self._proc)
+            own = _Own(rss, vms, rss, None)
+        mem = (own.rss, own.vms)
+        if own.children is None:
+            children = _children(self._proc)
+        else:
+            children = []
+            for pid in own.children:
+                with contextlib.suppress(*_GONE):
+                    children.append(psutil.Process(pid))
         subtrees = []
         for child in children:
             cmem = _mem(child)
             # An image of the worker (not yet exec'd) has size 0: it holds nothing of
             # its own, so it is never the one killed.
             size = (0 if _is_image(cmem, mem) else cmem[0]) + _below(child, cmem)
-            created = _created_since_boot(child)
-            subtrees.append((child, size, created))
-        return _Sample(own, own + sum(s for _, s, _ in subtrees), tuple(subtrees))
+            subtrees.append((child, size, _created_since_boot(child) if created else 0.0))
+        below = sum(s for _, s, _ in subtrees)
+        return _Sample(own.rss, own.rss + below, own.peak + below, tuple(subtrees))
 
     def sample(self) -> int:
         """Take one sample now (the thread calls this); kill if over the limit."""
-        reading = self._read()
         report: KillReport | None = None
         with self._lock:
-            self._note(reading.total)
+            reading = self._take(created=True)
+            self._note(reading.total, reading.peak)
             if not self._sims:
                 self._idle = reading.total
             if self._killed_pid is not None and not any(

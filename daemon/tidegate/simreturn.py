@@ -524,23 +524,18 @@ def _watched_call(
 ) -> tuple[dict[str, bytes], TaskError | None, int]:
     """The model's call on a worker with tidegate's memory watch: announced, charged its
     process tree's working memory, and MemoryExceeded if its child was killed."""
-    key, nthreads = _announce_executing()
+    key = _announce_executing()
     in_task = getattr(_in_task, "active", False)
+    # The watch reads the worker process's peak RSS between its readings (and owns its
+    # reset), so memory the model held only between two samples is charged too.
     token = watch.begin(key, _in_task.rss if in_task else None)
-    # VmHWM is per process and its reset is too: with several threads one sim's reset
-    # would erase the peak another sim is being measured by. With one thread it sees the
-    # worker process's peaks between the watch's samples.
-    peak = _WorkingMemory() if nthreads == 1 else contextlib.nullcontext()
     try:
-        with peak:
-            outputs, error = call()
+        outputs, error = call()
     finally:
         used = watch.end(token)
         if in_task:
             _in_task.rss = used.tree_rss or None
     work = used.work_bytes
-    if isinstance(peak, _WorkingMemory):
-        work = max(work, peak.bytes)
     if used.killed is not None:
         k = used.killed
         # Whatever the model made of its child's death (raised, or caught it and
@@ -610,24 +605,23 @@ def _active_watch() -> Any:
     return memwatch.active_watch() if memwatch is not None else None
 
 
-def _announce_executing() -> tuple[str, int]:
-    """Log the ``tidegate-executing`` event of the task running this sim; its key and
-    the worker's thread count. ("", 0) outside a Dask task."""
+def _announce_executing() -> str:
+    """Log the ``tidegate-executing`` event of the task running this sim; its key, ""
+    outside a Dask task."""
     try:
         from distributed import get_worker
 
         worker = get_worker()
         key = str(worker.get_current_task())
-        nthreads = int(getattr(worker.state, "nthreads", 0) or 0)
     except Exception:
-        return "", 0
+        return ""
     if getattr(_in_task, "active", False):
         if _in_task.key == key:  # this task's first sim announced it
-            return key, nthreads
+            return key
         _in_task.key = key
     with contextlib.suppress(Exception):
         worker.log_event(EXECUTING_TOPIC, {"worker": worker.address, "key": key})
-    return key, nthreads
+    return key
 
 
 def run_target(

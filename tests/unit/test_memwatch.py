@@ -268,6 +268,34 @@ def test_a_short_sim_without_the_thread_still_gets_a_reading(
     assert watch.end(token).work_bytes == 0
 
 
+def _held_and_freed(nbytes: int) -> None:
+    """Allocate and touch ``nbytes`` in this process with the GIL held, then free them:
+    no other thread can sample meanwhile, and the memory is gone before anyone can."""
+    buf = bytearray(nbytes)
+    buf[::4096] = b"\x01" * len(range(0, nbytes, 4096))
+    del buf
+
+
+def test_memory_held_only_between_two_readings_is_charged(
+    watches: Callable[..., TreeWatch],
+) -> None:
+    """A sim that allocates 100 MiB and frees it before the tree is read again (as one
+    holding the GIL does: the sampler cannot run) is charged the peak, not the level
+    it ended at; the sim that begins after the peak is not charged it."""
+    watch = watches(0)  # never started: only begin, end and sample read the tree
+    a = watch.begin("a")
+    _held_and_freed(100 * MiB)
+    b = watch.begin("b")  # after a's peak: that reading is a's and not b's
+    assert watch.end(b).work_bytes < 20 * MiB
+    assert watch.end(a).work_bytes >= 95 * MiB
+    c = watch.begin("c")
+    _held_and_freed(60 * MiB)
+    watch.sample()  # a sampler reading carries the peak to the sims running
+    d = watch.begin("d")
+    assert watch.end(c).work_bytes >= 55 * MiB
+    assert watch.end(d).work_bytes < 20 * MiB
+
+
 def test_the_largest_child_is_killed_near_the_limit(
     watches: Callable[..., TreeWatch], hogs: Callable[[], Hog]
 ) -> None:
