@@ -111,6 +111,8 @@ class FakeCluster:
     lingering: dict[str, tuple[FakeTask, int]] = field(default_factory=dict)
     started: set[str] = field(default_factory=set)  # keys whose function began
     resources: bool = False  # workers carry the tidegate-memory resource
+    # A worker killed as a task starts reports nothing running (its start report lost).
+    start_reports_lost: bool = False
     # (worker address, keys) of each pass that ran sims together on one worker
     together: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
     _kills: list[MemoryKill] = field(default_factory=list)
@@ -380,6 +382,8 @@ class FakeCluster:
                 cause = self.on_run(task) if self.on_run is not None else None
                 if cause is not None:
                     executing = (task.key,) if self.resources else None
+                    if executing and self.start_reports_lost:
+                        executing = ()  # killed before its start report left the worker
                     self.kill_worker(address, cause, rss=self.memory_limit,
                                      executing=executing)
                     break

@@ -49,8 +49,13 @@ class WorkerLoss:
     @property
     def culprits(self) -> tuple[str, ...]:
         """The keys that may have used the memory it was killed for: those running, not
-        those queued behind them (which hold nothing)."""
-        return self.processing if self.executing is None else self.executing
+        those queued behind them (which hold nothing). When none was reported running,
+        every key it held: a worker killed within a moment of a task's start never sent
+        that start (the report waits on the worker's event loop, which a model holding
+        the GIL as it allocates keeps from running; seen under load: a poison param's
+        start never arrived on four workers in a row, so it struck none of them and ended
+        as Dask's KilledWorker instead of quarantined)."""
+        return self.executing or self.processing
 
     @property
     def is_oom(self) -> bool:

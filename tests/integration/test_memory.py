@@ -177,7 +177,8 @@ def test_working_memory_keeps_heavy_sims_apart(tmp_path: Path, no_spill) -> None
     summary = _summary(proc)
     assert summary["params"]["ok"] == n
     assert summary["params"]["quarantined"] == 0
-    assert summary["oom_events"] == 0 and summary["worker_restarts"] == 0, summary
+    why = f"{summary}\n{_memory_log(proc.stderr)}"
+    assert summary["oom_events"] == 0 and summary["worker_restarts"] == 0, why
 
 
 def test_poison_param_is_quarantined(tmp_path: Path, no_spill) -> None:
@@ -193,7 +194,8 @@ def test_poison_param_is_quarantined(tmp_path: Path, no_spill) -> None:
     # The log says why if another param failed too (isolated, quarantined, KilledWorker).
     assert summary["params"]["ok"] == 29, (summary["errors"], proc.stderr[-4000:])
     assert summary["params"]["failed"] == 1
-    assert summary["params"]["quarantined"] == 1
+    why = (summary["errors"], _memory_log(proc.stderr))
+    assert summary["params"]["quarantined"] == 1, why
     rows = read_dataset(tmp_path / "out" / "params")
     (bad,) = [r for r in rows if r["status"] == "failed"]
     assert bad["param_k"] == 7

@@ -8,6 +8,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.conftest import read_dataset, synthetic_spec
 from tests.fakes import FakeCluster, FakeTask
 from tidegate.losses import Cause
@@ -90,6 +92,38 @@ def test_a_suspect_runs_alone_on_one_worker_while_the_others_work(tmp_path: Path
     assert rows[poison]["error_type"] == "MemoryExceeded"
     assert all(r["status"] == "ok" for pid, r in rows.items() if pid != poison)
     assert beside and all(not s for s in beside)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_poison_param_whose_start_was_never_reported_is_quarantined(
+    tmp_path: Path, threads: int
+) -> None:
+    """Each worker the poison param kills dies before its start report leaves it (the
+    loss names nothing running): the kill strikes every task the worker held, so the
+    poison param is still isolated and quarantined, not failed by Dask's KilledWorker,
+    and every innocent param completes."""
+    values = [{"k": i} for i in range(16)]
+    job = _job(tmp_path, values)
+    poison = list(job.params)[3].param_id
+    kills = 0
+
+    def kill(task: FakeTask) -> Cause | None:
+        nonlocal kills
+        # Bounded, so that a loop that never convicts it ends (the param then completes
+        # and the test fails) instead of running for ever.
+        if task.param_id == poison and task.key.startswith("sim-") and kills < 50:
+            kills += 1
+            return Cause.MEMORY_TERMINATE
+        return None
+
+    fake = FakeCluster(n_workers=2, threads=threads, memory_limit=400 * MiB,
+                       resources=True, on_run=kill, start_reports_lost=True)
+    summary = _run(job, fake)
+    assert (summary.ok, summary.failed, summary.quarantined) == (15, 1, 1), kills
+    assert kills <= 6
+    rows = {r["param_id"]: r for r in read_dataset(job.output_dir / "params")}
+    assert rows[poison]["error_type"] == "MemoryExceeded"
+    assert "needs more memory than a worker" in rows[poison]["error"]
 
 
 def _child_killing(tmp_path: Path, *, threads: int) -> tuple[Job, str, FakeCluster]:
