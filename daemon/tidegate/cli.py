@@ -177,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-tasks", type=_positive_int("--max-tasks"), metavar="N",
                      help="refuse a job of more tasks, params x (replicates + targets) "
                      "(default 100000000)")
+    run.add_argument("--max-file-bytes", type=_positive_int("--max-file-bytes"), metavar="N",
+                     help="refuse a larger params file (parameters.file; default 4294967296)")
     run.add_argument("--json", action="store_true",
                      help="print the final summary as one JSON object on stdout")
     run.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
@@ -569,7 +571,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     limits = dataclasses.replace(RUN_LIMITS, **{
-        key: getattr(args, key) for key in ("max_params", "max_replicates", "max_tasks")
+        key: getattr(args, key) for key in ("max_params", "max_replicates", "max_tasks",
+                                             "max_file_bytes")
         if getattr(args, key) is not None
     })
     job = load_job(args.spec, output=args.output, limits=limits)

@@ -295,6 +295,9 @@ class LimitsConfig(_Section):
     max_tasks: Int = Field(
         10_000_000, ge=1, description="tasks per job: params x (replicates + targets)"
     )
+    max_file_bytes: Int = Field(
+        1 << 30, ge=1, description="bytes of a job's params file (parameters.file)"
+    )
     yaml_depth: Int = Field(64, ge=8, description="nesting depth of a spec (YAML or JSON)")
     yaml_alias_nodes: Int = Field(
         10_000, ge=0, description="nodes that YAML aliases (*name) of a spec may expand to"
@@ -312,6 +315,7 @@ class LimitsConfig(_Section):
             max_params=self.max_params,
             max_replicates=self.max_replicates,
             max_tasks=self.max_tasks,
+            max_file_bytes=self.max_file_bytes,
             yaml=YamlLimits(max_depth=self.yaml_depth, max_alias_nodes=self.yaml_alias_nodes),
         )
 

@@ -91,6 +91,8 @@ class SpecLimits:
     max_params: int = 10_000_000
     max_replicates: int = 1_000_000
     max_tasks: int = 100_000_000  # params x (replicates + targets)
+    # A params file is read whole before it is parsed: its size is checked first.
+    max_file_bytes: int = 4 * 2**30
     yaml: YamlLimits = dataclass_field(default_factory=YamlLimits)
 
 
@@ -651,11 +653,13 @@ _READERS: dict[str, Callable[[pa.BufferReader], pa.Table]] = {
 
 
 def _read_param_file(
-    name: str, base_dir: Path, check: Callable[[int, str, str], None]
+    name: str, base_dir: Path, check: Callable[[int, str, str], None],
+    max_bytes: int = RUN_LIMITS.max_file_bytes,
 ) -> tuple[pa.Table, str]:
     """The file's rows and the SHA-256 of the bytes they were parsed from; ``check``
     is given the row count before the rows are read where the file says it (parquet's
-    footer: 200 KB of parquet can decompress to 50 million rows)."""
+    footer: 200 KB of parquet can decompress to 50 million rows). A file of more than
+    ``max_bytes`` is refused before it is read."""
     path = (base_dir / name).resolve()
     field = "parameters.file"
     if not path.is_file():
@@ -663,8 +667,17 @@ def _read_param_file(
     suffix = Path(name).suffix.lower()  # as named: a symlink's target may have another
     try:
         # Read once: the digest and the params come from the same bytes, whatever
-        # writes to the file meanwhile.
-        data = path.read_bytes()
+        # writes to the file meanwhile. One byte past the limit tells a file that grew
+        # since it was measured.
+        size = path.stat().st_size
+        if size <= max_bytes:
+            with path.open("rb") as f:
+                data = f.read(max_bytes + 1)
+            if len(data) > max_bytes:  # it grew since: say by how much, if it still is
+                size = max(len(data), path.stat().st_size)
+        if size > max_bytes:
+            raise _too_large(field, "bytes", max_bytes, "limits.max_file_bytes",
+                             f"{size:,} bytes in {name!r}")
         if not data:  # pyarrow calls an empty file invalid; it has no rows
             raise SpecError([FieldError(field, "at least one row", f"no rows in {path}")])
         if suffix == ".parquet":
@@ -743,9 +756,10 @@ MAX_FILE_ERRORS = 20
 
 
 def _expand_file(
-    name: str, base_dir: Path, check: Callable[[int, str, str], None] = lambda *_: None
+    name: str, base_dir: Path, check: Callable[[int, str, str], None] = lambda *_: None,
+    max_bytes: int = RUN_LIMITS.max_file_bytes,
 ) -> _Expanded:
-    table, data_sha256 = _read_param_file(name, base_dir, check)
+    table, data_sha256 = _read_param_file(name, base_dir, check, max_bytes)
     check(table.num_rows, "parameters.file", f" rows in {name!r}")
     table = paramfile.normalised(table)
     errors = _file_columns(table)
@@ -822,7 +836,7 @@ def _expand(spec: JobSpec, base_dir: Path, limits: SpecLimits) -> _Expanded:
         check(parameters.search.trials, "parameters.search.trials", " trials")
         return _expand_search(parameters.search)
     assert parameters.file is not None  # ParametersSpec guarantees exactly one form
-    return _expand_file(parameters.file, base_dir, check)
+    return _expand_file(parameters.file, base_dir, check, limits.max_file_bytes)
 
 
 def _expand_search(search: SearchSpec) -> _Expanded:

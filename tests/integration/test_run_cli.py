@@ -396,3 +396,17 @@ def test_refused_references_and_unusable_paths_exit_2(tmp_path: Path, change: di
     assert proc.returncode == 2, proc.stderr
     assert needle in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_params_file_past_max_file_bytes_exits_2(tmp_path: Path) -> None:
+    """`run --max-file-bytes` lowers the params file's limit: a larger file is refused
+    with its size and the limit, exit 2, before any cluster starts; no traceback."""
+    (tmp_path / "p.csv").write_text("k\n" + "\n".join(map(str, range(50))) + "\n")
+    size = (tmp_path / "p.csv").stat().st_size
+    spec = write_spec(tmp_path / "job.yaml", synthetic_spec(0, parameters={"file": "p.csv"}))
+    proc = tidegate("run", spec, "--max-file-bytes", str(size - 1))
+    assert proc.returncode == 2, proc.stderr
+    assert (f"parameters.file: expected at most {size - 1:,} bytes (limits.max_file_bytes), "
+            f"got {size:,} bytes in 'p.csv'") in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -131,6 +131,56 @@ def test_file_rows_are_counted(tmp_path: Path) -> None:
                             "(limits.max_params), got 5 rows")
 
 
+def test_a_params_file_over_the_byte_limit_is_refused_unread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A params file larger than limits.max_file_bytes is refused from its size, naming
+    the field, the limit's key and the size, and no byte of it is read; one at the limit
+    is read and expanded."""
+    path = tmp_path / "p.csv"
+    path.write_text("k\n" + "\n".join(map(str, range(100))) + "\n")
+    size = path.stat().st_size
+    opened: list[Path] = []
+    real_open = Path.open
+
+    def spy(self: Path, *args: Any, **kwargs: Any) -> Any:
+        opened.append(self)
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", spy)
+    (error,) = errors_of(base(parameters={"file": "p.csv"}),
+                         SpecLimits(max_file_bytes=size - 1), base_dir=tmp_path)
+    assert error == (f"parameters.file: expected at most {size - 1:,} bytes "
+                     f"(limits.max_file_bytes), got {size:,} bytes in 'p.csv'")
+    assert path.resolve() not in opened
+    job = job_from_dict(base(parameters={"file": "p.csv"}), base_dir=tmp_path,
+                        limits=SpecLimits(max_file_bytes=size))
+    assert job.params.total == 100
+
+
+def test_a_params_file_that_grows_past_the_limit_as_it_is_read_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Measured within the limit, then grown before it is read: what is read past the
+    limit is refused as too large, not parsed."""
+    path = tmp_path / "p.csv"
+    path.write_text("k\n1\n2\n")
+    limit = path.stat().st_size
+    real_open = Path.open
+
+    def grow_then_open(self: Path, *args: Any, **kwargs: Any) -> Any:
+        if self == path.resolve():
+            with real_open(self, "a") as f:
+                f.write("3\n4\n")
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", grow_then_open)
+    (error,) = errors_of(base(parameters={"file": "p.csv"}),
+                         SpecLimits(max_file_bytes=limit), base_dir=tmp_path)
+    assert error == (f"parameters.file: expected at most {limit:,} bytes "
+                     f"(limits.max_file_bytes), got {limit + 4:,} bytes in 'p.csv'")
+
+
 def test_replicates_and_tasks_are_bounded() -> None:
     """`replicates: 1000000000` is refused by default; params x (replicates + targets)
     over limits.max_tasks is refused with the arithmetic shown."""
