@@ -159,6 +159,12 @@ class _Own:
     children: list[int] | None  # its direct children's pids; None: read them another way
 
 
+# A model with a large thread pool must not take the worker's file descriptors (its
+# sockets need them; the soft limit is often 1024): beyond this many threads their
+# children files are opened and closed at each reading, as before.
+MAX_OPEN_TASK_FILES = 64
+
+
 class _ProcFiles:
     """The /proc files of the watched process, opened once and read with pread.
 
@@ -217,6 +223,7 @@ class _ProcFiles:
         pids: list[int] = []
         for tid in tids:
             fd = self._tasks.get(tid)
+            keep = fd is None and len(self._tasks) < MAX_OPEN_TASK_FILES
             if fd is None:
                 try:
                     fd = os.open(f"/proc/{self.pid}/task/{tid}/children", os.O_RDONLY)
@@ -227,11 +234,15 @@ class _ProcFiles:
                     continue  # that thread ended meanwhile
                 except OSError:
                     return None
-                self._tasks[tid] = fd
+                if keep:
+                    self._tasks[tid] = fd
             try:
                 pids.extend(int(p) for p in os.pread(fd, 65536, 0).split())
             except (OSError, ValueError):
                 return None
+            finally:
+                if tid not in self._tasks:  # beyond the files kept open
+                    os.close(fd)
         return pids
 
     def close(self) -> None:

@@ -296,6 +296,52 @@ def test_memory_held_only_between_two_readings_is_charged(
     assert watch.end(d).work_bytes < 20 * MiB
 
 
+def _open_children_files() -> int:
+    """How many of this process's fds are open on a thread's ``children`` file."""
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            n += os.readlink(f"/proc/self/fd/{fd}").endswith("/children")
+    return n
+
+
+def test_a_process_of_many_threads_keeps_few_files_open_and_sees_every_child(
+    watches: Callable[..., TreeWatch],
+) -> None:
+    """With more threads than MAX_OPEN_TASK_FILES, the watch keeps at most that many
+    children files open (the worker's sockets need fds) and still sees a child started
+    by a thread beyond them."""
+    from tidegate.memwatch import MAX_OPEN_TASK_FILES
+
+    stop = threading.Event()
+    idle = [threading.Thread(target=stop.wait, daemon=True)
+            for _ in range(MAX_OPEN_TASK_FILES + 16)]
+    for t in idle:
+        t.start()
+    started, hog = threading.Event(), []
+
+    def start_child() -> None:  # the newest thread: past the files kept open
+        hog.append(Hog())
+        hog[0].alloc(50 * MiB)
+        started.set()
+        stop.wait()
+
+    spawner = threading.Thread(target=start_child, daemon=True)
+    try:
+        watch = watches(0)
+        token = watch.begin("k")
+        spawner.start()
+        assert started.wait(30)
+        assert watch.end(token).work_bytes >= 45 * MiB
+        assert _open_children_files() <= MAX_OPEN_TASK_FILES
+    finally:
+        stop.set()
+        for t in [*idle, spawner]:
+            t.join(timeout=10)
+        for h in hog:
+            h.close()
+
+
 def test_the_largest_child_is_killed_near_the_limit(
     watches: Callable[..., TreeWatch], hogs: Callable[[], Hog]
 ) -> None:
