@@ -128,6 +128,7 @@ def run_scenarios(scenarios: list[Scenario], repeats: int, *, smoke_mode: bool) 
                 # Full runs start every run on fresh worker processes; smoke runs only
                 # after a run that left the cluster dirty.
                 replaced = False
+                cluster.drop_tidegate_plugins()  # before the restart: fresh workers lack them
                 if dirty:
                     try:
                         cluster.restart()

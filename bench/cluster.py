@@ -15,6 +15,7 @@ from distributed import Client, LocalCluster
 from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 
 from bench.scenarios import Shape
+from tidegate.worker import CodePaths, ExitCodes, IgnoreSigint, MemoryWatch
 
 # Set before the LocalCluster starts: each nanny copies the config it is created with and
 # hands it to its worker processes, restarts included.
@@ -138,6 +139,22 @@ class BenchCluster:
 
     def reset(self) -> None:
         self.stats.reset()
+
+    def drop_tidegate_plugins(self) -> list[str]:
+        """Unregister the worker and nanny plugins a tidegate arm registered (each run
+        registers its own). The scheduler keeps a plugin for every worker that joins
+        later, restarts included: without this a raw arm after a tidegate arm ran with
+        tidegate's memory watch (which kills a child process over the limit: child-process's
+        dask-window-4 failed 38 of 40 params one run and none the next, after a new
+        cluster) and paid its readings each sim. Returns the names dropped."""
+        scheduler = self.local.scheduler
+        dropped = []
+        for name, nanny in ((CodePaths.name, False), (IgnoreSigint.name, False),
+                            (MemoryWatch.name, False), (ExitCodes.name, True)):
+            if name in (scheduler.nanny_plugins if nanny else scheduler.worker_plugins):
+                self.client.unregister_worker_plugin(name, nanny=nanny)
+                dropped.append(name)
+        return dropped
 
     def worker_pids(self) -> dict[str, int]:
         return dict(self.client.run(os.getpid))

@@ -89,6 +89,8 @@ def run_arm(
         if killer:
             killer.stop()
     shutil.rmtree(output, ignore_errors=True)
+    # As the run ends: a tidegate arm's own, and none of them for the raw strategies.
+    plugins = sorted(cluster.local.scheduler.worker_plugins)
     executions, unique = cluster.executions_of(f"sim-{key_tag(tag)}-")
     wall, finished = outcome.wall_s, outcome.status == "ok"
     batch_max = outcome.detail.get("batch_max") or arm.batch or workload.n_params
@@ -130,6 +132,7 @@ def run_arm(
         "recomputed": executions - unique if cluster.executions else None,
         "kill": killer.record if killer else None,
         "detail": outcome.detail,
+        "worker_plugins": plugins,
         "series": sampler.as_dict(),
     }
 

@@ -946,7 +946,7 @@ async def open_cluster(options: ClusterOptions) -> Cluster:
             local = await LocalCluster(**kwargs)
         client = await Client(local, asynchronous=True, security=security)
         # Workers the nanny restarts later are covered by the plugin.
-        await client.register_plugin(IgnoreSigint(), name="tidegate-ignore-sigint")
+        await client.register_plugin(IgnoreSigint(), name=IgnoreSigint.name)
     except Exception as exc:
         raise ClusterError(f"cannot start the embedded LocalCluster: {exc}") from None
     return Cluster(client, local)

@@ -63,6 +63,8 @@ class IgnoreSigint(WorkerPlugin):
     group, and a worker would die with a KeyboardInterrupt traceback while tidegate is
     still flushing. tidegate stops its workers itself."""
 
+    name = "tidegate-ignore-sigint"
+
     def setup(self, worker: Any) -> None:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -15,7 +15,7 @@ RUN_FIELDS = (
     "scenario", "arm", "strategy", "repeat", "status", "wall_s", "params_total", "params_ok",
     "worker_deaths", "peak_worker_mem_frac", "utilization", "params_per_s",
     "peak_client_rss_delta_mib", "peak_scheduler_tasks", "window_tasks", "recomputed",
-    "kill", "series",
+    "kill", "worker_plugins", "series",
 )
 SERIES = ("t", "batch", "inflight_tasks", "worker_mem_frac", "client_rss_mib")
 
@@ -43,6 +43,9 @@ def test_bench_smoke_writes_every_scenario_and_strategy(tmp_path: Path) -> None:
                                           for k in SERIES)
         if run["status"] == "ok":
             assert run["params_ok"] == run["params_total"], run["arm"]
+        # A raw strategy never runs with the plugins an earlier tidegate arm registered.
+        watched = "tidegate-memory-watch" in run["worker_plugins"]
+        assert watched == (run["strategy"] == "tidegate"), (run["arm"], run["worker_plugins"])
         if run["scenario"] == "worker-kill":
             assert run["recomputed"] is not None
             assert (run["kill"] is not None) == run["arm"].endswith("kill")
