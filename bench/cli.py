@@ -22,7 +22,7 @@ import distributed
 import psutil
 
 from bench import plots, report
-from bench.cluster import BenchCluster
+from bench.cluster import RESTART_TIMEOUT_S, BenchCluster
 from bench.harness import needs_restart, run_arm
 from bench.scenarios import LIGHT_N, STRATEGIES, Arm, Scenario, full, light, select, smoke
 from bench.summary import evaluate, summarize, targets_as_dicts
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     command = " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])])
     meta = {"command": command, "machine": machine(), "started": stamp, "smoke": args.smoke,
-            "light": args.light,
+            "light": args.light, "restart_timeout_s": RESTART_TIMEOUT_S,
             "repeats": repeats, "scenarios": [_describe(s) for s in scenarios]}
     m = meta["machine"]
     _say(f"{command}: {len(scenarios)} scenarios on {m['cores']} cores / "

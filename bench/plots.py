@@ -34,7 +34,7 @@ def draw(results: dict[str, Any], outdir: Path, relative_to: Path) -> tuple[dict
         fig = _figure(plt, scenario, runs, results["meta"])
         fig.savefig(path, dpi=100)
         plt.close(fig)
-        figures[scenario["name"]] = path.relative_to(relative_to.resolve()).as_posix() \
+        figures[scenario["name"]] = path.resolve().relative_to(relative_to.resolve()).as_posix() \
             if path.resolve().is_relative_to(relative_to.resolve()) else str(path)
     return figures, ""
 

@@ -242,13 +242,15 @@ def _extra(name: str, scenario: dict[str, Any], results: dict[str, Any]) -> list
 
 
 def _method(meta: dict[str, Any]) -> list[str]:
+    restart_s = meta.get("restart_timeout_s", 30)  # results from before it was recorded: 30
     return [
         "## How it is measured",
         "",
         "- **Cluster**: one `LocalCluster` per scenario shape, worker processes with "
         "nannies, the scheduler in the benchmark process on its own event-loop thread. "
         "Every run starts on fresh worker processes (`client.restart()`; on a new "
-        "LocalCluster when that restart times out after 30 s, which the run records as "
+        f"LocalCluster when that restart times out after {restart_s:g} s, which the run "
+        "records as "
         "`restart_failed`). tidegate runs "
         "`tidegate.runner.Runner` with its defaults (adaptive B, parts every 1,000 params "
         "or 10 s, fsynced, with the SQLite ledger) on a `tidegate.cluster.Cluster` wrapping "
