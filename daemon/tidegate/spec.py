@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, BinaryIO, Literal
 
 import pyarrow as pa
 import pyarrow.csv as pa_csv
@@ -672,7 +672,7 @@ def _read_param_file(
         size = path.stat().st_size
         if size <= max_bytes:
             with path.open("rb") as f:
-                data = f.read(max_bytes + 1)
+                data = _read_at_most(f, size, max_bytes + 1)
             if len(data) > max_bytes:  # it grew since: say by how much, if it still is
                 size = max(len(data), path.stat().st_size)
         if size > max_bytes:
@@ -699,6 +699,21 @@ def _read_param_file(
     if table.num_rows == 0:
         raise SpecError([FieldError(field, "at least one row", f"no rows in {path}")])
     return table, hashlib.sha256(data).hexdigest()
+
+
+def _read_at_most(f: BinaryIO, size: int, limit: int) -> bytes:
+    """At most ``limit`` bytes of ``f``, whose size was ``size``: its size and one byte
+    more in one read, then (a file that grew, or one whose size says nothing, as in
+    /proc) in 1 MiB reads. Never ``f.read(limit)``: that allocates the whole limit
+    before reading a byte."""
+    data = f.read(min(size + 1, limit))
+    if len(data) <= size:
+        return data
+    parts, total = [data], len(data)
+    while total < limit and (chunk := f.read(min(1 << 20, limit - total))):
+        parts.append(chunk)
+        total += len(chunk)
+    return b"".join(parts)
 
 
 def _unreadable(exc: BaseException) -> str:

@@ -343,3 +343,24 @@ def test_401_comes_before_the_body_is_read(service: Service) -> None:
         assert status == 400 and received == [9]
     finally:
         api._Handler.data_received = original  # type: ignore[method-assign]
+
+
+def test_reading_a_small_params_file_allocates_only_its_size(tmp_path: Path) -> None:
+    """Under a 4 GiB limit a 3-row file is read without allocating the limit (a read of
+    limit + 1 bytes allocates them first: a MemoryError under ulimit -v); one whose size
+    says nothing (st_size 0, as in /proc) is still read to its end, up to the limit."""
+    (tmp_path / "p.csv").write_text("k\n1\n2\n3\n")
+    tracemalloc.start()
+    try:
+        job = job_from_dict(base(parameters={"file": "p.csv"}), base_dir=tmp_path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert job.params.total == 3
+    assert peak < 64 * 2**20
+    from io import BytesIO
+
+    from tidegate.spec import _read_at_most
+
+    assert _read_at_most(BytesIO(b"x" * 5_000_000), 0, 10_000_000) == b"x" * 5_000_000
+    assert len(_read_at_most(BytesIO(b"x" * 5_000_000), 0, 3_000_001)) == 3_000_001
