@@ -62,10 +62,12 @@ class FakeWorker:
     status: str = "running"
     capacity: int = 0
     name: str = ""
+    idle: int | None = None  # its tree's RSS when it last ran nothing, as the plugin says
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(self.address, self.nthreads, self.memory_limit, self.rss, 0, 0,
-                          self.status, name=self.name, capacity=self.capacity)
+                          self.status, name=self.name, capacity=self.capacity,
+                          idle=self.idle)
 
 
 @dataclass(slots=True)

@@ -186,10 +186,24 @@ class WorkerMemory:
             return False
         return self.memory_limit == 0 or used / self.memory_limit < low_water
 
+    def settled(self, low_water: float) -> bool:
+        """Holding nothing a task left behind: calm, or within SETTLED_SLACK of its
+        limit above its idle memory (a worker whose idle memory is above low water, a
+        model's cache say, is never calm, and a suspect waiting for a calm cluster would
+        wait for ever)."""
+        if self.calm(low_water):
+            return True
+        return (not self.paused and self.idle is not None and self.memory_limit > 0
+                and self.used <= self.idle + SETTLED_SLACK * self.memory_limit)
+
     def _pause_explained(self, allowance: int) -> bool:
         # Without what is allowed, the worker would be far from its pause fraction.
         return allowance > 0 and self.memory_limit > 0 and (
             max(0, self.used - allowance) / self.memory_limit < PAUSE_FRACTION)
+
+
+# How far above its idle memory a worker may be and still count as settled.
+SETTLED_SLACK = 0.05
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,7 +59,8 @@ class Limiter:
     def decide(
         self, workers: Sequence[WorkerInfo], *, inflight: int, pending: int, now: float
     ) -> tuple[Decision, bool]:
-        """A decision from a fresh snapshot, and whether every worker was calm in it."""
+        """A decision from a fresh snapshot, and whether every worker was settled in it
+        (calm, or back at its idle memory: WorkerMemory.settled)."""
         self.limits = {w.address: w.memory_limit for w in workers}
         self.seen_limits.update((a, m) for a, m in self.limits.items() if m > 0)
         while len(self.seen_limits) > SEEN_LIMITS:  # workers come and go under new addresses
@@ -73,7 +74,7 @@ class Limiter:
             pack=self.params_per_task(),
         )
         self.decision = self.controller.decide(obs)
-        calm = all(w.calm(self.config.low_water) for w in obs.workers)
+        calm = all(w.settled(self.config.low_water) for w in obs.workers)
         return self.decision, calm
 
     def request(self, *, solo: bool) -> int:

@@ -87,6 +87,7 @@ class Window(Generic[P]):
         # solo_beside: a suspect claims a whole worker (the cluster keeps everything else
         # off it), so it is admitted beside the others instead of after a drain.
         self.solo_beside = solo_beside
+        self._drained_solo: str | None = None  # the suspect fill_solo admitted last
         self._fresh = fresh
         # exact=False: fresh_count is an estimate (a resumed source skips committed ids
         # it cannot count in advance): the window takes params until the source ends,
@@ -131,12 +132,13 @@ class Window(Generic[P]):
 
     @property
     def solo_active(self) -> str | None:
-        """The suspect running alone, if one is (a suspect is only ever admitted alone,
-        and nothing is admitted beside it)."""
-        if len(self._inflight) != 1:
+        """The suspect running alone, if one is: admitted by ``fill_solo`` (once the
+        cluster had drained), with nothing admitted beside it since. A suspect admitted
+        beside the others is never it, even when the others have left: a cancelled task
+        may still run beside it."""
+        if len(self._inflight) != 1 or self._drained_solo not in self._inflight:
             return None
-        entry = next(iter(self._inflight.values()))
-        return entry.param_id if entry.solo else None
+        return self._drained_solo
 
     def is_solo(self, param_id: str) -> bool:
         entry = self._inflight.get(param_id)
@@ -197,7 +199,10 @@ class Window(Generic[P]):
         if not self._solo or self._inflight:
             return None
         admission = self._solo.popleft()
-        return admission.param.param_id if self._submit([admission], submit, 0) else None
+        if not self._submit([admission], submit, 0):
+            return None
+        self._drained_solo = admission.param.param_id
+        return self._drained_solo
 
     def _submit(self, batch: list[Admission[P]], submit: Submit[P], taken_fresh: int) -> int:
         if not batch:
@@ -247,6 +252,8 @@ class Window(Generic[P]):
     def remove(self, param_id: str) -> Entry[P]:
         """Take a param out of flight; its task keys are forgotten."""
         entry = self._inflight.pop(param_id)
+        if param_id == self._drained_solo:
+            self._drained_solo = None
         for key in entry.keys.all:
             owners = self._owner.get(key)
             if owners is None:

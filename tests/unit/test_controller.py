@@ -638,3 +638,20 @@ def test_requests_never_oversubscribe_a_worker(
         assert n <= w.nthreads
     assert any(n > 0 for _, n in d.slots)  # the largest worker always runs one
     assert d.batch_size >= min(c.config.max_size, math.ceil(d.total_slots / replicates))
+
+
+def test_a_worker_back_at_its_idle_memory_is_settled_though_above_low_water() -> None:
+    """settled: calm, or not paused and within SETTLED_SLACK of the limit above idle."""
+    from tidegate.controller import SETTLED_SLACK, WorkerMemory
+
+    limit = 1000 * MiB
+    cached = WorkerMemory("w", 1, limit, used=600 * MiB, managed=0, idle=590 * MiB)
+    assert not cached.calm(0.55) and cached.settled(0.55)
+    above = WorkerMemory("w", 1, limit, used=590 * MiB + int(SETTLED_SLACK * limit) + 1,
+                         managed=0, idle=590 * MiB)
+    assert not above.settled(0.55)
+    assert not WorkerMemory("w", 1, limit, used=600 * MiB, managed=0).settled(0.55)
+    paused = WorkerMemory("w", 1, limit, used=600 * MiB, managed=0, paused=True,
+                          idle=600 * MiB)
+    assert not paused.settled(0.55)
+    assert WorkerMemory("w", 1, limit, used=100 * MiB, managed=0).settled(0.55)

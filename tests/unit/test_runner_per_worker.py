@@ -126,6 +126,44 @@ def test_a_poison_param_whose_start_was_never_reported_is_quarantined(
     assert "needs more memory than a worker" in rows[poison]["error"]
 
 
+class _CachedWorkers(FakeCluster):
+    """Workers holding 60% of their limit at idle (a model's per-worker cache): never
+    below low water."""
+
+    def _new_worker(self, name: str | None = None) -> None:
+        super()._new_worker(name)
+        for w in self.workers_.values():
+            w.rss = w.idle = int(0.6 * self.memory_limit)
+
+
+def test_suspects_run_alone_on_workers_whose_idle_memory_is_above_low_water(
+    tmp_path: Path,
+) -> None:
+    """Start reports lost (suspects then wait for the cluster to settle and run alone)
+    on workers that sit at 60% of their limit when idle: at their idle memory they are
+    settled, so the suspects run and the job ends (it waited for ever on "calm")."""
+    job = _job(tmp_path, [{"k": i} for i in range(16)])
+    poison = list(job.params)[3].param_id
+    kills = 0
+
+    def kill(task: FakeTask) -> Cause | None:
+        nonlocal kills
+        if task.param_id == poison and task.key.startswith("sim-") and kills < 50:
+            kills += 1
+            return Cause.MEMORY_TERMINATE
+        return None
+
+    fake = _CachedWorkers(n_workers=2, threads=1, memory_limit=400 * MiB, resources=True,
+                          on_run=kill, start_reports_lost=True)
+    runner = Runner(job, fake, RunOptions(), clock=fake.clock)
+
+    async def bounded() -> Any:
+        return await asyncio.wait_for(runner.run(), 60)
+
+    summary = asyncio.run(bounded())
+    assert (summary.ok, summary.failed, summary.quarantined) == (15, 1, 1)
+
+
 def _child_killing(tmp_path: Path, *, threads: int) -> tuple[Job, str, FakeCluster]:
     """6 params on workers of 400 MiB; the plugin kills the child of the third's sims."""
     job = _job(tmp_path, [{"k": i} for i in range(6)])

@@ -111,6 +111,23 @@ def test_a_suspect_runs_alone() -> None:
     assert w.solo_active is None and w.fill(3, _keys) == 2
 
 
+def test_a_suspect_admitted_beside_the_others_is_never_alone() -> None:
+    """Admitted beside the others (workers with the memory resource), a suspect is not
+    solo_active even once it is the only param in flight, also after the window stops
+    admitting suspects beside: a cancelled task may still run beside it. Only a suspect
+    fill_solo admitted on an empty window is."""
+    w = Window(iter([P(f"p{i}") for i in range(3)]), 3, solo_beside=True)
+    w.fill(2, _keys)
+    w.requeue(w.remove("p0").param, 1, Lane.SOLO)
+    assert w.fill(1, _keys) == 1  # the suspect p0, beside p1
+    w.remove("p1")
+    assert w.params == 1 and w.is_solo("p0") and w.solo_active is None
+    w.solo_beside = False
+    assert w.solo_active is None
+    w.requeue(w.remove("p0").param, 2, Lane.SOLO)
+    assert w.fill_solo(_keys) == "p0" and w.solo_active == "p0"
+
+
 class WindowMachine(RuleBasedStateMachine):
     """Every param of the source is always in exactly one place."""
 
