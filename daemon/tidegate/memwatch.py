@@ -179,6 +179,12 @@ class _ProcFiles:
 
     Every method is called with the watch's reading lock held: an fd is closed only
     then, so no other thread can read a number the kernel has given to another file.
+
+    What it cannot do: the read and the reset are two system calls, and a peak between
+    them (microseconds) is lost; a sim that begins from its predecessor's reading (one
+    task of several sims) is charged any peak since then, another thread's included (an
+    overestimate). The resets are the process's: a model on a watched worker that reads
+    its own peak (VmHWM, ``getrusage().ru_maxrss``) sees the peak since the last reading.
     """
 
     def __init__(self, pid: int):
