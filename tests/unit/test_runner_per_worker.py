@@ -94,6 +94,21 @@ def test_a_suspect_runs_alone_on_one_worker_while_the_others_work(tmp_path: Path
     assert beside and all(not s for s in beside)
 
 
+class _PoisonKills:
+    """Kills the worker of each sim of ``poison`` as it starts, 50 times at most, so that
+    a loop that never convicts it ends (the param then completes and the test fails)
+    instead of running for ever."""
+
+    def __init__(self, poison: str):
+        self.poison, self.kills = poison, 0
+
+    def __call__(self, task: FakeTask) -> Cause | None:
+        if task.param_id == self.poison and task.key.startswith("sim-") and self.kills < 50:
+            self.kills += 1
+            return Cause.MEMORY_TERMINATE
+        return None
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_a_poison_param_whose_start_was_never_reported_is_quarantined(
     tmp_path: Path, threads: int
@@ -105,22 +120,12 @@ def test_a_poison_param_whose_start_was_never_reported_is_quarantined(
     values = [{"k": i} for i in range(16)]
     job = _job(tmp_path, values)
     poison = list(job.params)[3].param_id
-    kills = 0
-
-    def kill(task: FakeTask) -> Cause | None:
-        nonlocal kills
-        # Bounded, so that a loop that never convicts it ends (the param then completes
-        # and the test fails) instead of running for ever.
-        if task.param_id == poison and task.key.startswith("sim-") and kills < 50:
-            kills += 1
-            return Cause.MEMORY_TERMINATE
-        return None
-
+    kill = _PoisonKills(poison)
     fake = FakeCluster(n_workers=2, threads=threads, memory_limit=400 * MiB,
                        resources=True, on_run=kill, start_reports_lost=True)
     summary = _run(job, fake)
-    assert (summary.ok, summary.failed, summary.quarantined) == (15, 1, 1), kills
-    assert kills <= 6
+    assert (summary.ok, summary.failed, summary.quarantined) == (15, 1, 1), kill.kills
+    assert kill.kills <= 6
     rows = {r["param_id"]: r for r in read_dataset(job.output_dir / "params")}
     assert rows[poison]["error_type"] == "MemoryExceeded"
     assert "needs more memory than a worker" in rows[poison]["error"]
@@ -143,18 +148,9 @@ def test_suspects_run_alone_on_workers_whose_idle_memory_is_above_low_water(
     on workers that sit at 60% of their limit when idle: at their idle memory they are
     settled, so the suspects run and the job ends (it waited for ever on "calm")."""
     job = _job(tmp_path, [{"k": i} for i in range(16)])
-    poison = list(job.params)[3].param_id
-    kills = 0
-
-    def kill(task: FakeTask) -> Cause | None:
-        nonlocal kills
-        if task.param_id == poison and task.key.startswith("sim-") and kills < 50:
-            kills += 1
-            return Cause.MEMORY_TERMINATE
-        return None
-
     fake = _CachedWorkers(n_workers=2, threads=1, memory_limit=400 * MiB, resources=True,
-                          on_run=kill, start_reports_lost=True)
+                          on_run=_PoisonKills(list(job.params)[3].param_id),
+                          start_reports_lost=True)
     runner = Runner(job, fake, RunOptions(), clock=fake.clock)
 
     async def bounded() -> Any:
