@@ -665,7 +665,7 @@ class Runner:
         self.stats.decided(decision)
         w = self.window
         running = [pid for key in loss.culprits if (pid := w.owner(key)) is not None]
-        if w.solo_beside and loss.executing is not None and not loss.executing:
+        if w.solo_beside and loss.processing and loss.executing is not None and not loss.executing:
             # Killed before any task it held reported starting (the culprits are then
             # every task there): a suspect beside the others could never be told apart
             # from what was queued behind it, and every kill would strike them all
