@@ -131,6 +131,32 @@ def test_a_poison_param_whose_start_was_never_reported_is_quarantined(
     assert "needs more memory than a worker" in rows[poison]["error"]
 
 
+def test_a_memory_kill_of_a_worker_holding_no_task_keeps_suspects_beside(
+    tmp_path: Path,
+) -> None:
+    """A worker killed for memory while it held no task (nothing assigned, so no start
+    could be lost) leaves suspects admitted beside the others."""
+    job = _job(tmp_path, [{"k": i} for i in range(6)])
+    fake: FakeCluster
+    killed: list[str] = []
+
+    def kill_an_idle_worker(task: FakeTask) -> Cause | None:
+        idle = [a for a in fake.workers_
+                if not any(t.worker == a and t.state == "pending" for t in fake.tasks.values())]
+        if not killed and idle:
+            killed.append(idle[0])
+            fake.kill_worker(idle[0], Cause.MEMORY_TERMINATE, rss=fake.memory_limit,
+                             executing=())
+        return None
+
+    fake = FakeCluster(n_workers=3, threads=1, memory_limit=400 * MiB, resources=True,
+                       on_run=kill_an_idle_worker, start_reports_lost=True)
+    runner = Runner(job, fake, RunOptions(batch_size=1), clock=fake.clock)
+    summary = asyncio.run(runner.run())
+    assert killed and summary.ok == 6 and summary.oom_events == 1
+    assert runner.window.solo_beside
+
+
 class _CachedWorkers(FakeCluster):
     """Workers holding 60% of their limit at idle (a model's per-worker cache): never
     below low water."""
