@@ -271,8 +271,9 @@ class Isolation:
 
     A cancelled task runs on until it ends (a thread cannot be interrupted), so a
     suspect runs alone only once no task of the job is executing on any worker and a
-    memory snapshot since the last cancellation shows every worker calm (worker RSS
-    reaches the scheduler on heartbeats, every 0.5-2 s).
+    memory snapshot since the last cancellation shows every worker calm: settled, below
+    low water or back at its idle memory (``WorkerMemory.settled``; worker RSS reaches
+    the scheduler on heartbeats, every 0.5-2 s).
     """
 
     judge: PoisonJudge = field(default_factory=PoisonJudge)
@@ -284,7 +285,8 @@ class Isolation:
         self._last_cancel_at = now
 
     def calm(self, now: float) -> None:
-        """Every worker was below low water in the snapshot taken at ``now``."""
+        """Every worker was settled (WorkerMemory.settled) in the snapshot taken at
+        ``now``."""
         self._last_calm_at = now
 
     @property
