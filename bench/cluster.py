@@ -140,21 +140,18 @@ class BenchCluster:
     def reset(self) -> None:
         self.stats.reset()
 
-    def drop_tidegate_plugins(self) -> list[str]:
+    def drop_tidegate_plugins(self) -> None:
         """Unregister the worker and nanny plugins a tidegate arm registered (each run
         registers its own). The scheduler keeps a plugin for every worker that joins
         later, restarts included: without this a raw arm after a tidegate arm ran with
         tidegate's memory watch (which kills a child process over the limit: child-process's
         dask-window-4 failed 38 of 40 params one run and none the next, after a new
-        cluster) and paid its readings each sim. Returns the names dropped."""
+        cluster) and paid its readings each sim."""
         scheduler = self.local.scheduler
-        dropped = []
         for name, nanny in ((CodePaths.name, False), (IgnoreSigint.name, False),
                             (MemoryWatch.name, False), (ExitCodes.name, True)):
             if name in (scheduler.nanny_plugins if nanny else scheduler.worker_plugins):
                 self.client.unregister_worker_plugin(name, nanny=nanny)
-                dropped.append(name)
-        return dropped
 
     def worker_pids(self) -> dict[str, int]:
         return dict(self.client.run(os.getpid))
