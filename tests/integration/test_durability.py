@@ -251,15 +251,21 @@ def _finished(proc: subprocess.CompletedProcess[str]) -> dict:
     return _summary(proc)
 
 
-def _one_part_per_param(tmp_path: Path, n: int) -> tuple[tuple[str | Path, ...], Path]:
-    """A finished run of ``n`` params committed one part each; its arguments and output.
-    B is pinned to 1: with more in flight, two params that end while the loop is busy
-    (a loaded machine) are collected, and committed, together."""
+def _several_parts(tmp_path: Path, n: int) -> tuple[tuple[str | Path, ...], Path, list[int]]:
+    """A finished run of ``n`` params committed in at least two parts; its arguments, its
+    output and how many params each part holds. B is pinned to 1 and a part is due at
+    every param, yet two params may still share a part: a param that ends while the part
+    before it is written waits in the buffer, and the one after it joins it there (a
+    loaded machine writes slowly). The first param always has a part of its own."""
     path = write_spec(tmp_path / "job.yaml", synthetic_spec(n))
     run = ("run", path, "--workers", "1", "--threads-per-worker", "1", "--flush-params", "1",
            "--batch-size", "1", "--json", "--no-progress")
     _finished(tidegate(*run, cwd=tmp_path))
-    return run, tmp_path / "out"
+    out = tmp_path / "out"
+    with Ledger(out / LEDGER_NAME) as ledger:
+        sizes = [p.n_params for p in sorted(ledger.parts(), key=lambda p: p.part)]
+    assert len(sizes) >= 2 and sizes[0] == 1 and sum(sizes) == n, sizes
+    return run, out, sizes
 
 
 def test_params_rows_of_a_deleted_parts_row_are_damage(tmp_path: Path) -> None:
@@ -268,9 +274,7 @@ def test_params_rows_of_a_deleted_parts_row_are_damage(tmp_path: Path) -> None:
     refuses (exit 2) and keeps the part's files, `verify --repair` un-commits those
     params, and the next rerun recomputes them: every param once, none without data."""
     n = 3
-    run, out = _one_part_per_param(tmp_path, n)
-    with Ledger(out / LEDGER_NAME) as ledger:
-        assert len(ledger.parts()) == n
+    run, out, sizes = _several_parts(tmp_path, n)
     with contextlib.closing(sqlite3.connect(out / LEDGER_NAME)) as db, db:
         db.execute("PRAGMA foreign_keys=OFF")
         db.execute("DELETE FROM part_files WHERE part = 1")
@@ -278,7 +282,7 @@ def test_params_rows_of_a_deleted_parts_row_are_damage(tmp_path: Path) -> None:
     files = sorted(out.rglob("part-*.parquet"))
     check = tidegate("verify", out)
     assert check.returncode == 1, check.stdout + check.stderr
-    assert "part 1: (ledger): 1 params rows name this part" in check.stdout
+    assert f"part 1: (ledger): {sizes[1]} params rows name this part" in check.stdout
     rerun = tidegate(*run, cwd=tmp_path)
     assert rerun.returncode == 2, rerun.stdout + rerun.stderr
     assert "part 1:" in rerun.stderr and "Traceback" not in rerun.stderr
@@ -288,6 +292,7 @@ def test_params_rows_of_a_deleted_parts_row_are_damage(tmp_path: Path) -> None:
     assert "part 1: its params un-committed" in repair.stdout
     summary = _finished(tidegate(*run, cwd=tmp_path))
     assert summary["state"] == "succeeded"
+    assert summary["params"]["resumed"] == n - sizes[1]
     ids = [r["param_id"] for r in read_dataset(out / "params")]
     assert len(ids) == len(set(ids)) == n
     assert {r["param_id"] for r in read_dataset(out / "targets" / "score")} == set(ids)
@@ -316,7 +321,7 @@ def test_a_linked_part_is_refused_and_restart_changes_nothing(tmp_path: Path,
     too and changes nothing (the ledger, manifest and other parts stay), and `verify
     --repair` refuses naming the link."""
     n = 3
-    run, out = _one_part_per_param(tmp_path, n)
+    run, out, sizes = _several_parts(tmp_path, n)
     (part,) = out.glob("model_outputs/*/part-000001.parquet")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -341,4 +346,5 @@ def test_a_linked_part_is_refused_and_restart_changes_nothing(tmp_path: Path,
     repair = tidegate("verify", out, "--repair")
     assert repair.returncode == 2 and f"{link} is a symbolic link" in repair.stderr
     assert _tree(out) == before
-    assert len(list(elsewhere.rglob("part-*.parquet"))) == (1 if what == "part file" else n)
+    moved = 1 if what == "part file" else len(sizes)
+    assert len(list(elsewhere.rglob("part-*.parquet"))) == moved
