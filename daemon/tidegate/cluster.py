@@ -35,6 +35,7 @@ from tidegate.fusion import chunks
 from tidegate.losses import LossTracker, MemoryKill, WorkerLoss
 from tidegate.outcome import FailureKind, Result, TaskFailure
 from tidegate.simreturn import TaskError, run_sim
+from tidegate.starts import MAX_KEYS_SENT
 from tidegate.window import TaskKeys
 from tidegate.worker import (
     EXECUTING_TOPIC,
@@ -878,7 +879,12 @@ class WorkerWatch:
     def on_exit(self, event: tuple[float, Any]) -> None:
         msg = event[1]
         if isinstance(msg, dict) and msg.get("worker"):
-            self.tracker.on_exit(str(msg["worker"]), msg.get("exitcode"), self.clock())
+            started = msg.get("started")
+            # A list as the nanny sent it, a tuple as the scheduler's events hand it on.
+            keys = ([str(k) for k in started[:MAX_KEYS_SENT]]
+                    if isinstance(started, list | tuple) else None)
+            self.tracker.on_exit(str(msg["worker"]), msg.get("exitcode"), self.clock(),
+                                 started=keys)
 
     def on_executing(self, event: tuple[float, Any]) -> None:
         msg = event[1]

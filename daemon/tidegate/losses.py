@@ -110,6 +110,9 @@ class _Pending:
     planned: bool = False
     exitcode: int | None = None
     exited: bool = False
+    # The keys its threads started last, from the start record the nanny read at its
+    # exit (tidegate.starts); None without one.
+    started: tuple[str, ...] | None = None
     memory_kill: bool = False
     unreachable: bool = False
     rss: int | None = None
@@ -149,9 +152,11 @@ class LossTracker:
         is done or has failed."""
         self._entry(worker, now).unreachable = True
 
-    def on_exit(self, worker: str, exitcode: int | None, now: float) -> None:
+    def on_exit(self, worker: str, exitcode: int | None, now: float,
+                started: Sequence[str] | None = None) -> None:
         entry = self._entry(worker, now)
         entry.exitcode, entry.exited = exitcode, True
+        entry.started = None if started is None else tuple(started)
 
     def on_removed(
         self,
@@ -182,16 +187,28 @@ class LossTracker:
                     del self._pending[worker]
                 continue
             # Unreachable: lost whatever exit code may still come.
-            if not (e.exited or e.planned or e.memory_kill or e.unreachable) and (
-                now - e.removed_at < self.exit_wait_s
-            ):
+            waiting = now - e.removed_at < self.exit_wait_s
+            if not (e.exited or e.planned or e.memory_kill or e.unreachable) and waiting:
+                continue
+            if e.memory_kill and not e.exited and not e.executing and waiting:
+                # No start reported: its exit brings what its threads started.
                 continue
             cause = classify(exitcode=e.exitcode, memory_kill=e.memory_kill, planned=e.planned,
                              unreachable=e.unreachable)
             out.append(WorkerLoss(worker, cause, e.exitcode, e.rss, e.processing, e.removed_at,
-                                  e.executing))
+                                  _executing(e)))
             del self._pending[worker]
         return out
+
+
+def _executing(e: _Pending) -> tuple[str, ...] | None:
+    """The keys the worker was running as it went: of those still assigned to it, the
+    ones whose start it reported or its start record names (a record's slot may name a
+    task its thread finished: no longer assigned, so left out)."""
+    if e.started is None:
+        return e.executing
+    seen = set(e.started).union(e.executing or ())
+    return tuple(k for k in e.processing if k in seen)
 
 
 @dataclass(frozen=True, slots=True)

@@ -619,6 +619,12 @@ def _announce_executing() -> str:
         if _in_task.key == key:  # this task's first sim announced it
             return key
         _in_task.key = key
+    # First the record the nanny reads if this process dies (tidegate.starts): the
+    # event below waits for the worker's event loop, which the model may keep busy.
+    starts = sys.modules.get("tidegate.starts")
+    record = starts.active_record() if starts is not None else None
+    if record is not None:
+        record.started(key)
     with contextlib.suppress(Exception):
         worker.log_event(EXECUTING_TOPIC, {"worker": worker.address, "key": key})
     return key

@@ -29,6 +29,14 @@ from tidegate.simreturn import (
     run_target,
     use_code,
 )
+from tidegate.starts import (
+    MAX_KEYS_SENT,
+    StartRecord,
+    active_record,
+    record_path,
+    set_active_record,
+    take_started,
+)
 
 EXIT_TOPIC = "tidegate-worker-exit"
 MEMORY_RESOURCE = "tidegate-memory"
@@ -71,7 +79,8 @@ class IgnoreSigint(WorkerPlugin):
 
 
 class ExitCodes(NannyPlugin):
-    """Reports each worker process's exit code as a ``tidegate-worker-exit`` event.
+    """Reports each worker process's exit code as a ``tidegate-worker-exit`` event, with
+    the keys its threads started last (its start record, tidegate.starts).
 
     The nanny learns the code and drops it (``Nanny._on_worker_exit`` ignores it; the
     scheduler never sees it, dask/distributed#2297). This wraps that private hook, looked up on the
@@ -87,17 +96,32 @@ class ExitCodes(NannyPlugin):
             return
 
         async def on_worker_exit(exitcode: int) -> Any:
+            address = nanny.worker_address
+            # The tasks its threads started last (tidegate.starts): what it was running
+            # when it died, where its own reports of the starts may never have left.
+            started = _started_of(address)
             # A closing nanny's scheduler comm may already be gone; its workers' ends
             # are planned anyway.
             if getattr(nanny.status, "name", "") == "running":
                 with contextlib.suppress(Exception):
-                    nanny.log_event(
-                        EXIT_TOPIC, {"worker": nanny.worker_address, "exitcode": exitcode}
-                    )
+                    nanny.log_event(EXIT_TOPIC, {"worker": address, "exitcode": exitcode,
+                                                 "started": started})
             return await original(exitcode)
 
         on_worker_exit._tidegate = True  # type: ignore[attr-defined]
         nanny._on_worker_exit = on_worker_exit
+
+
+def _started_of(address: str | None) -> list[str] | None:
+    """What the start record of the worker at ``address`` names; None without one. Never
+    raises: the nanny's own handling of the exit (its restart of the worker) follows."""
+    if not address:
+        return None
+    try:
+        started = take_started(record_path(str(address)))
+    except Exception:
+        return None
+    return None if started is None else started[:MAX_KEYS_SENT]
 
 
 def run_target_list(
@@ -181,8 +205,14 @@ class MemoryWatch(WorkerPlugin):
 
     def __init__(self) -> None:
         self.watch: TreeWatch | None = None
+        self.starts: StartRecord | None = None
 
     async def setup(self, worker: Any) -> None:
+        previous_record = active_record()
+        if previous_record is not None:
+            previous_record.close(remove=False)  # the same file, truncated below
+        self.starts = StartRecord(record_path(worker.address))
+        set_active_record(self.starts)
         limit = int(getattr(worker.memory_manager, "memory_limit", 0) or 0)
         fraction = dask.config.get("distributed.worker.memory.terminate", None)
         fraction = float(fraction) if fraction not in (None, False) else 0.95
@@ -211,6 +241,11 @@ class MemoryWatch(WorkerPlugin):
             await worker.set_resources(**{MEMORY_RESOURCE: float(limit)})
 
     async def teardown(self, worker: Any) -> None:
+        if self.starts is not None:
+            if active_record() is self.starts:
+                set_active_record(None)
+            self.starts.close()
+            self.starts = None
         if self.watch is not None:
             self.watch.stop()
             if active_watch() is self.watch:

@@ -9,9 +9,12 @@ import time
 
 from tidegate.cluster import ClusterOptions, WorkerWatch, open_cluster
 from tidegate.losses import Cause, WorkerLoss
+from tidegate.simreturn import run_sim
+from tidegate.worker import EXIT_TOPIC
 from tidegate.workloads import synthetic
 
 MiB = 2**20
+MODEL = "tidegate.workloads:synthetic"
 
 
 async def _loss_where(watch: WorkerWatch, match, timeout: float = 60) -> WorkerLoss:
@@ -105,3 +108,40 @@ def test_a_cancelled_task_counts_as_executing_until_it_returns() -> None:
     assert right_after == 1
     assert left == 0
     assert waited > 1.0  # it ran on for most of its 3 s after the cancellation
+
+
+async def _killed_as_it_starts() -> tuple[WorkerLoss, list[dict], str, list[str]]:
+    cluster = await open_cluster(
+        ClusterOptions(workers=1, threads_per_worker=1, memory_limit=400 * MiB)
+    )
+    client = cluster.client
+    try:
+        watch = await cluster.watch_workers(time.monotonic)
+        await client.wait_for_workers(1, timeout=180)
+        done = client.submit(run_sim, MODEL, {}, "p-before", 0, 1, key="sim-before")
+        await done
+        # Killed a moment after its start: its report of the start, sent from the
+        # worker's event loop, has no time to leave.
+        kill = client.submit(run_sim, MODEL, {"kill_signal": int(signal.SIGKILL)}, "p-kill",
+                             0, 2, key="sim-kill")
+        queued = [client.submit(run_sim, MODEL, {}, f"p-{i}", 0, 3, key=f"sim-queued-{i}")
+                  for i in range(2)]
+        loss = await _loss_where(watch, lambda x: kill.key in x.processing)
+        events = [msg for _, msg in await client.get_events(EXIT_TOPIC)]
+        await client.cancel([kill, *queued])
+        return loss, events, str(kill.key), [str(q.key) for q in queued]
+    finally:
+        await cluster.close()
+
+
+def test_a_worker_killed_as_a_task_starts_names_that_task() -> None:
+    """A worker SIGKILLed by its own task right after the start: the nanny's exit event
+    names that task from the start record the task's thread wrote (not the task the
+    thread ran before), and the loss blames it alone, not those queued behind it."""
+    loss, events, kill, queued = asyncio.run(_killed_as_it_starts())
+    (exit_event,) = [e for e in events if e["worker"] == loss.worker]
+    assert exit_event["exitcode"] == -signal.SIGKILL
+    assert list(exit_event["started"]) == [kill]
+    assert loss.cause is Cause.OOM_KILL
+    assert loss.executing == (kill,) and loss.culprits == (kill,)
+    assert not set(queued) & set(loss.culprits)

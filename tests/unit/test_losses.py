@@ -52,15 +52,55 @@ def test_removal_without_exit_code_is_lost_after_the_wait() -> None:
 
 
 def test_memory_kill_and_retirement_need_no_exit_code() -> None:
-    """The nanny's memory kill and a retirement are classified as soon as removed."""
+    """The nanny's memory kill of a worker that reported its running task, and a
+    retirement, are classified as soon as removed."""
     t = LossTracker()
     t.on_memory_kill("w1", 420, now=0)
-    t.on_removed("w1", ["k"], expected=False, stimulus_id="handle-worker-cleanup-1", now=0.02)
+    t.on_removed("w1", ["k"], expected=False, stimulus_id="handle-worker-cleanup-1", now=0.02,
+                 executing=["k"])
     t.on_removed("w2", [], expected=False, stimulus_id="retire-workers-9", now=0.03)
     losses = {x.worker: x for x in t.ready(0.03)}
     assert losses["w1"].cause == Cause.MEMORY_TERMINATE and losses["w1"].rss == 420
-    assert losses["w1"].is_oom
+    assert losses["w1"].is_oom and losses["w1"].executing == ("k",)
     assert losses["w2"].cause == Cause.PLANNED and not losses["w2"].is_oom
+
+
+@pytest.mark.parametrize("reported", [None, []], ids=["no-start-ever", "none-of-its-own"])
+def test_a_memory_kill_with_no_start_reported_waits_for_the_start_record(reported) -> None:
+    """A memory kill whose worker reported no running task waits for its exit, which
+    brings the keys its threads started (the start record its nanny read): the loss
+    names those still assigned to it, not a task a thread had finished nor those queued.
+    Without an exit it is classified after the wait, blaming every task it held."""
+    t = LossTracker(exit_wait_s=2.0)
+    t.on_memory_kill("w1", 900, now=0)
+    t.on_removed("w1", ["a", "b", "c"], expected=False, stimulus_id="handle-worker-cleanup-1",
+                 now=0.01, executing=reported)
+    assert t.ready(0.5) == []
+    t.on_exit("w1", -15, now=0.6, started=["b", "done-before"])
+    (loss,) = t.ready(0.6)
+    assert (loss.cause, loss.executing, loss.culprits) == (Cause.MEMORY_TERMINATE, ("b",), ("b",))
+
+    t.on_memory_kill("w2", 900, now=1)
+    t.on_removed("w2", ["a", "c"], expected=False, stimulus_id="handle-worker-cleanup-2",
+                 now=1, executing=reported)
+    assert t.ready(2.9) == []
+    (late,) = t.ready(3.1)
+    assert late.executing == (None if reported is None else ())
+    assert late.culprits == ("a", "c")
+
+
+def test_a_start_record_adds_to_the_reported_starts() -> None:
+    """Starts reported by event and those in the start record both count; an exit
+    without a record (a worker lacking tidegate's plugin) leaves the reports alone."""
+    t = LossTracker()
+    t.on_removed("w1", ["a", "b", "c"], expected=False, stimulus_id="x", now=0,
+                 executing=["a"])
+    t.on_exit("w1", -9, now=0, started=["c"])
+    t.on_removed("w2", ["a", "b"], expected=False, stimulus_id="y", now=0, executing=["b"])
+    t.on_exit("w2", -9, now=0, started=None)
+    losses = {x.worker: x for x in t.ready(0)}
+    assert losses["w1"].executing == ("a", "c") and losses["w1"].cause is Cause.OOM_KILL
+    assert losses["w2"].executing == ("b",)
 
 
 def test_stray_events_are_forgotten() -> None:
@@ -120,7 +160,7 @@ def test_a_memory_kill_outranks_the_heartbeat_timeout() -> None:
     t.on_unreachable("w1", now=0)
     t.on_memory_kill("w1", 900, now=1)
     t.on_removed("w1", [], expected=False, stimulus_id="handle-worker-cleanup-3", now=1)
-    (loss,) = t.ready(1.1)
+    (loss,) = t.ready(1 + t.exit_wait_s)  # no start reported: its exit was waited for
     assert loss.cause is Cause.MEMORY_TERMINATE
 
 

@@ -1,0 +1,142 @@
+"""Which task each thread of a worker process last started, in a file its nanny reads
+once the process is dead.
+
+A worker reports each start as a ``tidegate-executing`` event, but that report goes out
+on the worker's event loop, and a model that holds the GIL while it allocates keeps the
+loop from running: the worker can be killed for memory before the report leaves (seen
+under load on every worker a poison param reached). Then nothing says which of the tasks
+it held was running, and every one of them has to take the blame.
+
+So the task's own thread also writes its key here, before the model runs: one fixed-size
+slot per thread, overwritten at each start (one ``pwrite`` of 512 bytes, no fsync: a
+killed process's writes are in the page cache, and only a crash of the whole host loses
+them, which loses the nanny too). The nanny (tidegate.worker.ExitCodes) reads the file
+when the process exits, deletes it, and sends the keys with the exit code. A slot still
+names the task its thread ran last after that task ended; the reader keeps only the keys
+the scheduler still had the worker processing, so a finished task is never blamed.
+
+The file is found from the worker's address, which the worker and its nanny both know,
+in a directory of the user's own under the temporary directory (mode 0700; refused if it
+is a link or someone else's). Anything unexpected disables the record: losses are then
+told from the events alone, as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import stat
+import tempfile
+import threading
+from pathlib import Path
+
+SLOT_BYTES = 512  # a key longer than this is not recorded (tidegate's are < 100 bytes)
+MAX_SLOTS = 256  # threads recorded per worker process; any beyond are not
+MAX_KEYS_SENT = MAX_SLOTS
+
+
+def record_dir(base: str | None = None) -> Path:
+    return Path(base or tempfile.gettempdir()) / f"tidegate-{os.getuid()}-starts"
+
+
+def record_path(address: str, base: str | None = None) -> Path:
+    """The start record of the worker at ``address`` (its name a digest: an address is
+    not a file name)."""
+    return record_dir(base) / hashlib.sha256(address.encode()).hexdigest()[:32]
+
+
+def _own_dir(path: Path) -> bool:
+    """Make ``path`` a directory of this user's alone, or say it cannot be one."""
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return (stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+            and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+
+
+class StartRecord:
+    """A worker process's record of the task each of its threads started last."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._slots = 0
+        self._fd: int | None = None
+        if not _own_dir(path.parent):
+            return
+        with contextlib.suppress(OSError):
+            # O_TRUNC: slots of a process that had this address before are gone.
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                               | os.O_CLOEXEC, 0o600)
+
+    @property
+    def active(self) -> bool:
+        return self._fd is not None
+
+    def started(self, key: str) -> None:
+        """This thread starts ``key`` (called from the task's own thread)."""
+        fd = self._fd
+        data = key.encode()
+        if fd is None or len(data) > SLOT_BYTES:
+            return
+        slot = getattr(self._local, "slot", None)
+        if slot is None:
+            with self._lock:
+                if self._slots >= MAX_SLOTS:
+                    return
+                slot = self._local.slot = self._slots
+                self._slots += 1
+        with contextlib.suppress(OSError):
+            os.pwrite(fd, data.ljust(SLOT_BYTES, b"\0"), slot * SLOT_BYTES)
+
+    def close(self, *, remove: bool = True) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+            if remove:
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
+
+
+def take_started(path: Path) -> list[str] | None:
+    """The keys in the start record at ``path``, which is then deleted; None if there is
+    none (a worker without tidegate's plugin) or it cannot be read. Reads at most
+    MAX_SLOTS slots, never through a link."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if os.fstat(fd).st_uid != os.getuid():
+            return None
+        data = os.pread(fd, SLOT_BYTES * MAX_SLOTS, 0)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    with contextlib.suppress(OSError):
+        path.unlink()
+    keys: list[str] = []
+    for i in range(0, len(data), SLOT_BYTES):
+        raw = data[i:i + SLOT_BYTES].rstrip(b"\0")
+        if raw:
+            with contextlib.suppress(UnicodeDecodeError):
+                keys.append(raw.decode())
+    return list(dict.fromkeys(keys))
+
+
+_active: StartRecord | None = None
+
+
+def active_record() -> StartRecord | None:
+    return _active
+
+
+def set_active_record(record: StartRecord | None) -> None:
+    global _active
+    _active = record
