@@ -91,3 +91,27 @@ def test_short_sims_targets_compare_sims_per_second_and_the_physical_limit() -> 
     wall = target(runs, "long-sims", "tidegate wall / dask-window wall")
     assert wall.met is False and wall.measured.startswith("1.02")  # 1.025 > 1.02
     assert target(runs, "overhead", "tidegate params/s / dask-window params/s").met is True
+
+
+def test_distribution_rows_compare_each_shape_with_its_window() -> None:
+    """bench.distributions: a row per shape with both arms, its speed-up the window's
+    wall over tidegate's; a shape whose tidegate run failed has no speed-up."""
+    from bench.distributions import SHAPES, rows, table
+
+    a, b = SHAPES[0], SHAPES[1]
+    runs = [
+        {"scenario": a.name, "arm": "dask-window-16", "status": "ok", "wall_s": 60.0,
+         "params_ok": a.workload.n_params},
+        {"scenario": a.name, "arm": "tidegate", "status": "ok", "wall_s": 40.0,
+         "params_ok": a.workload.n_params},
+        {"scenario": b.name, "arm": "dask-window-8", "status": "ok", "wall_s": 30.0,
+         "params_ok": b.workload.n_params},
+        {"scenario": b.name, "arm": "tidegate", "status": "timeout", "wall_s": 240.0,
+         "params_ok": 10},
+    ]
+    first, second = rows(runs)
+    assert first["speedup"] == 1.5 and first["window_arm"] == "dask-window-16"
+    assert first["tidegate_sims_per_s"] == round(a.workload.n_params * 4 / 40.0, 1)
+    assert second["speedup"] is None and second["tidegate_sims_per_s"] is None
+    text = table([first, second])
+    assert "| 1.50x |" in text and text.count("\n") == 3
