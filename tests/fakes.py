@@ -115,6 +115,9 @@ class FakeCluster:
     resources: bool = False  # workers carry the tidegate-memory resource
     # A worker killed as a task starts reports nothing running (its start report lost).
     start_reports_lost: bool = False
+    # Its nanny reads the start record its threads wrote (tidegate.starts): a loss names
+    # the task its thread had started, reported or not.
+    start_record: bool = False
     # (worker address, keys) of each pass that ran sims together on one worker
     together: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
     _kills: list[MemoryKill] = field(default_factory=list)
@@ -132,7 +135,8 @@ class FakeCluster:
     # --- the test's controls ----------------------------------------------------------
 
     def kill_worker(self, address: str, cause: Cause, rss: int | None = None,
-                    executing: tuple[str, ...] | None = None) -> WorkerLoss:
+                    executing: tuple[str, ...] | None = None,
+                    recorded: bool = False) -> WorkerLoss:
         """The worker dies; the nanny brings up a new one under a new address; the tasks
         it was processing go to the least busy worker, or fail with KilledWorker.
         ``executing``: the keys it was running (None: not reported)."""
@@ -142,7 +146,8 @@ class FakeCluster:
         del self.workers_[address]
         self._new_worker(name)
         exitcode = {Cause.OOM_KILL: -9, Cause.EVICTED: -15, Cause.CRASH: 3}.get(cause)
-        loss = WorkerLoss(address, cause, exitcode, rss, processing, self.now, executing)
+        loss = WorkerLoss(address, cause, exitcode, rss, processing, self.now, executing,
+                          recorded=recorded)
         self._losses.append(loss)
         for key in processing:
             task = self.tasks[key]
@@ -354,7 +359,11 @@ class FakeCluster:
             del self.lingering[key]
             cause = self.on_linger_end(task) if self.on_linger_end is not None else None
             if cause is not None and task.worker in self.workers_:
-                self.kill_worker(task.worker, cause, rss=self.memory_limit)
+                # The cancelled task is no longer the worker's: a record names no task
+                # it held.
+                self.kill_worker(task.worker, cause, rss=self.memory_limit,
+                                 executing=() if self.start_record else None,
+                                 recorded=self.start_record)
 
     def _runnable(self, task: FakeTask) -> bool:
         if task.state != "pending" or (self.hold is not None and self.hold(task)):
@@ -386,8 +395,10 @@ class FakeCluster:
                     executing = (task.key,) if self.resources else None
                     if executing and self.start_reports_lost:
                         executing = ()  # killed before its start report left the worker
+                    if self.start_record:
+                        executing = (task.key,)
                     self.kill_worker(address, cause, rss=self.memory_limit,
-                                     executing=executing)
+                                     executing=executing, recorded=self.start_record)
                     break
                 deps = [self.tasks[d].result for d in task.deps]
                 task.result, task.state = task.run(deps), "finished"

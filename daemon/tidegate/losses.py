@@ -45,6 +45,9 @@ class WorkerLoss:
     # None where no start was ever reported (workers without tidegate's plugin): then
     # ``processing`` is all there is, queued tasks included.
     executing: tuple[str, ...] | None = None
+    # Its nanny read the start record its threads wrote (tidegate.starts): ``executing``
+    # then holds every sim it was running that it still held, even if none.
+    recorded: bool = False
 
     @property
     def culprits(self) -> tuple[str, ...]:
@@ -54,7 +57,11 @@ class WorkerLoss:
         that start (the report waits on the worker's event loop, which a model holding
         the GIL as it allocates keeps from running; seen under load: a poison param's
         start never arrived on four workers in a row, so it struck none of them and ended
-        as Dask's KilledWorker instead of quarantined)."""
+        as Dask's KilledWorker instead of quarantined). Not so with a start record: its
+        threads' last starts are known, and none of them held (a cancelled task running
+        on, a finished one) leaves nothing to blame."""
+        if self.recorded:
+            return self.executing or ()
         return self.executing or self.processing
 
     @property
@@ -196,7 +203,7 @@ class LossTracker:
             cause = classify(exitcode=e.exitcode, memory_kill=e.memory_kill, planned=e.planned,
                              unreachable=e.unreachable)
             out.append(WorkerLoss(worker, cause, e.exitcode, e.rss, e.processing, e.removed_at,
-                                  _executing(e)))
+                                  _executing(e), recorded=e.started is not None))
             del self._pending[worker]
         return out
 

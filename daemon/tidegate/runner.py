@@ -665,17 +665,18 @@ class Runner:
         self.stats.decided(decision)
         w = self.window
         running = [pid for key in loss.culprits if (pid := w.owner(key)) is not None]
-        if w.solo_beside and loss.processing and loss.executing is not None and not loss.executing:
-            # Killed before any task it held reported starting (the culprits are then
-            # every task there): a suspect beside the others could never be told apart
-            # from what was queued behind it, and every kill would strike them all
-            # again. Suspects run alone on the cluster from here on: slower, but each
-            # run is a verdict.
+        if (w.solo_beside and loss.processing and not loss.recorded
+                and loss.executing is not None and not loss.executing):
+            # Killed before any task it held reported starting, and no start record
+            # (tidegate.starts) to tell: the culprits are then every task there, a
+            # suspect beside the others could never be told apart from what was queued
+            # behind it, and every kill would strike them all again. Suspects run alone
+            # on the cluster from here on: slower, but each run is a verdict.
             w.solo_beside = False
             log.warning("worker %s was killed for memory before any of its tasks reported "
-                        "starting; from now on a param suspected of needing more than a "
-                        "worker's memory runs alone on the cluster", loss.worker,
-                        extra={"action": "solo_alone"})
+                        "starting, and left no start record; from now on a param suspected "
+                        "of needing more than a worker's memory runs alone on the cluster",
+                        loss.worker, extra={"action": "solo_alone"})
         alone = w.solo_active
         if w.solo_beside:
             # A suspect holds its worker's whole memory resource: executing there, it ran

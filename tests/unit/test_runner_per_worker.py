@@ -4,6 +4,7 @@ tidegate-memory resource (the real cluster's side runs in tests/integration)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,79 @@ def test_a_poison_param_whose_start_was_never_reported_is_quarantined(
     rows = {r["param_id"]: r for r in read_dataset(job.output_dir / "params")}
     assert rows[poison]["error_type"] == "MemoryExceeded"
     assert "needs more memory than a worker" in rows[poison]["error"]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_start_record_strikes_only_the_task_that_ran(
+    tmp_path: Path, threads: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Start reports lost on every kill, but each worker's start record read at its
+    exit: only the poison param is struck, isolated and quarantined, suspects stay
+    beside the others (no `solo_alone`), and no innocent param is isolated (without the
+    record, most of them were)."""
+    values = [{"k": i} for i in range(16)]
+    job = _job(tmp_path, values)
+    poison = list(job.params)[3].param_id
+    kill = _PoisonKills(poison)
+    fake = FakeCluster(n_workers=2, threads=threads, memory_limit=400 * MiB,
+                       resources=True, on_run=kill, start_reports_lost=True,
+                       start_record=True)
+    runner = Runner(job, fake, RunOptions(), clock=fake.clock)
+    with caplog.at_level(logging.WARNING, logger="tidegate"):
+        summary = asyncio.run(asyncio.wait_for(runner.run(), 60))
+    assert (summary.ok, summary.failed, summary.quarantined) == (15, 1, 1), kill.kills
+    isolated = [r.getMessage().split()[1] for r in caplog.records
+                if getattr(r, "action", "") == "param_isolated"]
+    assert isolated == [poison]
+    assert kill.kills == 3  # two strikes, then alone
+    assert runner.window.solo_beside
+    assert not [r for r in caplog.records if getattr(r, "action", "") == "solo_alone"]
+
+
+class _RecordNamesNoHeldTask(FakeCluster):
+    """Every kill's start record names no task the worker held (``recorded_kills``), or
+    there is none and no start was reported."""
+
+    recorded_kills = False
+
+    def kill_worker(self, address: str, cause: Cause, rss: int | None = None,
+                    executing: tuple[str, ...] | None = None,
+                    recorded: bool = False) -> Any:
+        return super().kill_worker(address, cause, rss, (), self.recorded_kills)
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["record", "no-record"])
+def test_kills_the_start_record_blames_on_no_held_task_strike_none(
+    tmp_path: Path, recorded: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker killed twice while the first param's sim was starting, its start record
+    naming no task it held (a cancelled task running on: a thread cannot be stopped):
+    nothing is struck, no param isolated, suspects stay beside the others. Without a
+    record the same kills strike every task held, isolate the param and send suspects
+    to run alone."""
+    job = _job(tmp_path, [{"k": i} for i in range(8)])
+    first = next(iter(job.params)).param_id
+    kills: list[str] = []
+
+    def kill(task: FakeTask) -> Cause | None:
+        if task.param_id == first and task.key.startswith("sim-") and len(kills) < 2:
+            kills.append(task.key)
+            return Cause.MEMORY_TERMINATE
+        return None
+
+    fake = _RecordNamesNoHeldTask(n_workers=2, threads=1, memory_limit=400 * MiB,
+                                  resources=True, on_run=kill)
+    fake.recorded_kills = recorded
+    runner = Runner(job, fake, RunOptions(), clock=fake.clock)
+    with caplog.at_level(logging.WARNING, logger="tidegate"):
+        summary = asyncio.run(asyncio.wait_for(runner.run(), 60))
+    actions = [getattr(r, "action", "") for r in caplog.records]
+    assert len(kills) == 2 and summary.ok == 8 and summary.oom_events == 2
+    if recorded:
+        assert "param_isolated" not in actions and "solo_alone" not in actions
+        assert runner.window.solo_beside
+    else:
+        assert "param_isolated" in actions and "solo_alone" in actions
 
 
 def test_a_memory_kill_of_a_worker_holding_no_task_keeps_suspects_beside(
