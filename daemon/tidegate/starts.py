@@ -48,7 +48,7 @@ def record_path(address: str, base: str | None = None) -> Path:
 
 def _own_dir(path: Path) -> bool:
     """Make ``path`` a directory of this user's alone, or say it cannot be one."""
-    with contextlib.suppress(FileExistsError):
+    with contextlib.suppress(OSError):  # there already, or a read-only filesystem
         path.mkdir(mode=0o700)
     try:
         st = os.lstat(path)
@@ -80,27 +80,31 @@ class StartRecord:
 
     def started(self, key: str) -> None:
         """This thread starts ``key`` (called from the task's own thread)."""
-        fd = self._fd
         data = key.encode()
-        if fd is None or len(data) > SLOT_BYTES:
+        if self._fd is None or len(data) > SLOT_BYTES:
             return
-        slot = getattr(self._local, "slot", None)
-        if slot is None:
-            with self._lock:
+        # Under the lock, as close() is: a descriptor closed beside a write could be
+        # reused by another file before the write, which would then land there.
+        with self._lock:
+            if self._fd is None:
+                return
+            slot = getattr(self._local, "slot", None)
+            if slot is None:
                 if self._slots >= MAX_SLOTS:
                     return
                 slot = self._local.slot = self._slots
                 self._slots += 1
-        with contextlib.suppress(OSError):
-            os.pwrite(fd, data.ljust(SLOT_BYTES, b"\0"), slot * SLOT_BYTES)
+            with contextlib.suppress(OSError):
+                os.pwrite(self._fd, data.ljust(SLOT_BYTES, b"\0"), slot * SLOT_BYTES)
 
     def close(self, *, remove: bool = True) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
-            if remove:
-                with contextlib.suppress(OSError):
-                    self.path.unlink()
+        with self._lock:
+            fd, self._fd = self._fd, None
+            if fd is not None:
+                os.close(fd)
+        if fd is not None and remove:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
 
 
 def take_started(path: Path) -> list[str] | None:

@@ -125,3 +125,13 @@ def test_threads_past_the_slots_are_not_recorded(tmp_path: Path) -> None:
     keys = take_started(path) or []
     assert len(keys) == MAX_SLOTS and f"sim-{MAX_SLOTS}" not in keys
     record.close()
+
+
+def test_an_unwritable_temporary_directory_turns_the_record_off(tmp_path: Path) -> None:
+    """A worker whose temporary directory cannot be written (a read-only filesystem, a
+    missing directory) runs on without a record: nothing raises in its plugin's setup."""
+    path = record_path("tcp://127.0.0.1:40006", str(tmp_path / "missing" / "tmp"))
+    record = StartRecord(path)
+    record.started("sim-a")
+    assert not record.active and take_started(path) is None
+    record.close()
