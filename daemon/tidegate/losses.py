@@ -197,8 +197,10 @@ class LossTracker:
             waiting = now - e.removed_at < self.exit_wait_s
             if not (e.exited or e.planned or e.memory_kill or e.unreachable) and waiting:
                 continue
-            if e.memory_kill and not e.exited and not e.executing and waiting:
-                # No start reported: its exit brings what its threads started.
+            if e.memory_kill and not e.exited and waiting:
+                # Its exit brings what its threads had started (tidegate.starts): the
+                # task that ran it past its limit may be one whose report never left,
+                # beside others that were reported.
                 continue
             cause = classify(exitcode=e.exitcode, memory_kill=e.memory_kill, planned=e.planned,
                              unreachable=e.unreachable)

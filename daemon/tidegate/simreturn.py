@@ -517,6 +517,7 @@ def one_task() -> Iterator[None]:
         yield
     finally:
         _in_task.active, _in_task.key, _in_task.rss = False, None, None
+        task_ended()
 
 
 def _watched_call(
@@ -535,6 +536,8 @@ def _watched_call(
         used = watch.end(token)
         if in_task:
             _in_task.rss = used.tree_rss or None
+        else:
+            task_ended()  # a task of this sim alone
     work = used.work_bytes
     if used.killed is not None:
         k = used.killed
@@ -621,13 +624,41 @@ def _announce_executing() -> str:
         _in_task.key = key
     # First the record the nanny reads if this process dies (tidegate.starts): the
     # event below waits for the worker's event loop, which the model may keep busy.
-    starts = sys.modules.get("tidegate.starts")
-    record = starts.active_record() if starts is not None else None
+    record = _start_record()
     if record is not None:
         record.started(key)
     with contextlib.suppress(Exception):
         worker.log_event(EXECUTING_TOPIC, {"worker": worker.address, "key": key})
     return key
+
+
+def _start_record() -> Any:
+    """This process's start record (tidegate.starts), if tidegate's plugin opened one;
+    looked up in sys.modules like the watch."""
+    starts = sys.modules.get("tidegate.starts")
+    return starts.active_record() if starts is not None else None
+
+
+def record_task_start() -> None:
+    """Record the start of the Dask task running on this thread, without the event
+    (a target task's: it is not a sim, but may be what its worker is killed for)."""
+    record = _start_record()
+    if record is None:
+        return
+    try:
+        from distributed import get_worker
+
+        key = str(get_worker().get_current_task())
+    except Exception:
+        return
+    record.started(key)
+
+
+def task_ended() -> None:
+    """The Dask task on this thread returns: its start record slot names nothing."""
+    record = _start_record()
+    if record is not None:
+        record.ended()
 
 
 def run_target(

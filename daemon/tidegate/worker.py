@@ -25,8 +25,10 @@ from tidegate.simreturn import (
     SimReturn,
     TargetResult,
     one_task,
+    record_task_start,
     run_sim,
     run_target,
+    task_ended,
     use_code,
 )
 from tidegate.starts import (
@@ -130,10 +132,14 @@ def run_target_list(
 ) -> Any:
     """A target on a param's replicates: ``returns`` holds SimReturns, or the lists of
     SimReturns of fused sim tasks (run_fused), in replicate order."""
-    if code is not None:
-        use_code(*code)
-    flat = [s for r in returns for s in (r if isinstance(r, list) else [r])]
-    return run_target(function, target, param_id, *flat)
+    record_task_start()
+    try:
+        if code is not None:
+            use_code(*code)
+        flat = [s for r in returns for s in (r if isinstance(r, list) else [r])]
+        return run_target(function, target, param_id, *flat)
+    finally:
+        task_ended()
 
 
 def run_fused(
@@ -208,11 +214,16 @@ class MemoryWatch(WorkerPlugin):
         self.starts: StartRecord | None = None
 
     async def setup(self, worker: Any) -> None:
-        previous_record = active_record()
-        if previous_record is not None:
-            previous_record.close(remove=False)  # the same file, truncated below
-        self.starts = StartRecord(record_path(worker.address))
-        set_active_record(self.starts)
+        # The record outlives the plugin (teardown leaves it): registered again, as
+        # each run does, the plugin keeps the slots of the tasks running now.
+        path = record_path(worker.address)
+        record = active_record()
+        if record is None or not record.active or record.path != path:
+            if record is not None:
+                record.close()
+            record = StartRecord(path)
+            set_active_record(record)
+        self.starts = record
         limit = int(getattr(worker.memory_manager, "memory_limit", 0) or 0)
         fraction = dask.config.get("distributed.worker.memory.terminate", None)
         fraction = float(fraction) if fraction not in (None, False) else 0.95
@@ -241,11 +252,10 @@ class MemoryWatch(WorkerPlugin):
             await worker.set_resources(**{MEMORY_RESOURCE: float(limit)})
 
     async def teardown(self, worker: Any) -> None:
-        if self.starts is not None:
-            if active_record() is self.starts:
-                set_active_record(None)
-            self.starts.close()
-            self.starts = None
+        # The start record stays open: tasks running now may still be what this process
+        # dies of, and its nanny deletes the file when it exits. Without the watch no
+        # sim writes to it (run_sim records only when watched).
+        self.starts = None
         if self.watch is not None:
             self.watch.stop()
             if active_watch() is self.watch:

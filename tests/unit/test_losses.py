@@ -51,18 +51,34 @@ def test_removal_without_exit_code_is_lost_after_the_wait() -> None:
     assert [x.cause for x in t.ready(12.1)] == [Cause.LOST]
 
 
-def test_memory_kill_and_retirement_need_no_exit_code() -> None:
-    """The nanny's memory kill of a worker that reported its running task, and a
-    retirement, are classified as soon as removed."""
+def test_a_memory_kill_waits_for_its_exit_and_a_retirement_does_not() -> None:
+    """The nanny's memory kill is classified once its exit arrives (which brings the
+    start record), even when a running task was reported; a retirement at once."""
     t = LossTracker()
     t.on_memory_kill("w1", 420, now=0)
     t.on_removed("w1", ["k"], expected=False, stimulus_id="handle-worker-cleanup-1", now=0.02,
                  executing=["k"])
     t.on_removed("w2", [], expected=False, stimulus_id="retire-workers-9", now=0.03)
-    losses = {x.worker: x for x in t.ready(0.03)}
-    assert losses["w1"].cause == Cause.MEMORY_TERMINATE and losses["w1"].rss == 420
-    assert losses["w1"].is_oom and losses["w1"].executing == ("k",)
-    assert losses["w2"].cause == Cause.PLANNED and not losses["w2"].is_oom
+    (retired,) = t.ready(0.03)
+    assert retired.worker == "w2" and retired.cause == Cause.PLANNED and not retired.is_oom
+    t.on_exit("w1", -15, now=0.05, started=["k"])
+    (killed,) = t.ready(0.05)
+    assert killed.cause == Cause.MEMORY_TERMINATE and killed.rss == 420
+    assert killed.is_oom and killed.executing == ("k",) and killed.recorded
+
+
+def test_a_memory_kill_with_another_start_reported_still_reads_the_record() -> None:
+    """Two threads: an innocent task reported its start long ago; the poison started
+    beside it and its report was lost. The removal comes before the nanny's exit: the
+    loss waits for the exit, and its record names the poison too."""
+    t = LossTracker(exit_wait_s=5.0)
+    t.on_memory_kill("w1", 900, now=0)
+    t.on_removed("w1", ["i", "p", "q"], expected=False,
+                 stimulus_id="handle-worker-cleanup-1", now=0.01, executing=["i"])
+    assert t.ready(0.02) == []
+    t.on_exit("w1", -15, now=0.3, started=["i", "p"])
+    (loss,) = t.ready(0.3)
+    assert loss.culprits == ("i", "p")
 
 
 @pytest.mark.parametrize("reported", [None, []], ids=["no-start-ever", "none-of-its-own"])

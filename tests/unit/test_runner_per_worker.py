@@ -133,30 +133,34 @@ def test_a_poison_param_whose_start_was_never_reported_is_quarantined(
 
 
 @pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("record", [True, False], ids=["record", "no-record"])
 def test_a_start_record_strikes_only_the_task_that_ran(
-    tmp_path: Path, threads: int, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, threads: int, record: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Start reports lost on every kill, but each worker's start record read at its
-    exit: only the poison param is struck, isolated and quarantined, suspects stay
-    beside the others (no `solo_alone`), and no innocent param is isolated (without the
-    record, most of them were)."""
+    """Start reports lost on every kill. With each worker's start record read at its
+    exit, only the poison param is struck and isolated and suspects stay beside the
+    others; without it every kill strikes every task its worker held, so innocent
+    params are isolated too and suspects run alone. Both quarantine the poison."""
     values = [{"k": i} for i in range(16)]
     job = _job(tmp_path, values)
     poison = list(job.params)[3].param_id
     kill = _PoisonKills(poison)
     fake = FakeCluster(n_workers=2, threads=threads, memory_limit=400 * MiB,
                        resources=True, on_run=kill, start_reports_lost=True,
-                       start_record=True)
+                       start_record=record)
     runner = Runner(job, fake, RunOptions(), clock=fake.clock)
     with caplog.at_level(logging.WARNING, logger="tidegate"):
         summary = asyncio.run(asyncio.wait_for(runner.run(), 60))
     assert (summary.ok, summary.failed, summary.quarantined) == (15, 1, 1), kill.kills
-    isolated = [r.getMessage().split()[1] for r in caplog.records
-                if getattr(r, "action", "") == "param_isolated"]
-    assert isolated == [poison]
-    assert kill.kills == 3  # two strikes, then alone
-    assert runner.window.solo_beside
-    assert not [r for r in caplog.records if getattr(r, "action", "") == "solo_alone"]
+    isolated = {r.getMessage().split()[1] for r in caplog.records
+                if getattr(r, "action", "") == "param_isolated"}
+    solo_alone = [r for r in caplog.records if getattr(r, "action", "") == "solo_alone"]
+    if record:
+        assert isolated == {poison} and kill.kills == 3  # two strikes, then alone
+        assert runner.window.solo_beside and not solo_alone
+    else:
+        assert poison in isolated and len(isolated) > 1, isolated
+        assert not runner.window.solo_beside and solo_alone
 
 
 class _RecordNamesNoHeldTask(FakeCluster):

@@ -3,10 +3,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from pathlib import Path
 
+import pytest
+
+from tidegate import starts
 from tidegate.starts import (
     MAX_SLOTS,
     SLOT_BYTES,
@@ -102,9 +106,8 @@ def test_the_reader_never_follows_a_link_nor_reads_past_the_slots(tmp_path: Path
     path.unlink()
 
     record = StartRecord(path)
-    record.started("k" * (SLOT_BYTES + 1))  # not recorded
-    assert take_started(path) == []
-    record.close()
+    record.started("k" * (SLOT_BYTES + 1))  # cannot be recorded: no record from here on
+    assert not record.active and take_started(path) is None
 
     slots = [f"sim-{i}".encode().ljust(SLOT_BYTES, b"\0") for i in range(MAX_SLOTS + 10)]
     slots[1] = b"\xff\xfe".ljust(SLOT_BYTES, b"\0")
@@ -115,16 +118,70 @@ def test_the_reader_never_follows_a_link_nor_reads_past_the_slots(tmp_path: Path
     assert len(keys) == MAX_SLOTS - 1 and "sim-0" in keys and f"sim-{MAX_SLOTS}" not in keys
 
 
-def test_threads_past_the_slots_are_not_recorded(tmp_path: Path) -> None:
+def test_a_thread_past_the_slots_ends_the_record(tmp_path: Path) -> None:
+    """A record that cannot name every thread's task is none: the nanny finds no file
+    (read as complete, it would clear a task it never saw)."""
     path = record_path("tcp://127.0.0.1:40005", str(tmp_path))
     record = StartRecord(path)
-    for i in range(MAX_SLOTS + 3):
+    for i in range(MAX_SLOTS + 1):
         t = threading.Thread(target=record.started, args=(f"sim-{i}",))
         t.start()
         t.join()
-    keys = take_started(path) or []
-    assert len(keys) == MAX_SLOTS and f"sim-{MAX_SLOTS}" not in keys
+        assert record.active == (i < MAX_SLOTS)
+    assert take_started(path) is None
+
+
+def test_a_task_that_ended_leaves_its_slot_empty(tmp_path: Path) -> None:
+    """A thread whose task returned names nothing; the others keep theirs."""
+    path = record_path("tcp://127.0.0.1:40007", str(tmp_path))
+    record = StartRecord(path)
+    record.started("sim-done")
+    record.ended()
+    t = threading.Thread(target=record.started, args=("sim-running",))
+    t.start()
+    t.join()
+    assert take_started(path) == ["sim-running"]
     record.close()
+
+
+def test_a_failed_write_ends_the_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk: the start could not be written, so the record would miss it; the
+    record is closed and deleted, and the nanny finds none (losses then fall back to
+    blaming every task held)."""
+    path = record_path("tcp://127.0.0.1:40008", str(tmp_path))
+    record = StartRecord(path)
+
+    def full(*args: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(starts.os, "pwrite", full)
+    record.started("sim-poison")
+    monkeypatch.undo()
+    assert not record.active and take_started(path) is None
+
+
+def test_the_reader_opens_no_fifo_nor_a_directory_of_someone_elses(tmp_path: Path) -> None:
+    """A FIFO where the record should be does not block the nanny (its event loop would
+    hang in open()); nor is anything read from a directory another user made first,
+    mode 0777, under the record directory's known name."""
+    path = record_path("tcp://127.0.0.1:40009", str(tmp_path))
+    StartRecord(path).close()  # our own directory, no record
+    os.mkfifo(path)
+    done: list[object] = []
+    reader = threading.Thread(target=lambda: done.append(take_started(path)), daemon=True)
+    reader.start()
+    reader.join(5)
+    if reader.is_alive():  # let it go before failing
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    assert done == [None]
+    path.unlink()
+
+    theirs = tmp_path / "theirs"
+    path = record_path("tcp://127.0.0.1:40009", str(theirs))
+    path.parent.mkdir(parents=True)
+    path.parent.chmod(0o777)
+    path.write_bytes(b"sim-planted".ljust(SLOT_BYTES, b"\0"))
+    assert take_started(path) is None and path.exists()
 
 
 def test_an_unwritable_temporary_directory_turns_the_record_off(tmp_path: Path) -> None:
@@ -135,3 +192,50 @@ def test_an_unwritable_temporary_directory_turns_the_record_off(tmp_path: Path) 
     record.started("sim-a")
     assert not record.active and take_started(path) is None
     record.close()
+
+
+def test_the_plugin_registered_again_keeps_the_running_tasks_slots(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each run registers tidegate's worker plugin again (Dask tears the old one down,
+    then sets the new one up) while tasks may be running: their slots stay, so the
+    worker dying next still names them."""
+    import asyncio
+    import tempfile
+    from types import SimpleNamespace
+
+    from tidegate.worker import MemoryWatch
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    class _Worker:
+        address = "tcp://127.0.0.1:40010"
+
+        def __init__(self) -> None:
+            self.memory_manager = SimpleNamespace(memory_limit=0)
+            self.metrics: dict[str, object] = {}
+            self.state = SimpleNamespace(total_resources={})
+
+        def log_event(self, *args: object) -> None:
+            pass
+
+    async def register_twice() -> list[str] | None:
+        worker, first, second = _Worker(), MemoryWatch(), MemoryWatch()
+        await first.setup(worker)
+        record = starts.active_record()
+        assert record is not None and record.active
+        running = threading.Thread(target=record.started, args=("sim-running",))
+        running.start()
+        running.join()
+        await first.teardown(worker)
+        await second.setup(worker)
+        await second.teardown(worker)
+        return take_started(record_path(worker.address))
+
+    try:
+        assert asyncio.run(register_twice()) == ["sim-running"]
+    finally:
+        record = starts.active_record()
+        if record is not None:
+            record.close()
+        starts.set_active_record(None)
