@@ -878,6 +878,9 @@ class WorkerWatch:
 
     def on_exit(self, event: tuple[float, Any]) -> None:
         msg = event[1]
+        if isinstance(msg, dict) and msg.get("hooked"):
+            self.tracker.exits_expected = True  # a nanny will report its worker's exit
+            return
         if isinstance(msg, dict) and msg.get("worker"):
             started = msg.get("started")
             # A list as the nanny sent it, a tuple as the scheduler's events hand it on.

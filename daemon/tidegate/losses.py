@@ -136,6 +136,9 @@ class LossTracker:
     # 2 s (seen with 32 busy threads on 2 cores).
     exit_wait_s: float = 5.0
     forget_after_s: float = 120.0
+    # A nanny said it reports its worker's exits (tidegate.worker.ExitCodes): a memory
+    # kill then waits for its exit, which brings the worker's start record.
+    exits_expected: bool = False
     _pending: dict[str, _Pending] = field(default_factory=dict)
 
     def _entry(self, worker: str, now: float) -> _Pending:
@@ -197,7 +200,7 @@ class LossTracker:
             waiting = now - e.removed_at < self.exit_wait_s
             if not (e.exited or e.planned or e.memory_kill or e.unreachable) and waiting:
                 continue
-            if e.memory_kill and not e.exited and waiting:
+            if e.memory_kill and not e.exited and waiting and self.exits_expected:
                 # Its exit brings what its threads had started (tidegate.starts): the
                 # task that ran it past its limit may be one whose report never left,
                 # beside others that were reported.

@@ -633,10 +633,14 @@ def _announce_executing() -> str:
 
 
 def _start_record() -> Any:
-    """This process's start record (tidegate.starts), if tidegate's plugin opened one;
-    looked up in sys.modules like the watch."""
+    """This process's start record (tidegate.starts), if tidegate's plugin opened one
+    and its watch runs (sims record only when watched: with the plugin removed, a
+    target's start alone would be a record that misses the sims); looked up in
+    sys.modules like the watch."""
     starts = sys.modules.get("tidegate.starts")
-    return starts.active_record() if starts is not None else None
+    if starts is None or _active_watch() is None:
+        return None
+    return starts.active_record()
 
 
 def record_task_start() -> None:

@@ -94,7 +94,14 @@ class ExitCodes(NannyPlugin):
 
     def setup(self, nanny: Any) -> None:
         original = getattr(nanny, "_on_worker_exit", None)
-        if original is None or getattr(original, "_tidegate", False):
+        if original is None:
+            return
+        # Said on every registration (each run registers the plugin, a hooked nanny
+        # included): the run loop then waits for the exit that carries a memory-killed
+        # worker's start record, knowing one will come.
+        with contextlib.suppress(Exception):
+            nanny.log_event(EXIT_TOPIC, {"worker": nanny.worker_address, "hooked": True})
+        if getattr(original, "_tidegate", False):
             return
 
         async def on_worker_exit(exitcode: int) -> Any:
@@ -157,13 +164,14 @@ def run_fused(
     the TargetResults, followed by the SimReturns when the outputs are wanted, the order
     of the unfused tasks' results.
     """
+    # The targets inside too: the task's start record names it until they are done.
     with one_task():
         sims = [run_sim(model, params, param_id, rep, seed, timeout_s, code)
                 for rep, seed in zip(replicates, seeds, strict=True)]
-    if targets is None:
-        return list(sims)
-    out: list[SimReturn | TargetResult] = [
-        run_target(fn, name, param_id, *sims) for name, fn in targets]
+        if targets is None:
+            return list(sims)
+        out: list[SimReturn | TargetResult] = [
+            run_target(fn, name, param_id, *sims) for name, fn in targets]
     if want_outputs:
         out.extend(sims)
     return out
@@ -252,9 +260,16 @@ class MemoryWatch(WorkerPlugin):
             await worker.set_resources(**{MEMORY_RESOURCE: float(limit)})
 
     async def teardown(self, worker: Any) -> None:
-        # The start record stays open: tasks running now may still be what this process
-        # dies of, and its nanny deletes the file when it exits. Without the watch no
-        # sim writes to it (run_sim records only when watched).
+        # The plugin removed from a running worker (each run registers it again): the
+        # start record stays open, as tasks running now may still be what this process
+        # dies of, and its nanny deletes the file when the process exits. Nothing writes
+        # to it without a watch (simreturn._start_record). A worker closing deletes it
+        # itself: one without a nanny would leave it behind.
+        if self.starts is not None and getattr(getattr(worker, "status", None), "name", "") in (
+                "closing", "closing_gracefully", "closed"):
+            if active_record() is self.starts:
+                set_active_record(None)
+            self.starts.close()
         self.starts = None
         if self.watch is not None:
             self.watch.stop()

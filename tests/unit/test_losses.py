@@ -54,7 +54,7 @@ def test_removal_without_exit_code_is_lost_after_the_wait() -> None:
 def test_a_memory_kill_waits_for_its_exit_and_a_retirement_does_not() -> None:
     """The nanny's memory kill is classified once its exit arrives (which brings the
     start record), even when a running task was reported; a retirement at once."""
-    t = LossTracker()
+    t = LossTracker(exits_expected=True)
     t.on_memory_kill("w1", 420, now=0)
     t.on_removed("w1", ["k"], expected=False, stimulus_id="handle-worker-cleanup-1", now=0.02,
                  executing=["k"])
@@ -71,7 +71,7 @@ def test_a_memory_kill_with_another_start_reported_still_reads_the_record() -> N
     """Two threads: an innocent task reported its start long ago; the poison started
     beside it and its report was lost. The removal comes before the nanny's exit: the
     loss waits for the exit, and its record names the poison too."""
-    t = LossTracker(exit_wait_s=5.0)
+    t = LossTracker(exit_wait_s=5.0, exits_expected=True)
     t.on_memory_kill("w1", 900, now=0)
     t.on_removed("w1", ["i", "p", "q"], expected=False,
                  stimulus_id="handle-worker-cleanup-1", now=0.01, executing=["i"])
@@ -87,7 +87,7 @@ def test_a_memory_kill_with_no_start_reported_waits_for_the_start_record(reporte
     brings the keys its threads started (the start record its nanny read): the loss
     names those still assigned to it, not a task a thread had finished nor those queued.
     Without an exit it is classified after the wait, blaming every task it held."""
-    t = LossTracker(exit_wait_s=2.0)
+    t = LossTracker(exit_wait_s=2.0, exits_expected=True)
     t.on_memory_kill("w1", 900, now=0)
     t.on_removed("w1", ["a", "b", "c"], expected=False, stimulus_id="handle-worker-cleanup-1",
                  now=0.01, executing=reported)
@@ -172,7 +172,7 @@ def test_removal_by_the_ttl_check_itself_is_lost() -> None:
 def test_a_memory_kill_outranks_the_heartbeat_timeout() -> None:
     """A worker its nanny killed for memory (and so stopped heartbeating) is still a
     memory kill: B must back off for it."""
-    t = LossTracker()
+    t = LossTracker(exits_expected=True)
     t.on_unreachable("w1", now=0)
     t.on_memory_kill("w1", 900, now=1)
     t.on_removed("w1", [], expected=False, stimulus_id="handle-worker-cleanup-3", now=1)
@@ -199,3 +199,27 @@ def test_worker_watch_reads_the_schedulers_ttl_event() -> None:
     now[0] = 1.0
     causes = {loss.worker: loss.cause for loss in watch.losses()}
     assert causes == {"tcp://10.77.0.12:40000": Cause.LOST, "tcp://w2:1": Cause.PLANNED}
+
+
+def test_a_memory_kill_waits_for_no_exit_where_no_nanny_reports_them() -> None:
+    """No nanny said it reports exits (a Dask whose nanny lacks the hook, workers
+    without nannies): a memory kill is classified as soon as it is removed, as before
+    start records, instead of waiting out exit_wait_s for every kill."""
+    t = LossTracker(exit_wait_s=5.0)
+    t.on_memory_kill("w1", 900, now=0)
+    t.on_removed("w1", ["p"], expected=False, stimulus_id="handle-worker-cleanup-1",
+                 now=0.01, executing=["p"])
+    (loss,) = t.ready(0.02)
+    assert loss.cause is Cause.MEMORY_TERMINATE and loss.culprits == ("p",)
+    assert not loss.recorded
+
+
+def test_worker_watch_learns_that_exits_will_come() -> None:
+    """The nanny plugin's `hooked` event makes memory kills wait for their exits; it
+    is no exit itself."""
+    from tidegate.cluster import WorkerWatch
+
+    watch = WorkerWatch(lambda: 0.0)
+    assert not watch.tracker.exits_expected
+    watch.on_exit((0.0, {"worker": "tcp://w:1", "hooked": True}))
+    assert watch.tracker.exits_expected and watch.losses() == []

@@ -239,3 +239,89 @@ def test_the_plugin_registered_again_keeps_the_running_tasks_slots(
         if record is not None:
             record.close()
         starts.set_active_record(None)
+
+
+# --- the record as the task functions keep it -------------------------------------------
+
+SEEN: list[tuple[str, list[str]]] = []
+_RECORD_PATH: list[Path] = []
+
+
+def _slots() -> list[str]:
+    """The keys in the record now, without taking it."""
+    data = _RECORD_PATH[0].read_bytes()
+    return [data[i:i + SLOT_BYTES].rstrip(b"\0").decode()
+            for i in range(0, len(data), SLOT_BYTES) if data[i:i + SLOT_BYTES].strip(b"\0")]
+
+
+def peeking_model(params: dict, seed: int) -> dict:
+    SEEN.append(("model", _slots()))
+    return {}
+
+
+def peeking_target(returns: list) -> dict:
+    SEEN.append(("target", _slots()))
+    return {"loss": 0.0}
+
+
+def test_each_task_function_names_its_task_until_it_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the task functions tidegate submits, with the plugin's record and watch
+    in place: an unfused sim, a fused param with its targets and a target task each see
+    their own key in the record while the model and the target run, and leave the slot
+    empty once they return. Without a watch nothing is recorded."""
+    import distributed
+
+    from tidegate import memwatch
+    from tidegate.simreturn import run_sim
+    from tidegate.worker import run_fused, run_target_list
+
+    path = record_path("tcp://127.0.0.1:40011", str(tmp_path))
+    _RECORD_PATH[:] = [path]
+    record = StartRecord(path)
+    current = ["sim-a"]
+
+    class _Worker:
+        address = "tcp://127.0.0.1:40011"
+
+        def get_current_task(self) -> str:
+            return current[0]
+
+        def log_event(self, *args: object) -> None:
+            pass
+
+    class _Used:
+        tree_rss, work_bytes, killed = 0, 0, None
+
+    class _Watch:
+        def begin(self, key: str, rss: object) -> int:
+            return 0
+
+        def end(self, token: int) -> _Used:
+            return _Used()
+
+    monkeypatch.setattr(distributed, "get_worker", lambda: _Worker())
+    model, target = f"{__name__}:peeking_model", f"{__name__}:peeking_target"
+    SEEN.clear()
+    starts.set_active_record(record)
+    memwatch.set_active_watch(_Watch())  # type: ignore[arg-type]
+    try:
+        run_sim(model, {}, "p1", 0, 1)
+        assert _slots() == []
+        current[0] = "sim-f"
+        run_fused(model, {}, "p2", [0, 1], [1, 2], targets=[("t", target)],
+                  want_outputs=False)
+        assert _slots() == []
+        current[0] = "agg-t"
+        run_target_list(target, "t", "p3", [])
+        assert _slots() == []
+        memwatch.set_active_watch(None)
+        current[0] = "sim-unwatched"
+        run_sim(model, {}, "p4", 0, 1)
+    finally:
+        memwatch.set_active_watch(None)
+        starts.set_active_record(None)
+        record.close()
+    assert SEEN == [("model", ["sim-a"]), ("model", ["sim-f"]), ("model", ["sim-f"]),
+                    ("target", ["sim-f"]), ("target", ["agg-t"]), ("model", [])]
