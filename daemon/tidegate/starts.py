@@ -1,4 +1,4 @@
-"""Which task each thread of a worker process last started, in a file its nanny reads
+"""Which task each thread of a worker process is running, in a file its nanny reads
 once the process is dead.
 
 A worker reports each start as a ``tidegate-executing`` event, but that report goes out
@@ -35,8 +35,8 @@ import tempfile
 import threading
 from pathlib import Path
 
-SLOT_BYTES = 512  # a key longer than this is not recorded (tidegate's are < 100 bytes)
-MAX_SLOTS = 256  # threads recorded per worker process; any beyond are not
+SLOT_BYTES = 512  # a longer key ends the record (tidegate's keys are < 100 bytes)
+MAX_SLOTS = 256  # threads recorded per worker process; one more ends the record
 MAX_KEYS_SENT = MAX_SLOTS
 
 
@@ -70,7 +70,7 @@ def _own_dir(path: Path) -> bool:
 
 
 class StartRecord:
-    """A worker process's record of the task each of its threads started last."""
+    """A worker process's record of the task each of its threads is running."""
 
     def __init__(self, path: Path):
         self.path = path
