@@ -15,6 +15,7 @@ from distributed import Client, LocalCluster
 from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 
 from bench.scenarios import Shape
+from tidegate.cluster import keep_restarting_nannies
 from tidegate.worker import CodePaths, ExitCodes, IgnoreSigint, MemoryWatch
 
 # Set before the LocalCluster starts: each nanny copies the config it is created with and
@@ -98,6 +99,9 @@ class BenchCluster:
         self.shape = shape
         self._config = dask.config.set(NO_SPILL) if shape.no_spill else contextlib.nullcontext()
         self._config.__enter__()
+        # As tidegate's embedded cluster does: a minute of memory kills otherwise closed
+        # both nannies, and the restart before the next arm found no worker.
+        keep_restarting_nannies()
         kwargs: dict[str, Any] = {
             "n_workers": shape.workers,
             "threads_per_worker": shape.threads,

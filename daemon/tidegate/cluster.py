@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import dask.config
 from distributed import Client, Future, LocalCluster, as_completed
 from distributed.client import FutureCancelledError
 from distributed.comm.core import CommClosedError
@@ -950,6 +951,7 @@ async def open_cluster(options: ClusterOptions) -> Cluster:
         "protocol": "tls://",
     }
     kwargs.update(_embedded_workers(options))
+    keep_restarting_nannies()
     try:
         with _sigint_ignored():
             local = await LocalCluster(**kwargs)
@@ -959,6 +961,23 @@ async def open_cluster(options: ClusterOptions) -> Cluster:
     except Exception as exc:
         raise ClusterError(f"cannot start the embedded LocalCluster: {exc}") from None
     return Cluster(client, local)
+
+
+# Longer than any run: the nannies of a LocalCluster restart their own workers.
+NANNY_KEPT_S = 10 * 365 * 86400
+
+
+def keep_restarting_nannies() -> None:
+    """Keep a LocalCluster from closing a nanny that is restarting its worker.
+
+    SpecCluster closes a nanny for good when its worker was removed and no worker of
+    that name is back ``distributed.deploy.lost-worker-timeout`` (15 s) later
+    (dask/distributed#3088). A nanny whose worker is killed for memory again and again
+    is, at any moment, as likely as not between a death and the new worker's
+    registration: a minute of such kills closed both nannies of a 2-worker cluster in
+    each of 4 runs, leaving it with no worker (the bench's "restart failed: Only 0/2
+    workers arrived"). Set for the process: read when a worker is removed."""
+    dask.config.set({"distributed.deploy.lost-worker-timeout": f"{NANNY_KEPT_S}s"})
 
 
 def _embedded_workers(options: ClusterOptions) -> dict[str, Any]:

@@ -223,3 +223,18 @@ def test_worker_watch_learns_that_exits_will_come() -> None:
     assert not watch.tracker.exits_expected
     watch.on_exit((0.0, {"worker": "tcp://w:1", "hooked": True}))
     assert watch.tracker.exits_expected and watch.losses() == []
+
+
+def test_embedded_nannies_are_never_closed_for_a_worker_that_is_slow_to_return() -> None:
+    """The embedded cluster (and the bench's) keep SpecCluster from closing a nanny
+    whose worker is between a memory kill and its restart: lost-worker-timeout is
+    longer than any run (15 s closed both nannies of a cluster under repeated kills)."""
+    import dask.config
+    from dask.utils import parse_timedelta
+
+    from tidegate.cluster import keep_restarting_nannies
+
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "15s"}):
+        keep_restarting_nannies()
+        kept = parse_timedelta(dask.config.get("distributed.deploy.lost-worker-timeout"))
+    assert kept >= 365 * 86400
