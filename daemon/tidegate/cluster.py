@@ -973,10 +973,10 @@ def keep_restarting_nannies() -> None:
     SpecCluster closes a nanny for good when its worker was removed and no worker of
     that name is back ``distributed.deploy.lost-worker-timeout`` (15 s) later
     (dask/distributed#3088). A nanny whose worker is killed for memory again and again
-    is, at any moment, as likely as not between a death and the new worker's
-    registration: a minute of such kills closed both nannies of a 2-worker cluster in
-    each of 4 runs, leaving it with no worker (the bench's "restart failed: Only 0/2
-    workers arrived"). Set for the process: read when a worker is removed."""
+    is often between a death and the new worker's registration: a minute of such kills
+    closed both nannies of a 2-worker cluster in each of 5 runs, leaving it with no
+    worker (the bench's "restart failed: Only 0/2 workers arrived"). Set for the
+    process: it is read when a worker is removed."""
     dask.config.set({"distributed.deploy.lost-worker-timeout": f"{NANNY_KEPT_S}s"})
 
 

@@ -46,7 +46,8 @@ class WorkerLoss:
     # ``processing`` is all there is, queued tasks included.
     executing: tuple[str, ...] | None = None
     # Its nanny read the start record its threads wrote (tidegate.starts): ``executing``
-    # then holds every sim it was running that it still held, even if none.
+    # then holds every task it was running that it still held (sims and targets), even
+    # if none.
     recorded: bool = False
 
     @property

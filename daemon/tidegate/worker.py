@@ -32,7 +32,6 @@ from tidegate.simreturn import (
     use_code,
 )
 from tidegate.starts import (
-    MAX_KEYS_SENT,
     StartRecord,
     active_record,
     record_path,
@@ -127,10 +126,9 @@ def _started_of(address: str | None) -> list[str] | None:
     if not address:
         return None
     try:
-        started = take_started(record_path(str(address)))
+        return take_started(record_path(str(address)))  # at most MAX_SLOTS keys
     except Exception:
         return None
-    return None if started is None else started[:MAX_KEYS_SENT]
 
 
 def run_target_list(
